@@ -1,0 +1,175 @@
+"""LoRA (Hu et al. 2021): a low-rank update `B @ A * scale` beside a frozen linear, Conv1D, quantized linear or
+embedding. On a fused projection it acts only on the selected roles' output channels, one (A, B) per role."""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+import surgery
+from surgery.method import Branch, Method, MethodParams, WeightEdit, input_of
+from surgery.sites import Site
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class LoraParams(MethodParams):
+    """`r`: rank; `alpha`: scale numerator (scale = alpha / r, or alpha / sqrt(r) with `rslora`); `dropout` on the
+    branch input; `init`: A kaiming-uniform as HF PEFT does, or gaussian (std 1/r) as in the paper, B zero;
+    `dtype`: the branch's parameter dtype (default: the base weight's float dtype)."""
+
+    r: int = Field(8, gt=0)
+    alpha: float = 8.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    rslora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+def _init_pair(a: torch.Tensor, b: torch.Tensor, init: str, r: int) -> None:
+    with torch.no_grad():
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        else:
+            nn.init.normal_(a, std=1.0 / r)
+        nn.init.zeros_(b)
+
+
+class LoraBranch(Branch):
+    """`y + B(A(dropout(x))) * scale`, added to all output channels or, with `channels`, to those only."""
+
+    def __init__(self, in_features: int, out_features: int, params: LoraParams, dtype: torch.dtype,
+                 device: torch.device, channels: torch.Tensor | None = None):
+        super().__init__()
+        self.scale = params.scale
+        self.lora_A = nn.Parameter(torch.empty(params.r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(out_features, params.r, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(params.dropout) if params.dropout > 0 else nn.Identity()
+        self.register_buffer("channels", channels, persistent=False)
+        _init_pair(self.lora_A, self.lora_B, params.init, params.r)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x.to(self.lora_A.dtype))
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
+    def adapt_output(self, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
+        delta = self.delta(input_of(args, kwargs)).to(out.dtype)
+        if self.channels is None:
+            return out + delta
+        return out.index_add(-1, self.channels, delta)
+
+    def weight_delta(self) -> torch.Tensor:
+        """ΔW = B @ A * scale, [out, in]."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+
+class SlicedLoraBranch(Branch):
+    """One LoraBranch per selected role of a fused projection (e.g. only q and v of GPT-2's c_attn)."""
+
+    def __init__(self, parts: dict[str, LoraBranch]):
+        super().__init__()
+        self.parts = nn.ModuleDict(parts)
+
+    def adapt_output(self, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
+        for part in self.parts.values():
+            out = part.adapt_output(args, kwargs, out)
+        return out
+
+
+class LoraEmbeddingBranch(Branch):
+    """`y + embedding(ids, A.T) @ B.T * scale`, with A [r, num_embeddings] and B [dim, r]."""
+
+    def __init__(self, base: nn.Embedding, params: LoraParams, dtype: torch.dtype):
+        super().__init__()
+        self.scale = params.scale
+        self.padding_idx = base.padding_idx
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(params.r, base.num_embeddings, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(base.embedding_dim, params.r, dtype=dtype, device=device))
+        with torch.no_grad():  # as HF PEFT: A zero, B random, so the update starts at zero
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+
+    def adapt_output(self, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
+        ids = input_of(args, kwargs)
+        after_a = F.embedding(ids, self.lora_A.T, padding_idx=self.padding_idx)
+        return out + (after_a @ self.lora_B.T * self.scale).to(out.dtype)
+
+    def weight_delta(self) -> torch.Tensor:
+        """ΔW in the dense [dim, num_embeddings] view."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+
+def _channels(site: Site, role: str, device: torch.device) -> torch.Tensor:
+    return torch.cat([torch.arange(a, b, device=device) for a, b in site.channels(role)])
+
+
+def _sliced_roles(site: Site, roles: frozenset[str]) -> list[str]:
+    """The selected roles that are slices of a fused projection ([] means: the whole module)."""
+    return sorted(r for r in roles if r in site.slices)
+
+
+def _dtype(module: nn.Module, site: Site, params: LoraParams) -> torch.dtype:
+    if params.dtype is not None:
+        return DTYPES[params.dtype]
+    return site.dtype or torch.float32
+
+
+def _device(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+class Lora(Method):
+    name = "lora"
+    params = LoraParams
+    kinds = frozenset({"linear", "conv1d", "quantized_linear", "embedding"})
+    mergeable = True
+
+    def build(self, site: Site, module: nn.Module, params: Any, roles: frozenset[str]) -> Branch:
+        dtype, device = _dtype(module, site, params), _device(module)
+        if site.kind == "embedding":
+            return LoraEmbeddingBranch(module, params, dtype)
+        sliced = _sliced_roles(site, roles)
+        if not sliced:
+            return LoraBranch(site.in_features, site.out_features, params, dtype, device)
+        parts = {}
+        for role in sliced:
+            channels = _channels(site, role, device)
+            parts[role.rsplit(".", 1)[-1]] = LoraBranch(site.in_features, channels.numel(), params, dtype, device, channels)
+        return SlicedLoraBranch(parts)
+
+    def count(self, site: Site, params: Any, roles: frozenset[str]) -> int:
+        sliced = _sliced_roles(site, roles)
+        if not sliced:
+            return params.r * (site.in_features + site.out_features)
+        return sum(params.r * (site.in_features + sum(b - a for a, b in site.channels(r))) for r in sliced)
+
+    def merge_edit(self, site: Site, module: nn.Module, branch: Branch) -> WeightEdit:
+        parts = list(branch.parts.values()) if isinstance(branch, SlicedLoraBranch) else [branch]
+
+        def shift(weight: torch.Tensor, sign: float) -> torch.Tensor:
+            out = weight.clone()
+            for part in parts:
+                delta = (part.weight_delta() * sign).to(weight.dtype)
+                if getattr(part, "channels", None) is None:
+                    out += delta
+                else:
+                    out.index_add_(0, part.channels, delta)
+            return out
+
+        return WeightEdit(apply=lambda w: shift(w, 1.0), revert=lambda w: shift(w, -1.0))
+
+
+@surgery.hookimpl
+def surgery_methods() -> list[Method]:
+    return [Lora()]

@@ -1,0 +1,1 @@
+"""The built-in rule files (installed as the `surgery_rules` package)."""

@@ -1,0 +1,62 @@
+"""The plugin author's manual: every hook that surgery calls.
+
+A plugin is a module (or object) with functions marked `@surgery.hookimpl`, named as below. Register it with an
+entry point in your package's `pyproject.toml`::
+
+    [project.entry-points.surgery]
+    my_plugin = "my_package.my_plugin"
+
+surgery loads every module of the `surgery` entry-point group on first use (`surgery.registry.manager()`);
+`surgery.register_plugin(obj)` adds one at run time. The built-in methods, formats and rule files are plugins of
+exactly this kind (see `plugins/`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from surgery.method import Method
+    from surgery.weights import WeightFormat
+
+PROJECT = "surgery"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def surgery_methods() -> list["Method"]:
+    """Return the adaptation methods this plugin provides (instances of `surgery.Method` subclasses).
+
+    A method declares `name` (the `method:` of a rule), `params` (a pydantic model validating the rule's
+    `params:`), `kinds` (the site kinds it accepts) and `mergeable`. It implements:
+
+    - `build(site, module, params, roles) -> Branch`: a new `surgery.Branch` module holding the method's
+      trainable parameters for one site. It must not modify `module` or the model: the engine installs the
+      branch, and removes it again on detach or when an attach fails part-way.
+    - `count(site, params, roles) -> int`: the trainable parameters `build` would create (for `surgery.plan`).
+    - `merge_edit(site, module, branch) -> WeightEdit` (mergeable methods only): two pure functions on the
+      site's dense weight [out, in] that fold the branch in and take it out again. The engine applies them
+      through the site's weight format and keeps what it needs to make unmerge bit-exact.
+
+    Two plugins offering the same method name is an error naming both.
+    """
+
+
+@hookspec
+def surgery_weight_formats() -> list["WeightFormat"]:
+    """Return weight formats: how to recognise a module kind and read or write its weight as dense [out, in].
+
+    This is the hook for quantized linear layers: a format with `kind = "quantized_linear"` whose
+    `matches(module)` recognises the layer by its signature (integer weight, scale, bit width: duck typing, not
+    class names) and whose `dense()`/`store()` dequantize and requantize. Sites it claims get kind
+    `quantized_linear` and `site.format = format.name`. Formats are tried by descending `priority`.
+    """
+
+
+@hookspec
+def surgery_rule_dirs() -> list[Path]:
+    """Return directories holding rule files (`*.yaml`). Each file's `name:` is the rule-set name users pass
+    to `surgery.plan`/`surgery.attach`. Two files declaring the same name is an error naming both."""

@@ -1,0 +1,107 @@
+"""`surgery.inspect`: the sites of a model and their roles, from the graph analysis and the weight formats."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery.registry import manager
+from surgery.sites import Site
+from surgery.table import render
+
+
+@dataclass
+class Report:
+    """The sites of one model. `str(report)` is a table; `report.sites` the list; `report.unknown` lists
+    linear-like modules that no weight format recognises (no method can adapt them)."""
+
+    model_class: str
+    sites: list[Site]
+    unknown: list[str] = field(default_factory=list)
+
+    def site(self, path: str) -> Site:
+        for s in self.sites:
+            if s.path == path:
+                return s
+        raise KeyError(f"no site at {path!r}")
+
+    def with_role(self, role: str) -> list[Site]:
+        return [s for s in self.sites if role in s.roles]
+
+    def rows(self) -> list[list[str]]:
+        out = []
+        for s in self.sites:
+            roles = []
+            for r in sorted(s.roles):
+                roles.append(f"{r}{list(s.slices[r])}" if r in s.slices else r)
+            shape = f"{s.in_features}->{s.out_features}" if s.in_features is not None else ""
+            if s.attention is not None:
+                a = s.attention
+                shape = f"{a.implementation} h={a.num_heads} kv={a.num_kv_heads} d={a.head_dim}" + (" cross" if a.cross else "")
+            dtype = str(s.dtype).replace("torch.", "") if s.dtype is not None else ""
+            kind = s.kind + (f"[{s.format}]" if s.format else "")
+            out.append([s.path, kind, shape, dtype, ", ".join(roles)])
+        return out
+
+    def __str__(self) -> str:
+        footer = f"{len(self.sites)} sites in {self.model_class}"
+        if self.unknown:
+            footer += f"; linear-like but no weight format: {', '.join(self.unknown)}"
+        return render(["site", "kind", "shape", "dtype", "roles"], self.rows(), footer)
+
+
+def _module_class(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype | None:
+    for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> Report:
+    """Analyse `model` (never executing it) and return its sites."""
+    from surgery.roles import analyze
+
+    facts = analyze(model, args, kwargs)
+    registry = manager()
+    sites: list[Site] = []
+    unknown: list[str] = []
+    for path, lin in facts.linears.items():
+        module = model.get_submodule(path)
+        fmt = registry.format_of(module)
+        if fmt is None or fmt.kind == "embedding":
+            unknown.append(path)
+            continue
+        sites.append(Site(path=path, kind=fmt.kind, module_class=_module_class(module), in_features=lin.in_features,
+                          out_features=lin.out_features, dtype=_float_dtype(module),
+                          roles=facts.roles.get(path, frozenset()), slices=facts.slices.get(path, {}),
+                          format=fmt.name if fmt.kind == "quantized_linear" else None))
+    for path, emb in facts.embeddings.items():
+        module = model.get_submodule(path)
+        fmt = registry.format_of(module)
+        if fmt is None or fmt.kind != "embedding":
+            continue
+        sites.append(Site(path=path, kind="embedding", module_class=_module_class(module), in_features=emb.num_embeddings,
+                          out_features=emb.embedding_dim, dtype=_float_dtype(module), roles=facts.roles.get(path, frozenset())))
+    for path, info in facts.attention.items():
+        sites.append(Site(path=path, kind="attention", module_class=_module_class(model.get_submodule(path)), attention=info))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    sites.sort(key=lambda s: (order.get(s.path, len(order)), s.kind))
+    return Report(model_class=_module_class(model), sites=sites, unknown=unknown)
+
+
+def inspect(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> Report:
+    """The sites of `model` and their roles. For an adapted model, the sites of the model as it was before
+    the first attach (the ledger keeps them). `args`/`kwargs`: example inputs, needed for non-HF modules."""
+    from surgery.ledger import find_ledger
+
+    ledger = find_ledger(model)
+    if ledger is not None:
+        return ledger.report
+    return sites_of(model, args, kwargs)

@@ -1,0 +1,95 @@
+"""The ledger: what has been done to a model, kept on the model so every pass can be undone."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from surgery.errors import LedgerError
+from surgery.host import Host
+from surgery.inspection import Report
+from surgery.method import Branch, WeightEdit
+from surgery.plan import Plan
+from surgery.weights import EditRecord, WeightFormat
+
+LEDGER_ATTRIBUTE = "_surgery_ledger"
+
+
+@dataclass
+class MergedSite:
+    """One site's applied merge: how to undo it exactly."""
+
+    path: str
+    fmt: WeightFormat
+    edit: WeightEdit
+    record: EditRecord
+
+
+@dataclass
+class Attachment:
+    """One named attach: its plan, its branches by site path, and its merge (if merged)."""
+
+    name: str
+    plan: Plan
+    branches: dict[str, Branch]
+    merged: list[MergedSite] | None = None
+    undo: list[Callable[[], None]] = field(default_factory=list)  # model-level changes, undone in reverse
+
+
+@dataclass
+class Ledger:
+    """Everything surgery has changed on one model.
+
+    `report` holds the sites of the model as it was before the first attach; `hosts` the Host swapped in at
+    each adapted path and `homes` every (parent, attribute) that held the original module (a shared module has
+    several); `requires_grad` the parameters' flags before the first attach.
+    """
+
+    report: Report
+    attachments: dict[str, Attachment] = field(default_factory=dict)
+    hosts: dict[str, Host] = field(default_factory=dict)
+    homes: dict[str, list[tuple[nn.Module, str]]] = field(default_factory=dict)
+    requires_grad: dict[str, bool] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    merge_order: list[str] = field(default_factory=list)
+    disabled: bool = False
+
+    def get(self, name: str) -> Attachment:
+        if name not in self.attachments:
+            known = ", ".join(self.attachments) or "none"
+            raise LedgerError(f"no attachment named {name!r} on this model (attached: {known})")
+        return self.attachments[name]
+
+    def refresh(self) -> None:
+        """Tell every host which of its branches run: active, not merged, not disabled."""
+        for host in self.hosts.values():
+            host.running = () if self.disabled else tuple(
+                n for n in host.branches if n in self.active and self.attachments[n].merged is None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside DDP/FSDP-style wrappers (`.module`) and `torch.compile` (`._orig_mod`)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (model.module if type(model).__name__ in
+                                                      ("DistributedDataParallel", "DataParallel") else None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def find_ledger(model: nn.Module) -> Ledger | None:
+    return unwrap(model).__dict__.get(LEDGER_ATTRIBUTE)
+
+
+def require_ledger(model: nn.Module) -> Ledger:
+    ledger = find_ledger(model)
+    if ledger is None:
+        raise LedgerError("nothing is attached to this model")
+    return ledger
+
+
+def base_parameter_count(model: nn.Module) -> int:
+    """Parameters of the model, not counting any branch's."""
+    branch_params = {id(p) for m in model.modules() if isinstance(m, Branch) for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in branch_params)

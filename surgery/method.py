@@ -1,0 +1,79 @@
+"""What a method plugin implements: a `Method` that builds `Branch` modules, one per site."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from surgery.errors import NotMergeableError
+from surgery.sites import Site
+
+
+class MethodParams(BaseModel):
+    """Base for a method's params model: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Branch(nn.Module):
+    """A method's trainable part at one site, run by the engine's `Host` around the frozen base module.
+
+    Override either or both:
+    - `adapt_call(args, kwargs) -> (args, kwargs)`: change the base module's inputs (runs before it);
+    - `adapt_output(args, kwargs, out) -> out`: change its output (`args`/`kwargs` are the inputs the base saw).
+    """
+
+    def adapt_call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, kwargs
+
+    def adapt_output(self, args: tuple, kwargs: dict, out: Any) -> Any:
+        return out
+
+
+@dataclass(frozen=True)
+class WeightEdit:
+    """A merge as two pure functions of the dense weight [out, in]: `apply` folds a branch in, `revert` takes it
+    out. Both return new tensors in the weight's dtype; the engine writes them back and makes unmerge exact."""
+
+    apply: Callable[[torch.Tensor], torch.Tensor]
+    revert: Callable[[torch.Tensor], torch.Tensor]
+
+
+def input_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The first input of a single-input module call (`module(x)` or `module(input=x)`)."""
+    if args:
+        return args[0]
+    if len(kwargs) == 1:
+        return next(iter(kwargs.values()))
+    raise TypeError(f"expected one input, got {len(args)} positional and keywords {sorted(kwargs)}")
+
+
+class Method:
+    """An adaptation method. Subclass it, set the class attributes, implement `build` and `count`
+    (and `merge_edit` if `mergeable`), and return an instance from the `surgery_methods` hook."""
+
+    name: ClassVar[str]
+    params: ClassVar[type[MethodParams]]
+    kinds: ClassVar[frozenset[str]]
+    mergeable: ClassVar[bool] = False
+
+    def build(self, site: Site, module: nn.Module, params: Any, roles: frozenset[str]) -> Branch:
+        raise NotImplementedError
+
+    def count(self, site: Site, params: Any, roles: frozenset[str]) -> int:
+        raise NotImplementedError
+
+    def merge_edit(self, site: Site, module: nn.Module, branch: Branch) -> WeightEdit:
+        raise NotMergeableError(f"method {self.name!r} cannot be merged into the base weights")
+
+    def attach_model(self, model: nn.Module, branches: dict[str, Branch]) -> Callable[[], None] | None:
+        """Optional model-level change after this method's branches are installed (e.g. a forward pre-hook that
+        extends the attention mask for virtual tokens). Return a function that undoes it; the engine calls it
+        on detach and when an attach fails later on. Default: nothing to do."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"<method {self.name} kinds={sorted(self.kinds)} mergeable={self.mergeable}>"

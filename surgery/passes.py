@@ -1,0 +1,268 @@
+"""The passes: attach, detach, merge, unmerge, and choosing what runs. Each either completes or leaves the
+model exactly as it was."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, NamedTuple
+
+from torch import nn
+
+from surgery.errors import LedgerError, NotMergeableError, SurgeryError
+from surgery.host import Host
+from surgery.inspection import sites_of
+from surgery.ledger import (LEDGER_ATTRIBUTE, Attachment, Ledger, MergedSite, base_parameter_count, find_ledger,
+                            require_ledger, unwrap)
+from surgery.method import Branch
+from surgery.plan import plan_sites
+from surgery.registry import manager
+from surgery.rules import RuleSource, resolve_ruleset
+from surgery.weights import apply_edit, revert_edit
+
+
+def base_module(model: nn.Module, path: str) -> nn.Module:
+    """The original module at `path`, whether or not a Host stands there now."""
+    module = model.get_submodule(path)
+    return module.base if isinstance(module, Host) else module
+
+
+def _homes(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every (parent, attribute name) that refers to `target` (a shared module has several)."""
+    return [(parent, child_name) for _, parent in model.named_modules(remove_duplicate=False)
+            for child_name, child in parent._modules.items() if child is target]
+
+
+def _install(model: nn.Module, ledger: Ledger, path: str, name: str, branch: Branch) -> None:
+    host = ledger.hosts.get(path)
+    if host is None:
+        base = model.get_submodule(path)
+        homes = _homes(model, base)
+        host = Host(base)
+        for parent, attr in homes:
+            setattr(parent, attr, host)
+        ledger.hosts[path], ledger.homes[path] = host, homes
+    host.add(name, branch)
+
+
+def _uninstall(ledger: Ledger, path: str, name: str) -> None:
+    host = ledger.hosts[path]
+    host.remove(name)
+    if not len(host.branches):
+        for parent, attr in ledger.homes.pop(path):
+            setattr(parent, attr, host.base)
+        del ledger.hosts[path]
+
+
+def attach(model: nn.Module, rules: RuleSource, name: str = "default", *, freeze: bool = True,
+           active: bool = True, args: tuple | None = None, kwargs: dict | None = None) -> Attachment:
+    """Apply a rule set to `model` in place under `name`. With `freeze`, every base parameter stops requiring
+    grad (restored by the last detach). If anything fails, the model is left exactly as it was."""
+    model = unwrap(model)
+    ruleset = resolve_ruleset(rules)
+    ledger = find_ledger(model)
+    fresh = ledger is None
+    if ledger is not None and name in ledger.attachments:
+        raise LedgerError(f"an attachment named {name!r} already exists; detach it first or pick another name")
+    if fresh:
+        ledger = Ledger(report=sites_of(model, args, kwargs))
+    plan = plan_sites(ruleset, ledger.report, base_parameter_count(model))
+    registry = manager()
+    branches: dict[str, Branch] = {}
+    for placement in plan.placements:  # build everything first: plugins never touch the model
+        path = placement.site.path
+        try:
+            branch = registry.method(placement.method).build(placement.site, base_module(model, path),
+                                                             placement.params, placement.roles)
+        except Exception as err:
+            raise SurgeryError(f"attach {name!r}: method {placement.method!r} failed at site {path!r}: {err}") from err
+        if not isinstance(branch, Branch):
+            raise SurgeryError(f"attach {name!r}: method {placement.method!r} returned {type(branch).__name__} "
+                               f"at site {path!r}, not a surgery.Branch")
+        branches[path] = branch
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    installed: list[str] = []
+    try:
+        if fresh:
+            ledger.requires_grad = flags
+            model.__dict__[LEDGER_ATTRIBUTE] = ledger
+        for path, branch in branches.items():
+            _install(model, ledger, path, name, branch)
+            installed.append(path)
+        attachment = Attachment(name=name, plan=plan, branches=branches)
+        ledger.attachments[name] = attachment
+        for method_name in dict.fromkeys(p.method for p in plan.placements):
+            mine = {p.site.path: branches[p.site.path] for p in plan.placements if p.method == method_name}
+            undo = registry.method(method_name).attach_model(model, mine)
+            if undo is not None:
+                attachment.undo.append(undo)
+        if active:
+            ledger.active.append(name)
+        if freeze:
+            keep = {id(p) for a in ledger.attachments.values() for b in a.branches.values() for p in b.parameters()}
+            for p in model.parameters():
+                if id(p) not in keep:
+                    p.requires_grad_(False)
+        ledger.refresh()
+    except BaseException:
+        failed = ledger.attachments.pop(name, None)
+        for undo in reversed(failed.undo if failed else []):
+            undo()
+        for path in reversed(installed):
+            _uninstall(ledger, path, name)
+        if name in ledger.active:
+            ledger.active.remove(name)
+        if fresh:
+            model.__dict__.pop(LEDGER_ATTRIBUTE, None)
+        _set_requires_grad(model, flags)
+        ledger.refresh()
+        raise
+    return attachment
+
+
+def _set_requires_grad(model: nn.Module, flags: dict[str, bool]) -> None:
+    """Put back requires_grad flags recorded by parameter name (names survive deepcopy, ids do not)."""
+    for n, p in model.named_parameters():
+        if n in flags:
+            p.requires_grad_(flags[n])
+
+
+def detach(model: nn.Module, name: str) -> None:
+    """Remove attachment `name` (unmerging it first if merged). After the last detach the model holds its
+    original module objects, parameters and requires_grad flags again."""
+    model = unwrap(model)
+    ledger = require_ledger(model)
+    attachment = ledger.get(name)
+    if attachment.merged is not None:
+        unmerge(model, name)
+    for undo in reversed(attachment.undo):
+        undo()
+    for path in reversed(list(attachment.branches)):
+        _uninstall(ledger, path, name)
+    del ledger.attachments[name]
+    if name in ledger.active:
+        ledger.active.remove(name)
+    if not ledger.attachments:
+        _set_requires_grad(model, ledger.requires_grad)
+        del model.__dict__[LEDGER_ATTRIBUTE]
+    ledger.refresh()
+
+
+def _merge(model: nn.Module, ledger: Ledger, attachment: Attachment, exact: bool) -> None:
+    registry = manager()
+    done: list[MergedSite] = []
+    try:
+        for placement in attachment.plan.placements:
+            path = placement.site.path
+            module = base_module(model, path)
+            method = registry.method(placement.method)
+            fmt = registry.format_of(module)
+            edit = method.merge_edit(placement.site, module, attachment.branches[path])
+            done.append(MergedSite(path, fmt, edit, apply_edit(fmt, module, edit, exact=exact)))
+    except BaseException:
+        for merged in reversed(done):
+            revert_edit(merged.fmt, base_module(model, merged.path), merged.edit, merged.record)
+        raise
+    attachment.merged = done
+    ledger.merge_order.append(attachment.name)
+
+
+def _unmerge(model: nn.Module, ledger: Ledger, attachment: Attachment) -> None:
+    for merged in reversed(attachment.merged or []):
+        revert_edit(merged.fmt, base_module(model, merged.path), merged.edit, merged.record)
+    attachment.merged = None
+    ledger.merge_order.remove(attachment.name)
+
+
+def merge(model: nn.Module, name: str, *, exact: bool = True) -> dict[str, dict[str, float]]:
+    """Fold attachment `name` into the base weights in place; its branches stop running. With `exact`, the
+    ledger keeps what makes `unmerge` restore the weights bit for bit. Returns per-site reports (e.g. the
+    requantization error of quantized sites)."""
+    model = unwrap(model)
+    ledger = require_ledger(model)
+    attachment = ledger.get(name)
+    if attachment.merged is not None:
+        raise LedgerError(f"attachment {name!r} is already merged")
+    registry = manager()
+    for placement in attachment.plan.placements:
+        method = registry.method(placement.method)
+        if not method.mergeable:
+            raise NotMergeableError(f"attachment {name!r} cannot be merged: method {method.name!r} at "
+                                    f"{placement.site.path!r} has no merge (it stays a separate branch)")
+    _merge(model, ledger, attachment, exact)
+    ledger.refresh()
+    return {m.path: m.record.report for m in attachment.merged or [] if m.record.report}
+
+
+def unmerge(model: nn.Module, name: str) -> None:
+    """Take a merged attachment back out of the base weights. Attachments merged after it on the same sites
+    are unmerged first and merged again after, so every weight goes back exactly."""
+    model = unwrap(model)
+    ledger = require_ledger(model)
+    attachment = ledger.get(name)
+    if attachment.merged is None:
+        raise LedgerError(f"attachment {name!r} is not merged")
+    paths = set(attachment.branches)
+    later = [ledger.attachments[n] for n in ledger.merge_order[ledger.merge_order.index(name) + 1:]
+             if paths & set(ledger.attachments[n].branches)]
+    exact = {a.name: all(m.record.fix_index is not None or m.record.saved is not None for m in a.merged or [])
+             for a in later}
+    for other in reversed(later):
+        _unmerge(model, ledger, other)
+    _unmerge(model, ledger, attachment)
+    for other in later:
+        _merge(model, ledger, other, exact[other.name])
+    ledger.refresh()
+
+
+def set_active(model: nn.Module, names: list[str] | str) -> None:
+    """Choose which attachments run (in attachment order); the others stay attached but idle."""
+    ledger = require_ledger(unwrap(model))
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        ledger.get(n)
+    ledger.active = [n for n in ledger.attachments if n in names]
+    ledger.refresh()
+
+
+def active(model: nn.Module) -> list[str]:
+    """The names of the active attachments."""
+    ledger = find_ledger(unwrap(model))
+    return list(ledger.active) if ledger else []
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model alone inside the block: no branch runs. Merged attachments must be unmerged first."""
+    ledger = find_ledger(unwrap(model))
+    if ledger is None:
+        yield
+        return
+    if ledger.merge_order:
+        raise LedgerError(f"cannot disable adapters while {', '.join(ledger.merge_order)} is merged into the weights; unmerge first")
+    previous, ledger.disabled = ledger.disabled, True
+    ledger.refresh()
+    try:
+        yield
+    finally:
+        ledger.disabled = previous
+        ledger.refresh()
+
+
+class TrainableCount(NamedTuple):
+    """(trainable, total) parameter counts; prints as `trainable 0.19% (2,359,296 / 1,231,940,608)`."""
+
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        share = 100.0 * self.trainable / max(self.total, 1)
+        return f"trainable {share:.2f}% ({self.trainable:,} / {self.total:,})"
+
+
+def trainable_parameters(model: nn.Module) -> TrainableCount:
+    """How many parameters require grad, out of all (shared parameters counted once)."""
+    params = list(unwrap(model).parameters())
+    return TrainableCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+
+__all__ = ["attach", "detach", "merge", "unmerge", "set_active", "active", "disabled", "trainable_parameters",
+           "TrainableCount", "base_module", "NotMergeableError"]

@@ -1,0 +1,110 @@
+"""`surgery.plan`: which method goes on which site with which params. Computing a plan touches nothing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+from torch import nn
+
+from surgery.errors import PluginError, RuleFileError
+from surgery.inspection import Report, inspect
+from surgery.matcher import apply_role_overrides, selector_matches
+from surgery.method import MethodParams
+from surgery.registry import manager
+from surgery.rules import RuleSet, RuleSource, resolve_ruleset
+from surgery.sites import Site
+from surgery.table import render
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One method on one site. `roles` are the selected roles the method acts on (their channel ranges on a
+    fused projection); empty means the whole module."""
+
+    site: Site
+    method: str
+    params: MethodParams
+    roles: frozenset[str]
+    rule: int
+    trainable: int
+
+
+@dataclass
+class Plan:
+    """The placements a rule set makes on one model, in model order. `str(plan)` is a table."""
+
+    ruleset: RuleSet
+    placements: list[Placement]
+    total_parameters: int
+
+    @property
+    def trainable(self) -> int:
+        return sum(p.trainable for p in self.placements)
+
+    def __str__(self) -> str:
+        rows = []
+        for p in self.placements:
+            params = ", ".join(f"{k}={v}" for k, v in p.params.model_dump().items() if v is not None)
+            roles = ", ".join(sorted(p.roles)) or "(whole)"
+            rows.append([p.site.path, p.site.kind, roles, p.method, params, f"{p.trainable:,}"])
+        share = 100.0 * self.trainable / max(self.total_parameters, 1)
+        footer = (f"rule set {self.ruleset.name!r}: {len(self.placements)} placements, "
+                  f"{self.trainable:,} new trainable parameters ({share:.2f}% of {self.total_parameters:,})")
+        return render(["site", "kind", "roles", "method", "params", "trainable"], rows, footer)
+
+
+def _validate_params(ruleset: RuleSet, index: int, method_name: str, raw: dict) -> MethodParams:
+    try:
+        method = manager().method(method_name)
+    except PluginError as err:
+        raise RuleFileError(ruleset.source, str(err), rule=index, field="method") from None
+    try:
+        return method.params.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(["params", *map(str, first["loc"])])
+        raise RuleFileError(ruleset.source, first["msg"], rule=index, field=field) from None
+
+
+def plan_sites(ruleset: RuleSet, report: Report, total_parameters: int) -> Plan:
+    """Match every rule of `ruleset` against `report`'s sites."""
+    registry = manager()
+    sites = apply_role_overrides(report.sites, ruleset.roles, ruleset.source)
+    chosen: dict[tuple[str, str], Placement] = {}
+    for index, rule in enumerate(ruleset.rules):
+        params = _validate_params(ruleset, index, rule.method, rule.params)
+        method = registry.method(rule.method)
+        hits = [s for s in sites if selector_matches(rule.select, s)
+                and not (rule.exclude is not None and selector_matches(rule.exclude, s))]
+        if not hits and not rule.optional:
+            raise RuleFileError(ruleset.source, "matches no site of this model (mark it `optional: true` if that is expected)", rule=index)
+        for site in hits:
+            if site.kind not in method.kinds:
+                raise RuleFileError(ruleset.source, f"selects {site.path!r} of kind {site.kind!r}, which method "
+                                    f"{method.name!r} does not accept (it takes {', '.join(sorted(method.kinds))})", rule=index)
+            roles = frozenset(site.roles.intersection(rule.select.roles)) if rule.select.roles else frozenset()
+            key = (site.path, method.name)
+            other = next((p for (path, m), p in chosen.items() if path == site.path and m != method.name), None)
+            if other is not None:
+                raise RuleFileError(ruleset.source, f"puts {method.name!r} on {site.path!r}, where rule {other.rule} "
+                                    f"already puts {other.method!r}; one rule set places one method per site "
+                                    "(attach a second rule set under another name)", rule=index)
+            if key in chosen:
+                before = chosen[key]
+                if before.params != params:
+                    raise RuleFileError(ruleset.source, f"puts {method.name!r} on {site.path!r} with other params than rule {before.rule}", rule=index)
+                roles = frozenset() if not roles or not before.roles else roles | before.roles
+            chosen[key] = Placement(site, method.name, params, roles, chosen[key].rule if key in chosen else index,
+                                    method.count(site, params, roles))
+    order = {s.path: i for i, s in enumerate(sites)}
+    placements = sorted(chosen.values(), key=lambda p: (order[p.site.path], p.rule))
+    return Plan(ruleset=ruleset, placements=placements, total_parameters=total_parameters)
+
+
+def plan(model: nn.Module, rules: RuleSource, args: tuple | None = None, kwargs: dict | None = None) -> Plan:
+    """What `rules` (a rule-set name, a YAML path or a RuleSet) would do to `model`. Changes nothing."""
+    ruleset = resolve_ruleset(rules)
+    report = inspect(model, args, kwargs)
+    from surgery.ledger import base_parameter_count
+
+    return plan_sites(ruleset, report, base_parameter_count(model))

@@ -1,0 +1,106 @@
+"""The plugin manager: loads plugins from the `surgery` entry-point group and indexes what they provide."""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pluggy
+from torch import nn
+
+from surgery import hookspecs
+from surgery.errors import PluginError
+from surgery.method import Method
+from surgery.weights import WeightFormat
+
+
+class Registry:
+    """One pluggy PluginManager plus the methods, weight formats and rule directories its plugins return."""
+
+    def __init__(self, load_entry_points: bool = True):
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        if load_entry_points:
+            self.pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+
+    def register(self, plugin: Any, name: str | None = None) -> None:
+        """Register a plugin object or module at run time (in addition to the entry points)."""
+        self.pm.register(plugin, name=name)
+        self.__dict__.pop("methods", None)
+        self.__dict__.pop("formats", None)
+
+    def unregister(self, plugin: Any) -> None:
+        self.pm.unregister(plugin)
+        self.__dict__.pop("methods", None)
+        self.__dict__.pop("formats", None)
+
+    def _owner(self, hook: str, item: Any) -> str:
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
+            if any(x is item for x in impl.function() or []):
+                return impl.plugin_name
+        return "?"
+
+    @cached_property
+    def methods(self) -> dict[str, Method]:
+        """Method name -> method, from every plugin's `surgery_methods`."""
+        found: dict[str, Method] = {}
+        origin: dict[str, str] = {}
+        for impl in self.pm.hook.surgery_methods.get_hookimpls():
+            for method in impl.function() or []:
+                if not isinstance(method, Method):
+                    raise PluginError(f"plugin {impl.plugin_name!r} returned {method!r} from surgery_methods, not a surgery.Method")
+                if method.name in found:
+                    raise PluginError(f"method {method.name!r} is provided by both {origin[method.name]!r} and {impl.plugin_name!r}")
+                found[method.name], origin[method.name] = method, impl.plugin_name
+        return found
+
+    @cached_property
+    def formats(self) -> list[WeightFormat]:
+        """Every weight format, highest priority first."""
+        found: list[WeightFormat] = []
+        for impl in self.pm.hook.surgery_weight_formats.get_hookimpls():
+            for fmt in impl.function() or []:
+                if not isinstance(fmt, WeightFormat):
+                    raise PluginError(f"plugin {impl.plugin_name!r} returned {fmt!r} from surgery_weight_formats, not a WeightFormat")
+                found.append(fmt)
+        return sorted(found, key=lambda f: -f.priority)
+
+    def rule_dirs(self) -> list[Path]:
+        return [Path(d) for dirs in self.pm.hook.surgery_rule_dirs() for d in dirs or []]
+
+    def method(self, name: str) -> Method:
+        if name not in self.methods:
+            raise PluginError(f"no plugin provides method {name!r}; installed methods: {', '.join(sorted(self.methods)) or 'none'}")
+        return self.methods[name]
+
+    def format_of(self, module: nn.Module) -> WeightFormat | None:
+        """The first (highest-priority) format that recognises `module`, or None."""
+        for fmt in self.formats:
+            if fmt.matches(module):
+                return fmt
+        return None
+
+    def plugins(self) -> list[tuple[str, list[str], list[str]]]:
+        """(plugin name, its methods, its formats) for every registered plugin."""
+        rows = []
+        for name, plugin in self.pm.list_name_plugin():
+            methods = [m.name for m in (getattr(plugin, "surgery_methods", lambda: [])() or [])]
+            formats = [f.name for f in (getattr(plugin, "surgery_weight_formats", lambda: [])() or [])]
+            rows.append((name, methods, formats))
+        return rows
+
+
+_REGISTRY: Registry | None = None
+
+
+def manager() -> Registry:
+    """The process-wide registry, created (and entry points loaded) on first use."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = Registry()
+    return _REGISTRY
+
+
+def register_plugin(plugin: Any, name: str | None = None) -> None:
+    """Register a plugin (module or object with `@surgery.hookimpl` functions) for this process."""
+    manager().register(plugin, name=name)

@@ -1,0 +1,71 @@
+"""Sites: the places in a model that a method can adapt, and the roles they play."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+ROLES: tuple[str, ...] = (
+    "attention.query",
+    "attention.key",
+    "attention.value",
+    "attention.output",
+    "mlp.gate",
+    "mlp.up",
+    "mlp.down",
+    "embedding.input",
+    "lm_head",
+)
+"""Every role a site can carry. Roles are read from dataflow, never from module names."""
+
+KINDS: tuple[str, ...] = ("linear", "conv1d", "quantized_linear", "embedding", "attention")
+"""Every kind of site. `conv1d` is GPT-2's transposed linear (weight [in, out])."""
+
+Slice = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class AttentionInfo:
+    """What the graph says about one attention computation (the facts prefix methods need)."""
+
+    implementation: str  # "sdpa" or "eager"
+    query: str | None  # paths of the projections feeding q, k, v and of the output projection
+    key: str | None
+    value: str | None
+    output: str | None
+    num_heads: int | None = None  # query heads
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    cross: bool = False  # keys/values come from another sequence (encoder-decoder cross-attention)
+    causal: bool | None = None
+
+
+@dataclass(frozen=True)
+class Site:
+    """One adaptable module of the live model.
+
+    `path` is the module's name as in `model.named_modules()`. `slices` is set for fused projections:
+    role -> output-channel ranges [(start, stop), ...] that carry that role; an unfused site has none.
+    """
+
+    path: str
+    kind: str
+    module_class: str  # qualified class name, e.g. "transformers.models.llama.modeling_llama.LlamaAttention"
+    in_features: int | None = None
+    out_features: int | None = None
+    dtype: torch.dtype | None = None
+    roles: frozenset[str] = frozenset()
+    slices: dict[str, tuple[Slice, ...]] = field(default_factory=dict)
+    format: str | None = None  # quantized-linear format name, for kind == "quantized_linear"
+    attention: AttentionInfo | None = None  # for kind == "attention"
+
+    def channels(self, role: str) -> tuple[Slice, ...]:
+        """Output-channel ranges of `role` on this site: its slices, or the whole output if unfused."""
+        if role in self.slices:
+            return self.slices[role]
+        if self.out_features is None:
+            raise ValueError(f"site {self.path!r} has no output features")
+        return ((0, self.out_features),)
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.kind))

@@ -1,0 +1,42 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(2)
+
+
+def ids(batch: int = 2, seq: int = 8, vocab: int = 128, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, seq), generator=g)
+
+
+def logits(model, input_ids: torch.Tensor):
+    kw = {"decoder_input_ids": input_ids} if model.config.is_encoder_decoder else {}
+    return model(input_ids=input_ids, use_cache=False, **kw).logits if "bert" not in type(model).__name__.lower() \
+        else model(input_ids=input_ids).logits
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bit_identical(model, saved: dict[str, torch.Tensor]) -> None:
+    now = model.state_dict()
+    assert list(now) == list(saved), "state_dict keys differ"
+    for k, v in saved.items():
+        assert now[k].dtype == v.dtype and torch.equal(now[k], v), f"tensor {k} changed"
+
+
+@pytest.fixture
+def randomize_lora():
+    """Give every LoRA B a non-zero value so the branch changes outputs."""
+    def apply(model, seed: int = 0, std: float = 0.05):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name or "lora_A" in name:
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
+    return apply
