@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from surgery.adapter_formats import AdapterFormat
     from surgery.method import Method
     from surgery.weights import WeightFormat
 
@@ -53,6 +54,18 @@ def surgery_weight_formats() -> list["WeightFormat"]:
     `matches(module)` recognises the layer by its signature (integer weight, scale, bit width: duck typing, not
     class names) and whose `dense()`/`store()` dequantize and requantize. Sites it claims get kind
     `quantized_linear` and `site.format = format.name`. Formats are tried by descending `priority`.
+    """
+
+
+@hookspec
+def surgery_adapter_formats() -> list["AdapterFormat"]:
+    """Return adapter file formats other than surgery's own, e.g. HF PEFT's. Each has a `name` (what
+    `surgery.save(..., format=name)` takes) and three functions:
+
+    - `detect(directory) -> bool`: whether `directory` holds an adapter of this format;
+    - `load(model, directory, name) -> Attachment`: attach it (through `surgery.attach` and
+      `surgery.adapter_files.fill_branches`, so the model is left unchanged if it does not fit);
+    - `save(model, attachment, directory) -> Path`: write it (through `surgery.atomic.write_directory`).
     """
 
 

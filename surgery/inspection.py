@@ -75,8 +75,8 @@ def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = 
     for path, lin in facts.linears.items():
         module = model.get_submodule(path)
         fmt = registry.format_of(module)
-        if fmt is None or fmt.kind == "embedding":
-            unknown.append(path)
+        if fmt is None or fmt.kind == "embedding" or tuple(fmt.features(module)) != (lin.in_features, lin.out_features):
+            unknown.append(path)  # no format, or one whose reading of the module disagrees with the graph
             continue
         sites.append(Site(path=path, kind=fmt.kind, module_class=_module_class(module), in_features=lin.in_features,
                           out_features=lin.out_features, dtype=_float_dtype(module),

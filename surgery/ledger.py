@@ -18,12 +18,14 @@ LEDGER_ATTRIBUTE = "_surgery_ledger"
 
 @dataclass
 class MergedSite:
-    """One site's applied merge: how to undo it exactly."""
+    """One site's applied merge: how to undo it exactly. `replaced` is the original base module where the merge
+    swapped in a float copy instead of rewriting it (`merge(..., into="float")`); unmerge puts it back."""
 
     path: str
     fmt: WeightFormat
     edit: WeightEdit
     record: EditRecord
+    replaced: nn.Module | None = None
 
 
 @dataclass

@@ -36,10 +36,16 @@ class Branch(nn.Module):
 @dataclass(frozen=True)
 class WeightEdit:
     """A merge as two pure functions of the dense weight [out, in]: `apply` folds a branch in, `revert` takes it
-    out. Both return new tensors in the weight's dtype; the engine writes them back and makes unmerge exact."""
+    out. Both return new tensors in the weight's dtype; the engine writes them back and makes unmerge exact.
+
+    `apply_bias` (optional) folds the branch into the module's bias [out] too, where it has one; the engine
+    keeps the original bias (it is small) and puts it back on unmerge. A module without a bias keeps none, so
+    it suits edits that map a zero bias to zero (e.g. scaling output channels).
+    """
 
     apply: Callable[[torch.Tensor], torch.Tensor]
     revert: Callable[[torch.Tensor], torch.Tensor]
+    apply_bias: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def input_of(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 from torch import nn
@@ -12,6 +12,9 @@ from surgery import hookspecs
 from surgery.errors import PluginError
 from surgery.method import Method
 from surgery.weights import WeightFormat
+
+if TYPE_CHECKING:
+    from surgery.adapter_formats import AdapterFormat
 
 
 class Registry:
@@ -26,19 +29,15 @@ class Registry:
     def register(self, plugin: Any, name: str | None = None) -> None:
         """Register a plugin object or module at run time (in addition to the entry points)."""
         self.pm.register(plugin, name=name)
-        self.__dict__.pop("methods", None)
-        self.__dict__.pop("formats", None)
+        self._forget()
 
     def unregister(self, plugin: Any) -> None:
         self.pm.unregister(plugin)
-        self.__dict__.pop("methods", None)
-        self.__dict__.pop("formats", None)
+        self._forget()
 
-    def _owner(self, hook: str, item: Any) -> str:
-        for impl in getattr(self.pm.hook, hook).get_hookimpls():
-            if any(x is item for x in impl.function() or []):
-                return impl.plugin_name
-        return "?"
+    def _forget(self) -> None:
+        for cached in ("methods", "formats", "adapter_formats"):
+            self.__dict__.pop(cached, None)
 
     @cached_property
     def methods(self) -> dict[str, Method]:
@@ -64,6 +63,23 @@ class Registry:
                     raise PluginError(f"plugin {impl.plugin_name!r} returned {fmt!r} from surgery_weight_formats, not a WeightFormat")
                 found.append(fmt)
         return sorted(found, key=lambda f: -f.priority)
+
+    @cached_property
+    def adapter_formats(self) -> dict[str, "AdapterFormat"]:
+        """Format name -> adapter file format, from every plugin's `surgery_adapter_formats`."""
+        found: dict[str, AdapterFormat] = {}
+        for impl in self.pm.hook.surgery_adapter_formats.get_hookimpls():
+            for fmt in impl.function() or []:
+                if fmt.name in found or fmt.name == "surgery":
+                    raise PluginError(f"adapter format {fmt.name!r} of plugin {impl.plugin_name!r} is already provided")
+                found[fmt.name] = fmt
+        return found
+
+    def adapter_format(self, name: str) -> "AdapterFormat":
+        if name not in self.adapter_formats:
+            known = ", ".join(["surgery", *sorted(self.adapter_formats)])
+            raise PluginError(f"no plugin provides adapter format {name!r}; known: {known}")
+        return self.adapter_formats[name]
 
     def rule_dirs(self) -> list[Path]:
         return [Path(d) for dirs in self.pm.hook.surgery_rule_dirs() for d in dirs or []]

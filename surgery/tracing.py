@@ -17,7 +17,7 @@ from torch import fx, nn
 TOKEN_INPUT_NAMES: tuple[str, ...] = ("input_ids", "decoder_input_ids")
 """Names of user inputs that carry token ids in transformers models."""
 
-_CALL_SUFFIX = re.compile(r"@\d+$")
+CALL_SUFFIX = re.compile(r"@\d+$")
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def _stack_paths(graph: fx.Graph) -> set[str]:
     paths: set[str] = set()
     for node in graph.nodes:
         for fqn, _cls in (node.meta.get("nn_module_stack") or {}).values():
-            paths.add(_CALL_SUFFIX.sub("", fqn))
+            paths.add(CALL_SUFFIX.sub("", fqn))
     return paths
 
 

@@ -40,24 +40,81 @@ class EditRecord:
     saved: dict[str, torch.Tensor] | None = None
     fix_index: torch.Tensor | None = None
     fix_value: torch.Tensor | None = None
+    bias: torch.Tensor | None = None  # the original bias, where the edit changed it
     report: dict[str, float] = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        tensors = list((self.saved or {}).values()) + [t for t in (self.fix_index, self.fix_value) if t is not None]
+        tensors = list((self.saved or {}).values()) + [t for t in (self.fix_index, self.fix_value, self.bias)
+                                                       if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _edited_bias(module: nn.Module, edit: WeightEdit) -> torch.Tensor | None:
+    """The module's bias, if `edit` changes biases and the module has one."""
+    bias = getattr(module, "bias", None) if edit.apply_bias is not None else None
+    return bias.detach() if isinstance(bias, torch.Tensor) else None
+
+
+PROBE_ROWS = 32
+
+
+@torch.no_grad()
+def merge_error(before: torch.Tensor, after: torch.Tensor, stored: torch.Tensor) -> dict[str, float]:
+    """What storing a merge cost, for a weight [out, in] that cannot hold `after` exactly (float32 arithmetic):
+
+    - `relative_weight_error`: ||stored - after|| / ||after|| (Frobenius);
+    - `relative_update_error`: ||stored - after|| / ||after - before||, the share of the update that was lost;
+    - `max_abs_output_change`: max |x (stored - after)^T| over a seeded standard-normal probe batch x
+      [PROBE_ROWS, in], i.e. how far the merged layer's outputs move from the unmerged ones (base + branch).
+    """
+    before, after, stored = before.float(), after.float(), stored.float()
+    error = stored - after
+    norm = torch.linalg.norm(error)
+    probe = torch.randn(PROBE_ROWS, after.shape[1], generator=torch.Generator().manual_seed(0)).to(after.device)
+    return {"relative_weight_error": float(norm / torch.linalg.norm(after).clamp_min(1e-30)),
+            "relative_update_error": float(norm / torch.linalg.norm(after - before).clamp_min(1e-30)),
+            "max_abs_output_change": float((probe @ error.T).abs().max())}
+
+
+@torch.no_grad()
+def merged_float_linear(fmt: WeightFormat, module: nn.Module, edit: WeightEdit,
+                        dtype: torch.dtype | None = None) -> tuple[nn.Linear, EditRecord]:
+    """A frozen nn.Linear holding the edited dense weight of `module` (and its `bias`) in `dtype`, for a merge
+    that replaces a copy-format module instead of rewriting it. `module` itself is not touched."""
+    before = fmt.dense(module)
+    after = edit.apply(before)
+    in_features, out_features = fmt.features(module)
+    bias = getattr(module, "bias", None)
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device=after.device,
+                       dtype=dtype or after.dtype)
+    linear.weight.copy_(after)
+    if bias is not None:
+        linear.bias.copy_(bias if edit.apply_bias is None else edit.apply_bias(bias.detach()))
+    linear.requires_grad_(False)
+    return linear, EditRecord(report=merge_error(before, after, linear.weight))
 
 
 @torch.no_grad()
 def apply_edit(fmt: WeightFormat, module: nn.Module, edit: WeightEdit, exact: bool = True) -> EditRecord:
-    """Apply `edit` to the module's weight; return what `revert_edit` needs to restore the exact original bytes."""
+    """Apply `edit` to the module's weight (and bias); return what `revert_edit` needs to restore the exact
+    original bytes."""
+    bias = _edited_bias(module, edit)
+    if bias is None:
+        return _apply_weight_edit(fmt, module, edit, exact)
+    new_bias = edit.apply_bias(bias).to(bias.dtype)  # computed before anything is written
+    record = _apply_weight_edit(fmt, module, edit, exact)
+    record.bias = bias.clone()
+    bias.copy_(new_bias)
+    return record
+
+
+def _apply_weight_edit(fmt: WeightFormat, module: nn.Module, edit: WeightEdit, exact: bool) -> EditRecord:
     if not fmt.is_view:
         saved = fmt.snapshot(module)
         before = fmt.dense(module)
         after = edit.apply(before)
         fmt.store(module, after)
-        stored = fmt.dense(module)
-        rel = float(torch.linalg.norm((stored - after).float()) / torch.linalg.norm(after.float()).clamp_min(1e-30))
-        return EditRecord(saved=saved, report={"relative_weight_error": rel})
+        return EditRecord(saved=saved, report=merge_error(before, after, fmt.dense(module)))
     weight = fmt.dense(module)
     new = edit.apply(weight)
     if not exact:
@@ -75,6 +132,8 @@ def apply_edit(fmt: WeightFormat, module: nn.Module, edit: WeightEdit, exact: bo
 @torch.no_grad()
 def revert_edit(fmt: WeightFormat, module: nn.Module, edit: WeightEdit, record: EditRecord) -> None:
     """Undo an edit applied by `apply_edit`: bit-exact where a record was kept."""
+    if record.bias is not None:
+        module.bias.detach().copy_(record.bias)
     if record.saved is not None:
         fmt.restore(module, record.saved)
         return

@@ -47,6 +47,9 @@ def test_lora_matches_peft(case):
             layer.lora_B["default"].weight.copy_(branch.lora_B)
     x = ids()
     out_ours, out_theirs = logits(ours, x), logits(theirs, x)
+    with surgery.disabled(ours):
+        base = logits(ours, x)
+    assert (out_ours - base).abs().max() > 1e-3, "the LoRA branches did not change the output"
     torch.testing.assert_close(out_ours, out_theirs, rtol=1e-5, atol=1e-5)
     out_ours.square().mean().backward()
     out_theirs.square().mean().backward()

@@ -1,0 +1,111 @@
+"""bitsandbytes' `Linear4bit` (NF4/FP4, blockwise) and `Linear8bitLt` (LLM.int8(), per-row) as weight formats.
+
+Import-guarded: without bitsandbytes this plugin offers no format. Requantizing after a merge writes the new
+bytes into the existing tensors in place (the packed weight and, for 4 bits, the quant state's absmax, offset and
+nested absmax; for 8 bits the int8 rows and their SCB), so `snapshot`/`restore` can put the exact bytes back and
+no object that bitsandbytes holds a reference to is swapped.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import surgery
+
+try:
+    import bitsandbytes as bnb
+except ImportError:  # CPU CI: no bitsandbytes, no formats
+    bnb = None
+
+
+def _quant_state_tensors(state) -> dict[str, torch.Tensor]:
+    """The tensors of a 4-bit QuantState that a requantization changes (the code book never does)."""
+    tensors = {"absmax": state.absmax}
+    if state.nested:
+        tensors["offset"] = state.offset
+        tensors["state2.absmax"] = state.state2.absmax
+    return tensors
+
+
+class Bnb4bitFormat:
+    """`bnb.nn.Linear4bit` once quantized (its weight carries a `quant_state`)."""
+
+    name, kind, priority, is_view = "bnb_4bit", "quantized_linear", 10, False
+
+    def matches(self, module: nn.Module) -> bool:
+        return (isinstance(module, bnb.nn.Linear4bit)
+                and getattr(module.weight, "quant_state", None) is not None)
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        return tuple(module.weight.quant_state.shape)[1], tuple(module.weight.quant_state.shape)[0]
+
+    def dense(self, module: nn.Module) -> torch.Tensor:
+        weight = module.weight
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+
+    def store(self, module: nn.Module, weight: torch.Tensor) -> None:
+        param, state = module.weight, module.weight.quant_state
+        packed, new_state = bnb.functional.quantize_4bit(
+            weight.to(state.dtype).contiguous(), blocksize=state.blocksize, compress_statistics=state.nested,
+            quant_type=state.quant_type, quant_storage=param.data.dtype)
+        old, new = _quant_state_tensors(state), _quant_state_tensors(new_state)
+        if packed.shape != param.data.shape or any(old[k].shape != new[k].shape for k in old):
+            raise ValueError("bitsandbytes returned a 4-bit layout of another shape; cannot requantize in place")
+        with torch.no_grad():
+            param.data.copy_(packed)
+            for key, tensor in old.items():
+                tensor.copy_(new[key])
+
+    def snapshot(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        saved = {"weight": module.weight.data.clone()}
+        saved.update({k: v.clone() for k, v in _quant_state_tensors(module.weight.quant_state).items()})
+        return saved
+
+    def restore(self, module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            module.weight.data.copy_(saved["weight"])
+            for key, tensor in _quant_state_tensors(module.weight.quant_state).items():
+                tensor.copy_(saved[key])
+
+
+def _row_scales(module: nn.Module) -> torch.Tensor | None:
+    """SCB (per-row absmax) of a Linear8bitLt: on the weight before the first forward, on `state` after."""
+    scb = getattr(module.weight, "SCB", None)
+    return scb if scb is not None else getattr(module.state, "SCB", None)
+
+
+class Bnb8bitFormat:
+    """`bnb.nn.Linear8bitLt` holding int8 weights (`has_fp16_weights=False`): `w = CB * SCB[:, None] / 127`."""
+
+    name, kind, priority, is_view = "bnb_int8", "quantized_linear", 10, False
+
+    def matches(self, module: nn.Module) -> bool:
+        return (isinstance(module, bnb.nn.Linear8bitLt) and module.weight.dtype == torch.int8
+                and not module.state.has_fp16_weights and _row_scales(module) is not None)
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        return module.weight.shape[1], module.weight.shape[0]
+
+    def dense(self, module: nn.Module) -> torch.Tensor:
+        return module.weight.data.float() * (_row_scales(module).float()[:, None] / 127.0)
+
+    def store(self, module: nn.Module, weight: torch.Tensor) -> None:
+        rows, scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+        with torch.no_grad():
+            module.weight.data.copy_(rows)
+            _row_scales(module).copy_(scales)
+
+    def snapshot(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {"weight": module.weight.data.clone(), "SCB": _row_scales(module).clone()}
+
+    def restore(self, module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            module.weight.data.copy_(saved["weight"])
+            _row_scales(module).copy_(saved["SCB"])
+
+
+@surgery.hookimpl
+def surgery_weight_formats() -> list:
+    if bnb is None:
+        return []
+    return [Bnb4bitFormat(), Bnb8bitFormat()]

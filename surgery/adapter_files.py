@@ -1,0 +1,231 @@
+"""Adapters as files: `surgery.save` / `surgery.load`. Only safetensors and JSON; nothing is unpickled.
+
+A surgery adapter directory holds `adapter_model.safetensors` (the branches' tensors, keyed `<site path>.<name>`)
+and `surgery_adapter.json` (the rule set, each placement's method and params, the package version, a
+fingerprint of the base model and the SHA-256 of the tensor file). Other formats (HF PEFT) come from plugins
+through the `surgery_adapter_formats` hook.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import nn
+
+from surgery.atomic import write_directory
+from surgery.errors import SurgeryError
+from surgery.inspection import inspect
+from surgery.ledger import Attachment, base_parameter_count, require_ledger, unwrap
+from surgery.plan import Placement, plan_sites
+from surgery.registry import manager
+from surgery.rules import parse_ruleset
+
+TENSORS = "adapter_model.safetensors"
+CONFIG = "surgery_adapter.json"
+
+
+class AdapterFileError(SurgeryError):
+    """An adapter directory that cannot be read: missing, truncated, tampered or malformed. Names the file."""
+
+
+class MismatchError(SurgeryError):
+    """The adapter does not fit this model. `mismatches` lists every difference found."""
+
+    def __init__(self, directory: str, mismatches: list[str]):
+        self.mismatches = mismatches
+        listing = "\n  - ".join(mismatches)
+        super().__init__(f"adapter {directory} does not fit this model ({len(mismatches)} mismatches):\n  - {listing}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SavedSite(_Strict):
+    path: str
+    kind: str
+    in_features: int | None
+    out_features: int | None
+    dtype: str | None
+
+
+class SavedPlacement(_Strict):
+    site: SavedSite
+    method: str
+    params: dict[str, Any]
+    roles: list[str]
+
+
+class Fingerprint(_Strict):
+    model_class: str
+    config_hash: str | None
+
+
+class AdapterConfig(_Strict):
+    """The JSON config of a surgery adapter directory."""
+
+    format: Literal["surgery-adapter"] = "surgery-adapter"
+    format_version: Literal[1] = 1
+    surgery_version: str
+    name: str
+    ruleset: dict[str, Any]
+    fingerprint: Fingerprint
+    placements: list[SavedPlacement]
+    tensors_sha256: str
+
+
+def config_hash(model: nn.Module) -> str | None:
+    """A hash of the model's HF config, without keys that do not change the architecture."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    data = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in
+            ("transformers_version", "torch_dtype", "dtype", "architectures", "name_or_path", "use_cache")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return str(dtype).replace("torch.", "") if dtype is not None else None
+
+
+def _saved_placement(p: Placement) -> SavedPlacement:
+    s = p.site
+    return SavedPlacement(site=SavedSite(path=s.path, kind=s.kind, in_features=s.in_features, out_features=s.out_features,
+                                         dtype=_dtype_name(s.dtype)),
+                          method=p.method, params=p.params.model_dump(), roles=sorted(p.roles))
+
+
+def branch_tensors(attachment: Attachment) -> dict[str, torch.Tensor]:
+    """Every branch tensor of an attachment, keyed `<site path>.<state_dict key>`, as standalone CPU tensors."""
+    return {f"{path}.{key}": t.detach().to("cpu").clone().contiguous()
+            for path, branch in attachment.branches.items() for key, t in branch.state_dict().items()}
+
+
+def save(model: nn.Module, directory: str | Path, name: str = "default", format: str = "surgery") -> Path:
+    """Write attachment `name` (only the adapter) to `directory`, atomically. `format`: "surgery" (this
+    package's own) or an adapter format that a plugin provides, e.g. "peft" (loadable by HF PEFT)."""
+    model = unwrap(model)
+    attachment = require_ledger(model).get(name)
+    if format != "surgery":
+        return manager().adapter_format(format).save(model, attachment, Path(directory))
+    tensors = branch_tensors(attachment)
+    blob = save_tensors(tensors, metadata={"format": "pt", "producer": "surgery"})
+    from surgery import __version__
+
+    config = AdapterConfig(surgery_version=__version__, name=name,
+                           ruleset=attachment.plan.ruleset.model_dump(mode="json"),
+                           fingerprint=Fingerprint(model_class=require_ledger(model).report.model_class,
+                                                   config_hash=config_hash(model)),
+                           placements=[_saved_placement(p) for p in attachment.plan.placements],
+                           tensors_sha256=hashlib.sha256(blob).hexdigest())
+    text = json.dumps(config.model_dump(mode="json"), indent=1) + "\n"
+    return write_directory(directory, {TENSORS: blob, CONFIG: text.encode()})
+
+
+def read_config(directory: Path) -> AdapterConfig:
+    path = directory / CONFIG
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AdapterFileError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterFileError(f"{path}: not readable JSON ({err})") from None
+    try:
+        return AdapterConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise AdapterFileError(f"{path}: field '{'.'.join(map(str, first['loc']))}': {first['msg']}") from None
+
+
+def read_tensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, checking its SHA-256 if given. Truncated or altered files are refused."""
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise AdapterFileError(f"{path}: no such file") from None
+    if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
+        raise AdapterFileError(f"{path}: contents do not match the SHA-256 recorded in {CONFIG} (truncated or altered)")
+    try:
+        return load_tensors(blob)
+    except Exception as err:  # safetensors raises its own error types for malformed headers and short files
+        raise AdapterFileError(f"{path}: not a valid safetensors file ({err})") from None
+
+
+def _site_mismatches(saved: list[SavedPlacement], planned: list[Placement], strict_dtype: bool) -> list[str]:
+    found = {p.site.path: p for p in planned}
+    problems = []
+    for s in saved:
+        p = found.pop(s.site.path, None)
+        if p is None:
+            problems.append(f"missing site {s.site.path!r} ({s.site.kind}, {s.method})")
+            continue
+        now = _saved_placement(p).site
+        for field in ("kind", "in_features", "out_features") + (("dtype",) if strict_dtype else ()):
+            if getattr(now, field) != getattr(s.site, field):
+                problems.append(f"site {s.site.path!r}: {field} is {getattr(now, field)} here, {getattr(s.site, field)} in the adapter")
+        if p.method != s.method or sorted(p.roles) != s.roles:
+            problems.append(f"site {s.site.path!r}: the rule set places {p.method} on {sorted(p.roles) or 'the whole module'} here, "
+                            f"{s.method} on {s.roles or 'the whole module'} in the adapter")
+    problems += [f"site {path!r} is selected here but not in the adapter" for path in found]
+    return problems
+
+
+def load(model: nn.Module, directory: str | Path, name: str | None = None, *, strict_dtype: bool = True) -> Attachment:
+    """Attach the adapter saved in `directory` (a surgery adapter, or a format a plugin reads, e.g. HF PEFT)
+    under `name` (default: the saved name). A model that does not fit is refused with every mismatch listed,
+    and the model is left as it was. With `strict_dtype=False`, tensors are cast to the model's dtypes."""
+    from surgery.passes import attach, detach
+
+    model = unwrap(model)
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterFileError(f"{directory}: no such adapter directory")
+    if not (directory / CONFIG).exists():
+        for fmt in manager().adapter_formats.values():
+            if fmt.detect(directory):
+                return fmt.load(model, directory, name or "default")
+        raise AdapterFileError(f"{directory}: neither a surgery adapter ({CONFIG}) nor a format any plugin reads")
+    config = read_config(directory)
+    tensors = read_tensors(directory / TENSORS, config.tensors_sha256)
+    ruleset = parse_ruleset(config.ruleset, str(directory / CONFIG))
+    name = name or config.name
+    report = inspect(model)
+    mismatches = []
+    if report.model_class != config.fingerprint.model_class:
+        mismatches.append(f"model class is {report.model_class}, the adapter was made for {config.fingerprint.model_class}")
+    planned = plan_sites(ruleset, report, base_parameter_count(model)).placements
+    mismatches += _site_mismatches(config.placements, planned, strict_dtype)
+    if mismatches:
+        raise MismatchError(str(directory), mismatches)
+    attachment = attach(model, ruleset, name=name)
+    try:
+        fill_branches(attachment, tensors, str(directory / TENSORS), strict_dtype)
+    except BaseException:
+        detach(model, name)
+        raise
+    return attachment
+
+
+def fill_branches(attachment: Attachment, tensors: dict[str, torch.Tensor], source: str, strict_dtype: bool = True) -> None:
+    """Copy `tensors` (keyed `<site path>.<key>`) into the attachment's branches; every key must match exactly."""
+    expected = {f"{path}.{key}": t for path, branch in attachment.branches.items() for key, t in branch.state_dict().items()}
+    problems = [f"tensor {k!r} is missing from {source}" for k in expected if k not in tensors]
+    problems += [f"{source} has tensor {k!r} that no branch of this model holds" for k in tensors if k not in expected]
+    for key, target in expected.items():
+        if key in tensors:
+            t = tensors[key]
+            if t.shape != target.shape:
+                problems.append(f"tensor {key!r}: shape {tuple(t.shape)} in the file, {tuple(target.shape)} here")
+            elif strict_dtype and t.dtype != target.dtype:
+                problems.append(f"tensor {key!r}: dtype {_dtype_name(t.dtype)} in the file, {_dtype_name(target.dtype)} here")
+    if problems:
+        raise MismatchError(source, problems)
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key])

@@ -1,0 +1,268 @@
+"""Dataflow facts of an analysis graph: op kinds, node owners, input dependence, linear-like and embedding sites.
+
+Pure functions over an `AnalysisTrace`; nothing here looks at module names except to key facts by path.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import fx
+
+from .tracing import AnalysisTrace, CALL_SUFFIX
+
+MATMUL_OPS = frozenset({"linear", "addmm", "mm", "matmul", "bmm"})
+LAYOUT_OPS = frozenset({
+    "view", "reshape", "_unsafe_view", "transpose", "t", "numpy_T", "permute", "expand", "expand_as", "slice",
+    "select", "getitem", "split", "split_with_sizes", "chunk", "unbind", "cat", "concat", "stack", "contiguous",
+    "unsqueeze", "squeeze", "flatten", "unflatten", "narrow", "index", "index_select", "broadcast_to", "repeat",
+    "repeat_interleave", "clone", "alias", "to", "_to_copy", "type_as", "movedim", "swapaxes", "lift_fresh_copy",
+    "dropout", "feature_dropout", "alpha_dropout", "detach", "float", "half", "bfloat16",
+})
+ELEMENTWISE_OPS = frozenset({
+    "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "pow", "sqrt", "rsqrt", "exp",
+    "log", "sin", "cos", "abs", "where", "masked_fill", "masked_fill_", "clamp", "clamp_", "clamp_min",
+    "clamp_max", "reciprocal", "square", "addcmul", "lerp", "copy_", "fill_",
+})
+ACTIVATION_OPS = frozenset({
+    "silu", "silu_", "gelu", "gelu_", "relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_", "softplus",
+    "mish", "elu", "selu", "celu", "leaky_relu", "hardswish", "hardsigmoid", "hardtanh", "relu6", "erf", "glu",
+    "prelu", "rrelu", "logsigmoid", "softsign",
+})
+NORM_OPS = frozenset({"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "group_norm",
+                      "batch_norm", "instance_norm", "rsqrt", "var", "std", "var_mean"})
+TRANSPOSE_OPS = frozenset({"t", "numpy_T", "transpose", "mT", "adjoint", "swapaxes"})
+
+
+def op_name(node: fx.Node) -> str:
+    """The op's short name: `view` for aten.view.default, `getitem` for operator.getitem, else the target's name."""
+    if node.op != "call_function":
+        return node.op
+    target = node.target
+    if target is operator.getitem:
+        return "getitem"
+    name = getattr(target, "_opname", None) or getattr(target, "__name__", None) or str(target)
+    return name
+
+
+@dataclass(frozen=True)
+class GraphIndex:
+    """Per-node facts: topological order, owning module (canonical path, "" = root), input dependence."""
+
+    trace: AnalysisTrace
+    nodes: tuple[fx.Node, ...]
+    order: dict[fx.Node, int]
+    owner: dict[fx.Node, str]
+    from_user: frozenset[fx.Node]  # depends on a user input
+    from_state: frozenset[fx.Node]  # depends on a parameter or buffer
+    from_runtime: frozenset[fx.Node]  # depends on a user input, parameter or buffer (else computable from constants)
+
+
+def innermost_owner(node: fx.Node, trace: AnalysisTrace) -> str:
+    """Canonical path of the innermost module in the node's `nn_module_stack` ("" when it has none)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    fqn = CALL_SUFFIX.sub("", list(stack.values())[-1][0])
+    return trace.module_paths.get(fqn, fqn)
+
+
+def build_index(trace: AnalysisTrace) -> GraphIndex:
+    """Index every node of the trace's graph."""
+    nodes = tuple(trace.graph.nodes)
+    user: set[fx.Node] = set()
+    state: set[fx.Node] = set()
+    runtime: set[fx.Node] = set()
+    for node in nodes:
+        if node.op == "placeholder":
+            kind = trace.input_kinds.get(node.name, "user")
+            if kind == "user":
+                user.add(node)
+            elif kind in ("parameter", "buffer"):
+                state.add(node)
+            if kind != "constant":
+                runtime.add(node)
+            continue
+        inputs = node.all_input_nodes
+        if any(i in user for i in inputs):
+            user.add(node)
+        if any(i in state for i in inputs):
+            state.add(node)
+        if any(i in runtime for i in inputs):
+            runtime.add(node)
+    return GraphIndex(trace=trace, nodes=nodes, order={n: i for i, n in enumerate(nodes)},
+                      owner={n: innermost_owner(n, trace) for n in nodes}, from_user=frozenset(user),
+                      from_state=frozenset(state), from_runtime=frozenset(runtime))
+
+
+def within(path: str, scope: str) -> bool:
+    """Whether module `path` is `scope` or lies inside it ("" is the root)."""
+    return scope == "" or path == scope or path.startswith(scope + ".")
+
+
+def parent_path(path: str) -> str | None:
+    """The parent module's path, None for the root."""
+    if path == "":
+        return None
+    return path.rpartition(".")[0]
+
+
+def tensor_val(node: object) -> torch.Tensor | None:
+    """The fake tensor a node stands for, if any."""
+    if isinstance(node, fx.Node):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return val
+    return None
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """A linear-like module as the graph shows it: first matmul node, its input and weight operands."""
+
+    path: str
+    in_features: int
+    out_features: int
+    transposed: bool
+    matmul: fx.Node
+    x: fx.Node
+    weight: fx.Node
+
+
+def _operands(node: fx.Node) -> tuple[object, object]:
+    name = op_name(node)
+    if name == "addmm":
+        return node.args[1], node.args[2]
+    return node.args[0], node.args[1]
+
+
+def _state_only(node: object, index: GraphIndex) -> bool:
+    return isinstance(node, fx.Node) and node in index.from_state and node not in index.from_user
+
+
+def stored_transposed(weight: fx.Node, index: GraphIndex) -> bool:
+    """Whether the weight reaches the matmul through an odd number of transposes from its stored tensor."""
+    flips, node = 0, weight
+    while node.op == "call_function":
+        if op_name(node) in TRANSPOSE_OPS or (op_name(node) == "permute" and _swaps_last_two(node)):
+            flips += 1
+        inputs = [i for i in node.all_input_nodes if i in index.from_state]
+        if not inputs:
+            break
+        node = max(inputs, key=lambda i: tensor_val(i).numel() if tensor_val(i) is not None else -1)
+    return flips % 2 == 1
+
+
+def _swaps_last_two(node: fx.Node) -> bool:
+    dims = list(node.args[1]) if len(node.args) > 1 else []
+    n = len(dims)
+    return n >= 2 and [d % n for d in dims] == list(range(n - 2)) + [n - 1, n - 2]
+
+
+def linear_sites(index: GraphIndex) -> dict[str, LinearSite]:
+    """Leaf modules owning a matmul-type op with one user-dependent operand and one parameter-only operand."""
+    sites: dict[str, LinearSite] = {}
+    for node in index.nodes:
+        if op_name(node) not in MATMUL_OPS:
+            continue
+        path = index.owner[node]
+        if path in sites or path not in index.trace.leaves:
+            continue
+        a, b = _operands(node)
+        if isinstance(a, fx.Node) and a in index.from_user and _state_only(b, index):
+            x, weight, reversed_ = a, b, False
+        elif op_name(node) != "linear" and isinstance(b, fx.Node) and b in index.from_user and _state_only(a, index):
+            x, weight, reversed_ = b, a, True
+        else:
+            continue
+        shape = tensor_val(weight).shape if tensor_val(weight) is not None else ()
+        if len(shape) != 2:
+            continue
+        flipped = stored_transposed(weight, index)
+        if op_name(node) == "linear" or reversed_:
+            out_f, in_f, transposed = shape[0], shape[1], flipped
+        else:
+            in_f, out_f, transposed = shape[0], shape[1], not flipped
+        sites[path] = LinearSite(path, int(in_f), int(out_f), transposed, node, x, weight)
+    return sites
+
+
+@dataclass(frozen=True)
+class EmbeddingSite:
+    """An embedding module as the graph shows it."""
+
+    path: str
+    num_embeddings: int
+    embedding_dim: int
+    lookups: tuple[fx.Node, ...]  # every aten.embedding node of this module
+
+
+def embedding_sites(index: GraphIndex) -> dict[str, EmbeddingSite]:
+    """Leaf modules owning an `aten.embedding` lookup, with the weight's shape."""
+    found: dict[str, list[fx.Node]] = {}
+    shapes: dict[str, tuple[int, int]] = {}
+    for node in index.nodes:
+        if op_name(node) != "embedding":
+            continue
+        path = index.owner[node]
+        weight = tensor_val(node.args[0])
+        if path not in index.trace.leaves or weight is None or weight.dim() != 2:
+            continue
+        found.setdefault(path, []).append(node)
+        shapes[path] = (int(weight.shape[0]), int(weight.shape[1]))
+    return {p: EmbeddingSite(p, *shapes[p], tuple(nodes)) for p, nodes in found.items()}
+
+
+def norm_modules(index: GraphIndex) -> frozenset[str]:
+    """Modules that normalise: owners of a layer/RMS-norm op or of an rsqrt/var reduction."""
+    return frozenset(index.owner[n] for n in index.nodes if op_name(n) in NORM_OPS and index.owner[n])
+
+
+def strip_layout(node: fx.Node, index: GraphIndex) -> fx.Node:
+    """Walk back through single-input layout ops to the node a tensor is a view/copy of."""
+    while op_name(node) in LAYOUT_OPS:
+        inputs = [i for i in node.all_input_nodes if i in index.from_user]
+        if len(inputs) != 1:
+            break
+        node = inputs[0]
+    return node
+
+
+def module_input(site: LinearSite, index: GraphIndex) -> fx.Node:
+    """The value a linear-like module receives: its matmul input, before the module's own reshapes."""
+    node = site.x
+    while index.owner[node] == site.path and op_name(node) in LAYOUT_OPS:
+        inputs = [i for i in node.all_input_nodes if i in index.from_user]
+        if len(inputs) != 1:
+            break
+        node = inputs[0]
+    return strip_layout(node, index)
+
+
+def reaches(start: fx.Node, goal: Callable[[fx.Node], bool], passable: Callable[[fx.Node], bool]) -> bool:
+    """Whether a forward path from `start` through passable nodes reaches a node satisfying `goal`."""
+    seen, stack = {start}, [start]
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if goal(user):
+                return True
+            if user not in seen and passable(user):
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
+def backward_closure(targets: Iterable[fx.Node], allowed: Callable[[fx.Node], bool]) -> set[fx.Node]:
+    """Every node reachable backwards from `targets` through allowed nodes (targets included)."""
+    seen: set[fx.Node] = set()
+    stack = [t for t in targets if allowed(t)]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(i for i in node.all_input_nodes if i not in seen and allowed(i))
+    return seen

@@ -1,0 +1,144 @@
+"""Running small pieces of an analysis graph on real CPU tensors: channel probes and mask reads.
+
+Only the nodes of a region are executed, on tensors of the shapes the trace recorded. Region inputs that depend
+only on constants are computed exactly; those that depend on parameters, buffers or user inputs are filled with
+seeded random floats (integers: zeros, booleans: ones). No weights and no model are needed.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import fx
+
+from .dataflow import GraphIndex, backward_closure, tensor_val
+
+Slices = tuple[tuple[int, int], ...]
+_CPU = torch.device("cpu")
+
+
+def _filled(val: Any, generator: torch.Generator) -> Any:
+    if isinstance(val, torch.Tensor):
+        shape = tuple(int(s) for s in val.shape)
+        if val.is_floating_point() or val.is_complex():
+            return torch.randn(shape, generator=generator)
+        if val.dtype == torch.bool:
+            return torch.ones(shape, dtype=torch.bool)
+        return torch.zeros(shape, dtype=val.dtype)
+    if isinstance(val, (list, tuple)):
+        return type(val)(_filled(v, generator) for v in val)
+    return val
+
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, torch.device):
+        return _CPU
+    if isinstance(value, torch.Tensor) and value.device != _CPU:
+        return value.to(_CPU) if value.device.type != "meta" else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    return value
+
+
+def _execute(node: fx.Node, env: Mapping[fx.Node, Any], index: GraphIndex) -> Any:
+    if node.op == "placeholder":
+        return index.trace.constants[node.name].to(_CPU)
+    if node.op == "get_attr":
+        value: Any = index.trace.graph_module
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        return value
+    args = _on_cpu(fx.map_arg(node.args, lambda n: env[n]))
+    kwargs = _on_cpu(fx.map_arg(node.kwargs, lambda n: env[n]))
+    return node.target(*args, **kwargs)  # type: ignore[operator]
+
+
+def run_region(index: GraphIndex, region: set[fx.Node], seed: Mapping[fx.Node, Any],
+               generator: torch.Generator) -> dict[fx.Node, Any]:
+    """Execute `region` in graph order; `seed` gives values of some nodes, other inputs are computed or filled."""
+    env: dict[fx.Node, Any] = dict(seed)
+    external = {i for n in region for i in n.all_input_nodes if i not in region and i not in env}
+    exact = backward_closure([e for e in external if e not in index.from_runtime],
+                             lambda n: n not in index.from_runtime and n not in env)
+    for node in sorted(exact, key=index.order.__getitem__):
+        try:
+            env[node] = _execute(node, env, index)
+        except Exception:  # not computable here (e.g. a higher-order op): stand in a random value
+            env[node] = _filled(node.meta.get("val"), generator)
+    for node in sorted(external - exact, key=index.order.__getitem__):
+        env[node] = _filled(node.meta.get("val"), generator)
+    for node in sorted(region - env.keys(), key=index.order.__getitem__):
+        env[node] = _execute(node, env, index)
+    return env
+
+
+def forward_closure(start: fx.Node, limit: int, index: GraphIndex) -> set[fx.Node]:
+    """Nodes reachable forwards from `start`, up to graph position `limit`."""
+    seen, stack = {start}, [start]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen and index.order[user] <= limit:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def ranges(mask: torch.Tensor) -> Slices:
+    """Contiguous runs of True in a 1-D boolean mask, as (start, stop) pairs."""
+    out: list[tuple[int, int]] = []
+    start = None
+    for i, flag in enumerate(mask.tolist() + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            out.append((start, i))
+            start = None
+    return tuple(out)
+
+
+def channel_probe(index: GraphIndex, source: fx.Node, targets: Mapping[str, Sequence[fx.Node]],
+                  seed: int = 0) -> dict[str, Slices]:
+    """Which channels (last dim) of `source` each group of target nodes depends on, by a gradient probe.
+
+    Executes only the nodes between `source` and the targets, with `source` a random leaf requiring grad, and
+    backpropagates a random cotangent from each group separately.
+    """
+    val = tensor_val(source)
+    all_targets = [t for group in targets.values() for t in group]
+    if val is None or not all_targets:
+        return {}
+    limit = max(index.order[t] for t in all_targets)
+    downstream = forward_closure(source, limit, index)
+    region = backward_closure(all_targets, lambda n: n in downstream) - {source}
+    generator = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        leaf = torch.randn(tuple(int(s) for s in val.shape), generator=generator, requires_grad=True)
+        env = run_region(index, region, {source: leaf * 1.0}, generator)
+        found: dict[str, Slices] = {}
+        for role, group in targets.items():
+            outs = [env[t] for t in group if t in region or t is source]
+            outs = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
+            if not outs:
+                found[role] = ()
+                continue
+            cotangents = [torch.randn(o.shape, generator=generator).to(o.dtype) for o in outs]
+            (grad,) = torch.autograd.grad(outs, leaf, cotangents, retain_graph=True, allow_unused=True)
+            if grad is None:
+                found[role] = ()
+                continue
+            found[role] = ranges(grad.reshape(-1, grad.shape[-1]).abs().sum(0) != 0)
+    return found
+
+
+def evaluate(index: GraphIndex, node: fx.Node, seed: int = 0) -> Any | None:
+    """The value of `node` computed on its own, or None where it depends on a user input or cannot be run."""
+    region = backward_closure([node], lambda n: n.op != "placeholder")
+    if any(i in index.from_user for n in region for i in n.all_input_nodes if i.op == "placeholder"):
+        return None
+    try:
+        with torch.no_grad():
+            return run_region(index, region, {}, torch.Generator().manual_seed(seed))[node]
+    except Exception:
+        return None
