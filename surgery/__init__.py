@@ -13,8 +13,9 @@ from surgery.hookspecs import hookimpl
 from surgery.host import Host
 from surgery.inspection import Report, inspect
 from surgery.method import Branch, Method, MethodParams, WeightEdit
-from surgery.passes import (TrainableCount, active, attach, detach, disabled, merge, set_active, trainable_parameters,
-                            unmerge)
+from surgery.adapter_files import AdapterFileError, MismatchError, load, save
+from surgery.passes import (TrainableCount, active, attach, bake, detach, disabled, merge, set_active,
+                            trainable_parameters, unmerge)
 from surgery.plan import Placement, Plan, plan
 from surgery.registry import register_plugin
 from surgery.rules import Rule, RoleOverride, RuleSet, Selector
@@ -23,9 +24,9 @@ from surgery.sites import KINDS, ROLES, AttentionInfo, Site
 __version__ = "0.1.0"
 
 __all__ = [
-    "inspect", "plan", "attach", "detach", "merge", "unmerge", "set_active", "active", "disabled",
+    "inspect", "plan", "attach", "detach", "merge", "unmerge", "bake", "set_active", "active", "disabled", "save", "load",
     "trainable_parameters", "register_plugin", "hookimpl", "Method", "MethodParams", "Branch", "WeightEdit", "Host",
     "Report", "Plan", "Placement", "RuleSet", "Rule", "Selector", "RoleOverride", "Site", "AttentionInfo", "ROLES",
     "KINDS", "TrainableCount", "SurgeryError", "RuleFileError", "PluginError", "SiteError", "LedgerError",
-    "NotMergeableError", "TraceError",
+    "NotMergeableError", "TraceError", "AdapterFileError", "MismatchError",
 ]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import surgery
-from surgery.cli_models import copy_tokenizer, load_model, tiny_names
+from surgery.cli_models import copy_tokenizer, load_model, quiet_hf_progress, tiny_names
 from surgery.cli_output import emit_json, emit_table, step_progress
 from surgery.errors import SurgeryError
 from surgery.inspection import Report
@@ -73,13 +73,14 @@ def _plan(args: argparse.Namespace) -> int:
                            for p in plan.placements],
             "trainable": plan.trainable, "total_parameters": plan.total_parameters, "trainable_percent": share})
         return 0
+    source = "" if args.rules == plan.ruleset.name else f" from {plan.ruleset.source}"
     rows = []
     for p in plan.placements:
         params = ", ".join(f"{k}={v}" for k, v in p.params.model_dump().items() if v is not None)
         rows.append([p.site.path, p.site.kind, ", ".join(sorted(p.roles)) or "(whole)", p.method, params,
                      f"{p.trainable:,}"])
     emit_table(["site", "kind", "roles", "method", "params", "trainable"], rows,
-               [f"rule set {plan.ruleset.name!r} ({plan.ruleset.source}): {len(plan.placements)} placements",
+               [f"rule set {plan.ruleset.name!r}{source}: {len(plan.placements)} placements",
                 f"new trainable parameters: {plan.trainable:,} ({share:.2f}% of the model's {plan.total_parameters:,})"],
                right=["trainable"])
     return 0
@@ -98,7 +99,7 @@ def _merge(args: argparse.Namespace) -> int:
         raise SurgeryError(f"{args.out}: is the base model directory; write the merged model somewhere else")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise SurgeryError(f"{args.out}: exists and is not an empty directory (--force writes into it)")
-    with step_progress(["loading model", "loading adapter", "merging", "saving"]) as step:
+    with quiet_hf_progress(), step_progress(["loading model", "loading adapter", "merging", "saving"]) as step:
         step()
         model = load_model(args.model, weights=True)
         step()

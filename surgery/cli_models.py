@@ -1,8 +1,10 @@
 """The CLI's MODEL argument: a local Hugging Face model directory or a built-in tiny model name. Never downloads."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -95,3 +97,17 @@ def copy_tokenizer(source: str, out: Path) -> list[str]:
                 shutil.copy2(file, out / file.name)
                 copied.append(file.name)
     return copied
+
+
+@contextlib.contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """Silence transformers' own tqdm bars (loading, writing shards) inside the CLI's progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

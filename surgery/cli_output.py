@@ -19,9 +19,11 @@ def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
-def table(headers: list[str], rows: list[list[str]], right: tuple[str, ...] | list[str] = ()) -> Table:
+def table(headers: list[str], rows: list[list[str]], right: tuple[str, ...] | list[str] = (),
+          ascii_only: bool = False) -> Table:
     """A rich table of plain-text cells (never read as markup: `linear[int8]` stays as written)."""
-    out = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+    out = Table(box=box.ASCII2 if ascii_only else box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                header_style="bold")
     for header in headers:
         out.add_column(header, justify="right" if header in right else "left")
     for row in rows:
@@ -33,7 +35,8 @@ def emit_table(headers: list[str], rows: list[list[str]], notes: list[str] = (),
     """Print a table and its notes on stdout. On a terminal rich fits it to the width; into a pipe or file it is
     printed at its natural width, without colour and without trailing spaces."""
     console = Console(highlight=False)
-    renderables = [table(headers, rows, right), *(Text(note) for note in notes)]
+    unicode = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") in ("utf8", "utf16", "utf32")
+    renderables = [table(headers, rows, right, ascii_only=not unicode), *(Text(note) for note in notes)]
     if console.is_terminal:
         for item in renderables:
             console.print(item)

@@ -13,7 +13,8 @@ class Host(nn.Module):
     """Wraps `base` (the original module) and the branches of every attachment at this site, by name.
 
     Branches run in attachment order: each active, unmerged branch may change the call's inputs
-    (`adapt_call`), then the base runs, then each may change the output (`adapt_output`).
+    (`adapt_call`), then the base runs (or the last running branch that `replaces_base`), then each may change
+    the output (`adapt_output`).
     Attribute reads the Host does not know fall through to the base (`host.weight` is `base.weight`).
     """
 
@@ -31,9 +32,12 @@ class Host(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         running = [self.branches[n] for n in self.running]
+        call = self.base
         for branch in running:
             args, kwargs = branch.adapt_call(args, kwargs)
-        out = self.base(*args, **kwargs)
+            if branch.replaces_base:
+                call = branch
+        out = call(*args, **kwargs)
         for branch in running:
             out = branch.adapt_output(args, kwargs, out)
         return out

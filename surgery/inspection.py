@@ -80,6 +80,7 @@ def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = 
             continue
         sites.append(Site(path=path, kind=fmt.kind, module_class=_module_class(module), in_features=lin.in_features,
                           out_features=lin.out_features, dtype=_float_dtype(module),
+                          bias=getattr(module, "bias", None) is not None,
                           roles=facts.roles.get(path, frozenset()), slices=facts.slices.get(path, {}),
                           format=fmt.name if fmt.kind == "quantized_linear" else None))
     for path, emb in facts.embeddings.items():

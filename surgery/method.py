@@ -24,7 +24,10 @@ class Branch(nn.Module):
     Override either or both:
     - `adapt_call(args, kwargs) -> (args, kwargs)`: change the base module's inputs (runs before it);
     - `adapt_output(args, kwargs, out) -> out`: change its output (`args`/`kwargs` are the inputs the base saw).
+    A branch with `replaces_base = True` is called (`branch(*args, **kwargs)`) instead of the base module.
     """
+
+    replaces_base: bool = False
 
     def adapt_call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, kwargs

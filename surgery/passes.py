@@ -235,6 +235,25 @@ def unmerge(model: nn.Module, name: str) -> None:
     ledger.refresh()
 
 
+def bake(model: nn.Module, name: str) -> dict[str, dict[str, float]]:
+    """Merge attachment `name` into the base weights for good and remove its branches: the ledger forgets it,
+    so it cannot be unmerged. After the last attachment is baked the model is a plain model again (ready for
+    `save_pretrained`). Other attachments merged on the same sites must be unmerged first."""
+    model = unwrap(model)
+    ledger = require_ledger(model)
+    attachment = ledger.get(name)
+    paths = set(attachment.branches)
+    blocking = [n for n in ledger.merge_order if n != name and paths & set(ledger.attachments[n].branches)]
+    if blocking:
+        raise LedgerError(f"cannot bake {name!r} while {', '.join(blocking)} is merged on the same sites; unmerge it first")
+    report = merge(model, name, exact=False) if attachment.merged is None else \
+        {m.path: m.record.report for m in attachment.merged if m.record.report}
+    attachment.merged = None  # the weights keep the merge; nothing is left to undo it
+    ledger.merge_order.remove(name)
+    detach(model, name)
+    return report
+
+
 def set_active(model: nn.Module, names: list[str] | str) -> None:
     """Choose which attachments run (in attachment order); the others stay attached but idle."""
     ledger = require_ledger(unwrap(model))
@@ -286,5 +305,5 @@ def trainable_parameters(model: nn.Module) -> TrainableCount:
     return TrainableCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
 
 
-__all__ = ["attach", "detach", "merge", "unmerge", "set_active", "active", "disabled", "trainable_parameters",
+__all__ = ["attach", "detach", "merge", "unmerge", "bake", "set_active", "active", "disabled", "trainable_parameters",
            "TrainableCount", "base_module", "NotMergeableError"]

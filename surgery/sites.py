@@ -54,6 +54,7 @@ class Site:
     in_features: int | None = None
     out_features: int | None = None
     dtype: torch.dtype | None = None
+    bias: bool = False  # the module adds a bias (linear-like kinds)
     roles: frozenset[str] = frozenset()
     slices: dict[str, tuple[Slice, ...]] = field(default_factory=dict)
     format: str | None = None  # quantized-linear format name, for kind == "quantized_linear"

@@ -1,0 +1,205 @@
+"""HF PEFT's LoRA adapter directories, both ways: `surgery.load` reads them, `surgery.save(..., format="peft")`
+writes them (`peft.PeftModel.from_pretrained` loads the result with identical outputs).
+
+Mapping: `target_modules` and the tensor keys give the sites; `r`, `lora_alpha`, `rank_pattern`,
+`alpha_pattern`, `use_rslora`, `lora_dropout` the LoRA params; `fan_in_fan_out` is implied by the site kind
+(GPT-2 Conv1D); `modules_to_save` become `copy` placements. A LoRA on the slices of a fused projection (e.g. q
+and v of GPT-2's c_attn) is written exactly as one LoRA of rank n*r with a block-structured B. Anything else
+PEFT can express (DoRA, LoRA bias, layer replication, ...) is refused by name.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as save_tensors
+from torch import nn
+
+import surgery
+from surgery.adapter_files import AdapterFileError, MismatchError, fill_branches, read_tensors
+from surgery.atomic import write_directory
+from surgery.errors import SurgeryError
+from surgery.inspection import inspect
+from surgery.ledger import Attachment
+from surgery.rules import Rule, RuleSet, Selector, parse_ruleset
+
+CONFIG = "adapter_config.json"
+TENSORS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# PEFT options this mapping cannot express, with the value that means "not used"
+UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
+               "layer_replication": None, "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
+               "alora_invocation_tokens": None, "use_bdlora": None, "megatron_config": None, "arrow_config": None}
+
+_LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+_EMBEDDING_KEY = re.compile(r"^(?P<path>.+)\.lora_embedding_(?P<part>A|B)$")
+
+
+def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module path as a regex anchored at a dotted suffix."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def _matches_peft_target(path: str, targets: list[str]) -> bool:
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+class PeftLoraFormat:
+    """HF PEFT LoRA adapter directories (`adapter_config.json` + `adapter_model.safetensors`)."""
+
+    name = "peft"
+
+    def detect(self, directory: Path) -> bool:
+        return (directory / CONFIG).is_file()
+
+    # ---- reading -------------------------------------------------------------------------------------------
+    def _read_config(self, directory: Path) -> dict[str, Any]:
+        path = directory / CONFIG
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise AdapterFileError(f"{path}: not readable JSON ({err})") from None
+        if not isinstance(config, dict):
+            raise AdapterFileError(f"{path}: not a JSON object")
+        if config.get("peft_type") != "LORA":
+            raise AdapterFileError(f"{path}: peft_type {config.get('peft_type')!r} cannot be mapped (only LORA adapters)")
+        refused = [f"{k}={config[k]!r}" for k, unused in UNSUPPORTED.items()
+                   if config.get(k, unused) not in (unused, None, [], {}, False) or
+                   (k == "bias" and config.get(k, unused) != unused)]
+        if refused:
+            raise AdapterFileError(f"{path}: PEFT options surgery cannot map: {', '.join(refused)}")
+        return config
+
+    def load(self, model: nn.Module, directory: Path, name: str) -> Attachment:
+        config = self._read_config(directory)
+        tensor_path = directory / TENSORS
+        if not tensor_path.exists() and (directory / "adapter_model.bin").exists():
+            raise AdapterFileError(f"{directory / 'adapter_model.bin'}: pickle files are never loaded; convert it to safetensors")
+        raw = read_tensors(tensor_path)
+        tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
+        report = inspect(model)
+        sites = {s.path: s for s in report.sites if s.kind != "attention"}
+        lora: dict[str, dict[str, torch.Tensor]] = {}
+        rest: dict[str, torch.Tensor] = {}
+        for key, tensor in tensors.items():
+            m = _LORA_KEY.match(key) or _EMBEDDING_KEY.match(key)
+            if m:
+                lora.setdefault(m["path"], {})[m["part"][-1]] = tensor
+            else:
+                rest[key] = tensor
+        problems = [f"missing site {p!r} (LoRA in the adapter)" for p in lora if p not in sites]
+        problems += [f"site {p!r}: LoRA A or B missing from {tensor_path}" for p, ab in lora.items() if set(ab) != {"A", "B"}]
+        if config.get("fan_in_fan_out"):
+            problems += [f"site {p!r}: fan_in_fan_out is set but the module is not a transposed (Conv1D) layer"
+                         for p in lora if p in sites and sites[p].kind != "conv1d"]
+        saved = config.get("modules_to_save") or []
+        copies = sorted({p for p in sites if _matches_peft_target(p, saved) and any(k.startswith(p + ".") for k in rest)})
+        unclaimed = [k for k in rest if not any(k.startswith(p + ".") for p in copies)]
+        problems += [f"tensor {PREFIX}{k!r} belongs to no LoRA site and no module in modules_to_save" for k in unclaimed]
+        if problems:
+            raise MismatchError(str(directory), problems)
+        ruleset = self._ruleset(config, lora, copies, str(directory / CONFIG))
+        attachment = surgery.attach(model, ruleset, name=name)
+        ours = {}
+        for path, ab in lora.items():
+            ours[f"{path}.lora_A"], ours[f"{path}.lora_B"] = ab["A"], ab["B"]
+        for path in copies:
+            ours.update({f"{path}.module.{k[len(path) + 1:]}": v for k, v in rest.items() if k.startswith(path + ".")})
+        try:
+            fill_branches(attachment, ours, str(tensor_path), strict_dtype=False)
+        except BaseException:
+            surgery.detach(model, name)
+            raise
+        return attachment
+
+    def _ruleset(self, config: dict[str, Any], lora: dict[str, dict[str, torch.Tensor]], copies: list[str],
+                 source: str) -> RuleSet:
+        groups: dict[tuple, list[str]] = {}
+        for path, ab in sorted(lora.items()):
+            r = ab["A"].shape[0]
+            alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
+            dtype = str(ab["A"].dtype).replace("torch.", "")
+            groups.setdefault((r, float(alpha), dtype), []).append(path)
+        rules = [{"select": {"paths": paths}, "method": "lora",
+                  "params": {"r": r, "alpha": alpha, "dropout": float(config.get("lora_dropout") or 0.0),
+                             "rslora": bool(config.get("use_rslora")), "dtype": dtype}}
+                 for (r, alpha, dtype), paths in groups.items()]
+        if copies:
+            rules.append({"select": {"paths": copies}, "method": "copy"})
+        if not rules:
+            raise AdapterFileError(f"{source}: the adapter holds no LoRA tensors")
+        return parse_ruleset({"name": "peft-lora", "description": "an HF PEFT LoRA adapter", "rules": rules}, source)
+
+    # ---- writing -------------------------------------------------------------------------------------------
+    def save(self, model: nn.Module, attachment: Attachment, directory: Path) -> Path:
+        tensors: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        alphas: dict[str, float] = {}
+        copies: list[str] = []
+        rslora = {p.params.rslora for p in attachment.plan.placements if p.method == "lora"}
+        if len(rslora) > 1:
+            raise SurgeryError("PEFT format: use_rslora is one flag for the whole adapter; this attachment mixes both")
+        rs = rslora.pop() if rslora else False
+        for placement in attachment.plan.placements:
+            path, branch = placement.site.path, attachment.branches[placement.site.path]
+            if placement.method == "copy":
+                copies.append(path)
+                tensors.update({f"{PREFIX}{path}.{k}": v for k, v in branch.module.state_dict().items()})
+                continue
+            if placement.method != "lora" or placement.site.kind == "quantized_linear":
+                raise SurgeryError(f"PEFT format holds LoRA on float layers (and modules_to_save) only: "
+                                   f"{placement.method} on {placement.site.kind} site {path!r} cannot be written")
+            a, b, scale = _dense_lora(branch, placement.site.out_features)
+            r = a.shape[0]
+            ranks[path], alphas[path] = r, scale * (r ** 0.5 if rs else r)
+            if placement.site.kind == "embedding":
+                tensors[f"{PREFIX}{path}.lora_embedding_A"], tensors[f"{PREFIX}{path}.lora_embedding_B"] = a, b
+            else:
+                tensors[f"{PREFIX}{path}.lora_A.weight"], tensors[f"{PREFIX}{path}.lora_B.weight"] = a, b
+        if not ranks:
+            raise SurgeryError("PEFT format: the attachment has no LoRA placement")
+        r = Counter(ranks.values()).most_common(1)[0][0]
+        alpha = Counter(alphas.values()).most_common(1)[0][0]
+        first = next(p for p in attachment.plan.placements if p.method == "lora")
+        config = {
+            "peft_type": "LORA", "task_type": None, "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+            "r": r, "lora_alpha": alpha, "lora_dropout": first.params.dropout, "use_rslora": rs,
+            "target_modules": sorted(ranks), "rank_pattern": {re.escape(p): v for p, v in ranks.items() if v != r},
+            "alpha_pattern": {re.escape(p): v for p, v in alphas.items() if v != alpha},
+            "fan_in_fan_out": all(p.site.kind == "conv1d" for p in attachment.plan.placements if p.method == "lora"),
+            "bias": "none", "modules_to_save": copies or None, "init_lora_weights": True, "inference_mode": True,
+        }
+        blob = save_tensors({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, metadata={"format": "pt"})
+        return write_directory(directory, {TENSORS: blob, CONFIG: (json.dumps(config, indent=2) + "\n").encode()})
+
+
+def _dense_lora(branch: nn.Module, out_features: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, scale) of one plain LoRA equal to the branch. Per-role parts on a fused projection become one
+    LoRA of the summed rank whose B holds each part's B on that part's rows and rank columns (exact)."""
+    parts = list(branch.parts.values()) if hasattr(branch, "parts") else [branch]
+    if len(parts) == 1 and getattr(parts[0], "channels", None) is None:
+        return parts[0].lora_A.detach(), parts[0].lora_B.detach(), parts[0].scale
+    scales = {p.scale for p in parts}
+    if len(scales) != 1:
+        raise SurgeryError("PEFT format: the parts of a fused-projection LoRA have different scales")
+    a = torch.cat([p.lora_A.detach() for p in parts])
+    b = torch.zeros(out_features, a.shape[0], dtype=a.dtype, device=a.device)
+    column = 0
+    for p in parts:
+        r = p.lora_A.shape[0]
+        b[p.channels, column:column + r] = p.lora_B.detach()
+        column += r
+    return a, b, scales.pop()
+
+
+@surgery.hookimpl
+def surgery_adapter_formats() -> list[PeftLoraFormat]:
+    return [PeftLoraFormat()]

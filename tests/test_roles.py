@@ -1,0 +1,339 @@
+"""Graph analysis: sites, roles, fused slices and attention facts read from dataflow."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from custom_models import Block, Misnamed, TinyGLM  # noqa: E402
+from surgery import tiny  # noqa: E402
+from surgery.roles import GraphFacts, LinearFacts, analyze  # noqa: E402
+from surgery.sites import ROLES, AttentionInfo  # noqa: E402
+from surgery.tracing import example_inputs, export_for_analysis  # noqa: E402
+
+Q, K, V, O = "attention.query", "attention.key", "attention.value", "attention.output"
+GATE, UP, DOWN = "mlp.gate", "mlp.up", "mlp.down"
+EMBED, HEAD = "embedding.input", "lm_head"
+H, KV, D, HIDDEN, FFN = 4, 2, 16, 64, 96  # tiny.py: 4 heads, 2 KV heads (where configurable), head_dim 16
+
+
+def seq(start: int, width: int) -> tuple[tuple[int, int], ...]:
+    return ((start, start + width),)
+
+
+def interleaved(heads: int, head_dim: int) -> dict[str, tuple[tuple[int, int], ...]]:
+    """GPT-NeoX / old Falcon: per head [q_h, k_h, v_h]."""
+    return {role: tuple(((3 * h + j) * head_dim, (3 * h + j + 1) * head_dim) for h in range(heads))
+            for j, role in enumerate((Q, K, V))}
+
+
+def grouped(heads: int, kv_heads: int, head_dim: int) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Falcon new_decoder_architecture: per KV group [q heads of the group..., k, v]."""
+    per = heads // kv_heads + 2
+    q, k, v = [], [], []
+    for g in range(kv_heads):
+        base = g * per * head_dim
+        q.append((base, base + (per - 2) * head_dim))
+        k.append((base + (per - 2) * head_dim, base + (per - 1) * head_dim))
+        v.append((base + (per - 1) * head_dim, base + per * head_dim))
+    return {Q: tuple(q), K: tuple(k), V: tuple(v)}
+
+
+def attn(owner, q, k, v, o, heads=H, kv=KV, causal=True, cross=False):
+    return owner, dict(query=q, key=k, value=v, output=o, num_heads=heads, num_kv_heads=kv, head_dim=D,
+                       cross=cross, causal=causal)
+
+
+def llama_like(i: int, prefix: str = "model.layers"):
+    p = f"{prefix}.{i}"
+    roles = {f"{p}.self_attn.q_proj": {Q}, f"{p}.self_attn.k_proj": {K}, f"{p}.self_attn.v_proj": {V},
+             f"{p}.self_attn.o_proj": {O}, f"{p}.mlp.gate_proj": {GATE}, f"{p}.mlp.up_proj": {UP},
+             f"{p}.mlp.down_proj": {DOWN}}
+    a = attn(f"{p}.self_attn", f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj",
+             f"{p}.self_attn.o_proj")
+    return roles, {}, [a]
+
+
+def phi3(i: int):
+    p = f"model.layers.{i}"
+    qkv, gu = f"{p}.self_attn.qkv_proj", f"{p}.mlp.gate_up_proj"
+    roles = {qkv: {Q, K, V}, f"{p}.self_attn.o_proj": {O}, gu: {GATE, UP}, f"{p}.mlp.down_proj": {DOWN}}
+    slices = {qkv: {Q: seq(0, H * D), K: seq(H * D, KV * D), V: seq((H + KV) * D, KV * D)},
+              gu: {GATE: seq(0, FFN), UP: seq(FFN, FFN)}}
+    return roles, slices, [attn(f"{p}.self_attn", qkv, qkv, qkv, f"{p}.self_attn.o_proj")]
+
+
+def gpt2(i: int):
+    p = f"transformer.h.{i}"
+    qkv = f"{p}.attn.c_attn"
+    roles = {qkv: {Q, K, V}, f"{p}.attn.c_proj": {O}, f"{p}.mlp.c_fc": {UP}, f"{p}.mlp.c_proj": {DOWN}}
+    slices = {qkv: {Q: seq(0, HIDDEN), K: seq(HIDDEN, HIDDEN), V: seq(2 * HIDDEN, HIDDEN)}}
+    return roles, slices, [attn(f"{p}.attn", qkv, qkv, qkv, f"{p}.attn.c_proj", kv=H)]
+
+
+def opt(i: int):
+    p = f"model.decoder.layers.{i}"
+    roles = {f"{p}.self_attn.q_proj": {Q}, f"{p}.self_attn.k_proj": {K}, f"{p}.self_attn.v_proj": {V},
+             f"{p}.self_attn.out_proj": {O}, f"{p}.fc1": {UP}, f"{p}.fc2": {DOWN}}
+    return roles, {}, [attn(f"{p}.self_attn", f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj",
+                            f"{p}.self_attn.v_proj", f"{p}.self_attn.out_proj", kv=H)]
+
+
+def gpt_neox(i: int):
+    p = f"gpt_neox.layers.{i}"
+    qkv = f"{p}.attention.query_key_value"
+    roles = {qkv: {Q, K, V}, f"{p}.attention.dense": {O}, f"{p}.mlp.dense_h_to_4h": {UP},
+             f"{p}.mlp.dense_4h_to_h": {DOWN}}
+    return roles, {qkv: interleaved(H, D)}, [attn(f"{p}.attention", qkv, qkv, qkv, f"{p}.attention.dense", kv=H)]
+
+
+def falcon(i: int):
+    p = f"transformer.h.{i}"
+    qkv = f"{p}.self_attention.query_key_value"
+    roles = {qkv: {Q, K, V}, f"{p}.self_attention.dense": {O}, f"{p}.mlp.dense_h_to_4h": {UP},
+             f"{p}.mlp.dense_4h_to_h": {DOWN}}
+    return roles, {qkv: grouped(H, KV, D)}, [attn(f"{p}.self_attention", qkv, qkv, qkv,
+                                                   f"{p}.self_attention.dense")]
+
+
+def bert(i: int):
+    p = f"bert.encoder.layer.{i}"
+    s = f"{p}.attention.self"
+    roles = {f"{s}.query": {Q}, f"{s}.key": {K}, f"{s}.value": {V}, f"{p}.attention.output.dense": {O},
+             f"{p}.intermediate.dense": {UP}, f"{p}.output.dense": {DOWN}}
+    return roles, {}, [attn(s, f"{s}.query", f"{s}.key", f"{s}.value", f"{p}.attention.output.dense", kv=H,
+                            causal=False)]
+
+
+def t5(i: int):
+    roles, atts = {}, []
+    for side, layers in (("encoder", ("SelfAttention", "DenseReluDense")),
+                         ("decoder", ("SelfAttention", "EncDecAttention", "DenseReluDense"))):
+        for j, name in enumerate(layers):
+            p = f"{side}.block.{i}.layer.{j}.{name}"
+            if name == "DenseReluDense":
+                roles.update({f"{p}.wi": {UP}, f"{p}.wo": {DOWN}})
+                continue
+            roles.update({f"{p}.q": {Q}, f"{p}.k": {K}, f"{p}.v": {V}, f"{p}.o": {O}})
+            atts.append(attn(p, f"{p}.q", f"{p}.k", f"{p}.v", f"{p}.o", kv=H, cross=name == "EncDecAttention",
+                             causal=side == "decoder" and name == "SelfAttention"))
+    return roles, {}, atts
+
+
+ARCHS = {  # arch -> (per-layer expectation, {embedding.input paths}, lm_head path)
+    "llama": (llama_like, {"model.embed_tokens"}, "lm_head"),
+    "mistral": (llama_like, {"model.embed_tokens"}, "lm_head"),
+    "qwen2": (llama_like, {"model.embed_tokens"}, "lm_head"),
+    "phi3": (phi3, {"model.embed_tokens"}, "lm_head"),
+    "gpt2": (gpt2, {"transformer.wte"}, "lm_head"),
+    "opt": (opt, {"model.decoder.embed_tokens"}, "lm_head"),
+    "gpt_neox": (gpt_neox, {"gpt_neox.embed_in"}, "lm_head"),
+    "falcon": (falcon, {"transformer.word_embeddings"}, "lm_head"),
+    "bert": (bert, {"bert.embeddings.word_embeddings"}, "cls.predictions.decoder"),
+    "t5": (t5, {"encoder.embed_tokens", "decoder.embed_tokens"}, "lm_head"),  # tied weights, separate modules
+}
+
+
+def expected(arch: str, attn_impl: str, layers: int = 2):
+    per_layer, embeds, head = ARCHS[arch]
+    roles, slices, atts = {}, {}, {}
+    for i in range(layers):
+        r, s, a = per_layer(i)
+        roles.update(r)
+        slices.update(s)
+        atts.update({owner: AttentionInfo(implementation=attn_impl, **info) for owner, info in a})
+    roles.update({e: {EMBED} for e in embeds})
+    roles[head] = {HEAD}
+    return {p: frozenset(r) for p, r in roles.items()}, slices, atts
+
+
+@pytest.fixture(scope="module")
+def facts_of():
+    cache: dict[tuple[str, str], tuple[nn.Module, GraphFacts]] = {}
+
+    def get(arch: str, attn_impl: str):
+        if (arch, attn_impl) not in cache:
+            model = tiny.build(arch, attn=attn_impl)
+            cache[arch, attn_impl] = model, analyze(model)
+        return cache[arch, attn_impl]
+
+    return get
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_roles_slices_attention(arch, attn_impl, facts_of):
+    model, facts = facts_of(arch, attn_impl)
+    roles, slices, atts = expected(arch, attn_impl)
+    assert facts.roles == roles
+    assert facts.slices == slices
+    assert facts.attention == atts
+    assert all(r <= set(ROLES) for r in facts.roles.values())
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_linears_and_embeddings_cover_model(arch, facts_of):
+    from transformers.pytorch_utils import Conv1D
+
+    model, facts = facts_of(arch, "sdpa")
+    linear_like = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    embeddings = {n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    called = {n for n in embeddings if n != "shared"}  # T5's `shared` is never called in transformers 5
+    assert set(facts.linears) == linear_like
+    assert set(facts.embeddings) == called
+    for path, lf in facts.linears.items():
+        weight = model.get_submodule(path).weight
+        assert lf.transposed == isinstance(model.get_submodule(path), Conv1D)
+        assert tuple(weight.shape) == ((lf.in_features, lf.out_features) if lf.transposed
+                                       else (lf.out_features, lf.in_features))
+    for path, ef in facts.embeddings.items():
+        assert tuple(model.get_submodule(path).weight.shape) == (ef.num_embeddings, ef.embedding_dim)
+
+
+@pytest.mark.parametrize("multi_query,kv", [(True, 1), (False, H)])
+def test_falcon_old_architecture_slices(multi_query, kv):
+    model = tiny.build("falcon", new_decoder_architecture=False, multi_query=multi_query, num_kv_heads=kv)
+    facts = analyze(model)
+    for i in range(2):
+        qkv = f"transformer.h.{i}.self_attention.query_key_value"
+        want = ({Q: seq(0, H * D), K: seq(H * D, D), V: seq((H + 1) * D, D)} if multi_query
+                else interleaved(H, D))
+        assert facts.slices[qkv] == want
+        info = facts.attention[f"transformer.h.{i}.self_attention"]
+        assert (info.num_heads, info.num_kv_heads, info.head_dim) == (H, kv, D)
+
+
+TOKENS = (torch.zeros(2, 8, dtype=torch.long),)
+
+
+def test_misnamed_custom_model():
+    model = Misnamed()
+    facts = analyze(model, TOKENS)
+    hd = 8
+    for i in range(3):  # every block, though the trace kept one
+        p = f"stack.{i}"
+        assert facts.roles[f"{p}.mix.proj_in"] == {Q, K, V}
+        assert facts.roles[f"{p}.mix.a"] == {O}
+        assert facts.roles[f"{p}.ff.a"] == {GATE}
+        assert facts.roles[f"{p}.ff.c"] == {UP}
+        assert facts.roles[f"{p}.ff.b"] == {DOWN}
+        per_head = {role: tuple(((3 * h + j) * hd, (3 * h + j + 1) * hd) for h in range(4))
+                    for j, role in enumerate((K, V, Q))}  # laid out [k_h, v_h, q_h] per head
+        assert facts.slices[f"{p}.mix.proj_in"] == per_head
+        assert facts.linears[f"{p}.ff.b"] == LinearFacts(48, 32, False)  # int4 quantized, dequantized in forward
+        assert facts.attention[f"{p}.mix"] == AttentionInfo("sdpa", *[f"{p}.mix.proj_in"] * 3, f"{p}.mix.a",
+                                                           num_heads=4, num_kv_heads=4, head_dim=hd, causal=True)
+    assert facts.roles["table"] == {EMBED} and "where" not in facts.roles
+    assert facts.roles["head"] == {HEAD}  # called through the alias `readout`, reported under its first name
+    assert "readout" not in facts.linears and len(facts.roles) == 3 * 5 + 2
+
+
+def test_custom_model_mixed_blocks():
+    model = Misnamed()
+    model.stack[1] = Block(32, 4, 40)
+    facts = analyze(model, TOKENS)
+    assert [facts.linears[f"stack.{i}.ff.a"].out_features for i in range(3)] == [48, 40, 48]
+    assert all(facts.roles[f"stack.{i}.ff.b"] == {DOWN} for i in range(3))
+
+
+def test_chatglm_like_block():
+    model = TinyGLM()
+    facts = analyze(model, TOKENS)
+    for i in range(2):
+        p = f"encoder.layers.{i}"
+        qkv, h4 = f"{p}.self_attention.query_key_value", f"{p}.mlp.dense_h_to_4h"
+        assert facts.roles[qkv] == {Q, K, V}
+        assert facts.slices[qkv] == {Q: seq(0, 64), K: seq(64, 2 * D), V: seq(96, 2 * D)}
+        assert facts.roles[f"{p}.self_attention.dense"] == {O}
+        assert facts.roles[h4] == {GATE, UP}
+        assert facts.slices[h4] == {GATE: seq(0, 80), UP: seq(80, 80)}
+        assert facts.roles[f"{p}.mlp.dense_4h_to_h"] == {DOWN}
+        assert facts.attention[f"{p}.self_attention.core_attention"] == AttentionInfo(
+            "eager", qkv, qkv, qkv, f"{p}.self_attention.dense", num_heads=4, num_kv_heads=2, head_dim=D,
+            causal=True)
+    assert facts.roles["word_embeddings"] == {EMBED}
+    assert facts.roles["output_layer"] == {HEAD}
+
+
+def _snapshot(model: nn.Module):
+    return ([(n, id(m), m.training) for n, m in model.named_modules(remove_duplicate=False)],
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def _assert_unchanged(model: nn.Module, snapshot) -> None:
+    modules, state = _snapshot(model)
+    assert modules == snapshot[0]
+    assert state.keys() == snapshot[1].keys()
+    assert all(torch.equal(state[k], snapshot[1][k]) for k in state)
+
+
+def test_model_left_unchanged():
+    model = tiny.build("llama").train()
+    model.model.layers[1].mlp.eval()  # mixed flags must come back as they were
+    before = _snapshot(model)
+    analyze(model)
+    _assert_unchanged(model, before)
+
+
+def test_model_left_unchanged_on_failure():
+    model = Misnamed().train()
+    before = _snapshot(model)
+    with pytest.raises(Exception):
+        analyze(model, (torch.zeros(2, 8),))  # float token ids: the trace fails (reduced, then full)
+    _assert_unchanged(model, before)
+
+
+def test_cache_by_architecture():
+    analyze(Misnamed(), TOKENS)
+    other = Misnamed()
+    start = time.perf_counter()
+    facts = analyze(other, TOKENS)
+    assert time.perf_counter() - start < 0.1
+    facts.roles.clear()
+    assert analyze(other, TOKENS).roles  # callers get copies
+
+
+def test_example_inputs():
+    args, kwargs = example_inputs(tiny.build("t5"))
+    assert args[0].shape == (2, 8) and kwargs["decoder_input_ids"].shape[0] == 2 and kwargs["use_cache"] is False
+    args, kwargs = example_inputs(tiny.build("bert"))
+    assert kwargs["token_type_ids"].shape == args[0].shape
+    with torch.device("meta"):
+        model = tiny.ARCHITECTURES["llama"]()[0](tiny.config("llama"))
+    assert example_inputs(model)[0][0].device.type == "meta"
+    with pytest.raises(TypeError, match="example args"):
+        example_inputs(nn.Linear(2, 2))
+
+
+def test_export_for_analysis_maps_aliases():
+    trace = export_for_analysis(Misnamed(), TOKENS)
+    assert trace.module_paths["readout"] == "head"
+    assert trace.token_inputs == {"tokens"}
+
+
+def test_smoke_timing_7b_llama_meta():
+    """Smoke bound only (generous): the reduced trace should take well under a second on 2 cores."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    analyze(tiny.build("gpt2", attn="eager"))  # torch.export's one-time warm-up is not ours to time
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         vocab_size=32000)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    start = time.perf_counter()
+    facts = analyze(model)
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    analyze(model)
+    cached = time.perf_counter() - start
+    print(f"7B llama analyze: cold {cold:.3f}s, cached {cached * 1000:.1f}ms")
+    assert cold < 3.0 and cached < 0.5
+    assert len(facts.attention) == 32 and len(facts.linears) == 32 * 7 + 1
+    assert facts.roles["model.layers.31.mlp.gate_proj"] == {GATE}
+    assert facts.attention["model.layers.31.self_attn"].head_dim == 128
