@@ -70,6 +70,31 @@ class LoraBranch(Branch):
         """ΔW = B @ A * scale, [out, in]."""
         return (self.lora_B @ self.lora_A) * self.scale
 
+    @classmethod
+    def prepare_routes(cls, branches: list["LoraBranch"]) -> tuple[torch.Tensor, torch.Tensor]:
+        """All groups' A and B (scale folded into B) stacked, ranks zero-padded, plus a zero group for 'none'."""
+        if any(b.channels is not None for b in branches) or any(
+                b.training and isinstance(b.dropout, nn.Dropout) for b in branches):
+            raise NotImplementedError
+        r = max(b.lora_A.shape[0] for b in branches)
+        first = branches[0]
+        dtype, in_features, out_features = first.lora_A.dtype, first.lora_A.shape[1], first.lora_B.shape[0]
+        a = torch.stack([F.pad(b.lora_A.to(dtype), (0, 0, 0, r - b.lora_A.shape[0])) for b in branches]
+                        + [first.lora_A.new_zeros((r, in_features))])
+        b = torch.stack([F.pad(b.lora_B.to(dtype) * b.scale, (0, r - b.lora_B.shape[1])) for b in branches]
+                        + [first.lora_B.new_zeros((out_features, r))])
+        return a, b
+
+    @classmethod
+    def route_output(cls, state: tuple[torch.Tensor, torch.Tensor], group: torch.Tensor, args: tuple, kwargs: dict,
+                     out: torch.Tensor) -> torch.Tensor:
+        """Every sample's own LoRA in two batched matmuls, whatever the number of adapters."""
+        a, b = state
+        x = input_of(args, kwargs)
+        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
+        delta = torch.bmm(torch.bmm(flat, a[group].transpose(1, 2)), b[group].transpose(1, 2))
+        return out + delta.reshape(*out.shape).to(out.dtype)
+
 
 class SlicedLoraBranch(Branch):
     """One LoraBranch per selected role of a fused projection (e.g. only q and v of GPT-2's c_attn)."""
@@ -168,6 +193,33 @@ class Lora(Method):
             return out
 
         return WeightEdit(apply=lambda w: shift(w, 1.0), revert=lambda w: shift(w, -1.0))
+
+    def combine(self, site: Site, branches: list[Branch], weights: list[float], how: str) -> tuple[dict, dict]:
+        keys = list(branches[0].parts) if isinstance(branches[0], SlicedLoraBranch) else [None]
+        state: dict[str, torch.Tensor] = {}
+        for key in keys:
+            parts = [b.parts[key] if key is not None else b for b in branches]
+            with torch.no_grad():
+                a, b = _combine_pairs([(p.lora_A, p.lora_B, p.scale) for p in parts], weights, how)
+            prefix = f"parts.{key}." if key is not None else ""
+            state[prefix + "lora_A"], state[prefix + "lora_B"] = a, b
+        dtype = str(parts[0].lora_A.dtype).replace("torch.", "")
+        return {"r": a.shape[0], "alpha": float(a.shape[0]), "dtype": dtype}, state  # scale 1: folded into B
+
+
+def _combine_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor, float]], weights: list[float],
+                   how: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) at scale 1 for the weighted combination of LoRA pairs (A_i, B_i, scale_i)."""
+    if how == "cat":  # ΔW = Σ w_i s_i B_i A_i exactly, at rank Σ r_i
+        return (torch.cat([a for a, _, _ in pairs]),
+                torch.cat([b * (w * s) for (_, b, s), w in zip(pairs, weights)], dim=1))
+    if how == "linear":  # A = Σ ±sqrt(|w_i| s_i) A_i, B = Σ sqrt(|w_i| s_i) B_i: PEFT's approximation, equal ranks
+        if len({a.shape[0] for a, _, _ in pairs}) != 1:
+            raise surgery.SurgeryError("linear combination needs LoRAs of one rank; use how='cat'")
+        c = [math.sqrt(abs(w) * s) for (_, _, s), w in zip(pairs, weights)]
+        return (sum(math.copysign(ci, w) * a for ci, w, (a, _, _) in zip(c, weights, pairs)),
+                sum(ci * b for ci, (_, b, _) in zip(c, pairs)))
+    raise surgery.SurgeryError(f"unknown combination {how!r}: use 'cat' or 'linear'")
 
 
 @surgery.hookimpl

@@ -14,7 +14,8 @@ from surgery.host import Host
 from surgery.inspection import Report, inspect
 from surgery.method import Branch, Method, MethodParams, WeightEdit
 from surgery.adapter_files import AdapterFileError, MismatchError, load, save
-from surgery.passes import (TrainableCount, active, attach, bake, detach, disabled, merge, set_active,
+from surgery.combine import combine
+from surgery.passes import (TrainableCount, active, attach, bake, detach, disabled, merge, per_sample, set_active,
                             trainable_parameters, unmerge)
 from surgery.plan import Placement, Plan, plan
 from surgery.registry import register_plugin
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "inspect", "plan", "attach", "detach", "merge", "unmerge", "bake", "set_active", "active", "disabled", "save", "load",
+    "per_sample", "combine",
     "trainable_parameters", "register_plugin", "hookimpl", "Method", "MethodParams", "Branch", "WeightEdit", "Host",
     "Report", "Plan", "Placement", "RuleSet", "Rule", "Selector", "RoleOverride", "Site", "AttentionInfo", "ROLES",
     "KINDS", "TrainableCount", "SurgeryError", "RuleFileError", "PluginError", "SiteError", "LedgerError",

@@ -5,7 +5,6 @@ Every error is one line `surgery: error: ...` on stderr: exit code 2 for a bad c
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -81,7 +80,8 @@ def _plan(args: argparse.Namespace) -> int:
                      f"{p.trainable:,}"])
     emit_table(["site", "kind", "roles", "method", "params", "trainable"], rows,
                [f"rule set {plan.ruleset.name!r}{source}: {len(plan.placements)} placements",
-                f"new trainable parameters: {plan.trainable:,} ({share:.2f}% of the model's {plan.total_parameters:,})"],
+                f"new trainable parameters: {plan.trainable:,} "
+                f"({share:.2f}% of the model's {plan.total_parameters:,})"],
                right=["trainable"])
     return 0
 

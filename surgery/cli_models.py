@@ -59,7 +59,8 @@ def load_model(spec: str, weights: bool = True) -> nn.Module:
     arch = tiny_arch(spec)
     if arch is not None:
         return tiny.build(arch)
-    hint = "unknown tiny model" if spec.startswith(TINY_PREFIX) else "no such model directory, and not a tiny model name"
+    hint = ("unknown tiny model" if spec.startswith(TINY_PREFIX)
+            else "no such model directory, and not a tiny model name")
     raise SurgeryError(f"{spec}: {hint} (built in: {', '.join(tiny_names())})")
 
 

@@ -34,6 +34,8 @@ ACTIVATION_OPS = frozenset({
 NORM_OPS = frozenset({"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "group_norm",
                       "batch_norm", "instance_norm", "rsqrt", "var", "std", "var_mean"})
 TRANSPOSE_OPS = frozenset({"t", "numpy_T", "transpose", "mT", "adjoint", "swapaxes"})
+WALK_OPS = LAYOUT_OPS | ELEMENTWISE_OPS | ACTIVATION_OPS
+_MODULE_LIST = "torch.nn.modules.container.ModuleList"
 
 
 def op_name(node: fx.Node) -> str:
@@ -107,6 +109,22 @@ def parent_path(path: str) -> str | None:
     if path == "":
         return None
     return path.rpartition(".")[0]
+
+
+def is_block(path: str, trace: AnalysisTrace) -> bool:
+    """Whether the module at `path` is a member of a ModuleList (a repeated block)."""
+    parent = parent_path(path)
+    return parent is not None and trace.module_classes.get(parent) == _MODULE_LIST
+
+
+def enclosing_block(path: str, trace: AnalysisTrace) -> str:
+    """The nearest ModuleList member containing `path` (itself included), or the root ""."""
+    current: str | None = path
+    while current:
+        if is_block(current, trace):
+            return current
+        current = parent_path(current)
+    return ""
 
 
 def tensor_val(node: object) -> torch.Tensor | None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
+from surgery.errors import SurgeryError
 from surgery.method import Branch
 
 
@@ -14,8 +16,12 @@ class Host(nn.Module):
 
     Branches run in attachment order: each active, unmerged branch may change the call's inputs
     (`adapt_call`), then the base runs (or the last running branch that `replaces_base`), then each may change
-    the output (`adapt_output`).
-    Attribute reads the Host does not know fall through to the base (`host.weight` is `base.weight`).
+    the output (`adapt_output`). Attribute reads the Host does not know fall through to the base
+    (`host.weight` is `base.weight`).
+
+    Per-sample routing (`surgery.per_sample`): `routing` names one attachment (or None) per sample; each sample
+    then runs only its own branch. Branch classes that implement `prepare_routes`/`route_output` do the whole
+    batch at once (e.g. LoRA's gathered matmuls); others run once per group of samples.
     """
 
     def __init__(self, base: nn.Module):
@@ -23,6 +29,8 @@ class Host(nn.Module):
         self.base = base
         self.branches = nn.ModuleDict()
         self.running: tuple[str, ...] = ()  # active and unmerged branch names, in order; set by the ledger
+        self.routing: tuple[str | None, ...] | None = None  # per-sample names; set by the ledger
+        self._routes: dict[Any, Any] = {}
 
     def add(self, name: str, branch: Branch) -> None:
         self.branches[name] = branch
@@ -30,16 +38,77 @@ class Host(nn.Module):
     def remove(self, name: str) -> Branch:
         return self.branches.pop(name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        running = [self.branches[n] for n in self.running]
+    def set_routing(self, routing: tuple[str | None, ...] | None, usable: set[str]) -> None:
+        """Route sample i to branch routing[i] (if it is in `usable`, else to the base alone)."""
+        self.routing = None if routing is None else tuple(n if n in usable else None for n in routing)
+        self._routes = {}
+
+    def _run(self, branches: list[Branch], args: tuple, kwargs: dict) -> Any:
         call = self.base
-        for branch in running:
+        for branch in branches:
             args, kwargs = branch.adapt_call(args, kwargs)
             if branch.replaces_base:
                 call = branch
         out = call(*args, **kwargs)
-        for branch in running:
+        for branch in branches:
             out = branch.adapt_output(args, kwargs, out)
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.routing is not None:
+            return self._routed(args, kwargs)
+        return self._run([self.branches[n] for n in self.running], args, kwargs)
+
+    # ---- per-sample routing ---------------------------------------------------------------------------------
+    def _groups(self, batch: int, device: torch.device) -> tuple[list[str], torch.Tensor]:
+        """The branch names in use and, per sample of a batch of `batch`, its group number (len(names) = none)."""
+        key = (batch, device)
+        if key not in self._routes:
+            names = list(dict.fromkeys(n for n in self.routing if n is not None))
+            per_sample = [names.index(n) if n is not None else len(names) for n in self.routing]
+            if batch % len(per_sample):
+                raise SurgeryError(f"per-sample adapters: {len(per_sample)} names given for a batch of {batch}")
+            index = torch.tensor(per_sample, device=device).repeat_interleave(batch // len(per_sample))
+            self._routes[key] = (names, index)
+        return self._routes[key]
+
+    def _routed(self, args: tuple, kwargs: dict) -> Any:
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if x is None:
+            raise SurgeryError("per-sample adapters: the call has no tensor input to route")
+        names, index = self._groups(x.shape[0], x.device)
+        branches = [self.branches[n] for n in names]
+        kind = type(branches[0]) if branches else None
+        if kind is not None and all(type(b) is kind for b in branches) and kind.route_output is not Branch.route_output:
+            key = ("state", torch.is_grad_enabled())
+            state = self._routes.get(key) if not torch.is_grad_enabled() else None
+            if state is None:
+                try:
+                    state = kind.prepare_routes(branches)
+                except NotImplementedError:  # e.g. dropout in training: run the groups one by one
+                    return self._run_groups(branches, index, x.shape[0], args, kwargs)
+                if not torch.is_grad_enabled():
+                    self._routes[key] = state
+            return kind.route_output(state, index, args, kwargs, self.base(*args, **kwargs))
+        return self._run_groups(branches, index, x.shape[0], args, kwargs)
+
+    def _run_groups(self, branches: list[Branch], index: torch.Tensor, batch: int, args: tuple, kwargs: dict) -> Any:
+        """Generic routing: run each group of samples through the base and its own branch, then reassemble."""
+        take = lambda value, rows: value.index_select(0, rows) if isinstance(value, torch.Tensor) and value.dim() \
+            and value.shape[0] == batch else value  # noqa: E731
+        out = None
+        for group in range(len(branches) + 1):
+            rows = (index == group).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            part = self._run(branches[group:group + 1], tuple(take(a, rows) for a in args),
+                             {k: take(v, rows) for k, v in kwargs.items()})
+            if not isinstance(part, torch.Tensor):
+                raise SurgeryError(f"per-sample adapters: {type(self.base).__name__} returns "
+                                   f"{type(part).__name__}, only tensor outputs can be routed generically")
+            if out is None:
+                out = part.new_zeros((batch, *part.shape[1:]))
+            out = out.index_copy(0, rows, part)
         return out
 
     def __getattr__(self, name: str) -> Any:

@@ -56,6 +56,7 @@ class Ledger:
     active: list[str] = field(default_factory=list)
     merge_order: list[str] = field(default_factory=list)
     disabled: bool = False
+    routing: tuple[str | None, ...] | None = None  # per-sample attachment names (surgery.per_sample)
 
     def get(self, name: str) -> Attachment:
         if name not in self.attachments:
@@ -64,10 +65,12 @@ class Ledger:
         return self.attachments[name]
 
     def refresh(self) -> None:
-        """Tell every host which of its branches run: active, not merged, not disabled."""
+        """Tell every host which of its branches run: active, not merged, not disabled; or, while routing per
+        sample, which branch each sample takes."""
         for host in self.hosts.values():
-            host.running = () if self.disabled else tuple(
-                n for n in host.branches if n in self.active and self.attachments[n].merged is None)
+            unmerged = [n for n in host.branches if self.attachments[n].merged is None]
+            host.running = () if self.disabled else tuple(n for n in unmerged if n in self.active)
+            host.set_routing(None if self.disabled else self.routing, set(unmerged))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -29,6 +29,18 @@ class Branch(nn.Module):
 
     replaces_base: bool = False
 
+    @classmethod
+    def prepare_routes(cls, branches: list["Branch"]) -> Any:
+        """Optional batched per-sample routing: gather what `route_output` needs from `branches` (one per group
+        of samples; group len(branches) runs no branch). Called once per routing in inference, per call in training."""
+        raise NotImplementedError
+
+    @classmethod
+    def route_output(cls, state: Any, group: torch.Tensor, args: tuple, kwargs: dict, out: Any) -> Any:
+        """Optional: apply each sample's branch (group[i] indexes the branches given to `prepare_routes`) to the
+        base output of the whole batch at once. Without it, the Host runs each group of samples separately."""
+        raise NotImplementedError
+
     def adapt_call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, kwargs
 
@@ -77,6 +89,11 @@ class Method:
 
     def merge_edit(self, site: Site, module: nn.Module, branch: Branch) -> WeightEdit:
         raise NotMergeableError(f"method {self.name!r} cannot be merged into the base weights")
+
+    def combine(self, site: Site, branches: list[Branch], weights: list[float], how: str) -> tuple[dict, dict]:
+        """Optional (`surgery.combine`): one new branch equivalent to the weighted combination of `branches`
+        (one per source attachment, same site). Return (the new branch's params as a dict, its state_dict)."""
+        raise NotMergeableError(f"method {self.name!r} cannot combine attachments")
 
     def attach_model(self, model: nn.Module, branches: dict[str, Branch]) -> Callable[[], None] | None:
         """Optional model-level change after this method's branches are installed (e.g. a forward pre-hook that

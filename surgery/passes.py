@@ -3,7 +3,7 @@ model exactly as it was."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
 from torch import nn
 
@@ -288,6 +288,27 @@ def disabled(model: nn.Module) -> Iterator[None]:
         ledger.refresh()
 
 
+@contextlib.contextmanager
+def per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
+    """Inside the block, sample i of every batch runs only attachment `names[i]` (None: the base model alone),
+    whatever is active. A batch of k * len(names) (beam search, several sequences per prompt) routes each run of
+    k consecutive samples alike. Works through `model.generate(...)`."""
+    ledger = require_ledger(unwrap(model))
+    names = tuple(names)
+    for n in names:
+        if n is not None:
+            ledger.get(n)
+    if ledger.merge_order:
+        raise LedgerError(f"cannot route per sample while {', '.join(ledger.merge_order)} is merged into the weights; unmerge first")
+    previous, ledger.routing = ledger.routing, names
+    ledger.refresh()
+    try:
+        yield
+    finally:
+        ledger.routing = previous
+        ledger.refresh()
+
+
 class TrainableCount(NamedTuple):
     """(trainable, total) parameter counts; prints as `trainable 0.19% (2,359,296 / 1,231,940,608)`."""
 
@@ -305,5 +326,5 @@ def trainable_parameters(model: nn.Module) -> TrainableCount:
     return TrainableCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
 
 
-__all__ = ["attach", "detach", "merge", "unmerge", "bake", "set_active", "active", "disabled", "trainable_parameters",
+__all__ = ["attach", "detach", "merge", "unmerge", "bake", "set_active", "active", "disabled", "per_sample", "trainable_parameters",
            "TrainableCount", "base_module", "NotMergeableError"]

@@ -1,0 +1,44 @@
+"""`surgery.combine`: a new attachment made from a weighted combination of existing ones (the method does the
+maths, e.g. LoRA's linear and rank-concatenating combinations)."""
+from __future__ import annotations
+
+from torch import nn
+
+from surgery.errors import LedgerError
+from surgery.ledger import Attachment, require_ledger, unwrap
+from surgery.passes import attach, detach
+from surgery.registry import manager
+from surgery.rules import Rule, RuleSet, Selector
+
+
+def combine(model: nn.Module, weights: dict[str, float], name: str, how: str = "cat") -> Attachment:
+    """Attach `name`, the weighted combination of the attachments in `weights` (name -> weight). They must
+    place the same methods on the same sites and roles. `how` is the method's: for LoRA "cat" (ranks
+    concatenated: exactly the weighted sum of the updates) or "linear" (A and B averaged; equal ranks)."""
+    model = unwrap(model)
+    ledger = require_ledger(model)
+    if not weights:
+        raise LedgerError("combine needs at least one attachment")
+    sources = [ledger.get(n) for n in weights]
+    layout = [(p.site.path, p.method, p.roles) for p in sources[0].plan.placements]
+    for other in sources[1:]:
+        if [(p.site.path, p.method, p.roles) for p in other.plan.placements] != layout:
+            raise LedgerError(f"cannot combine {sources[0].name!r} and {other.name!r}: they adapt different sites, roles or methods")
+    registry = manager()
+    rules, states = [], {}
+    for placement in sources[0].plan.placements:
+        path = placement.site.path
+        params, state = registry.method(placement.method).combine(
+            placement.site, [a.branches[path] for a in sources], list(weights.values()), how)
+        selector = Selector(paths=[path], roles=sorted(placement.roles) or None)
+        rules.append(Rule(select=selector, method=placement.method, params=params))
+        states[path] = state
+    ruleset = RuleSet(name=f"combine:{name}", description=f"{how} combination of {dict(weights)}", rules=rules)
+    attachment = attach(model, ruleset, name=name)
+    try:
+        for path, branch in attachment.branches.items():
+            branch.load_state_dict(states[path])
+    except BaseException:
+        detach(model, name)
+        raise
+    return attachment
