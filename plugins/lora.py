@@ -13,6 +13,7 @@ from torch import nn
 import surgery
 from surgery.method import Branch, Method, MethodParams, WeightEdit, input_of
 from surgery.sites import Site
+from surgery_plugins.lora_fused import LoraLinear
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -69,6 +70,15 @@ class LoraBranch(Branch):
     def weight_delta(self) -> torch.Tensor:
         """ΔW = B @ A * scale, [out, in]."""
         return (self.lora_B @ self.lora_A) * self.scale
+
+    def fused_call(self, base: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """Base linear and this branch as one autograd function (see lora_fused), where it applies."""
+        x = input_of(args, kwargs)
+        if (self.channels is not None or type(base) is not nn.Linear or torch.compiler.is_compiling()
+                or not isinstance(x, torch.Tensor) or x.dtype != self.lora_A.dtype or base.weight.dtype != x.dtype):
+            return NotImplemented
+        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
+        return LoraLinear.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scale, p)
 
     @classmethod
     def prepare_routes(cls, branches: list["LoraBranch"]) -> tuple[torch.Tensor, torch.Tensor]:

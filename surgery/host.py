@@ -44,6 +44,10 @@ class Host(nn.Module):
         self._routes = {}
 
     def _run(self, branches: list[Branch], args: tuple, kwargs: dict) -> Any:
+        if len(branches) == 1:
+            out = branches[0].fused_call(self.base, args, kwargs)
+            if out is not NotImplemented:
+                return out
         call = self.base
         for branch in branches:
             args, kwargs = branch.adapt_call(args, kwargs)

@@ -29,6 +29,11 @@ class Branch(nn.Module):
 
     replaces_base: bool = False
 
+    def fused_call(self, base: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """Optional fast path, tried when this is the only branch running at its site: compute the base module
+        and this branch in one go (e.g. one autograd function sharing kernels). Return NotImplemented to decline."""
+        return NotImplemented
+
     @classmethod
     def prepare_routes(cls, branches: list["Branch"]) -> Any:
         """Optional batched per-sample routing: gather what `route_output` needs from `branches` (one per group

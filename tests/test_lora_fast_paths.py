@@ -1,0 +1,161 @@
+"""LoRA's fast paths against the plain formula in float64: the fused linear (with dropout regenerated in
+backward), per-sample batched routing, torch.compile, and gradient checkpointing."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import surgery
+import surgery_plugins.lora_fused as fused
+from surgery import tiny
+from surgery_plugins.lora_fused import LoraLinear
+from tests.conftest import ids, logits
+
+
+def reference(x, w, bias, a, b, scale, mask=None):
+    xd = x * mask if mask is not None else x
+    return F.linear(x, w, bias) + F.linear(F.linear(xd, a), b) * scale
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fused_linear_matches_float64_formula(monkeypatch, frozen, p):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, 16, generator=g, dtype=torch.float64, requires_grad=not frozen)
+    bias = torch.randn(12, generator=g, dtype=torch.float64, requires_grad=not frozen)
+    a = torch.randn(4, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(12, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    seeds = []
+    real = fused.dropout_mask
+
+    def recording(shape, p_, seed, device, dtype):
+        seeds.append(seed)
+        return real(shape, p_, seed, device, dtype)
+
+    monkeypatch.setattr(fused, "dropout_mask", recording)
+    out = LoraLinear.apply(x, w, bias, a, b, 0.7, p)
+    dy = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(out, [t for t in (x, w, bias, a, b) if t.requires_grad], dy)
+    mask = real((15, 16), p, seeds[0], x.device, x.dtype).view(3, 5, 16) if p else None
+    if p:
+        assert len(seeds) == 2 and seeds[0] == seeds[1], "backward must regenerate the forward's mask"
+        assert 0 < (mask == 0).float().mean() < 0.6
+    expected = reference(x, w, bias, a, b, 0.7, mask)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    expected_grads = torch.autograd.grad(expected, [t for t in (x, w, bias, a, b) if t.requires_grad], dy)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_path_is_taken_only_where_it_applies(monkeypatch):
+    calls = []
+    real = LoraLinear.apply
+    monkeypatch.setattr(LoraLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    llama = tiny.build("llama")
+    surgery.attach(llama, "lora-all-linear", name="a")
+    logits(llama, ids())
+    assert len(calls) == 14  # every nn.Linear site of the 2 layers
+    calls.clear()
+    gpt2 = tiny.build("gpt2")
+    surgery.attach(gpt2, "lora-qv", name="a")  # Conv1D, sliced: the plain composition
+    logits(gpt2, ids())
+    assert calls == []
+    surgery.attach(llama, "lora-qv", name="b")  # two branches at q and v: plain composition there
+    calls.clear()
+    logits(llama, ids())
+    assert len(calls) == 10
+
+
+def test_fused_training_step_matches_plain_composition(monkeypatch):
+    def step(use_fused):
+        model = tiny.build("llama", dtype=torch.float64).train()
+        surgery.attach(model, surgery.RuleSet(name="d", rules=[surgery.Rule(
+            select=surgery.Selector(kinds=["linear"]), exclude=surgery.Selector(roles=["lm_head"]),
+            method="lora", params={"r": 4, "dropout": 0.0})]), name="a")
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(n)))
+        if not use_fused:
+            monkeypatch.setattr("surgery_plugins.lora.LoraBranch.fused_call", lambda *a: NotImplemented)
+        x = ids()
+        model(input_ids=x, labels=x).loss.backward()
+        monkeypatch.undo()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fast, plain = step(True), step(False)
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-10, atol=1e-12)
+
+
+def test_batched_routing_matches_float64_loop():
+    model = tiny.build("llama", dtype=torch.float64)
+    for name, r in (("a", 8), ("b", 4), ("c", 2)):
+        surgery.attach(model, surgery.RuleSet(name=name, rules=[surgery.Rule(
+            select=surgery.Selector(roles=["attention.query", "attention.value"]), method="lora", params={"r": r})]), name=name)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(std=0.1)
+    names = ["c", "a", None, "b", "a", "c"]
+    x = ids(batch=6)
+    host = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad(), surgery.per_sample(model, names):
+        mixed = logits(model, x)
+        assert any(k[0] == "state" for k in host._routes), "the batched LoRA route was not used"
+    for i, n in enumerate(names):
+        if n is None:
+            with surgery.disabled(model):
+                want = logits(model, x[i:i + 1])
+        else:
+            surgery.set_active(model, [n])
+            want = logits(model, x[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1], want, rtol=1e-10, atol=1e-10)
+
+
+def test_compiles_with_fullgraph_and_gives_the_same_outputs_and_gradients():
+    torch._dynamo.reset()
+    model = tiny.build("llama").train()
+    surgery.attach(model, "lora-all-linear", name="a")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    x = ids()
+    eager = model(input_ids=x, labels=x)
+    eager.loss.backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(input_ids=x, labels=x)
+    out.loss.backward()
+    torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, eager_grads[n], rtol=1e-4, atol=1e-6)
+    surgery.detach(compiled, "a")  # the wrapper resolves to the user's model
+    assert not any(isinstance(m, surgery.Host) for m in model.modules())
+
+
+@pytest.mark.parametrize("rules", ["lora-all-linear", "lora-qv"])
+def test_gradient_checkpointing_gives_the_same_gradients(rules):
+    def grads(checkpointing):
+        model = tiny.build("gpt2" if rules == "lora-qv" else "llama").train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        surgery.attach(model, surgery.RuleSet(name="d", rules=[surgery.Rule(
+            select=surgery.Selector(kinds=["linear", "conv1d"]), exclude=surgery.Selector(roles=["lm_head"]),
+            method="lora", params={"r": 4, "dropout": 0.2})]), name="a")
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.01)
+        torch.manual_seed(123)
+        x = ids()
+        model(input_ids=x, labels=x).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and plain
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-5, atol=1e-7)
