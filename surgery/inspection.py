@@ -64,6 +64,14 @@ def _float_dtype(module: nn.Module) -> torch.dtype | None:
     return None
 
 
+def _site_dtype(module: nn.Module, fmt, lin) -> torch.dtype | None:
+    """A float layer's weight dtype; for a quantized layer (integer weights) the dtype its input activations
+    have in the graph, which is what it computes in."""
+    if fmt.kind == "quantized_linear" and getattr(lin, "input_dtype", None) is not None:
+        return lin.input_dtype
+    return _float_dtype(module)
+
+
 def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> Report:
     """Analyse `model` (never executing it) and return its sites."""
     from surgery.roles import analyze
@@ -79,7 +87,7 @@ def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = 
             unknown.append(path)  # no format, or one whose reading of the module disagrees with the graph
             continue
         sites.append(Site(path=path, kind=fmt.kind, module_class=_module_class(module), in_features=lin.in_features,
-                          out_features=lin.out_features, dtype=_float_dtype(module),
+                          out_features=lin.out_features, dtype=_site_dtype(module, fmt, lin),
                           bias=getattr(module, "bias", None) is not None,
                           roles=facts.roles.get(path, frozenset()), slices=facts.slices.get(path, {}),
                           format=fmt.name if fmt.kind == "quantized_linear" else None))

@@ -27,17 +27,23 @@ def base_module(model: nn.Module, path: str) -> nn.Module:
     return module.base if isinstance(module, Host) else module
 
 
-def _homes(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str]]:
-    """Every (parent, attribute name) that refers to `target` (a shared module has several)."""
-    return [(parent, child_name) for _, parent in model.named_modules(remove_duplicate=False)
-            for child_name, child in parent._modules.items() if child is target]
+def _homes(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """For every module (by id): each (parent, attribute name) that refers to it (a shared module has several)."""
+    homes: dict[int, list[tuple[nn.Module, str]]] = {}
+    parents = {id(m): m for _, m in model.named_modules(remove_duplicate=False)}
+    for parent in parents.values():
+        for child_name, child in parent._modules.items():
+            if child is not None:
+                homes.setdefault(id(child), []).append((parent, child_name))
+    return homes
 
 
-def _install(model: nn.Module, ledger: Ledger, path: str, name: str, branch: Branch) -> None:
+def _install(model: nn.Module, ledger: Ledger, path: str, name: str, branch: Branch,
+             homes: dict[int, list[tuple[nn.Module, str]]]) -> None:
     host = ledger.hosts.get(path)
     if host is None:
         base = model.get_submodule(path)
-        homes = _homes(model, base)
+        homes = homes[id(base)]
         host = Host(base)
         for parent, attr in homes:
             setattr(parent, attr, host)
@@ -86,8 +92,9 @@ def attach(model: nn.Module, rules: RuleSource, name: str = "default", *, freeze
         if fresh:
             ledger.requires_grad = flags
             model.__dict__[LEDGER_ATTRIBUTE] = ledger
+        homes = _homes(model)
         for path, branch in branches.items():
-            _install(model, ledger, path, name, branch)
+            _install(model, ledger, path, name, branch, homes)
             installed.append(path)
         attachment = Attachment(name=name, plan=plan, branches=branches)
         ledger.attachments[name] = attachment

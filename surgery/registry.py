@@ -24,7 +24,21 @@ class Registry:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         if load_entry_points:
-            self.pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+            self._load_entry_points()
+
+    def _load_entry_points(self) -> None:
+        """Register every module of the `surgery` entry-point group; a plugin that fails to import is named."""
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=hookspecs.PROJECT):
+            if self.pm.get_plugin(ep.name) is not None or self.pm.is_blocked(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as err:
+                raise PluginError(f"plugin {ep.name!r} ({ep.value}, from package {ep.dist.name if ep.dist else '?'}) "
+                                  f"failed to load: {type(err).__name__}: {err}") from err
+            self.pm.register(plugin, name=ep.name)
 
     def register(self, plugin: Any, name: str | None = None) -> None:
         """Register a plugin object or module at run time (in addition to the entry points)."""

@@ -27,11 +27,13 @@ from .tracing import AnalysisTrace, canonical_names, export_for_analysis
 
 @dataclass(frozen=True)
 class LinearFacts:
-    """Shape of a linear-like site; `transposed` = weight stored [in, out] (GPT-2 Conv1D layout)."""
+    """Shape of a linear-like site; `transposed` = weight stored [in, out] (GPT-2 Conv1D layout); `input_dtype`:
+    the dtype of the activations its matmul takes (what a quantized layer computes in)."""
 
     in_features: int
     out_features: int
     transposed: bool
+    input_dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,8 @@ def read_facts(trace: AnalysisTrace) -> GraphFacts:
     for path in lm_heads(index, linears, vocab, norms) if vocab else []:
         roles.setdefault(path, set()).add("lm_head")
     return GraphFacts(
-        linears={p: LinearFacts(s.in_features, s.out_features, s.transposed) for p, s in linears.items()},
+        linears={p: LinearFacts(s.in_features, s.out_features, s.transposed,
+                                getattr(s.x.meta.get("val"), "dtype", None)) for p, s in linears.items()},
         embeddings={p: EmbeddingFacts(s.num_embeddings, s.embedding_dim) for p, s in embeddings.items()},
         roles={p: frozenset(r) for p, r in roles.items()}, slices=slices, attention=attention)
 

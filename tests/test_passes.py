@@ -167,11 +167,11 @@ def test_failed_install_rolls_back(monkeypatch):
 
     real, seen = passes._install, []
 
-    def failing(model_, ledger, path, name, branch):
+    def failing(model_, ledger, path, name, branch, homes):
         if len(seen) == 4:
             raise RuntimeError("install failed")
         seen.append(path)
-        real(model_, ledger, path, name, branch)
+        real(model_, ledger, path, name, branch, homes)
 
     monkeypatch.setattr(passes, "_install", failing)
     with pytest.raises(RuntimeError, match="install failed"):

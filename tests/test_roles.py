@@ -226,7 +226,7 @@ def test_misnamed_custom_model():
         per_head = {role: tuple(((3 * h + j) * hd, (3 * h + j + 1) * hd) for h in range(4))
                     for j, role in enumerate((K, V, Q))}  # laid out [k_h, v_h, q_h] per head
         assert facts.slices[f"{p}.mix.proj_in"] == per_head
-        assert facts.linears[f"{p}.ff.b"] == LinearFacts(48, 32, False)  # int4 quantized, dequantized in forward
+        assert facts.linears[f"{p}.ff.b"] == LinearFacts(48, 32, False, torch.float32)  # int4, dequantized in forward
         assert facts.attention[f"{p}.mix"] == AttentionInfo("sdpa", *[f"{p}.mix.proj_in"] * 3, f"{p}.mix.a",
                                                            num_heads=4, num_kv_heads=4, head_dim=hd, causal=True)
     assert facts.roles["table"] == {EMBED} and "where" not in facts.roles
@@ -305,7 +305,7 @@ def test_example_inputs():
     args, kwargs = example_inputs(tiny.build("bert"))
     assert kwargs["token_type_ids"].shape == args[0].shape
     with torch.device("meta"):
-        model = tiny.ARCHITECTURES["llama"]()[0](tiny.config("llama"))
+        model = tiny.build("llama")
     assert example_inputs(model)[0][0].device.type == "meta"
     with pytest.raises(TypeError, match="example args"):
         example_inputs(nn.Linear(2, 2))

@@ -1,0 +1,364 @@
+"""surgery against HF PEFT, side by side in one process, on a Llama-shaped model with random weights.
+
+    python benchmarks/bench_vs_peft.py                       # CPU, a small model: a few minutes
+    python benchmarks/bench_vs_peft.py --device cuda         # GPU, the shapes of the performance issue (0.85 B, bf16)
+    python benchmarks/bench_vs_peft.py --sections train fwd  # a subset: train fwd mixed attach compile profile
+
+Prints a table of ratios and writes JSON (--out, default benchmarks/results-<device>.json).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import surgery
+
+SHAPES = {
+    "cuda": dict(config=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+                             num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096),
+                 batch=8, seq=1024, mixed_batch=32, mixed_seq=512, dtype=torch.bfloat16, steps=10, warm=3),
+    "cpu": dict(config=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
+                            num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512),
+                batch=4, seq=128, mixed_batch=8, mixed_seq=64, dtype=torch.float32, steps=5, warm=2),
+}
+SEVEN_B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000)
+
+
+class Bench:
+    def __init__(self, device: str):
+        self.device = device
+        self.shape = SHAPES["cuda" if device.startswith("cuda") else "cpu"]
+        self.cuda = device.startswith("cuda")
+        g = torch.Generator().manual_seed(0)
+        vocab = self.shape["config"]["vocab_size"]
+        self.ids = torch.randint(0, vocab, (self.shape["batch"], self.shape["seq"]), generator=g).to(device)
+        self.mixed_ids = torch.randint(0, vocab, (self.shape["mixed_batch"], self.shape["mixed_seq"]), generator=g).to(device)
+        self.results: dict = {}
+
+    # ---- helpers ----------------------------------------------------------------------------------------
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time_ms(self, fn, n: int | None = None, warm: int | None = None) -> float:
+        n, warm = n or self.shape["steps"], warm if warm is not None else self.shape["warm"]
+        for _ in range(warm):
+            fn()
+        self.sync()
+        times = []
+        for _ in range(n):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(); fn(); end.record(); torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter(); fn(); times.append((time.perf_counter() - t) * 1000)
+        return statistics.median(times)
+
+    def fresh(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> float | None:
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.cuda else None
+
+    def base(self, **overrides) -> LlamaForCausalLM:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(**{**self.shape["config"], **overrides})
+        cfg._attn_implementation = "sdpa"
+        model = LlamaForCausalLM(cfg).to(self.device, self.shape["dtype"])
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    @staticmethod
+    def rules(targets: list[str] | None, r: int, dropout: float) -> surgery.RuleSet:
+        select = surgery.Selector(roles=targets) if targets else surgery.Selector(kinds=["linear"])
+        return surgery.RuleSet(name="bench", rules=[surgery.Rule(select=select, exclude=surgery.Selector(roles=["lm_head"]),
+                                                                 method="lora", params={"r": r, "alpha": 2 * r, "dropout": dropout})])
+
+    def ours(self, dropout: float, r: int = 16, targets=None, name: str = "a", model=None):
+        model = model or self.base()
+        surgery.attach(model, self.rules(targets, r, dropout), name=name)
+        return model
+
+    def peft(self, dropout: float, autocast: bool, r: int = 16, targets="all-linear", model=None):
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model or self.base(), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets),
+                              autocast_adapter_dtype=autocast)
+
+    def train_step(self, model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=self.cuda) if params else None
+        ids = self.ids
+
+        def step():
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            if opt:
+                opt.step(); opt.zero_grad(set_to_none=True)
+        return step
+
+    def measure_train(self, key: str, build) -> None:
+        self.fresh()
+        model = build()
+        model.train()
+        ms = self.time_ms(self.train_step(model))
+        self.results.setdefault("train", {})[key] = {"step_ms": round(ms, 2), "peak_gib": self.peak_gib(),
+                                                     "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        print(f"  train {key:34s} {ms:9.2f} ms  peak {self.peak_gib()} GiB", flush=True)
+        del model
+        self.fresh()
+
+    # ---- sections ------------------------------------------------------------------------------------------
+    def floor(self) -> None:
+        self.fresh()
+        model = self.base().train()
+        emb = model.get_input_embeddings()
+        ids = self.ids
+
+        def step():
+            x = emb(ids).detach().requires_grad_(True)
+            model(inputs_embeds=x, labels=ids, use_cache=False).loss.backward()
+        ms = self.time_ms(step)
+        self.results.setdefault("train", {})["floor"] = {"step_ms": round(ms, 2), "peak_gib": self.peak_gib()}
+        print(f"  train {'floor (frozen, dx only)':34s} {ms:9.2f} ms  peak {self.peak_gib()} GiB", flush=True)
+        del model
+        self.fresh()
+
+    def section_train(self) -> None:
+        self.floor()
+        for p in (0.05, 0.0):
+            self.measure_train(f"peft_default_drop{p}", lambda p=p: self.peft(p, autocast=True))
+            self.measure_train(f"peft_bf16_drop{p}", lambda p=p: self.peft(p, autocast=False))
+            self.measure_train(f"surgery_drop{p}", lambda p=p: self.ours(p))
+
+    def section_compile(self) -> None:
+        for p in (0.05, 0.0):
+            def build(p=p):
+                torch._dynamo.reset()
+                model = self.ours(p)
+                compiled = torch.compile(model, fullgraph=True)
+                compiled.parameters = model.parameters  # the optimizer sees the same tensors
+                return compiled
+            self.measure_train(f"surgery_compiled_drop{p}", build)
+
+    def section_fwd(self) -> None:
+        ids = self.ids
+        with torch.no_grad():
+            self.fresh()
+            model = self.base().eval()
+            res = {"base": self.time_ms(lambda: model(input_ids=ids, use_cache=False))}
+            surgery.attach(model, self.rules(None, 16, 0.0), name="a")
+            res["surgery_unmerged"] = self.time_ms(lambda: model(input_ids=ids, use_cache=False))
+            surgery.merge(model, "a")
+            res["surgery_merged"] = self.time_ms(lambda: model(input_ids=ids, use_cache=False))
+            surgery.detach(model, "a")
+            for autocast in (True, False):
+                pm = self.peft(0.0, autocast, model=model).eval()
+                res[f"peft_unmerged_{'default' if autocast else 'bf16'}"] = self.time_ms(lambda: pm(input_ids=ids, use_cache=False))
+                model = pm.unload()
+            del model
+        self.results["fwd_ms"] = {k: round(v, 2) for k, v in res.items()}
+        print("  fwd", self.results["fwd_ms"], flush=True)
+        self.fresh()
+
+    def section_mixed(self) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        ids, n = self.mixed_ids, 8
+        names = [f"a{i % n}" for i in range(ids.shape[0])]
+        targets = ["attention.query", "attention.key", "attention.value", "attention.output"]
+        res = {}
+        with torch.no_grad():
+            self.fresh()
+            model = self.base().eval()
+            for i in range(n):
+                self.ours(0.0, targets=targets, name=f"a{i}", model=model)
+            for name_, p in model.named_parameters():
+                if "lora_B" in name_:
+                    torch.nn.init.normal_(p, std=0.01)
+            with surgery.disabled(model):
+                res["surgery_no_adapter"] = self.time_ms(lambda: model(input_ids=ids, use_cache=False))
+            surgery.set_active(model, ["a0"])
+            res["surgery_one_adapter"] = self.time_ms(lambda: model(input_ids=ids, use_cache=False))
+            with surgery.per_sample(model, names):
+                res["surgery_8_mixed"] = self.time_ms(lambda: model(input_ids=ids, use_cache=False))
+            for i in range(n):
+                surgery.detach(model, f"a{i}")
+            cfg = lambda: LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])  # noqa: E731
+            pm = get_peft_model(model, cfg(), adapter_name="a0", autocast_adapter_dtype=False)
+            for i in range(1, n):
+                pm.add_adapter(f"a{i}", cfg(), autocast_adapter_dtype=False)
+            for name_, p in pm.named_parameters():
+                if "lora_B" in name_:
+                    torch.nn.init.normal_(p, std=0.01)
+            pm.eval()
+            pm.set_adapter("a0")
+            res["peft_one_adapter"] = self.time_ms(lambda: pm(input_ids=ids, use_cache=False))
+            res["peft_8_mixed"] = self.time_ms(lambda: pm(input_ids=ids, use_cache=False, adapter_names=names))
+            with pm.disable_adapter():
+                res["peft_no_adapter"] = self.time_ms(lambda: pm(input_ids=ids, use_cache=False))
+            del pm, model
+        self.results["mixed_ms"] = {k: round(v, 2) for k, v in res.items()}
+        print("  mixed", self.results["mixed_ms"], flush=True)
+        self.fresh()
+
+    def section_attach(self) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LlamaConfig(**SEVEN_B)
+        res = {}
+        rules = self.rules(None, 16, 0.0)
+        for attempt in ("cold", "warm"):
+            with torch.device("meta"):
+                meta = LlamaForCausalLM(cfg)
+            t = time.perf_counter()
+            surgery.attach(meta, rules, name="a")
+            res[f"surgery_attach_meta_{attempt}_s"] = time.perf_counter() - t
+        with torch.device("meta"):
+            meta = LlamaForCausalLM(cfg)
+        t = time.perf_counter()
+        get_peft_model(meta, LoraConfig(r=16, target_modules="all-linear"))
+        res["peft_attach_meta_s"] = time.perf_counter() - t
+        del meta
+        if self.cuda:  # merging real 7B-shaped weights on the GPU
+            for who in ("surgery", "surgery_exact_off", "peft"):
+                self.fresh()
+                with torch.device(self.device):
+                    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+                if who == "peft":
+                    pm = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear"))
+                    for n_, p in pm.named_parameters():
+                        if "lora_B" in n_:
+                            torch.nn.init.normal_(p, std=0.01)
+                    self.sync(); t = time.perf_counter(); pm.merge_and_unload(); self.sync()
+                    res["peft_merge_and_unload_s"] = time.perf_counter() - t
+                    del pm
+                else:
+                    surgery.attach(model, rules, name="a")
+                    for n_, p in model.named_parameters():
+                        if "lora_B" in n_:
+                            torch.nn.init.normal_(p, std=0.01)
+                    self.sync(); t = time.perf_counter(); surgery.merge(model, "a", exact=who == "surgery"); self.sync()
+                    res[f"{who}_merge_s"] = time.perf_counter() - t
+                    if who == "surgery":
+                        kept = sum(m.record.nbytes() for m in model._surgery_ledger.attachments["a"].merged)
+                        res["surgery_merge_exact_kept_mib"] = kept / 2**20
+                del model
+            self.fresh()
+        self.results["attach_7b"] = {k: round(v, 3) for k, v in res.items()}
+        print("  7b", self.results["attach_7b"], flush=True)
+
+    def section_profile(self) -> None:
+        """Kernel counts and CUDA time of one training step, by kind of kernel: where the time goes."""
+        from torch.profiler import ProfilerActivity, profile
+
+        out = {}
+        for key, build in (("floor", None), ("peft_bf16_drop0.05", lambda: self.peft(0.05, autocast=False)),
+                           ("surgery_drop0.05", lambda: self.ours(0.05)), ("surgery_drop0.0", lambda: self.ours(0.0))):
+            self.fresh()
+            if build is None:
+                model = self.base().train()
+                emb = model.get_input_embeddings()
+                step = lambda: model(inputs_embeds=emb(self.ids).detach().requires_grad_(True), labels=self.ids,  # noqa: E731
+                                     use_cache=False).loss.backward()
+            else:
+                model = build().train()
+                step = self.train_step(model)
+            for _ in range(2):
+                step()
+            self.sync()
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+            with profile(activities=activities) as prof:
+                step(); self.sync()
+            kernels: dict[str, list[float]] = {}
+            for e in prof.events():
+                if self.cuda and e.device_type == torch.autograd.DeviceType.CUDA:
+                    kind = ("gemm" if any(s in e.name.lower() for s in ("gemm", "cutlass", "sm90", "xmma", "ampere_", "cublas"))
+                            else "attention" if "flash" in e.name.lower() or "fmha" in e.name.lower() or "attention" in e.name.lower()
+                            else "elementwise/other")
+                    kernels.setdefault(kind, []).append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+            out[key] = {k: {"kernels": len(v), "ms": round(sum(v) / 1000, 2)} for k, v in kernels.items()}
+            out[key]["total_kernels"] = sum(len(v) for v in kernels.values())
+            print(f"  profile {key}: {out[key]}", flush=True)
+            del model
+            self.fresh()
+        self.results["profile"] = out
+
+
+def ratios(r: dict) -> list[tuple[str, float | None, str]]:
+    rows = []
+    t = r.get("train", {})
+
+    def ratio(a, b, field="step_ms"):
+        return round(t[a][field] / t[b][field], 3) if a in t and b in t and t[a].get(field) and t[b].get(field) else None
+    for p in ("0.05", "0.0"):
+        rows.append((f"train drop {p}: surgery / floor", ratio(f"surgery_drop{p}", "floor"), "<= 1.10"))
+        rows.append((f"train drop {p}: surgery / PEFT default", ratio(f"surgery_drop{p}", f"peft_default_drop{p}"), "<= 0.60"))
+        rows.append((f"train drop {p}: surgery / PEFT bf16 adapters", ratio(f"surgery_drop{p}", f"peft_bf16_drop{p}"), "< 1"))
+        rows.append((f"train drop {p}: peak memory surgery / floor", ratio(f"surgery_drop{p}", "floor", "peak_gib"), "<= 1.15"))
+        rows.append((f"train drop {p}: compiled surgery / floor", ratio(f"surgery_compiled_drop{p}", "floor"), "<= 1.10"))
+    f = r.get("fwd_ms", {})
+    if f:
+        rows.append(("forward: surgery unmerged / base", round(f["surgery_unmerged"] / f["base"], 3), "<= 1.05"))
+        rows.append(("forward: surgery unmerged / PEFT bf16 unmerged", round(f["surgery_unmerged"] / f["peft_unmerged_bf16"], 3), "< 1"))
+    m = r.get("mixed_ms", {})
+    if m:
+        rows.append(("mixed 8 adapters / one adapter (surgery)", round(m["surgery_8_mixed"] / m["surgery_one_adapter"], 3), "<= 1.15"))
+        rows.append(("mixed 8 adapters: surgery / PEFT", round(m["surgery_8_mixed"] / m["peft_8_mixed"], 3), "< 1"))
+    a = r.get("attach_7b", {})
+    if a:
+        rows.append(("7B attach on meta (warm): surgery / PEFT", round(a["surgery_attach_meta_warm_s"] / a["peft_attach_meta_s"], 3), "<= 1"))
+        rows.append(("7B attach on meta (cold): surgery / PEFT", round(a["surgery_attach_meta_cold_s"] / a["peft_attach_meta_s"], 3), "<= 1"))
+        if "peft_merge_and_unload_s" in a:
+            rows.append(("7B merge on GPU (exact unmerge kept): surgery / PEFT", round(a["surgery_merge_s"] / a["peft_merge_and_unload_s"], 3), "<= 1"))
+            rows.append(("7B merge on GPU (exact=False): surgery / PEFT", round(a["surgery_exact_off_merge_s"] / a["peft_merge_and_unload_s"], 3), "<= 1"))
+    return [row for row in rows if row[1] is not None]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sections", nargs="*", default=["train", "fwd", "mixed", "attach"],
+                        choices=["train", "compile", "fwd", "mixed", "attach", "profile"])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    import peft
+    import transformers
+
+    bench = Bench(args.device)
+    bench.results["meta"] = {"date": str(date.today()), "device": torch.cuda.get_device_name() if bench.cuda else platform.processor() or "cpu",
+                             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                             "surgery": surgery.__version__, "python": sys.version.split()[0],
+                             "shapes": {k: v for k, v in bench.shape.items() if k != "dtype"} | {"dtype": str(bench.shape["dtype"])}}
+    for section in args.sections:
+        print(f"[{section}]", flush=True)
+        getattr(bench, f"section_{section}")()
+    bench.results["ratios"] = [{"what": w, "ratio": v, "target": t} for w, v, t in ratios(bench.results)]
+    print("\n| ratio | value | target |\n|---|---|---|")
+    for w, v, t in ratios(bench.results):
+        print(f"| {w} | {v} | {t} |")
+    out = args.out or os.path.join(os.path.dirname(__file__), f"results-{'cuda' if bench.cuda else 'cpu'}.json")
+    with open(out, "w") as f:
+        json.dump(bench.results, f, indent=1, default=str)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
