@@ -111,7 +111,8 @@ def main() -> None:
         surgery.detach(model, "task")
         with_base = lm_loss(model, probe).item()
     same = digest(model) == original and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    print(f"detached: probe loss {with_base:.4f} (base); model bytes equal the original: {same} (sha256 {original[:16]}...)")
+    print(f"detached: probe loss {with_base:.4f} (base); model bytes equal the original: {same} "
+          f"(sha256 {original[:16]}...)")
     assert same
 
 

@@ -1,5 +1,8 @@
 """bitsandbytes' `Linear4bit` (NF4/FP4, blockwise) and `Linear8bitLt` (LLM.int8(), per-row) as weight formats.
 
+`torch.export` cannot trace their weights (tensor subclasses), so each format gives the graph analysis a
+`TraceStandIn` of the same features to trace in the layer's place.
+
 Import-guarded: without bitsandbytes this plugin offers no format. Requantizing after a merge writes the new
 bytes into the existing tensors in place (the packed weight and, for 4 bits, the quant state's absmax, offset and
 nested absmax; for 8 bits the int8 rows and their SCB), so `snapshot`/`restore` can put the exact bytes back and
@@ -11,6 +14,7 @@ import torch
 from torch import nn
 
 import surgery
+from surgery.weights import TraceStandIn
 
 try:
     import bitsandbytes as bnb
@@ -38,6 +42,9 @@ class Bnb4bitFormat:
 
     def features(self, module: nn.Module) -> tuple[int, int]:
         return tuple(module.weight.quant_state.shape)[1], tuple(module.weight.quant_state.shape)[0]
+
+    def analysis_stand_in(self, module: nn.Module) -> nn.Module:
+        return TraceStandIn(*self.features(module), module.bias is not None, module.weight.device)
 
     def dense(self, module: nn.Module) -> torch.Tensor:
         weight = module.weight
@@ -85,6 +92,9 @@ class Bnb8bitFormat:
 
     def features(self, module: nn.Module) -> tuple[int, int]:
         return module.weight.shape[1], module.weight.shape[0]
+
+    def analysis_stand_in(self, module: nn.Module) -> nn.Module:
+        return TraceStandIn(*self.features(module), module.bias is not None, module.weight.device)
 
     def dense(self, module: nn.Module) -> torch.Tensor:
         return module.weight.data.float() * (_row_scales(module).float()[:, None] / 127.0)

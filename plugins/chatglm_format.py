@@ -3,7 +3,9 @@
 Any module with the signature is recognised, whatever its class is called (ChatGLM's own `QuantizedLinear`, ours
 in `quantized_linear.py`, a copy in a user's code): an int8 `weight` [out, in * bits / 8], a float `weight_scale`
 [out] and an integer `weight_bit_width` of 4 or 8. The engine also checks that the graph shows the module as a
-linear map of these features before it becomes a `quantized_linear` site.
+linear map of these features before it becomes a `quantized_linear` site. ChatGLM's own layer runs custom CUDA
+kernels that torch.export cannot trace: for a model that cannot be traced as it is, the analysis traces a
+`TraceStandIn` of the same features in the layer's place (then the graph cannot check the features).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 import surgery
+from surgery.weights import TraceStandIn
 from surgery_plugins.quantized_linear import BIT_WIDTHS, dequantize_weight, quantize_weight
 
 
@@ -35,6 +38,10 @@ class ChatGLMQuantFormat:
     def features(self, module: nn.Module) -> tuple[int, int]:
         rows, cols = module.weight.shape
         return cols * 8 // module.weight_bit_width, rows
+
+    def analysis_stand_in(self, module: nn.Module) -> nn.Module:
+        """ChatGLM's own layer dequantizes with custom kernels (cpm_kernels) that torch.export cannot trace."""
+        return TraceStandIn(*self.features(module), getattr(module, "bias", None) is not None, module.weight.device)
 
     def dense(self, module: nn.Module) -> torch.Tensor:
         return dequantize_weight(module.weight, module.weight_scale, module.weight_bit_width, torch.float32)

@@ -13,17 +13,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-_GENERATORS: dict[torch.device, torch.Generator] = {}
+def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverted dropout in one fused kernel: (dropped x, keep mask)."""
+    return torch.native_dropout(x, p, True)
 
 
-def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The dropout multiplier (0 or 1/(1-p)) drawn from `seed`: the same seed gives the same mask."""
-    generator = _GENERATORS.get(device)
-    if generator is None:
-        generator = _GENERATORS[device] = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    keep = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=generator)
-    return keep.mul_(1.0 / (1.0 - p))
+def rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def replay_dropout(x: torch.Tensor, p: float, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's dropout again, from the random-number state it started with (the live state is untouched)."""
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
+        if devices:
+            torch.cuda.set_rng_state(state, x.device)
+        else:
+            torch.set_rng_state(state)
+        return dropout(x, p)
 
 
 class LoraLinear(torch.autograd.Function):
@@ -33,13 +40,13 @@ class LoraLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, scale: float, p: float) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
-        xd = x2 * dropout_mask(x2.shape, p, seed, x.device, x.dtype) if p > 0 else x2
+        ctx.rng = rng_state(x.device) if p > 0 else None
+        xd = dropout(x2, p)[0] if p > 0 else x2
         y = F.linear(x2, weight, bias)
         h = xd @ a.t()
         y.addmm_(h, b.t(), alpha=scale)
         ctx.save_for_backward(x, weight, a, b, h)
-        ctx.scale, ctx.p, ctx.seed, ctx.has_bias = scale, p, seed, bias is not None
+        ctx.scale, ctx.p, ctx.has_bias = scale, p, bias is not None
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -49,17 +56,18 @@ class LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
         dh = dy2 @ (b * ctx.scale)
-        mask = dropout_mask(x2.shape, ctx.p, ctx.seed, x.device, x.dtype) if ctx.p > 0 else None
+        xd, mask = replay_dropout(x2, ctx.p, ctx.rng) if ctx.p > 0 else (x2, None)
         dx = dw = dbias = da = db = None
         if need_b:
             db = (dy2.t() @ h).mul_(ctx.scale)
         if need_a:
-            da = dh.t() @ (x2 * mask if mask is not None else x2)
+            da = dh.t() @ xd
+        del xd
         if need_x:
             if mask is None:
-                dx = torch.addmm(dy2 @ weight, dh, a) if not need_w else (dy2 @ weight).addmm_(dh, a)
+                dx = (dy2 @ weight).addmm_(dh, a)
             else:
-                dx = (dh @ a).mul_(mask).addmm_(dy2, weight)
+                dx = torch.ops.aten.native_dropout_backward(dh @ a, mask, 1.0 / (1.0 - ctx.p)).addmm_(dy2, weight)
             dx = dx.view(x.shape)
         if need_w:
             dw = dy2.t() @ x2

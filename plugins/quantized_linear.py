@@ -3,7 +3,7 @@
 
 The format, per output row (symmetric, no zero point):
 
-    scale = max|w| / (2**(bits-1) - 1)          weight_scale: [out], float (fp16 by default)
+    scale = max|w| / (2**(bits-1) - 1)          weight_scale: [out], float (fp16 in ChatGLM's checkpoints)
     int   = round(w / scale)                    weight: int8 [out, in] (8 bits) or [out, in/2] (4 bits)
     w     = int * scale[:, None]
 
@@ -104,7 +104,8 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features, self.weight_bit_width = in_features, out_features, bits
         self.weight = nn.Parameter(torch.zeros(out_features, in_features * bits // 8, dtype=torch.int8, device=device),
                                    requires_grad=False)
-        self.weight_scale = nn.Parameter(torch.zeros(out_features, dtype=scale_dtype, device=device), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.zeros(out_features, dtype=scale_dtype, device=device),
+                                         requires_grad=False)
         self.bias = (nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device), requires_grad=False)
                      if bias else None)
 

@@ -160,8 +160,14 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
     kwargs = dict(kwargs or {})
     from surgery.weights import analysis_stand_ins
 
-    with eval_mode(model), analysis_stand_ins(model), _no_stack_traces():
-        program = torch.export.export(model, args, kwargs, strict=False)
+    with eval_mode(model), _no_stack_traces():
+        try:
+            program = torch.export.export(model, args, kwargs, strict=False)
+        except Exception:  # retry with the stand-ins weight formats offer for layers export cannot trace
+            with analysis_stand_ins(model) as swapped:
+                if not swapped:
+                    raise
+                program = torch.export.export(model, args, kwargs, strict=False)
     graph_module = program.graph_module
     graph = graph_module.graph
     kinds: dict[str, str] = {}

@@ -19,8 +19,9 @@ class WeightFormat(Protocol):
     place, cheaply) or a float copy (quantized formats: `store(module, w)` requantizes it). `snapshot`/`restore`
     keep and put back the exact stored tensors (only used for copy formats, where they are small).
 
-    Optional: `analysis_stand_in(module) -> nn.Module` for a layer that `torch.export` cannot trace (e.g. weights
-    that are tensor subclasses): the graph analysis traces the stand-in in its place (see `TraceStandIn`).
+    Optional: `analysis_stand_in(module) -> nn.Module` for a layer that `torch.export` may not trace (weights that
+    are tensor subclasses, a custom CUDA kernel): if the model as it is cannot be traced, the graph analysis
+    traces again with the stand-ins in those layers' places (see `TraceStandIn`).
     """
 
     name: str
@@ -53,9 +54,10 @@ class TraceStandIn(nn.Module):
 
 
 @contextlib.contextmanager
-def analysis_stand_ins(model: nn.Module) -> Iterator[None]:
+def analysis_stand_ins(model: nn.Module) -> Iterator[int]:
     """Inside the block, every module whose weight format offers `analysis_stand_in` is replaced (at every
-    parent that holds it) by that stand-in; on exit the original module objects are put back."""
+    parent that holds it) by that stand-in; on exit the original module objects are put back. Yields how many
+    were replaced. The analysis uses them only when the model as it is cannot be traced."""
     from surgery.registry import manager
 
     formats = [f for f in manager().formats if hasattr(f, "analysis_stand_in")]
@@ -72,7 +74,7 @@ def analysis_stand_ins(model: nn.Module) -> Iterator[None]:
                         stand_ins[id(child)] = fmt.analysis_stand_in(child)
                     parent._modules[name] = stand_ins[id(child)]
                     swapped.append((parent, name, child))
-        yield
+        yield len(swapped)
     finally:
         for parent, name, child in reversed(swapped):
             parent._modules[name] = child
