@@ -193,13 +193,12 @@ class Lora(Method):
         parts = list(branch.parts.values()) if isinstance(branch, SlicedLoraBranch) else [branch]
 
         def shift(weight: torch.Tensor, sign: float) -> torch.Tensor:
+            if len(parts) == 1 and getattr(parts[0], "channels", None) is None:  # W ± s·B·A in one matmul
+                part = parts[0]
+                return torch.addmm(weight, part.lora_B.to(weight.dtype), part.lora_A.to(weight.dtype), alpha=sign * part.scale)
             out = weight.clone()
             for part in parts:
-                delta = (part.weight_delta() * sign).to(weight.dtype)
-                if getattr(part, "channels", None) is None:
-                    out += delta
-                else:
-                    out.index_add_(0, part.channels, delta)
+                out.index_add_(0, part.channels, (part.weight_delta() * sign).to(weight.dtype))
             return out
 
         return WeightEdit(apply=lambda w: shift(w, 1.0), revert=lambda w: shift(w, -1.0))

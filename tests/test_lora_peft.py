@@ -58,7 +58,7 @@ def test_lora_matches_peft(case):
         for mine, other in ((branch.lora_A, layer.lora_A["default"].weight), (branch.lora_B, layer.lora_B["default"].weight)):
             torch.testing.assert_close(mine.grad, other.grad, rtol=1e-4, atol=1e-6)
             worst = max(worst, float((mine.grad - other.grad).abs().max()))
-    print(f"{case}: max |logit diff| {float((out_ours - out_theirs).abs().max()):.2e}, max |grad diff| {worst:.2e}")
+    print(f"{case}: max |logit diff| {float((out_ours - out_theirs).detach().abs().max()):.2e}, max |grad diff| {worst:.2e}")
     # the trainable parameter sets agree too
     ours_trainable = surgery.trainable_parameters(ours).trainable
     theirs_trainable = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
