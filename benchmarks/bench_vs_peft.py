@@ -236,7 +236,7 @@ class Bench:
         res["peft_attach_meta_s"] = time.perf_counter() - t
         del meta
         if self.cuda:  # merging real 7B-shaped weights on the GPU
-            for who in ("surgery", "surgery_exact_off", "peft"):
+            for who in ("surgery", "surgery_exact_off", "surgery_bake", "peft"):
                 self.fresh()
                 with torch.device(self.device):
                     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -253,7 +253,12 @@ class Bench:
                     for n_, p in model.named_parameters():
                         if "lora_B" in n_:
                             torch.nn.init.normal_(p, std=0.01)
-                    self.sync(); t = time.perf_counter(); surgery.merge(model, "a", exact=who == "surgery"); self.sync()
+                    self.sync(); t = time.perf_counter()
+                    if who == "surgery_bake":  # merge for good and remove the branches: what merge_and_unload does
+                        surgery.bake(model, "a")
+                    else:
+                        surgery.merge(model, "a", exact=who == "surgery")
+                    self.sync()
                     res[f"{who}_merge_s"] = time.perf_counter() - t
                     if who == "surgery":
                         kept = sum(m.record.nbytes() for m in model._surgery_ledger.attachments["a"].merged)
@@ -286,15 +291,22 @@ class Bench:
             with profile(activities=activities) as prof:
                 step(); self.sync()
             kernels: dict[str, list[float]] = {}
+            by_name: dict[str, list[float]] = {}
             for e in prof.events():
                 if self.cuda and e.device_type == torch.autograd.DeviceType.CUDA:
                     kind = ("gemm" if any(s in e.name.lower() for s in ("gemm", "cutlass", "sm90", "xmma", "ampere_", "cublas"))
                             else "attention" if "flash" in e.name.lower() or "fmha" in e.name.lower() or "attention" in e.name.lower()
                             else "elementwise/other")
-                    kernels.setdefault(kind, []).append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+                    us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+                    kernels.setdefault(kind, []).append(us)
+                    by_name.setdefault(e.name[:90], []).append(us)
             out[key] = {k: {"kernels": len(v), "ms": round(sum(v) / 1000, 2)} for k, v in kernels.items()}
+            top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:12]
+            out[key]["top"] = [{"kernel": n, "count": len(v), "ms": round(sum(v) / 1000, 2)} for n, v in top]
             out[key]["total_kernels"] = sum(len(v) for v in kernels.values())
-            print(f"  profile {key}: {out[key]}", flush=True)
+            print(f"  profile {key}: " + str({k: v for k, v in out[key].items() if k != "top"}), flush=True)
+            for row in out[key]["top"]:
+                print(f"      {row['ms']:8.2f} ms {row['count']:5d}x  {row['kernel']}", flush=True)
             del model
             self.fresh()
         self.results["profile"] = out
@@ -327,6 +339,7 @@ def ratios(r: dict) -> list[tuple[str, float | None, str]]:
         if "peft_merge_and_unload_s" in a:
             rows.append(("7B merge on GPU (exact unmerge kept): surgery / PEFT", round(a["surgery_merge_s"] / a["peft_merge_and_unload_s"], 3), "<= 1"))
             rows.append(("7B merge on GPU (exact=False): surgery / PEFT", round(a["surgery_exact_off_merge_s"] / a["peft_merge_and_unload_s"], 3), "<= 1"))
+            rows.append(("7B bake (≙ merge_and_unload) on GPU: surgery / PEFT", round(a["surgery_bake_merge_s"] / a["peft_merge_and_unload_s"], 3), "<= 1"))
     return [row for row in rows if row[1] is not None]
 
 
