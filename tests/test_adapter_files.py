@@ -203,3 +203,25 @@ def test_peft_options_that_cannot_be_mapped_are_refused(tmp_path):
     (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"\x80\x04not really")
     with pytest.raises(AdapterFileError, match="pickle files are never loaded"):
         surgery.load(base, tmp_path / "pickled")
+
+
+@pytest.mark.parametrize("arch, rules", [("llama", "ia3"), ("bert", "ia3"), ("gpt2", "adapter-houlsby"),
+                                         ("llama", "adapter-parallel"), ("llama", "prefix"), ("gpt2", "prompt-tuning")])
+def test_every_method_saves_and_loads(tmp_path, arch, rules):
+    model = tiny.build(arch)
+    x = ids()
+    reference = logits(model, x)
+    surgery.attach(model, rules, name="m")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    expected = logits(model, x)
+    assert not torch.allclose(expected[:, -x.shape[1]:], reference, atol=1e-4)  # prompts add virtual positions
+    surgery.save(model, tmp_path / "m", name="m")
+    fresh = tiny.build(arch)
+    surgery.load(fresh, tmp_path / "m")
+    torch.testing.assert_close(logits(fresh, x), expected, rtol=0, atol=0)
+    surgery.detach(fresh, "m")
+    torch.testing.assert_close(logits(fresh, x), reference, rtol=0, atol=0)

@@ -111,3 +111,10 @@ def test_plan_table_and_counts():
     assert plan.trainable == 2 * (8 * (64 + 64) + 8 * (64 + 32))
     text = str(plan)
     assert "model.layers.0.self_attn.q_proj" in text and "lora" in text and f"{plan.trainable:,}" in text
+
+
+def test_shipped_json_schema_is_current():
+    from pathlib import Path
+
+    shipped = json.loads((Path(__file__).parent.parent / "rules" / "rule-file.schema.json").read_text())
+    assert shipped == json_schema(), "regenerate with: python -c \"from surgery.rules import dump_schema; dump_schema('rules/rule-file.schema.json')\""
