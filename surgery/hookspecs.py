@@ -36,11 +36,24 @@ def surgery_methods() -> list["Method"]:
 
     - `build(site, module, params, roles) -> Branch`: a new `surgery.Branch` module holding the method's
       trainable parameters for one site. It must not modify `module` or the model: the engine installs the
-      branch, and removes it again on detach or when an attach fails part-way.
+      branch, and removes it again on detach or when an attach fails part-way. `roles` are the roles the rule
+      selected on this site (on a fused projection, act only on `site.channels(role)`); empty means the whole
+      module.
     - `count(site, params, roles) -> int`: the trainable parameters `build` would create (for `surgery.plan`).
-    - `merge_edit(site, module, branch) -> WeightEdit` (mergeable methods only): two pure functions on the
-      site's dense weight [out, in] that fold the branch in and take it out again. The engine applies them
-      through the site's weight format and keeps what it needs to make unmerge bit-exact.
+    - `merge_edit(site, module, branch) -> WeightEdit` (mergeable methods only): pure functions on the site's
+      dense weight [out, in] (and optionally its bias) that fold the branch in and take it out again. The engine
+      applies them through the site's weight format and keeps what it needs to make unmerge bit-exact. Raise
+      `NotMergeableError` to refuse (e.g. a zero scale that would make unmerge lossy); nothing has changed then.
+    - optional `attach_model(model, branches) -> undo`: a model-level change once the branches are installed
+      (e.g. a forward pre-hook extending the attention mask); the engine calls `undo()` on detach or rollback.
+    - optional `combine(site, branches, weights, how) -> (params, state)`: for `surgery.combine`.
+
+    The `Branch` runs inside the engine's `Host` at its site: `adapt_call(args, kwargs)` may change the base
+    module's inputs, `adapt_output(args, kwargs, out)` its output; `replaces_base = True` calls the branch instead
+    of the base. Optional fast paths: `fused_call(base, args, kwargs)` (base and branch in one go when it is the
+    only branch running; return NotImplemented to decline) and the class methods `prepare_routes` /
+    `route_output` (all samples of a per-sample-routed batch at once). All state worth saving must live in the
+    branch's parameters and persistent buffers: `surgery.save` writes its `state_dict`.
 
     Two plugins offering the same method name is an error naming both.
     """
