@@ -278,21 +278,29 @@ def active(model: nn.Module) -> list[str]:
 
 
 @contextlib.contextmanager
+def _ledger_setting(ledger: Ledger, attribute: str, value: object, doing: str) -> Iterator[None]:
+    """Set one of the ledger's run-time settings inside a block (no attachment may be merged), then put it back."""
+    if ledger.merge_order:
+        raise LedgerError(f"cannot {doing} while {', '.join(ledger.merge_order)} is merged into the weights; unmerge first")
+    previous = getattr(ledger, attribute)
+    setattr(ledger, attribute, value)
+    ledger.refresh()
+    try:
+        yield
+    finally:
+        setattr(ledger, attribute, previous)
+        ledger.refresh()
+
+
+@contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[None]:
     """Run the base model alone inside the block: no branch runs. Merged attachments must be unmerged first."""
     ledger = find_ledger(unwrap(model))
     if ledger is None:
         yield
         return
-    if ledger.merge_order:
-        raise LedgerError(f"cannot disable adapters while {', '.join(ledger.merge_order)} is merged into the weights; unmerge first")
-    previous, ledger.disabled = ledger.disabled, True
-    ledger.refresh()
-    try:
+    with _ledger_setting(ledger, "disabled", True, "disable adapters"):
         yield
-    finally:
-        ledger.disabled = previous
-        ledger.refresh()
 
 
 @contextlib.contextmanager
@@ -305,15 +313,8 @@ def per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     for n in names:
         if n is not None:
             ledger.get(n)
-    if ledger.merge_order:
-        raise LedgerError(f"cannot route per sample while {', '.join(ledger.merge_order)} is merged into the weights; unmerge first")
-    previous, ledger.routing = ledger.routing, names
-    ledger.refresh()
-    try:
+    with _ledger_setting(ledger, "routing", names, "route per sample"):
         yield
-    finally:
-        ledger.routing = previous
-        ledger.refresh()
 
 
 class TrainableCount(NamedTuple):

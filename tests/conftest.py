@@ -30,6 +30,19 @@ def assert_bit_identical(model, saved: dict[str, torch.Tensor]) -> None:
         assert now[k].dtype == v.dtype and torch.equal(now[k], v), f"tensor {k} changed"
 
 
+def train_steps(model, params, x: torch.Tensor, lr: float, steps: int = 8) -> list[float]:
+    """A few Adam steps of causal-LM loss on `x` over `params`; the losses, one a step."""
+    optimizer = torch.optim.Adam(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=x).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.fixture
 def randomize_lora():
     """Give every LoRA B a non-zero value so the branch changes outputs."""

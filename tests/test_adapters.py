@@ -11,7 +11,7 @@ import surgery
 from surgery import tiny
 from surgery.errors import NotMergeableError, RuleFileError, SiteError, SurgeryError
 from surgery.host import Host
-from tests.conftest import assert_bit_identical, ids, logits, snapshot
+from tests.conftest import assert_bit_identical, ids, logits, snapshot, train_steps
 from tests.custom_models import TinyGLM
 
 RULE_SETS = ["adapter-houlsby", "adapter-pfeiffer", "adapter-parallel"]
@@ -205,14 +205,7 @@ def test_training_changes_only_the_adapters(arch, rules):
     assert {id(p) for p in params} == adapter_params
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     x = ids(batch=4, seq=12)
-    optimizer = torch.optim.Adam(params, lr=0.02)
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, params, x, lr=0.02)
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters() if n in start and ".up." in n)
     surgery.detach(model, "a")

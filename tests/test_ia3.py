@@ -10,7 +10,7 @@ import surgery
 from surgery import tiny
 from surgery.errors import NotMergeableError, RuleFileError, SurgeryError
 from surgery.host import Host
-from tests.conftest import assert_bit_identical, ids, logits, snapshot
+from tests.conftest import assert_bit_identical, ids, logits, snapshot, train_steps
 from tests.custom_models import Misnamed, TinyGLM
 
 PEFT_TARGETS = {  # arch: (target_modules, feedforward_modules), as PEFT names them
@@ -215,14 +215,7 @@ def test_training_changes_only_the_vectors():
     params = [p for p in model.parameters() if p.requires_grad]
     assert {id(p) for p in params} == {id(b.ia3_l) for b in branches(model).values()}
     x = ids(batch=4, seq=12)
-    optimizer = torch.optim.Adam(params, lr=0.05)
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, params, x, lr=0.05)
     assert losses[-1] < losses[0] - 0.05, losses
     assert all(not torch.all(b.ia3_l == 1) for b in branches(model).values())
     surgery.detach(model, "a")  # detach touches no base tensor: they are as before training, bit for bit
