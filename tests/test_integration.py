@@ -32,3 +32,25 @@ def test_hf_trainer_trains_only_the_adapter(tmp_path):
     assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters() if "lora_B" in n)
     surgery.detach(model, "a")
     assert_bit_identical(model, before)
+
+
+def test_ddp_wrapped_model_trains_and_detaches(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = tiny.build("llama").train()
+        before = snapshot(model)
+        surgery.attach(model, "lora-qv", name="a")
+        wrapped = DistributedDataParallel(model)
+        x = ids(batch=2)
+        wrapped(input_ids=x, labels=x).loss.backward()
+        grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+        assert grads and all(g is not None for g in grads)
+        assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+        assert surgery.active(wrapped) == ["a"]  # the API sees through the wrapper
+        surgery.detach(wrapped, "a")
+        assert_bit_identical(model, before)
+    finally:
+        dist.destroy_process_group()
