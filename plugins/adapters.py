@@ -34,10 +34,9 @@ from torch import nn
 
 import surgery
 from surgery.errors import SiteError
-from surgery.method import Branch, Method, MethodParams, input_of
+from surgery.method import Branch, Method, MethodParams, input_of, branch_dtype, module_device
 from surgery.sites import Site
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
@@ -160,16 +159,6 @@ class ParallelInput(Branch):
         return args, kwargs
 
 
-def _dtype(site: Site, params: AdapterParams) -> torch.dtype:
-    return DTYPES[params.dtype] if params.dtype else (site.dtype or torch.float32)
-
-
-def _device(module: nn.Module) -> torch.device:
-    for t in list(module.parameters()) + list(module.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def _whole_output(site: Site, roles: frozenset[str], method: str) -> int:
     sliced = sorted(r for r in roles if r in site.slices)
     if sliced:
@@ -186,7 +175,7 @@ class Adapter(Method):
     kinds = frozenset({"linear", "conv1d", "quantized_linear"})
 
     def build(self, site: Site, module: nn.Module, params: Any, roles: frozenset[str]) -> Branch:
-        return SerialAdapter(_whole_output(site, roles, self.name), params, _dtype(site, params), _device(module))
+        return SerialAdapter(_whole_output(site, roles, self.name), params, branch_dtype(params.dtype, site.dtype), module_device(module))
 
     def count(self, site: Site, params: Any, roles: frozenset[str]) -> int:
         return params.count(_whole_output(site, roles, self.name))
@@ -218,7 +207,7 @@ class ParallelAdapterMethod(Method):
         part, sublayer = _part(site, roles)
         if part == "input":
             return ParallelInput(site.path, sublayer, site.in_features)
-        return ParallelAdapter(site.path, sublayer, site.out_features, params, _dtype(site, params), _device(module))
+        return ParallelAdapter(site.path, sublayer, site.out_features, params, branch_dtype(params.dtype, site.dtype), module_device(module))
 
     def count(self, site: Site, params: Any, roles: frozenset[str]) -> int:
         part, _ = _part(site, roles)

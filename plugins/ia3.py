@@ -20,10 +20,9 @@ from torch import nn
 
 import surgery
 from surgery.errors import NotMergeableError, SiteError
-from surgery.method import Branch, Method, MethodParams, WeightEdit, input_of
+from surgery.method import Branch, Method, MethodParams, WeightEdit, input_of, branch_dtype, module_device
 from surgery.sites import Site
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 INPUT_SCALED_ROLES = frozenset({"mlp.down"})
 """Roles whose input, not output, IA3 rescales by default (PEFT calls these `feedforward_modules`)."""
@@ -91,12 +90,6 @@ def _check(site: Site, side: str, sliced: list[str]) -> None:
         raise SiteError(f"ia3 needs the {side} features of {site.path!r}, which the analysis did not give")
 
 
-def _device(module: nn.Module) -> torch.device:
-    for t in list(module.parameters()) + list(module.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def _scaled(weight: torch.Tensor, vector: torch.Tensor, dim: int, divide: bool) -> torch.Tensor:
     """`weight` with its slices along `dim` (0: rows, 1: columns) multiplied (or divided) by `vector`,
     computed in at least float32 and rounded back to the weight's dtype."""
@@ -115,8 +108,7 @@ class IA3(Method):
     def build(self, site: Site, module: nn.Module, params: Any, roles: frozenset[str]) -> Branch:
         side, sliced = _side(site, params, roles), _sliced_roles(site, roles)
         _check(site, side, sliced)
-        dtype = DTYPES[params.dtype] if params.dtype else (site.dtype or torch.float32)
-        device = _device(module)
+        dtype, device = branch_dtype(params.dtype, site.dtype), module_device(module)
         if side == "input":
             return IA3Branch(site.in_features, "input", dtype, device)
         if not sliced:

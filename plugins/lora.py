@@ -11,11 +11,9 @@ from pydantic import Field
 from torch import nn
 
 import surgery
-from surgery.method import Branch, Method, MethodParams, WeightEdit, input_of
+from surgery.method import Branch, Method, MethodParams, WeightEdit, input_of, branch_dtype, module_device
 from surgery.sites import Site
 from surgery_plugins.lora_fused import LoraLinear
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 class LoraParams(MethodParams):
@@ -152,18 +150,6 @@ def _sliced_roles(site: Site, roles: frozenset[str]) -> list[str]:
     return sorted(r for r in roles if r in site.slices)
 
 
-def _dtype(module: nn.Module, site: Site, params: LoraParams) -> torch.dtype:
-    if params.dtype is not None:
-        return DTYPES[params.dtype]
-    return site.dtype or torch.float32
-
-
-def _device(module: nn.Module) -> torch.device:
-    for t in list(module.parameters()) + list(module.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 class Lora(Method):
     name = "lora"
     params = LoraParams
@@ -171,7 +157,7 @@ class Lora(Method):
     mergeable = True
 
     def build(self, site: Site, module: nn.Module, params: Any, roles: frozenset[str]) -> Branch:
-        dtype, device = _dtype(module, site, params), _device(module)
+        dtype, device = branch_dtype(params.dtype, site.dtype), module_device(module)
         if site.kind == "embedding":
             return LoraEmbeddingBranch(module, params, dtype)
         sliced = _sliced_roles(site, roles)

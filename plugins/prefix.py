@@ -30,10 +30,9 @@ import surgery
 from surgery.errors import SurgeryError
 from surgery.host import Host
 from surgery.ledger import require_ledger, unwrap
-from surgery.method import Branch, Method, MethodParams
+from surgery.method import Branch, Method, MethodParams, branch_dtype, first_float_dtype, module_device
 from surgery.sites import Site
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 PREFIX_KWARG = "surgery_prefix"
 """The keyword that carries prefixes from a branch to the registered attention function."""
 BASES = ("sdpa", "eager")
@@ -346,18 +345,6 @@ def _interface_config(module: nn.Module, site: str) -> Any | None:
     return config
 
 
-def _device(module: nn.Module) -> torch.device:
-    for t in list(module.parameters()) + list(module.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _dtype(module: nn.Module, params: PrefixParams) -> torch.dtype:
-    if params.dtype is not None:
-        return DTYPES[params.dtype]
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-
-
 def _shape(site: Site) -> tuple[int, int, int]:
     info = site.attention
     if info is None or not info.num_kv_heads or not info.head_dim or not info.num_heads:
@@ -374,7 +361,7 @@ class PrefixTuning(Method):
     def build(self, site: Site, module: nn.Module, params: Any, roles: frozenset[str]) -> Branch:
         kv_heads, heads, head_dim = _shape(site)
         route = "interface" if _interface_config(module, site.path) is not None else "inputs"
-        return PrefixBranch(site.path, route, kv_heads, heads, head_dim, params, _dtype(module, params), _device(module))
+        return PrefixBranch(site.path, route, kv_heads, heads, head_dim, params, branch_dtype(params.dtype, first_float_dtype(module)), module_device(module))
 
     def count(self, site: Site, params: Any, roles: frozenset[str]) -> int:
         kv_heads, _, head_dim = _shape(site)

@@ -20,11 +20,9 @@ from torch import nn
 
 import surgery
 from surgery.errors import SurgeryError
-from surgery.method import Branch, Method, MethodParams, input_of
+from surgery.method import Branch, Method, MethodParams, input_of, branch_dtype, first_float_dtype, module_device
 from surgery.sites import Site
 from surgery_plugins.prefix import freeze_reparam  # noqa: F401  (re-exported: it folds P-tuning encoders too)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 class PromptParams(MethodParams):
@@ -325,13 +323,9 @@ class RemoveHooks:
             branch.pending = 0
 
 
-def _device(module: nn.Module) -> torch.device:
-    return next((t.device for t in list(module.parameters()) + list(module.buffers())), torch.device("cpu"))
-
-
 def _embedding_sample(module: nn.Module, site: Site, ids: list[int] | None, count: int) -> torch.Tensor:
     """The embedding module's output for token ids (given, or `count` random ones), [len, dim], as float."""
-    device = _device(module)
+    device = module_device(module)
     vocab = site.in_features or 1
     if ids is not None:
         bad = sorted({i for i in ids if not 0 <= i < vocab})
@@ -342,12 +336,6 @@ def _embedding_sample(module: nn.Module, site: Site, ids: list[int] | None, coun
         tokens = torch.randint(0, vocab, (count,), device=device)
     with torch.no_grad():
         return module(tokens).detach().float()
-
-
-def _dtype(module: nn.Module, choice: str | None) -> torch.dtype:
-    if choice is not None:
-        return DTYPES[choice]
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _initial(module: nn.Module, site: Site, n: int, init: str, ids: list[int] | None) -> torch.Tensor:
@@ -369,7 +357,7 @@ class PromptTuning(Method):
 
     def build(self, site: Site, module: nn.Module, params: Any, roles: frozenset[str]) -> Branch:
         prompt = _initial(module, site, params.num_virtual_tokens, params.init, params.init_ids)
-        prompt = prompt.to(dtype=_dtype(module, params.dtype), device=_device(module))
+        prompt = prompt.to(dtype=branch_dtype(params.dtype, first_float_dtype(module)), device=module_device(module))
         return PromptBranch(site.path, prompt, None, params.strip)
 
     def count(self, site: Site, params: Any, roles: frozenset[str]) -> int:
@@ -384,7 +372,7 @@ class PTuning(PromptTuning):
     params = PTuningParams
 
     def build(self, site: Site, module: nn.Module, params: Any, roles: frozenset[str]) -> Branch:
-        dtype, device = _dtype(module, params.dtype), _device(module)
+        dtype, device = branch_dtype(params.dtype, first_float_dtype(module)), module_device(module)
         inputs = _initial(module, site, params.num_virtual_tokens, "random", None).to(dtype=dtype, device=device)
         encoder = prompt_encoder(params.encoder, site.out_features, params.encoder_hidden, dtype, device)
         return PromptBranch(site.path, inputs, encoder, params.strip)

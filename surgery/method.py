@@ -12,6 +12,28 @@ from surgery.errors import NotMergeableError
 from surgery.sites import Site
 
 
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                                   "float64": torch.float64}
+"""The dtype names a method's `dtype` param may take."""
+
+
+def branch_dtype(choice: str | None, default: torch.dtype | None) -> torch.dtype:
+    """The dtype of a branch's parameters: the one a rule names (a key of DTYPES), else `default`, else float32."""
+    if choice is not None:
+        return DTYPES[choice]
+    return default or torch.float32
+
+
+def first_float_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of the module's first floating-point parameter (None if it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where the module's tensors live (the CPU for a module without any): where a branch for it belongs."""
+    return next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
+
+
 class MethodParams(BaseModel):
     """Base for a method's params model: unknown keys are refused."""
 
