@@ -6,7 +6,6 @@ their memory traffic needs at the measured copy bandwidth. GPU only.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 T, R = 8192, 16
 SHAPES = [(2048, 2048), (2048, 512), (2048, 5632), (5632, 2048)]  # (in, out) of the model's linears

@@ -25,7 +25,7 @@ from surgery.atomic import write_directory
 from surgery.errors import SurgeryError
 from surgery.inspection import inspect
 from surgery.ledger import Attachment
-from surgery.rules import Rule, RuleSet, Selector, parse_ruleset
+from surgery.rules import RuleSet, parse_ruleset
 
 CONFIG = "adapter_config.json"
 TENSORS = "adapter_model.safetensors"

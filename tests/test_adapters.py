@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 import surgery
 from surgery import tiny
-from surgery.errors import NotMergeableError, RuleFileError, SiteError, SurgeryError
-from surgery.host import Host
+from surgery.errors import NotMergeableError, RuleFileError, SiteError
 from tests.conftest import assert_bit_identical, ids, logits, snapshot, train_steps
 from tests.custom_models import TinyGLM
 
