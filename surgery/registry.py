@@ -22,6 +22,7 @@ class Registry:
 
     def __init__(self, load_entry_points: bool = True):
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.owners: dict[int, str] = {}  # id of each indexed method or format -> the plugin that gave it
         self.pm.add_hookspecs(hookspecs)
         if load_entry_points:
             self._load_entry_points()
@@ -52,6 +53,7 @@ class Registry:
     def _forget(self) -> None:
         for cached in ("methods", "formats", "adapter_formats"):
             self.__dict__.pop(cached, None)
+        self.owners.clear()
 
     @cached_property
     def methods(self) -> dict[str, Method]:
@@ -65,6 +67,7 @@ class Registry:
                 if method.name in found:
                     raise PluginError(f"method {method.name!r} is provided by both {origin[method.name]!r} and {impl.plugin_name!r}")
                 found[method.name], origin[method.name] = method, impl.plugin_name
+                self.owners[id(method)] = impl.plugin_name
         return found
 
     @cached_property
@@ -76,6 +79,7 @@ class Registry:
                 if not isinstance(fmt, WeightFormat):
                     raise PluginError(f"plugin {impl.plugin_name!r} returned {fmt!r} from surgery_weight_formats, not a WeightFormat")
                 found.append(fmt)
+                self.owners[id(fmt)] = impl.plugin_name
         return sorted(found, key=lambda f: -f.priority)
 
     @cached_property
@@ -112,12 +116,9 @@ class Registry:
 
     def plugins(self) -> list[tuple[str, list[str], list[str]]]:
         """(plugin name, its methods, its formats) for every registered plugin."""
-        rows = []
-        for name, plugin in self.pm.list_name_plugin():
-            methods = [m.name for m in (getattr(plugin, "surgery_methods", lambda: [])() or [])]
-            formats = [f.name for f in (getattr(plugin, "surgery_weight_formats", lambda: [])() or [])]
-            rows.append((name, methods, formats))
-        return rows
+        methods, formats = self.methods.values(), self.formats
+        return [(name, [m.name for m in methods if self.owners.get(id(m)) == name],
+                 [f.name for f in formats if self.owners.get(id(f)) == name]) for name, _ in self.pm.list_name_plugin()]
 
 
 _REGISTRY: Registry | None = None
