@@ -14,6 +14,7 @@ import surgery
 from surgery.method import Branch, Method, MethodParams, WeightEdit, input_of, branch_dtype, module_device
 from surgery.sites import Site
 from surgery_plugins.lora_fused import LoraLinear
+from surgery_plugins.lora_shared import SharedInput
 
 
 class LoraParams(MethodParams):
@@ -53,7 +54,15 @@ class LoraBranch(Branch):
         self.lora_B = nn.Parameter(torch.empty(out_features, params.r, dtype=dtype, device=device))
         self.dropout = nn.Dropout(params.dropout) if params.dropout > 0 else nn.Identity()
         self.register_buffer("channels", channels, persistent=False)
+        self.input_group: str | None = None  # Site.input_group, for linking with the branches that share x
+        self.shared: SharedInput | None = None  # set while linked with them
         _init_pair(self.lora_A, self.lora_B, params.init, params.r)
+
+    def reads_with(self, input_group: str, base: nn.Module) -> None:
+        """Mark this branch as one of those whose sites read one input; `base` is its site's module, kept as a
+        plain reference (not a submodule: it belongs to the model) so the group can compute this output."""
+        self.input_group = input_group
+        object.__setattr__(self, "base_module", base)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x.to(self.lora_A.dtype))
@@ -75,6 +84,10 @@ class LoraBranch(Branch):
         if (self.channels is not None or type(base) is not nn.Linear or torch.compiler.is_compiling()
                 or not isinstance(x, torch.Tensor) or x.dtype != self.lora_A.dtype or base.weight.dtype != x.dtype):
             return NotImplemented
+        if self.shared is not None:
+            out = self.shared.output(self.shared_index, x)
+            if out is not NotImplemented:
+                return out
         p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
         return LoraLinear.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scale, p)
 
@@ -162,12 +175,33 @@ class Lora(Method):
             return LoraEmbeddingBranch(module, params, dtype)
         sliced = _sliced_roles(site, roles)
         if not sliced:
-            return LoraBranch(site.in_features, site.out_features, params, dtype, device)
+            branch = LoraBranch(site.in_features, site.out_features, params, dtype, device)
+            if site.input_group is not None and site.kind == "linear":
+                branch.reads_with(site.input_group, module)
+            return branch
         parts = {}
         for role in sliced:
             channels = _channels(site, role, device)
             parts[role.rsplit(".", 1)[-1]] = LoraBranch(site.in_features, channels.numel(), params, dtype, device, channels)
         return SlicedLoraBranch(parts)
+
+    def attach_model(self, model: nn.Module, branches: dict[str, Branch]) -> Any:
+        """Link the branches at sites that read one input (q/k/v, gate/up) so they are computed together."""
+        groups: dict[str, list[tuple[LoraBranch, nn.Module]]] = {}
+        for path, branch in branches.items():
+            if isinstance(branch, LoraBranch) and branch.input_group is not None:
+                groups.setdefault(branch.input_group, []).append((branch, branch.base_module))
+        linked = [SharedInput(members) for members in groups.values() if len(members) > 1]
+        for shared in linked:
+            for index, (branch, _) in enumerate(shared.members):
+                branch.shared, branch.shared_index = shared, index
+
+        def unlink() -> None:
+            for shared in linked:
+                shared.clear()
+                for branch, _ in shared.members:
+                    branch.shared = None
+        return unlink
 
     def count(self, site: Site, params: Any, roles: frozenset[str]) -> int:
         sliced = _sliced_roles(site, roles)

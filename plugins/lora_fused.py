@@ -1,7 +1,8 @@
 """The fused LoRA linear: `x @ W.T + b + dropout(x) @ A.T @ B.T * scale` as one autograd function.
 
 Against a plain module composition it saves kernels and memory: the LoRA update is accumulated into the base
-output in place (addmm), the input gradient of base and branch is one matmul plus one in-place addmm, and with
+output in place (addmm), the input gradient of base and branch is one matmul plus one in-place addmm (or, for a
+layer wider in than out, one matmul over [dy | dh] and [W; A], which moves fewer bytes than updating dx), and with
 dropout the mask is not stored but regenerated in backward from a per-call seed, so no copy of the layer input
 is kept alive. Used by LoraBranch when it is the only branch at a plain nn.Linear site (not under torch.compile,
 which fuses the plain composition itself).
@@ -64,7 +65,9 @@ class LoraLinear(torch.autograd.Function):
             da = dh.t() @ xd
         del xd
         if need_x:
-            if mask is None:
+            if mask is None and x2.shape[0] * (x2.shape[1] - dy2.shape[1]) > weight.numel():
+                dx = torch.cat([dy2, dh], dim=1) @ torch.cat([weight, a])  # one matmul: cheaper than updating dx
+            elif mask is None:
                 dx = (dy2 @ weight).addmm_(dh, a)
             else:
                 dx = torch.ops.aten.native_dropout_backward(dh @ a, mask, 1.0 / (1.0 - ctx.p)).addmm_(dy2, weight)

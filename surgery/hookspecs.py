@@ -45,14 +45,15 @@ def surgery_methods() -> list["Method"]:
       applies them through the site's weight format and keeps what it needs to make unmerge bit-exact. Raise
       `NotMergeableError` to refuse (e.g. a zero scale that would make unmerge lossy); nothing has changed then.
     - optional `attach_model(model, branches) -> undo`: a model-level change once the branches are installed
-      (e.g. a forward pre-hook extending the attention mask); the engine calls `undo()` on detach or rollback.
+      (e.g. a forward pre-hook extending the attention mask, or linking the branches at sites with one
+      `site.input_group` to share work, as LoRA does); the engine calls `undo()` on detach or rollback.
     - optional `combine(site, branches, weights, how) -> (params, state)`: for `surgery.combine`.
 
     The `Branch` runs inside the engine's `Host` at its site: `adapt_call(args, kwargs)` may change the base
     module's inputs, `adapt_output(args, kwargs, out)` its output; `replaces_base = True` calls the branch instead
     of the base. Optional fast paths: `fused_call(base, args, kwargs)` (base and branch in one go when it is the
-    only branch running; return NotImplemented to decline) and the class methods `prepare_routes` /
-    `route_output` (all samples of a per-sample-routed batch at once). All state worth saving must live in the
+    only branch running, which the engine keeps in `branch.runs_alone`; return NotImplemented to decline) and
+    the class methods `prepare_routes` / `route_output` (all samples of a per-sample-routed batch at once). All state worth saving must live in the
     branch's parameters and persistent buffers: `surgery.save` writes its `state_dict`.
 
     Two plugins offering the same method name is an error naming both.

@@ -89,7 +89,8 @@ def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = 
                           out_features=lin.out_features, dtype=_site_dtype(module, fmt, lin),
                           bias=getattr(module, "bias", None) is not None,
                           roles=facts.roles.get(path, frozenset()), slices=facts.slices.get(path, {}),
-                          format=fmt.name if fmt.kind == "quantized_linear" else None))
+                          format=fmt.name if fmt.kind == "quantized_linear" else None,
+                          input_group=facts.input_groups.get(path)))
     for path, emb in facts.embeddings.items():
         module = model.get_submodule(path)
         fmt = registry.format_of(module)

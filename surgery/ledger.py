@@ -71,6 +71,9 @@ class Ledger:
             unmerged = [n for n in host.branches if self.attachments[n].merged is None]
             host.running = () if self.disabled else tuple(n for n in unmerged if n in self.active)
             host.set_routing(None if self.disabled else self.routing, set(unmerged))
+            alone = host.running[0] if len(host.running) == 1 and host.routing is None else None
+            for n, branch in host.branches.items():
+                branch.runs_alone = n == alone
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -50,6 +50,9 @@ class Branch(nn.Module):
     """
 
     replaces_base: bool = False
+    runs_alone: bool = False
+    """Set by the engine: True while this is the only branch running at its site and samples are not routed
+    (the Host then offers `fused_call` on every call). Lets a method plan work across sites."""
 
     def fused_call(self, base: nn.Module, args: tuple, kwargs: dict) -> Any:
         """Optional fast path, tried when this is the only branch running at its site: compute the base module

@@ -53,6 +53,16 @@ class GraphFacts:
     roles: dict[str, frozenset[str]]
     slices: dict[str, dict[str, Slices]]  # fused projections only: role -> output-channel ranges
     attention: dict[str, AttentionInfo]  # path of the module owning each attention computation
+    input_groups: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> first site reading its input
+
+
+def input_groups(linears: dict[str, LinearSite]) -> dict[str, str]:
+    """Linear-like sites that read one and the same tensor (q/k/v of one attention, gate/up of one MLP), each
+    mapped to the first of its group in graph order. Sites that read a tensor alone are left out."""
+    readers: dict[fx.Node, list[str]] = {}
+    for path, site in linears.items():
+        readers.setdefault(site.x, []).append(path)
+    return {path: group[0] for group in readers.values() if len(group) > 1 for path in group}
 
 
 # ---------------------------------------------------------------------------------------------- MLP roles
@@ -205,7 +215,8 @@ def read_facts(trace: AnalysisTrace) -> GraphFacts:
         linears={p: LinearFacts(s.in_features, s.out_features, s.transposed,
                                 getattr(s.x.meta.get("val"), "dtype", None)) for p, s in linears.items()},
         embeddings={p: EmbeddingFacts(s.num_embeddings, s.embedding_dim) for p, s in embeddings.items()},
-        roles={p: frozenset(r) for p, r in roles.items()}, slices=slices, attention=attention)
+        roles={p: frozenset(r) for p, r in roles.items()}, slices=slices, attention=attention,
+        input_groups=input_groups(linears))
 
 
 # ---------------------------------------------------------------------------------------------- expansion, cache
@@ -238,8 +249,13 @@ def expand_facts(facts: GraphFacts, reduction: Reduction, model: nn.Module) -> G
             attention[canon(path2)] = dataclasses.replace(
                 info, query=pinned(info.query, picks), key=pinned(info.key, picks),
                 value=pinned(info.value, picks), output=pinned(info.output, picks))
+    groups = {}
+    for path, first in facts.input_groups.items():
+        for path2, picks in reduction.expand(path):
+            groups[canon(path2)] = pinned(first, picks)
     return GraphFacts(linears=spread(facts.linears), embeddings=spread(facts.embeddings),
-                      roles=spread(facts.roles), slices=spread(facts.slices), attention=ordered(attention))
+                      roles=spread(facts.roles), slices=spread(facts.slices), attention=ordered(attention),
+                      input_groups=ordered(groups))
 
 
 def _inputs_key(args: tuple | None, kwargs: dict | None) -> tuple:
@@ -268,7 +284,7 @@ _CACHE_SIZE = 32
 
 def _copy(facts: GraphFacts) -> GraphFacts:
     return GraphFacts(dict(facts.linears), dict(facts.embeddings), dict(facts.roles),
-                      {p: dict(s) for p, s in facts.slices.items()}, dict(facts.attention))
+                      {p: dict(s) for p, s in facts.slices.items()}, dict(facts.attention), dict(facts.input_groups))
 
 
 def _analyze_uncached(model: nn.Module, args: tuple | None, kwargs: dict | None) -> GraphFacts:

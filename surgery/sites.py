@@ -46,6 +46,8 @@ class Site:
 
     `path` is the module's name as in `model.named_modules()`. `slices` is set for fused projections:
     role -> output-channel ranges [(start, stop), ...] that carry that role; an unfused site has none.
+    `input_group` is set on linear-like sites that read one tensor together (a method may share work between
+    them); it names the first of them, so sites with equal `input_group` read the same input.
     """
 
     path: str
@@ -59,6 +61,7 @@ class Site:
     slices: dict[str, tuple[Slice, ...]] = field(default_factory=dict)
     format: str | None = None  # quantized-linear format name, for kind == "quantized_linear"
     attention: AttentionInfo | None = None  # for kind == "attention"
+    input_group: str | None = None  # path of the first site that reads the same input tensor (q/k/v, gate/up)
 
     def channels(self, role: str) -> tuple[Slice, ...]:
         """Output-channel ranges of `role` on this site: its slices, or the whole output if unfused."""

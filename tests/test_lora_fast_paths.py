@@ -8,6 +8,7 @@ import surgery
 import surgery_plugins.lora_fused as fused
 from surgery import tiny
 from surgery_plugins.lora_fused import LoraLinear
+from surgery_plugins.lora_shared import SharedInputLora
 from tests.conftest import ids, logits
 
 
@@ -16,15 +17,16 @@ def reference(x, w, bias, a, b, scale, mask=None):
     return F.linear(x, w, bias) + F.linear(F.linear(xd, a), b) * scale
 
 
+@pytest.mark.parametrize("out_features", [12, 4])  # 4: wide in, narrow out: dx from one [dy | dh] matmul
 @pytest.mark.parametrize("frozen", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_fused_linear_matches_float64_formula(monkeypatch, frozen, p):
+def test_fused_linear_matches_float64_formula(monkeypatch, frozen, p, out_features):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(12, 16, generator=g, dtype=torch.float64, requires_grad=not frozen)
-    bias = torch.randn(12, generator=g, dtype=torch.float64, requires_grad=not frozen)
+    w = torch.randn(out_features, 16, generator=g, dtype=torch.float64, requires_grad=not frozen)
+    bias = torch.randn(out_features, generator=g, dtype=torch.float64, requires_grad=not frozen)
     a = torch.randn(4, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(12, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out_features, 4, generator=g, dtype=torch.float64, requires_grad=True)
     masks = []
     real = fused.dropout
 
@@ -49,23 +51,93 @@ def test_fused_linear_matches_float64_formula(monkeypatch, frozen, p):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("frozen", [True, False])
+@pytest.mark.parametrize("used", [(0, 1, 2), (0, 2)])  # (0, 2): the second output never gets a gradient
+def test_shared_input_lora_matches_float64_formula(frozen, used):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    shapes = [(12, 4, True), (6, 2, False), (6, 3, True)]  # out, r, bias
+    scales = (0.7, 2.0, 1.5)
+    tensors = []
+    for out, r, has_bias in shapes:
+        tensors += [torch.randn(out, 16, generator=g, dtype=torch.float64, requires_grad=not frozen),
+                    torch.randn(out, generator=g, dtype=torch.float64, requires_grad=not frozen) if has_bias else None,
+                    torch.randn(r, 16, generator=g, dtype=torch.float64, requires_grad=True),
+                    torch.randn(out, r, generator=g, dtype=torch.float64, requires_grad=True)]
+    outs = SharedInputLora.apply(x, scales, *tensors)
+    leaves = [t for t in (x, *tensors) if t is not None and t.requires_grad]
+    dys = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
+    grads = torch.autograd.grad([outs[i] for i in used], leaves, [dys[i] for i in used], allow_unused=True)
+    expected = [reference(x, *tensors[4 * i:4 * i + 4], scales[i]) for i in range(3)]
+    for got, want in zip(outs, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    want = torch.autograd.grad([expected[i] for i in used], leaves, [dys[i] for i in used], allow_unused=True)
+    for got, ref in zip(grads, want):
+        if ref is None:  # a parameter of the unused member: no gradient, or a zero one
+            assert got is None or not got.any()
+        else:
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_shared_outputs_follow_changes_between_member_calls():
+    """A member takes the output computed with the first member's call only for the very same, unchanged input
+    and parameters; otherwise it computes afresh."""
+    model = tiny.build("llama", dtype=torch.float64)
+    surgery.attach(model, "lora-all-linear", name="a")
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        for p in (attn.q_proj.branches["a"].lora_B, attn.k_proj.branches["a"].lora_B):
+            p.normal_()
+
+    def plain(host, x):
+        return host.base(x) + host.branches["a"].delta(x)
+
+    x = torch.randn(2, 3, 64, dtype=torch.float64)
+    torch.testing.assert_close(attn.q_proj(x), plain(attn.q_proj, x), rtol=1e-12, atol=1e-12)
+    x.mul_(2)  # the input changed in place after q's call
+    torch.testing.assert_close(attn.k_proj(x), plain(attn.k_proj, x), rtol=1e-12, atol=1e-12)
+    attn.q_proj(x)
+    with torch.no_grad():
+        attn.k_proj.branches["a"].lora_B.mul_(3)  # a parameter changed after q's call
+    torch.testing.assert_close(attn.k_proj(x), plain(attn.k_proj, x), rtol=1e-12, atol=1e-12)
+    attn.q_proj(x)
+    y = x.clone()  # equal values, another tensor
+    torch.testing.assert_close(attn.v_proj(y), plain(attn.v_proj, y), rtol=1e-12, atol=1e-12)
+    branch = attn.k_proj.branches["a"]
+    assert branch.shared is not None
+    surgery.detach(model, "a")
+    assert branch.shared is None and type(attn.k_proj) is torch.nn.Linear
+
+
 def test_fused_path_is_taken_only_where_it_applies(monkeypatch):
-    calls = []
-    real = LoraLinear.apply
+    calls, shared = [], []
+    real, real_shared = LoraLinear.apply, SharedInputLora.apply
     monkeypatch.setattr(LoraLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(SharedInputLora, "apply", lambda *a: shared.append(len(a) - 2) or real_shared(*a))
     llama = tiny.build("llama")
     surgery.attach(llama, "lora-all-linear", name="a")
     logits(llama, ids())
-    assert len(calls) == 14  # every nn.Linear site of the 2 layers
-    calls.clear()
+    assert len(calls) == 4  # o and down of the 2 layers alone;
+    assert shared == [4 * 3, 4 * 2] * 2  # q/k/v and gate/up together (4 tensors per member)
+    calls.clear(), shared.clear()
     gpt2 = tiny.build("gpt2")
     surgery.attach(gpt2, "lora-qv", name="a")  # Conv1D, sliced: the plain composition
     logits(gpt2, ids())
-    assert calls == []
-    surgery.attach(llama, "lora-qv", name="b")  # two branches at q and v: plain composition there
-    calls.clear()
+    assert calls == [] and shared == []
+    surgery.attach(llama, "lora-qv", name="b")  # two branches at q and v: plain composition there, k alone
     logits(llama, ids())
-    assert len(calls) == 10
+    assert len(calls) == 2 * 3 and shared == [4 * 2] * 2
+    calls.clear(), shared.clear()
+    with surgery.per_sample(llama, ["a", "b"]), torch.no_grad():  # routed samples: not shared
+        logits(llama, ids(batch=2))
+    assert shared == []
+    dropped = tiny.build("llama").train()  # dropout in training: each branch on its own, masks independent
+    surgery.attach(dropped, surgery.RuleSet(name="d", rules=[surgery.Rule(
+        select=surgery.Selector(kinds=["linear"]), exclude=surgery.Selector(roles=["lm_head"]),
+        method="lora", params={"dropout": 0.1})]), name="a")
+    calls.clear()
+    logits(dropped, ids())
+    assert len(calls) == 14 and shared == []
 
 
 def test_fused_training_step_matches_plain_composition(monkeypatch):

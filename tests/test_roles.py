@@ -196,6 +196,36 @@ def test_linears_and_embeddings_cover_model(arch, facts_of):
         assert tuple(model.get_submodule(path).weight.shape) == (ef.num_embeddings, ef.embedding_dim)
 
 
+def _groups(facts: GraphFacts) -> list[set[str]]:
+    groups: dict[str, set[str]] = {}
+    for path, first in facts.input_groups.items():
+        groups.setdefault(first, set()).add(path)
+    return sorted(groups.values(), key=sorted)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_input_groups_are_the_linears_reading_one_tensor(arch, facts_of):
+    model, facts = facts_of(arch, "sdpa")
+    per_layer = {
+        "llama": ["model.layers.{i}.self_attn.{{q,k,v}}_proj", "model.layers.{i}.mlp.{{gate,up}}_proj"],
+        "mistral": ["model.layers.{i}.self_attn.{{q,k,v}}_proj", "model.layers.{i}.mlp.{{gate,up}}_proj"],
+        "qwen2": ["model.layers.{i}.self_attn.{{q,k,v}}_proj", "model.layers.{i}.mlp.{{gate,up}}_proj"],
+        "opt": ["model.decoder.layers.{i}.self_attn.{{q,k,v}}_proj"],
+        "bert": ["bert.encoder.layer.{i}.attention.self.{{query,key,value}}"],
+        "t5": ["encoder.block.{i}.layer.0.SelfAttention.{{q,k,v}}", "decoder.block.{i}.layer.0.SelfAttention.{{q,k,v}}"],
+    }.get(arch, [])  # gpt2, phi3, falcon, gpt_neox: fused projections, one module per input
+
+    def expand(pattern: str) -> set[str]:
+        head, names, tail = pattern.partition("{")[0], pattern.partition("{")[2].partition("}")[0], pattern.partition("}")[2]
+        return {head + n + tail for n in names.split(",")}
+
+    want = [expand(p.format(i=i)) for p in per_layer for i in range(2)]
+    if arch == "t5":  # every cross-attention k and v reads the encoder's output
+        want.append({f"decoder.block.{i}.layer.1.EncDecAttention.{n}" for i in range(2) for n in "kv"})
+    assert _groups(facts) == sorted(want, key=sorted)
+    assert all(facts.input_groups[first] == first for first in facts.input_groups.values())
+
+
 @pytest.mark.parametrize("multi_query,kv", [(True, 1), (False, H)])
 def test_falcon_old_architecture_slices(multi_query, kv):
     model = tiny.build("falcon", new_decoder_architecture=False, multi_query=multi_query, num_kv_heads=kv)
@@ -337,3 +367,5 @@ def test_smoke_timing_7b_llama_meta():
     assert len(facts.attention) == 32 and len(facts.linears) == 32 * 7 + 1
     assert facts.roles["model.layers.31.mlp.gate_proj"] == {GATE}
     assert facts.attention["model.layers.31.self_attn"].head_dim == 128
+    assert {p for p, first in facts.input_groups.items() if first == "model.layers.31.self_attn.q_proj"} == {
+        f"model.layers.31.self_attn.{n}_proj" for n in "qkv"}

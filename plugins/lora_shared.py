@@ -1,0 +1,135 @@
+"""LoRA on linears that read one input (q/k/v of an attention, gate/up of an MLP), computed together.
+
+For members i with frozen-or-not weights W_i, biases b_i and LoRA pairs (A_i, B_i, scale s_i), one autograd
+function computes every y_i = x @ W_i.T + b_i + x @ A_i.T @ B_i.T * s_i at once:
+
+- forward: one matmul h = x @ [A_1; A_2; ...].T for all branches, then each
+  y_i = [x | h] @ [W_i | 0 .. s_i B_i .. 0].T: the LoRA update rides along in the base matmul instead of a
+  separate read and write of y_i;
+- backward: [dx | dh] = Σ_i dy_i @ [W_i | 0 .. s_i B_i .. 0], one buffer accumulated in place, so dh comes out
+  of the base matmuls and the members' input gradients need no separate sum; then dA = dh.T @ x and
+  dx += dh @ [A_1; A_2; ...] once for all branches; dB_i = s_i dy_i.T @ h_i. The returned input gradient is a
+  column view of the [dx | dh] buffer.
+
+Without dropout only: with it every branch needs its own masked input, and the per-branch fused linear
+(lora_fused) serves as well (measured: no gain from sharing, see benchmarks/README.md).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+PER_MEMBER = 4  # weight, bias, A, B
+
+
+def _scaled_blocks(b_s: tuple[torch.Tensor, ...], scales: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
+    """block_diag(s_1 B_1, s_2 B_2, ...): row block i, columns [start_i, start_i + r_i) hold s_i B_i."""
+    if len(set(scales)) == 1:
+        return torch.block_diag(*b_s).to(dtype) * scales[0]
+    return torch.block_diag(*(b * s for b, s in zip(b_s, scales))).to(dtype)
+
+
+class SharedInputLora(torch.autograd.Function):
+    """Outputs of several LoRA-adapted linears (no dropout) on one input; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scales: tuple[float, ...], *members: torch.Tensor | None
+                ) -> tuple[torch.Tensor, ...]:
+        weights, biases, a_s, b_s = (members[k::PER_MEMBER] for k in range(PER_MEMBER))
+        x2 = x.reshape(-1, x.shape[-1])
+        a_cat = torch.cat(a_s)
+        h = x2 @ a_cat.t()
+        blocks = _scaled_blocks(b_s, scales, x.dtype)  # [Σ out_i, Σ r_i]
+        x_ext = torch.cat([x2, h], dim=1)
+        outs, row = [], 0
+        for w, bias in zip(weights, biases):
+            w_ext = torch.cat([w, blocks[row:row + w.shape[0]]], dim=1)  # [W_i | 0 .. s_i B_i .. 0]
+            outs.append(F.linear(x_ext, w_ext, bias).view(*x.shape[:-1], w.shape[0]))
+            row += w.shape[0]
+        ctx.save_for_backward(x, h, a_cat, blocks, *weights)
+        ctx.scales, ctx.ranks = scales, [a.shape[0] for a in a_s]
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *dys: torch.Tensor | None):
+        x, h, a_cat, blocks, *weights = ctx.saved_tensors
+        needs = ctx.needs_input_grad  # x, scales, then 4 per member
+        x2 = x.reshape(-1, x.shape[-1])
+        d_in = x2.shape[1]
+        grads: list[torch.Tensor | None] = [None] * (PER_MEMBER * len(dys))
+        ext, row, col = None, 0, 0  # [dx | dh]
+        for i, (dy, w, r) in enumerate(zip(dys, weights, ctx.ranks)):
+            out, base = w.shape[0], PER_MEMBER * i
+            if dy is not None:
+                dy2 = dy.reshape(-1, out)
+                w_ext = torch.cat([w, blocks[row:row + out]], dim=1)
+                ext = dy2 @ w_ext if ext is None else ext.addmm_(dy2, w_ext)
+                if needs[2 + base]:
+                    grads[base] = dy2.t() @ x2
+                if needs[3 + base] and ctx.has_bias[i]:
+                    grads[base + 1] = dy2.sum(0)
+                if needs[5 + base]:
+                    grads[base + 3] = (dy2.t() @ h[:, col:col + r]).mul_(ctx.scales[i])
+            row, col = row + out, col + r
+        if ext is None:
+            return (None, None, *grads)
+        dh, dx = ext[:, d_in:].clone(), ext[:, :d_in]
+        if any(needs[4::PER_MEMBER]):
+            da, col = dh.t() @ x2, 0
+            for i, r in enumerate(ctx.ranks):
+                grads[PER_MEMBER * i + 2], col = da[col:col + r], col + r
+        if not needs[0]:
+            return (None, None, *grads)
+        dx.addmm_(dh, a_cat)
+        return (dx.view(x.shape), None, *grads)
+
+
+def _version(t: torch.Tensor | None) -> int:
+    return -1 if t is None or t.is_inference() else t._version
+
+
+class SharedInput:
+    """The LoRA branches of one attachment at sites that read one input (`Site.input_group`).
+
+    The first member called with an input computes every member's output in one `SharedInputLora`; each other
+    member takes its own when called with that same tensor, unchanged (version counters of the input and of
+    the member's weight, bias, A and B) and in the same grad mode. Only members that run alone at their sites
+    (`Branch.runs_alone`) take part; anything else (a member at a non-linear or other-dtype base, dropout in
+    training, compile) declines, and the branch computes by itself.
+    """
+
+    def __init__(self, members: list[tuple[Any, torch.nn.Module]]):
+        self.members = members  # (LoraBranch, its base nn.Linear)
+        self._pending: dict[int, tuple[torch.Tensor, tuple, torch.Tensor]] = {}  # index -> (x, key, output)
+
+    def _tensors(self, index: int) -> tuple:
+        branch, base = self.members[index]
+        return base.weight, base.bias, branch.lora_A, branch.lora_B
+
+    def _key(self, x: torch.Tensor, tensors: tuple) -> tuple:
+        return (_version(x), torch.is_grad_enabled(), *(_version(t) for t in tensors))
+
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor | Any:
+        """Member `index`'s output for input `x`, or NotImplemented where the shared path does not apply."""
+        pending = self._pending.pop(index, None)
+        if pending is not None and pending[0] is x and pending[1] == self._key(x, self._tensors(index)):
+            return pending[2]
+        live = [i for i, (b, base) in enumerate(self.members) if b.runs_alone and type(base) is torch.nn.Linear
+                and base.weight.dtype == x.dtype == b.lora_A.dtype and base.in_features == x.shape[-1]]
+        if index not in live or len(live) < 2:
+            return NotImplemented
+        per_member = [self._tensors(i) for i in live]
+        branches = [self.members[i][0] for i in live]
+        if any(b.training and isinstance(b.dropout, torch.nn.Dropout) for b in branches):
+            return NotImplemented
+        outs = SharedInputLora.apply(x, tuple(b.scale for b in branches), *(t for ts in per_member for t in ts))
+        self._pending = {i: (x, self._key(x, ts), out) for i, ts, out in zip(live, per_member, outs) if i != index}
+        return outs[live.index(index)]
+
+    def clear(self) -> None:
+        self._pending = {}
