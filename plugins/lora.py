@@ -187,19 +187,19 @@ class Lora(Method):
 
     def attach_model(self, model: nn.Module, branches: dict[str, Branch]) -> Any:
         """Link the branches at sites that read one input (q/k/v, gate/up) so they are computed together."""
-        groups: dict[str, list[tuple[LoraBranch, nn.Module]]] = {}
-        for path, branch in branches.items():
+        groups: dict[str, list[LoraBranch]] = {}
+        for branch in branches.values():
             if isinstance(branch, LoraBranch) and branch.input_group is not None:
-                groups.setdefault(branch.input_group, []).append((branch, branch.base_module))
+                groups.setdefault(branch.input_group, []).append(branch)
         linked = [SharedInput(members) for members in groups.values() if len(members) > 1]
         for shared in linked:
-            for index, (branch, _) in enumerate(shared.members):
+            for index, branch in enumerate(shared.members):
                 branch.shared, branch.shared_index = shared, index
 
         def unlink() -> None:
             for shared in linked:
                 shared.clear()
-                for branch, _ in shared.members:
+                for branch in shared.members:
                     branch.shared = None
         return unlink
 

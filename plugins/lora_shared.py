@@ -103,12 +103,13 @@ class SharedInput:
     training, compile) declines, and the branch computes by itself.
     """
 
-    def __init__(self, members: list[tuple[Any, torch.nn.Module]]):
-        self.members = members  # (LoraBranch, its base nn.Linear)
+    def __init__(self, members: list[Any]):
+        self.members = members  # LoraBranch objects, each with its site's module as `base_module`
         self._pending: dict[int, tuple[torch.Tensor, tuple, torch.Tensor]] = {}  # index -> (x, key, output)
 
     def _tensors(self, index: int) -> tuple:
-        branch, base = self.members[index]
+        branch = self.members[index]
+        base = branch.base_module
         return base.weight, base.bias, branch.lora_A, branch.lora_B
 
     def _key(self, x: torch.Tensor, tensors: tuple) -> tuple:
@@ -119,12 +120,12 @@ class SharedInput:
         pending = self._pending.pop(index, None)
         if pending is not None and pending[0] is x and pending[1] == self._key(x, self._tensors(index)):
             return pending[2]
-        live = [i for i, (b, base) in enumerate(self.members) if b.runs_alone and type(base) is torch.nn.Linear
-                and base.weight.dtype == x.dtype == b.lora_A.dtype and base.in_features == x.shape[-1]]
+        live = [i for i, b in enumerate(self.members) if b.runs_alone and type(b.base_module) is torch.nn.Linear
+                and b.base_module.weight.dtype == x.dtype == b.lora_A.dtype and b.base_module.in_features == x.shape[-1]]
         if index not in live or len(live) < 2:
             return NotImplemented
         per_member = [self._tensors(i) for i in live]
-        branches = [self.members[i][0] for i in live]
+        branches = [self.members[i] for i in live]
         if any(b.training and isinstance(b.dropout, torch.nn.Dropout) for b in branches):
             return NotImplemented
         outs = SharedInputLora.apply(x, tuple(b.scale for b in branches), *(t for ts in per_member for t in ts))
