@@ -3,6 +3,8 @@
     python benchmarks/bench_vs_peft.py                       # CPU, a small model: a few minutes
     python benchmarks/bench_vs_peft.py --device cuda         # GPU, the shapes of the performance issue (0.85 B, bf16)
     python benchmarks/bench_vs_peft.py --sections train fwd  # a subset: train fwd mixed attach compile profile
+    python benchmarks/bench_vs_peft.py --device cuda --sections train --repeat 3  # each training row 3 times,
+                                                             # interleaved, on fresh models: the median is kept
 
 Prints a table of ratios and writes JSON (--out, default benchmarks/results-<device>.json).
 """
@@ -45,6 +47,7 @@ class Bench:
         self.ids = torch.randint(0, vocab, (self.shape["batch"], self.shape["seq"]), generator=g).to(device)
         self.mixed_ids = torch.randint(0, vocab, (self.shape["mixed_batch"], self.shape["mixed_seq"]), generator=g).to(device)
         self.results: dict = {}
+        self.repeat = 1
 
     # ---- helpers ----------------------------------------------------------------------------------------
     def sync(self) -> None:
@@ -112,13 +115,18 @@ class Bench:
                 opt.step(); opt.zero_grad(set_to_none=True)
         return step
 
+    def record(self, key: str, ms: float, **extra) -> None:
+        """Keep a training row; with --repeat, every measurement is listed and the median is the row's figure."""
+        row = self.results.setdefault("train", {}).setdefault(key, {"runs_ms": []})
+        row["runs_ms"].append(round(ms, 2))
+        row.update(step_ms=round(statistics.median(row["runs_ms"]), 2), peak_gib=self.peak_gib(), **extra)
+
     def measure_train(self, key: str, build) -> None:
         self.fresh()
         model = build()
         model.train()
         ms = self.time_ms(self.train_step(model))
-        self.results.setdefault("train", {})[key] = {"step_ms": round(ms, 2), "peak_gib": self.peak_gib(),
-                                                     "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        self.record(key, ms, trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
         print(f"  train {key:34s} {ms:9.2f} ms  peak {self.peak_gib()} GiB", flush=True)
         del model
         self.fresh()
@@ -134,17 +142,18 @@ class Bench:
             x = emb(ids).detach().requires_grad_(True)
             model(inputs_embeds=x, labels=ids, use_cache=False).loss.backward()
         ms = self.time_ms(step)
-        self.results.setdefault("train", {})["floor"] = {"step_ms": round(ms, 2), "peak_gib": self.peak_gib()}
+        self.record("floor", ms)
         print(f"  train {'floor (frozen, dx only)':34s} {ms:9.2f} ms  peak {self.peak_gib()} GiB", flush=True)
         del model
         self.fresh()
 
     def section_train(self) -> None:
-        self.floor()
-        for p in (0.05, 0.0):
-            self.measure_train(f"peft_default_drop{p}", lambda p=p: self.peft(p, autocast=True))
-            self.measure_train(f"peft_bf16_drop{p}", lambda p=p: self.peft(p, autocast=False))
-            self.measure_train(f"surgery_drop{p}", lambda p=p: self.ours(p))
+        for _ in range(self.repeat):
+            self.floor()
+            for p in (0.05, 0.0):
+                self.measure_train(f"peft_default_drop{p}", lambda p=p: self.peft(p, autocast=True))
+                self.measure_train(f"peft_bf16_drop{p}", lambda p=p: self.peft(p, autocast=False))
+                self.measure_train(f"surgery_drop{p}", lambda p=p: self.ours(p))
 
     def section_compile(self) -> None:
         for p in (0.05, 0.0):
@@ -348,6 +357,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sections", nargs="*", default=["train", "fwd", "mixed", "attach"],
                         choices=["train", "compile", "fwd", "mixed", "attach", "profile"])
+    parser.add_argument("--repeat", type=int, default=1, help="measure each training row this many times")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.device == "cpu":
@@ -356,6 +366,7 @@ def main() -> None:
     import transformers
 
     bench = Bench(args.device)
+    bench.repeat = args.repeat
     bench.results["meta"] = {"date": str(date.today()), "device": torch.cuda.get_device_name() if bench.cuda else platform.processor() or "cpu",
                              "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                              "surgery": surgery.__version__, "python": sys.version.split()[0],

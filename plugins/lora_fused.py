@@ -2,10 +2,11 @@
 
 Against a plain module composition it saves kernels and memory: the LoRA update is accumulated into the base
 output in place (addmm), the input gradient of base and branch is one matmul plus one in-place addmm (or, for a
-layer wider in than out, one matmul over [dy | dh] and [W; A], which moves fewer bytes than updating dx), and with
-dropout the mask is not stored but regenerated in backward from a per-call seed, so no copy of the layer input
-is kept alive. Used by LoraBranch when it is the only branch at a plain nn.Linear site (not under torch.compile,
-which fuses the plain composition itself).
+layer wider in than out, one matmul over [dy | dh] and [W; A], which moves fewer bytes than updating dx), and
+no copy of the layer input is made for backward: with dropout the mask is drawn again in backward (on CUDA by
+the kernels of lora_kernels, elsewhere by replaying torch's dropout from the saved random state), and an input
+that is a product autograd keeps anyway is kept as its factors (lora_saved_input). Used by LoraBranch when it
+is the only branch at a plain nn.Linear site (not under torch.compile, which fuses the plain composition itself).
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from surgery_plugins import lora_kernels
+from surgery_plugins.lora_saved_input import kept, restored
 
 def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverted dropout in one fused kernel: (dropped x, keep mask)."""
@@ -41,39 +45,58 @@ class LoraLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, scale: float, p: float) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        ctx.rng = rng_state(x.device) if p > 0 else None
-        xd = dropout(x2, p)[0] if p > 0 else x2
+        saved = kept(x)
+        ctx.kernels = lora_kernels.usable(x, a.shape[0]) and (p > 0 or len(saved) == 2)
+        ctx.seed = lora_kernels.new_seed() if ctx.kernels and p > 0 else 0
+        ctx.rng = rng_state(x.device) if p > 0 and not ctx.kernels else None
         y = F.linear(x2, weight, bias)
-        h = xd @ a.t()
+        if ctx.kernels and p > 0:
+            h = lora_kernels.dropped_down(x2, a, 1, p, ctx.seed)
+        else:
+            h = (dropout(x2, p)[0] if p > 0 else x2) @ a.t()
         y.addmm_(h, b.t(), alpha=scale)
-        ctx.save_for_backward(x, weight, a, b, h)
-        ctx.scale, ctx.p, ctx.has_bias = scale, p, bias is not None
+        ctx.save_for_backward(weight, a, b, h, *saved)
+        ctx.scale, ctx.p, ctx.has_bias, ctx.shape = scale, p, bias is not None, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
-        x, weight, a, b, h = ctx.saved_tensors
+        weight, a, b, h, *saved = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        x2 = x.reshape(-1, x.shape[-1])
+        d_in = ctx.shape[-1]
         dy2 = dy.reshape(-1, dy.shape[-1])
         dh = dy2 @ (b * ctx.scale)
-        xd, mask = replay_dropout(x2, ctx.p, ctx.rng) if ctx.p > 0 else (x2, None)
         dx = dw = dbias = da = db = None
         if need_b:
             db = (dy2.t() @ h).mul_(ctx.scale)
-        if need_a:
-            da = dh.t() @ xd
-        del xd
-        if need_x:
-            if mask is None and x2.shape[0] * (x2.shape[1] - dy2.shape[1]) > weight.numel():
-                dx = torch.cat([dy2, dh], dim=1) @ torch.cat([weight, a])  # one matmul: cheaper than updating dx
-            elif mask is None:
-                dx = (dy2 @ weight).addmm_(dh, a)
-            else:
-                dx = torch.ops.aten.native_dropout_backward(dh @ a, mask, 1.0 / (1.0 - ctx.p)).addmm_(dy2, weight)
-            dx = dx.view(x.shape)
+        wide_in = dy2.shape[0] * (d_in - dy2.shape[1]) > weight.numel()
+        if ctx.kernels:  # dA (and the masked part of dx) in one pass over x, or over its two factors
+            factors = tuple(t.reshape(-1, d_in) for t in saved)
+            if need_x and ctx.p == 0 and wide_in:
+                dx = torch.cat([dy2, dh], dim=1) @ torch.cat([weight, a])
+            elif need_x:
+                dx = dy2 @ weight
+            masked_dx = dx if need_x and not (ctx.p == 0 and wide_in) else None
+            if need_a or masked_dx is not None:
+                da = lora_kernels.input_grads(factors, dh, a, 1, ctx.p, ctx.seed, masked_dx).to(a.dtype)
+            x2 = restored(factors) if need_w else None
+        else:
+            x2 = restored(saved).reshape(-1, d_in)
+            xd, mask = replay_dropout(x2, ctx.p, ctx.rng) if ctx.p > 0 else (x2, None)
+            if need_a:
+                da = dh.t() @ xd
+            del xd
+            if need_x:
+                if mask is None and wide_in:
+                    dx = torch.cat([dy2, dh], dim=1) @ torch.cat([weight, a])  # one matmul: cheaper than updating dx
+                elif mask is None:
+                    dx = (dy2 @ weight).addmm_(dh, a)
+                else:
+                    dx = torch.ops.aten.native_dropout_backward(dh @ a, mask, 1.0 / (1.0 - ctx.p)).addmm_(dy2, weight)
+        if dx is not None:
+            dx = dx.view(ctx.shape)
         if need_w:
             dw = dy2.t() @ x2
         if need_bias and ctx.has_bias:
             dbias = dy2.sum(0)
-        return dx, dw, dbias, da, db, None, None
+        return dx, dw, dbias, (da if need_a else None), db, None, None

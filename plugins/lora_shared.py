@@ -11,8 +11,9 @@ function computes every y_i = x @ W_i.T + b_i + x @ A_i.T @ B_i.T * s_i at once:
   dx += dh @ [A_1; A_2; ...] once for all branches; dB_i = s_i dy_i.T @ h_i. The returned input gradient is a
   column view of the [dx | dh] buffer.
 
-Without dropout only: with it every branch needs its own masked input, and the per-branch fused linear
-(lora_fused) serves as well (measured: no gain from sharing, see benchmarks/README.md).
+With dropout (CUDA, equal ranks: the kernels of lora_kernels), every member keeps its own mask: h comes from
+one kernel that drops x per member on the fly, and dA with the masked dx update from one kernel in backward,
+which draws the masks again; elsewhere a group with dropout declines and its branches compute one by one.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from surgery_plugins import lora_kernels
 
 
 PER_MEMBER = 4  # weight, bias, A, B
@@ -33,15 +36,17 @@ def _scaled_blocks(b_s: tuple[torch.Tensor, ...], scales: tuple[float, ...], dty
 
 
 class SharedInputLora(torch.autograd.Function):
-    """Outputs of several LoRA-adapted linears (no dropout) on one input; see the module docstring."""
+    """Outputs of several LoRA-adapted linears on one input, dropout `p` (> 0: kernels only); see the module
+    docstring."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scales: tuple[float, ...], *members: torch.Tensor | None
+    def forward(ctx: Any, x: torch.Tensor, scales: tuple[float, ...], p: float, *members: torch.Tensor | None
                 ) -> tuple[torch.Tensor, ...]:
         weights, biases, a_s, b_s = (members[k::PER_MEMBER] for k in range(PER_MEMBER))
         x2 = x.reshape(-1, x.shape[-1])
         a_cat = torch.cat(a_s)
-        h = x2 @ a_cat.t()
+        ctx.p, ctx.seed = p, lora_kernels.new_seed() if p > 0 else 0
+        h = lora_kernels.dropped_down(x2, a_cat, len(a_s), p, ctx.seed) if p > 0 else x2 @ a_cat.t()
         blocks = _scaled_blocks(b_s, scales, x.dtype)  # [Σ out_i, Σ r_i]
         x_ext = torch.cat([x2, h], dim=1)
         outs, row = [], 0
@@ -58,7 +63,7 @@ class SharedInputLora(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *dys: torch.Tensor | None):
         x, h, a_cat, blocks, *weights = ctx.saved_tensors
-        needs = ctx.needs_input_grad  # x, scales, then 4 per member
+        needs = ctx.needs_input_grad[:2] + ctx.needs_input_grad[3:]  # x, scales, then 4 per member
         x2 = x.reshape(-1, x.shape[-1])
         d_in = x2.shape[1]
         grads: list[torch.Tensor | None] = [None] * (PER_MEMBER * len(dys))
@@ -77,16 +82,23 @@ class SharedInputLora(torch.autograd.Function):
                     grads[base + 3] = (dy2.t() @ h[:, col:col + r]).mul_(ctx.scales[i])
             row, col = row + out, col + r
         if ext is None:
-            return (None, None, *grads)
-        dh, dx = ext[:, d_in:].clone(), ext[:, :d_in]
+            return (None, None, None, *grads)
+        dx = ext[:, :d_in]
+        if ctx.p > 0:  # dA and the masked dx update in one kernel, which draws the forward's masks again
+            da = lora_kernels.input_grads((x2,), ext[:, d_in:], a_cat, len(ctx.ranks), ctx.p, ctx.seed,
+                                          dx if needs[0] else None).to(a_cat.dtype)
+            for i, r in enumerate(ctx.ranks):
+                grads[PER_MEMBER * i + 2] = da[i * r:(i + 1) * r]
+            return (dx.view(x.shape) if needs[0] else None, None, None, *grads)
+        dh = ext[:, d_in:].clone()
         if any(needs[4::PER_MEMBER]):
             da, col = dh.t() @ x2, 0
             for i, r in enumerate(ctx.ranks):
                 grads[PER_MEMBER * i + 2], col = da[col:col + r], col + r
         if not needs[0]:
-            return (None, None, *grads)
+            return (None, None, None, *grads)
         dx.addmm_(dh, a_cat)
-        return (dx.view(x.shape), None, *grads)
+        return (dx.view(x.shape), None, None, *grads)
 
 
 def _version(t: torch.Tensor | None) -> int:
@@ -100,7 +112,7 @@ class SharedInput:
     member takes its own when called with that same tensor, unchanged (version counters of the input and of
     the member's weight, bias, A and B) and in the same grad mode. Only members that run alone at their sites
     (`Branch.runs_alone`) take part; anything else (a member at a non-linear or other-dtype base, dropout in
-    training, compile) declines, and the branch computes by itself.
+    training where the kernels do not serve, compile) declines, and the branch computes by itself.
     """
 
     def __init__(self, members: list[Any]):
@@ -126,9 +138,12 @@ class SharedInput:
             return NotImplemented
         per_member = [self._tensors(i) for i in live]
         branches = [self.members[i] for i in live]
-        if any(b.training and isinstance(b.dropout, torch.nn.Dropout) for b in branches):
+        rates = {b.dropout.p if b.training and isinstance(b.dropout, torch.nn.Dropout) else 0.0 for b in branches}
+        ranks = {b.lora_A.shape[0] for b in branches}
+        p = rates.pop()
+        if rates or p > 0 and (len(ranks) > 1 or not lora_kernels.usable(x, ranks.pop())):
             return NotImplemented
-        outs = SharedInputLora.apply(x, tuple(b.scale for b in branches), *(t for ts in per_member for t in ts))
+        outs = SharedInputLora.apply(x, tuple(b.scale for b in branches), p, *(t for ts in per_member for t in ts))
         self._pending = {i: (x, self._key(x, ts), out) for i, ts, out in zip(live, per_member, outs) if i != index}
         return outs[live.index(index)]
 

@@ -64,7 +64,7 @@ def test_shared_input_lora_matches_float64_formula(frozen, used):
                     torch.randn(out, generator=g, dtype=torch.float64, requires_grad=not frozen) if has_bias else None,
                     torch.randn(r, 16, generator=g, dtype=torch.float64, requires_grad=True),
                     torch.randn(out, r, generator=g, dtype=torch.float64, requires_grad=True)]
-    outs = SharedInputLora.apply(x, scales, *tensors)
+    outs = SharedInputLora.apply(x, scales, 0.0, *tensors)
     leaves = [t for t in (x, *tensors) if t is not None and t.requires_grad]
     dys = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
     grads = torch.autograd.grad([outs[i] for i in used], leaves, [dys[i] for i in used], allow_unused=True)
@@ -113,7 +113,7 @@ def test_fused_path_is_taken_only_where_it_applies(monkeypatch):
     calls, shared = [], []
     real, real_shared = LoraLinear.apply, SharedInputLora.apply
     monkeypatch.setattr(LoraLinear, "apply", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(SharedInputLora, "apply", lambda *a: shared.append(len(a) - 2) or real_shared(*a))
+    monkeypatch.setattr(SharedInputLora, "apply", lambda *a: shared.append(len(a) - 3) or real_shared(*a))
     llama = tiny.build("llama")
     surgery.attach(llama, "lora-all-linear", name="a")
     logits(llama, ids())

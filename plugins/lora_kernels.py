@@ -1,0 +1,226 @@
+"""Triton kernels for the two LoRA steps that read the whole layer input: h = drop(x) @ A.T in forward, and
+dA = dh.T @ drop(x) with dx += drop'(dh @ A) in backward, each in one pass over x.
+
+With dropout, every member i of a group reading one x gets its own keep mask, a pure function of (seed + i,
+row, column): the forward kernel draws it, the backward kernel draws it again, so no mask and no dropped copy of
+x is ever stored. The mask uses 16-bit uniforms from Philox-4x32 (7 rounds; 8 uniforms per draw): an element is
+kept when its uniform is at least round(p * 65536), and kept values are scaled by 65536 / (65536 - that), the
+exact inverse of the keep probability, so the dropout stays unbiased (its drop rate is p to within 2**-17).
+
+The backward kernel can also read x as the product of two saved tensors (see lora_saved_input), so a layer
+input such as an MLP's act(gate) * up need not be kept. Kernels run on CUDA for float16 and bfloat16; `usable`
+says when. With TRITON_INTERPRET=1 they run on the CPU too (the tests check them so against float64).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (CPU-only torch): callers take their plain-torch path
+    triton = None
+
+DEVICES = {"cuda"}  # where the kernels are used; the tests add "cpu" under TRITON_INTERPRET=1
+DTYPES = {torch.float16, torch.bfloat16}
+MAX_GROUP = 3  # members per backward launch; larger groups take several launches
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def usable(x: torch.Tensor, rank: int) -> bool:
+    """Whether the kernels serve input `x` and LoRA rank `rank`."""
+    return triton is not None and x.device.type in DEVICES and x.dtype in DTYPES and rank <= 128
+
+
+def threshold(p: float) -> tuple[int, float]:
+    """(t, scale): keep where the 16-bit uniform is >= t; kept values are multiplied by scale."""
+    t = round(p * 65536)
+    return t, 65536.0 / (65536 - t)
+
+
+def new_seed() -> int:
+    """A seed for one call's masks, from torch's CPU generator (so torch.manual_seed makes runs repeatable)."""
+    return int(torch.randint(0, 2 ** 31 - 1, ()))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _keep(seed, rows, col0, K: tl.constexpr, T16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+        """[BM, BK] keep mask for rows `rows` and columns col0 .. col0 + BK (col0 a multiple of 8)."""
+        groups = col0 // 8 + tl.arange(0, BK // 8)
+        offsets = rows[:, None].to(tl.int64) * ((K + 7) // 8) + groups[None, :]
+        r0, r1, r2, r3 = tl.randint4x(seed, offsets, 7)
+        lo = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))
+        hi = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
+        return tl.reshape(tl.join(lo, hi), [BM, BK]) >= T16
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _mask_kernel(out_ptr, M, seed, K: tl.constexpr, T16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        col0 = tl.program_id(1) * BK
+        cols = col0 + tl.arange(0, BK)
+        keep = _keep(seed, rows, col0, K, T16, BM, BK)
+        inside = (rows[:, None] < M) & (cols[None, :] < K)
+        tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8), mask=inside)
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _down_kernel(x_ptr, a_ptr, h_ptr, M, seed, SX: tl.constexpr, SH: tl.constexpr, K: tl.constexpr,
+                     T16: tl.constexpr, SCALE: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
+                     BK: tl.constexpr, ACC: tl.constexpr):
+        """h[:, i*R:(i+1)*R] = (x * keep_i) @ A_i.T * SCALE for member i = program_id(0)."""
+        member = tl.program_id(0)
+        rows = tl.program_id(1) * BM + tl.arange(0, BM)
+        rr = tl.arange(0, RP)
+        acc = tl.zeros([BM, RP], ACC)
+        for col0 in range(0, K, BK):
+            cols = col0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + rows[:, None] * SX + cols[None, :],
+                        mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+            x = tl.where(_keep(seed + member, rows, col0, K, T16, BM, BK), x, 0.0)
+            a = tl.load(a_ptr + (member * R + rr[:, None]) * K + cols[None, :],
+                        mask=(rr[:, None] < R) & (cols[None, :] < K), other=0.0)
+            acc += tl.dot(x, tl.trans(a), out_dtype=ACC)
+        tl.store(h_ptr + rows[:, None] * SH + member * R + rr[None, :], (acc * SCALE).to(h_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < M) & (rr[None, :] < R))
+
+    @triton.jit
+    def _member_grads(acc, upd, x, member, rows, col0, cols, rr, dh_ptr, a_ptr, M, seed, SDH: tl.constexpr,
+                      K: tl.constexpr, T16: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                      DROPOUT: tl.constexpr, UPDATE_DX: tl.constexpr, ACC: tl.constexpr):
+        dh = tl.load(dh_ptr + rows[:, None] * SDH + member * R + rr[None, :],
+                     mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0)
+        if DROPOUT:
+            keep = _keep(seed + member, rows, col0, K, T16, BM, BK)
+            acc += tl.dot(tl.trans(dh), tl.where(keep, x, 0.0), out_dtype=ACC)
+        else:
+            acc += tl.dot(tl.trans(dh), x, out_dtype=ACC)
+        if UPDATE_DX:
+            a = tl.load(a_ptr + (member * R + rr[:, None]) * K + cols[None, :],
+                        mask=(rr[:, None] < R) & (cols[None, :] < K), other=0.0)
+            d = tl.dot(dh, a, out_dtype=ACC)
+            if DROPOUT:
+                d = tl.where(keep, d, 0.0)
+            upd += d
+        return acc, upd
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _grads_kernel(x_ptr, y_ptr, dh_ptr, a_ptr, dx_ptr, part_ptr, M, rows_per_program, seed, SX: tl.constexpr,
+                      SDH: tl.constexpr, SDX: tl.constexpr, SP: tl.constexpr, K: tl.constexpr, T16: tl.constexpr,
+                      SCALE: tl.constexpr, FIRST: tl.constexpr, N: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr, PRODUCT: tl.constexpr, DROPOUT: tl.constexpr,
+                      UPDATE_DX: tl.constexpr, ACC: tl.constexpr):
+        """For columns col0 .. col0 + BK and one range of rows: partial dA_i of members FIRST .. FIRST + N - 1,
+        and dx updated with their terms."""
+        col0 = tl.program_id(0) * BK
+        group = tl.program_id(1)
+        cols = col0 + tl.arange(0, BK)
+        rr = tl.arange(0, RP)
+        acc0 = tl.zeros([RP, BK], ACC)
+        acc1 = tl.zeros([RP, BK], ACC)
+        acc2 = tl.zeros([RP, BK], ACC)
+        first_row = group * rows_per_program
+        for start in range(first_row, first_row + rows_per_program, BM):
+            rows = start + tl.arange(0, BM)
+            inside = (rows[:, None] < M) & (cols[None, :] < K)
+            x = tl.load(x_ptr + rows[:, None] * SX + cols[None, :], mask=inside, other=0.0)
+            if PRODUCT:  # x = x * y, rounded as torch.mul rounds it
+                y = tl.load(y_ptr + rows[:, None] * SX + cols[None, :], mask=inside, other=0.0)
+                if x.dtype == tl.float64:
+                    x = x * y
+                else:
+                    x = (x.to(tl.float32) * y.to(tl.float32)).to(x.dtype)
+            upd = tl.zeros([BM, BK], ACC)
+            acc0, upd = _member_grads(acc0, upd, x, FIRST, rows, col0, cols, rr, dh_ptr, a_ptr, M, seed, SDH, K,
+                                      T16, R, BM, BK, DROPOUT, UPDATE_DX, ACC)
+            if N > 1:
+                acc1, upd = _member_grads(acc1, upd, x, FIRST + 1, rows, col0, cols, rr, dh_ptr, a_ptr, M, seed, SDH,
+                                          K, T16, R, BM, BK, DROPOUT, UPDATE_DX, ACC)
+            if N > 2:
+                acc2, upd = _member_grads(acc2, upd, x, FIRST + 2, rows, col0, cols, rr, dh_ptr, a_ptr, M, seed, SDH,
+                                          K, T16, R, BM, BK, DROPOUT, UPDATE_DX, ACC)
+            if UPDATE_DX:
+                dx_ptrs = dx_ptr + rows[:, None] * SDX + cols[None, :]
+                dx = tl.load(dx_ptrs, mask=inside, other=0.0)
+                tl.store(dx_ptrs, (dx.to(ACC) + upd * SCALE).to(dx_ptr.dtype.element_ty), mask=inside)
+        out = part_ptr + group * SP + rr[:, None] * K + cols[None, :]
+        store_mask = (rr[:, None] < R) & (cols[None, :] < K)
+        tl.store(out, acc0 * SCALE, mask=store_mask)
+        if N > 1:
+            tl.store(out + R * K, acc1 * SCALE, mask=store_mask)
+        if N > 2:
+            tl.store(out + 2 * R * K, acc2 * SCALE, mask=store_mask)
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _padded(rank: int) -> int:
+    return max(16, triton.next_power_of_2(rank))
+
+
+def keep_mask(rows: int, cols: int, seed: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The [rows, cols] keep mask (bool) of member 0 of a call with `seed` and dropout `p` (member i: seed + i)."""
+    out = torch.empty(rows, cols, dtype=torch.int8, device=device)
+    grid = (triton.cdiv(rows, 32), triton.cdiv(cols, 32))
+    _mask_kernel[grid](out, rows, seed, K=cols, T16=threshold(p)[0], BM=32, BK=32)
+    return out.bool()
+
+
+def dropped_down(x: torch.Tensor, a: torch.Tensor, members: int, p: float, seed: int) -> torch.Tensor:
+    """h = [drop_1(x) @ A_1.T | drop_2(x) @ A_2.T | ...] for x [M, K] and A = [A_1; A_2; ...] (equal ranks)."""
+    m, k = x.shape
+    r = a.shape[0] // members
+    t16, scale = threshold(p)
+    x, a = _last_contiguous(x), a.contiguous()
+    h = x.new_empty(m, members * r)
+    bm = 64
+    _down_kernel[(members, triton.cdiv(m, bm))](x, a, h, m, seed, SX=x.stride(0), SH=h.stride(0), K=k, T16=t16,
+                                                 SCALE=scale, R=r, RP=_padded(r), BM=bm, BK=64,
+                                                 ACC=_acc_dtype(x.dtype), num_warps=4)
+    return h
+
+
+def input_grads(x: tuple[torch.Tensor, ...], dh: torch.Tensor, a: torch.Tensor, members: int, p: float, seed: int,
+                dx: torch.Tensor | None) -> torch.Tensor:
+    """dA = [dh_i.T @ drop_i(x)]_i (float32, or float64 for float64 input), and, if dx is given, in place
+    dx += Σ_i drop_i'(dh_i @ A_i). `x` is (x,) or (u, v) for x = u * v; dh [M, members * r] may be a column
+    view, as may dx [M, K]. p = 0 means no dropout."""
+    first = x[0]
+    m, k = first.shape
+    r = a.shape[0] // members
+    t16, scale = threshold(p)
+    x = tuple(_last_contiguous(t) for t in x)
+    if len(x) == 2 and x[0].stride() != x[1].stride():
+        x = tuple(t.contiguous() for t in x)
+    dh, a = _last_contiguous(dh), a.contiguous()
+    bm, bk = 64, 64
+    col_blocks = triton.cdiv(k, bk)
+    wanted = max(1, 4 * _processors(first.device) // col_blocks)
+    rows_per_program = triton.cdiv(triton.cdiv(m, wanted), bm) * bm
+    groups = triton.cdiv(m, rows_per_program)
+    part = torch.empty(groups, members * r, k, dtype=torch.float64 if first.dtype == torch.float64 else torch.float32,
+                       device=first.device)
+    for lo in range(0, members, MAX_GROUP):
+        n = min(MAX_GROUP, members - lo)
+        _grads_kernel[(col_blocks, groups)](
+            x[0], x[-1], dh, a, dx if dx is not None else x[0], part[:, lo * r:], m, rows_per_program, seed,
+            SX=x[0].stride(0), SDH=dh.stride(0), SDX=dx.stride(0) if dx is not None else 0, SP=part.stride(0), K=k,
+            T16=t16, SCALE=scale, FIRST=lo, N=n, R=r, RP=_padded(r), BM=bm, BK=bk, PRODUCT=len(x) == 2, DROPOUT=p > 0,
+            UPDATE_DX=dx is not None, ACC=_acc_dtype(first.dtype), num_warps=4)
+    return part.sum(0)
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _processors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

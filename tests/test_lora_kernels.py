@@ -1,0 +1,205 @@
+"""LoRA's Triton kernels (dropout masks drawn twice, never stored; inputs kept as factors) against the float64
+formula, on the CPU through Triton's interpreter, or on CUDA in bfloat16 against a float64 reference."""
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+import surgery_plugins.lora_kernels as kernels  # noqa: E402
+from surgery_plugins.lora_fused import LoraLinear  # noqa: E402
+from surgery_plugins.lora_saved_input import kept  # noqa: E402
+from surgery_plugins.lora_shared import SharedInputLora  # noqa: E402
+
+DRAW_SEED = kernels.new_seed
+ON_GPU = torch.cuda.is_available() and not kernels.INTERPRETING
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float64
+
+
+@pytest.fixture
+def kernels_here(monkeypatch):
+    """Let the kernels serve this test's device and dtype (on the CPU: interpreted, float64)."""
+    monkeypatch.setattr(kernels, "DEVICES", {DEVICE})
+    monkeypatch.setattr(kernels, "DTYPES", {DTYPE})
+    monkeypatch.setattr(kernels, "new_seed", lambda: 20261122)
+
+
+def rand(*shape, g, grad=False):
+    t = torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE, DTYPE)
+    return t.requires_grad_(grad)
+
+
+def close(got, want):
+    """float64 on the CPU: to 1e-12; bfloat16 on CUDA: ‖got - want‖ / ‖want‖ under 1e-2."""
+    if not ON_GPU:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        return
+    error = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    assert error < 1e-2, f"relative error {error:.2e}"
+
+
+def masks(rows, cols, seed, p, n):
+    """Member i's mask as the float64 multiplier of the formula: keep / keep probability."""
+    return [kernels.keep_mask(rows, cols, seed + i, p, DEVICE).double() * kernels.threshold(p)[1] for i in range(n)]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_masks_keep_at_the_rate_asked_and_differ_between_members_and_seeds(p):
+    rows, cols = 200, 136  # 136: not a multiple of the tile
+    m0, again, m1 = (kernels.keep_mask(rows, cols, s, p, DEVICE) for s in (7, 7, 8))
+    assert torch.equal(m0, again)
+    rate, sigma = m0.double().mean().item(), (p * (1 - p) / m0.numel()) ** 0.5
+    assert abs(rate - (1 - p)) < 5 * sigma
+    assert abs((m0 != m1).double().mean().item() - 2 * p * (1 - p)) < 5 * sigma  # independent, not equal
+    assert kernels.keep_mask(rows, cols, 7, 0.0, DEVICE).all()
+    t, scale = kernels.threshold(0.05)
+    assert t == 3277 and abs((1 - t / 65536) * scale - 1) < 1e-15  # unbiased: scale is 1 / keep probability
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_dropped_down_matches_formula(members):
+    g = torch.Generator().manual_seed(1)
+    rows, cols, r, p, seed = 70, 90, 5, 0.3, 99
+    wide = rand(rows, cols + 7, g=g)
+    x = wide[:, 3:3 + cols]  # a strided view, as a layer input may be
+    a = rand(members * r, cols, g=g)
+    h = kernels.dropped_down(x, a, members, p, seed)
+    ms = masks(rows, cols, seed, p, members)
+    want = torch.cat([(x.double() * ms[i]) @ a[i * r:(i + 1) * r].double().T for i in range(members)], dim=1)
+    close(h, want)
+
+
+@pytest.mark.parametrize("members", [1, 2, 3, 4])  # 4: two launches
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("product", [False, True])
+@pytest.mark.parametrize("update_dx", [False, True])
+def test_input_grads_match_formula(members, p, product, update_dx):
+    g = torch.Generator().manual_seed(2)
+    rows, cols, r, seed = 90, 70, 3, 5
+    u, v = rand(rows, cols, g=g), rand(rows, cols, g=g)
+    x = u * v
+    a = rand(members * r, cols, g=g)
+    buf = rand(rows, cols + members * r, g=g)  # [dx | dh], as the shared function holds them
+    dx, dh = buf[:, :cols], buf[:, cols:]
+    dx_before = dx.double().clone()
+    da = kernels.input_grads((u, v) if product else (x,), dh, a, members, p, seed, dx if update_dx else None)
+    ones = torch.ones(rows, cols, dtype=torch.float64, device=DEVICE)
+    ms = masks(rows, cols, seed, p, members) if p else [ones] * members
+    dhs = [dh[:, i * r:(i + 1) * r].double() for i in range(members)]
+    close(da, torch.cat([dhs[i].T @ (x.double() * ms[i]) for i in range(members)]))
+    want_dx = dx_before + sum((dhs[i] @ a[i * r:(i + 1) * r].double()) * ms[i] for i in range(members))
+    close(dx, want_dx if update_dx else dx_before)
+
+
+def lora_formula(x, w, bias, a, b, scale, mask):
+    return F.linear(x, w, bias) + F.linear(F.linear(x * mask, a), b) * scale
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("out_features", [12, 4])  # 4: wider in than out
+def test_fused_linear_on_kernels_matches_formula_and_keeps_no_copy_of_a_product_input(kernels_here, frozen, p,
+                                                                                      out_features):
+    g = torch.Generator().manual_seed(3)
+    gate, up = rand(3, 5, 16, g=g, grad=True), rand(3, 5, 16, g=g, grad=True)
+    w, bias = rand(out_features, 16, g=g, grad=not frozen), rand(out_features, g=g, grad=not frozen)
+    a, b = rand(4, 16, g=g, grad=True), rand(out_features, 4, g=g, grad=True)
+    x = F.silu(gate) * up  # as an MLP feeds its down projection
+    assert len(kept(x)) == 2
+    out = LoraLinear.apply(x, w, bias, a, b, 0.7, p)
+    gone = weakref.ref(x)
+    del x
+    gc.collect()
+    assert gone() is None, "the layer input must not be kept alive: its factors are"
+    mask = masks(15, 16, 20261122, p, 1)[0].view(3, 5, 16) if p else 1.0
+    leaves = [t for t in (gate, up, w, bias, a, b) if t.requires_grad]
+    dy = rand(*out.shape, g=g)
+    grads = torch.autograd.grad(out, leaves, dy)
+    ref_leaves = [t.detach().double().requires_grad_(t.requires_grad) for t in (gate, up, w, bias, a, b)]
+    rg, ru, *params = ref_leaves
+    want = lora_formula(F.silu(rg) * ru, *params, 0.7, mask)
+    close(out, want)
+    want_grads = torch.autograd.grad(want, [t for t in ref_leaves if t.requires_grad], dy.double())
+    for got, ref in zip(grads, want_grads):
+        close(got, ref)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_shared_function_with_dropout_matches_formula_with_one_mask_per_member(kernels_here, frozen):
+    g = torch.Generator().manual_seed(4)
+    x = rand(3, 5, 16, g=g, grad=True)
+    tensors, outs_r = [], [12, 6, 6]
+    for out in outs_r:
+        tensors += [rand(out, 16, g=g, grad=not frozen), rand(out, g=g, grad=not frozen),
+                    rand(4, 16, g=g, grad=True), rand(out, 4, g=g, grad=True)]
+    scales = (0.7, 2.0, 1.5)
+    outs = SharedInputLora.apply(x, scales, 0.3, *tensors)
+    leaves = [t for t in (x, *tensors) if t.requires_grad]
+    dys = [rand(*o.shape, g=g) for o in outs]
+    grads = torch.autograd.grad(outs, leaves, dys)
+    ms = [m.view(3, 5, 16) for m in masks(15, 16, 20261122, 0.3, 3)]
+    ref = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, *tensors)]
+    want = [lora_formula(ref[0], *ref[1 + 4 * i:5 + 4 * i], scales[i], ms[i]) for i in range(3)]
+    for got, w in zip(outs, want):
+        close(got, w)
+    want_grads = torch.autograd.grad(want, [t for t in ref if t.requires_grad], [d.double() for d in dys])
+    for got, w in zip(grads, want_grads):
+        close(got, w)
+
+
+def test_a_product_input_is_kept_as_itself_where_its_factors_are_not_plain():
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(4, 8, generator=g, requires_grad=True)
+    assert len(kept(u * torch.randn(4, 8, generator=g))) == 1  # one factor not saved by autograd
+    assert len(kept(u * torch.randn(8, generator=g, requires_grad=True))) == 1  # broadcast
+    assert len(kept((u * u).mul_(2))) == 1  # changed in place since
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # checkpointing or offloading
+        assert len(kept(u * u)) == 1
+    assert len(kept(u * u)) == 2
+
+
+def test_training_steps_on_kernels(monkeypatch, kernels_here):
+    """Without dropout the step (down projections' dA from the factors of their input) matches the plain
+    composition; with dropout q/k/v and gate/up run together, each with its own masks, repeatably under
+    torch.manual_seed."""
+    import surgery
+    from surgery import tiny
+    from tests.conftest import ids
+
+    calls = []
+    real_shared, real_single = SharedInputLora.apply, LoraLinear.apply
+    monkeypatch.setattr(SharedInputLora, "apply", lambda *a: calls.append(("shared", a[2])) or real_shared(*a))
+    monkeypatch.setattr(LoraLinear, "apply", lambda *a: calls.append(("single", a[-1])) or real_single(*a))
+
+    monkeypatch.setattr(kernels, "new_seed", DRAW_SEED)  # masks from torch's generator, as in use
+
+    def step(dropout, fused=True, seed=0):
+        torch.manual_seed(0)
+        model = tiny.build("llama", dtype=torch.float64).train()
+        surgery.attach(model, surgery.RuleSet(name="d", rules=[surgery.Rule(
+            select=surgery.Selector(kinds=["linear"]), exclude=surgery.Selector(roles=["lm_head"]),
+            method="lora", params={"r": 4, "dropout": dropout})]), name="a")
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(n)))
+        with monkeypatch.context() as m:
+            if not fused:
+                m.setattr("surgery_plugins.lora.LoraBranch.fused_call", lambda *a: NotImplemented)
+            x = ids()
+            torch.manual_seed(seed)
+            model(input_ids=x, labels=x).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fast, plain = step(0.0), step(0.0, fused=False)
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-10, atol=1e-12)
+    calls.clear()
+    first, again, other = step(0.2), step(0.2), step(0.2, seed=1)
+    assert calls[:4] == [("shared", 0.2), ("single", 0.2), ("shared", 0.2), ("single", 0.2)]
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert any(not torch.equal(first[n], other[n]) for n in first if "lora_A" in n)
