@@ -38,8 +38,9 @@ SEVEN_B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, 
 
 
 class Bench:
-    def __init__(self, device: str):
+    def __init__(self, device: str, repeat: int = 1):
         self.device = device
+        self.repeat = repeat  # measurements of each training row
         self.shape = SHAPES["cuda" if device.startswith("cuda") else "cpu"]
         self.cuda = device.startswith("cuda")
         g = torch.Generator().manual_seed(0)
@@ -47,7 +48,6 @@ class Bench:
         self.ids = torch.randint(0, vocab, (self.shape["batch"], self.shape["seq"]), generator=g).to(device)
         self.mixed_ids = torch.randint(0, vocab, (self.shape["mixed_batch"], self.shape["mixed_seq"]), generator=g).to(device)
         self.results: dict = {}
-        self.repeat = 1
 
     # ---- helpers ----------------------------------------------------------------------------------------
     def sync(self) -> None:
@@ -365,8 +365,7 @@ def main() -> None:
     import peft
     import transformers
 
-    bench = Bench(args.device)
-    bench.repeat = args.repeat
+    bench = Bench(args.device, args.repeat)
     bench.results["meta"] = {"date": str(date.today()), "device": torch.cuda.get_device_name() if bench.cuda else platform.processor() or "cpu",
                              "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                              "surgery": surgery.__version__, "python": sys.version.split()[0],

@@ -69,16 +69,15 @@ class LoraLinear(torch.autograd.Function):
         dx = dw = dbias = da = db = None
         if need_b:
             db = (dy2.t() @ h).mul_(ctx.scale)
-        wide_in = dy2.shape[0] * (d_in - dy2.shape[1]) > weight.numel()
+        if need_x and ctx.p == 0 and dy2.shape[0] * (d_in - dy2.shape[1]) > weight.numel():
+            dx = torch.cat([dy2, dh], dim=1) @ torch.cat([weight, a])  # wide in: one matmul beats updating dx
         if ctx.kernels:  # dA (and the masked part of dx) in one pass over x, or over its two factors
             factors = tuple(t.reshape(-1, d_in) for t in saved)
-            if need_x and ctx.p == 0 and wide_in:
-                dx = torch.cat([dy2, dh], dim=1) @ torch.cat([weight, a])
-            elif need_x:
-                dx = dy2 @ weight
-            masked_dx = dx if need_x and not (ctx.p == 0 and wide_in) else None
-            if need_a or masked_dx is not None:
-                da = lora_kernels.input_grads(factors, dh, a, 1, ctx.p, ctx.seed, masked_dx).to(a.dtype)
+            update = None
+            if need_x and dx is None:
+                dx = update = dy2 @ weight  # the kernel adds the (masked) LoRA term in place
+            if need_a or update is not None:
+                da = lora_kernels.input_grads(factors, dh, a, 1, ctx.p, ctx.seed, update).to(a.dtype)
             x2 = restored(factors) if need_w else None
         else:
             x2 = restored(saved).reshape(-1, d_in)
@@ -86,10 +85,8 @@ class LoraLinear(torch.autograd.Function):
             if need_a:
                 da = dh.t() @ xd
             del xd
-            if need_x:
-                if mask is None and wide_in:
-                    dx = torch.cat([dy2, dh], dim=1) @ torch.cat([weight, a])  # one matmul: cheaper than updating dx
-                elif mask is None:
+            if need_x and dx is None:
+                if mask is None:
                     dx = (dy2 @ weight).addmm_(dh, a)
                 else:
                     dx = torch.ops.aten.native_dropout_backward(dh @ a, mask, 1.0 / (1.0 - ctx.p)).addmm_(dy2, weight)
