@@ -277,8 +277,24 @@ class Bench:
         self.results["attach_7b"] = {k: round(v, 3) for k, v in res.items()}
         print("  7b", self.results["attach_7b"], flush=True)
 
+    def host_and_wall_ms(self, step, n: int = 8) -> tuple[float, float]:
+        """Medians of the host's time to issue one step (no wait for the device) and of the step's wall time: where
+        the first reaches the second, the step is bound by the host, not by the GPU's kernels."""
+        for _ in range(2):
+            step()
+        self.sync()
+        host, wall = [], []
+        for _ in range(n):
+            start = time.perf_counter()
+            step()
+            host.append((time.perf_counter() - start) * 1000)
+            self.sync()
+            wall.append((time.perf_counter() - start) * 1000)
+        return statistics.median(host), statistics.median(wall)
+
     def section_profile(self) -> None:
-        """Kernel counts and CUDA time of one training step, by kind of kernel: where the time goes."""
+        """Kernel counts and CUDA time of one training step, by kind of kernel, and the host's time to issue it:
+        where the time goes."""
         from torch.profiler import ProfilerActivity, profile
 
         out = {}
@@ -293,9 +309,7 @@ class Bench:
             else:
                 model = build().train()
                 step = self.train_step(model)
-            for _ in range(2):
-                step()
-            self.sync()
+            host_ms, wall_ms = self.host_and_wall_ms(step)
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
             with profile(activities=activities) as prof:
                 step(); self.sync()
@@ -313,6 +327,8 @@ class Bench:
             top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:12]
             out[key]["top"] = [{"kernel": n, "count": len(v), "ms": round(sum(v) / 1000, 2)} for n, v in top]
             out[key]["total_kernels"] = sum(len(v) for v in kernels.values())
+            out[key]["kernel_ms"] = round(sum(sum(v) for v in kernels.values()) / 1000, 2)
+            out[key]["host_issue_ms"], out[key]["wall_ms"] = round(host_ms, 2), round(wall_ms, 2)
             print(f"  profile {key}: " + str({k: v for k, v in out[key].items() if k != "top"}), flush=True)
             for row in out[key]["top"]:
                 print(f"      {row['ms']:8.2f} ms {row['count']:5d}x  {row['kernel']}", flush=True)

@@ -65,10 +65,10 @@ class LoraLinear(torch.autograd.Function):
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         d_in = ctx.shape[-1]
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dh = dy2 @ (b * ctx.scale)
+        dh = torch.addmm(h, dy2, b, beta=0, alpha=ctx.scale)  # dy @ B * scale in one call (h: any [M, r], unread)
         dx = dw = dbias = da = db = None
         if need_b:
-            db = (dy2.t() @ h).mul_(ctx.scale)
+            db = torch.addmm(b, dy2.t(), h, beta=0, alpha=ctx.scale)  # dy.T @ h * scale (b unread)
         if need_x and ctx.p == 0 and dy2.shape[0] * (d_in - dy2.shape[1]) > weight.numel():
             dx = torch.cat([dy2, dh], dim=1) @ torch.cat([weight, a])  # wide in: one matmul beats updating dx
         if ctx.kernels:  # dA (and the masked part of dx) in one pass over x, or over its two factors

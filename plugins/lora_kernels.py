@@ -27,6 +27,13 @@ except ImportError:  # no Triton (CPU-only torch): callers take their plain-torc
 DEVICES = {"cuda"}  # where the kernels are used; the tests add "cpu" under TRITON_INTERPRET=1
 DTYPES = {torch.float16, torch.bfloat16}
 MAX_GROUP = 3  # members per backward launch; larger groups take several launches
+# Tile sizes and launch shapes, chosen by benchmarks/lora_kernel_configs.py on an H100 (the fastest summed over
+# one decoder layer's calls). "waves": programs per multiprocessor that the backward kernel's row ranges are
+# cut to.
+CONFIGS = {
+    "down": {"BM": 64, "BK": 128, "num_warps": 4, "num_stages": 3},
+    "grads": {"BM": 32, "BK": 128, "num_warps": 4, "num_stages": 3, "waves": 8},
+}
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -178,10 +185,10 @@ def dropped_down(x: torch.Tensor, a: torch.Tensor, members: int, p: float, seed:
     t16, scale = threshold(p)
     x, a = _last_contiguous(x), a.contiguous()
     h = x.new_empty(m, members * r)
-    bm = 64
-    _down_kernel[(members, triton.cdiv(m, bm))](x, a, h, m, seed, SX=x.stride(0), SH=h.stride(0), K=k, T16=t16,
-                                                 SCALE=scale, R=r, RP=_padded(r), BM=bm, BK=64,
-                                                 ACC=_acc_dtype(x.dtype), num_warps=4)
+    c = CONFIGS["down"]
+    _down_kernel[(members, triton.cdiv(m, c["BM"]))](
+        x, a, h, m, seed, SX=x.stride(0), SH=h.stride(0), K=k, T16=t16, SCALE=scale, R=r, RP=_padded(r), BM=c["BM"],
+        BK=c["BK"], ACC=_acc_dtype(x.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"])
     return h
 
 
@@ -198,10 +205,10 @@ def input_grads(x: tuple[torch.Tensor, ...], dh: torch.Tensor, a: torch.Tensor, 
     if len(x) == 2 and x[0].stride() != x[1].stride():
         x = tuple(t.contiguous() for t in x)
     dh, a = _last_contiguous(dh), a.contiguous()
-    bm, bk = 64, 64
-    col_blocks = triton.cdiv(k, bk)
-    wanted = max(1, 4 * _processors(first.device) // col_blocks)
-    rows_per_program = triton.cdiv(triton.cdiv(m, wanted), bm) * bm
+    c = CONFIGS["grads"]
+    col_blocks = triton.cdiv(k, c["BK"])
+    wanted = max(1, c["waves"] * _processors(first.device) // col_blocks)
+    rows_per_program = triton.cdiv(triton.cdiv(m, wanted), c["BM"]) * c["BM"]
     groups = triton.cdiv(m, rows_per_program)
     part = torch.empty(groups, members * r, k, dtype=torch.float64 if first.dtype == torch.float64 else torch.float32,
                        device=first.device)
@@ -210,8 +217,9 @@ def input_grads(x: tuple[torch.Tensor, ...], dh: torch.Tensor, a: torch.Tensor, 
         _grads_kernel[(col_blocks, groups)](
             x[0], x[-1], dh, a, dx if dx is not None else x[0], part[:, lo * r:], m, rows_per_program, seed,
             SX=x[0].stride(0), SDH=dh.stride(0), SDX=dx.stride(0) if dx is not None else 0, SP=part.stride(0), K=k,
-            T16=t16, SCALE=scale, FIRST=lo, N=n, R=r, RP=_padded(r), BM=bm, BK=bk, PRODUCT=len(x) == 2, DROPOUT=p > 0,
-            UPDATE_DX=dx is not None, ACC=_acc_dtype(first.dtype), num_warps=4)
+            T16=t16, SCALE=scale, FIRST=lo, N=n, R=r, RP=_padded(r), BM=c["BM"], BK=c["BK"], PRODUCT=len(x) == 2,
+            DROPOUT=p > 0, UPDATE_DX=dx is not None, ACC=_acc_dtype(first.dtype), num_warps=c["num_warps"],
+            num_stages=c["num_stages"])
     return part.sum(0)
 
 

@@ -31,7 +31,7 @@ PER_MEMBER = 4  # weight, bias, A, B
 def _scaled_blocks(b_s: tuple[torch.Tensor, ...], scales: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
     """block_diag(s_1 B_1, s_2 B_2, ...): row block i, columns [start_i, start_i + r_i) hold s_i B_i."""
     if len(set(scales)) == 1:
-        return torch.block_diag(*b_s).to(dtype) * scales[0]
+        return torch.block_diag(*b_s).to(dtype).mul_(scales[0])
     return torch.block_diag(*(b * s for b, s in zip(b_s, scales))).to(dtype)
 
 
@@ -54,7 +54,7 @@ class SharedInputLora(torch.autograd.Function):
             w_ext = torch.cat([w, blocks[row:row + w.shape[0]]], dim=1)  # [W_i | 0 .. s_i B_i .. 0]
             outs.append(F.linear(x_ext, w_ext, bias).view(*x.shape[:-1], w.shape[0]))
             row += w.shape[0]
-        ctx.save_for_backward(x, h, a_cat, blocks, *weights)
+        ctx.save_for_backward(x, h, a_cat, blocks, *weights, *b_s)
         ctx.scales, ctx.ranks = scales, [a.shape[0] for a in a_s]
         ctx.has_bias = [b is not None for b in biases]
         ctx.set_materialize_grads(False)
@@ -62,7 +62,8 @@ class SharedInputLora(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *dys: torch.Tensor | None):
-        x, h, a_cat, blocks, *weights = ctx.saved_tensors
+        x, h, a_cat, blocks, *rest = ctx.saved_tensors
+        weights, b_s = rest[:len(dys)], rest[len(dys):]
         needs = ctx.needs_input_grad[:2] + ctx.needs_input_grad[3:]  # x, scales, then 4 per member
         x2 = x.reshape(-1, x.shape[-1])
         d_in = x2.shape[1]
@@ -79,7 +80,7 @@ class SharedInputLora(torch.autograd.Function):
                 if needs[3 + base] and ctx.has_bias[i]:
                     grads[base + 1] = dy2.sum(0)
                 if needs[5 + base]:
-                    grads[base + 3] = (dy2.t() @ h[:, col:col + r]).mul_(ctx.scales[i])
+                    grads[base + 3] = torch.addmm(b_s[i], dy2.t(), h[:, col:col + r], beta=0, alpha=ctx.scales[i])
             row, col = row + out, col + r
         if ext is None:
             return (None, None, None, *grads)
@@ -87,18 +88,24 @@ class SharedInputLora(torch.autograd.Function):
         if ctx.p > 0:  # dA and the masked dx update in one kernel, which draws the forward's masks again
             da = lora_kernels.input_grads((x2,), ext[:, d_in:], a_cat, len(ctx.ranks), ctx.p, ctx.seed,
                                           dx if needs[0] else None).to(a_cat.dtype)
-            for i, r in enumerate(ctx.ranks):
-                grads[PER_MEMBER * i + 2] = da[i * r:(i + 1) * r]
+            _split_a_grads(grads, da, ctx.ranks, needs, dys)
             return (dx.view(x.shape) if needs[0] else None, None, None, *grads)
         dh = ext[:, d_in:].clone()
         if any(needs[4::PER_MEMBER]):
-            da, col = dh.t() @ x2, 0
-            for i, r in enumerate(ctx.ranks):
-                grads[PER_MEMBER * i + 2], col = da[col:col + r], col + r
+            _split_a_grads(grads, dh.t() @ x2, ctx.ranks, needs, dys)
         if not needs[0]:
             return (None, None, None, *grads)
         dx.addmm_(dh, a_cat)
         return (dx.view(x.shape), None, None, *grads)
+
+
+def _split_a_grads(grads: list, da: torch.Tensor, ranks: list[int], needs: tuple, dys: tuple) -> None:
+    """Hand each member that needs it its rows of dA (none to a member whose output had no gradient)."""
+    col = 0
+    for i, r in enumerate(ranks):
+        if needs[4 + PER_MEMBER * i] and dys[i] is not None:
+            grads[PER_MEMBER * i + 2] = da[col:col + r]
+        col += r
 
 
 def _version(t: torch.Tensor | None) -> int:

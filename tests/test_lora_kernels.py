@@ -129,7 +129,8 @@ def test_fused_linear_on_kernels_matches_formula_and_keeps_no_copy_of_a_product_
 
 
 @pytest.mark.parametrize("frozen", [True, False])
-def test_shared_function_with_dropout_matches_formula_with_one_mask_per_member(kernels_here, frozen):
+@pytest.mark.parametrize("unused", [None, 1])  # a member whose output takes no part in the loss
+def test_shared_function_with_dropout_matches_formula_with_one_mask_per_member(kernels_here, frozen, unused):
     g = torch.Generator().manual_seed(4)
     x = rand(3, 5, 16, g=g, grad=True)
     tensors, outs_r = [], [12, 6, 6]
@@ -138,17 +139,21 @@ def test_shared_function_with_dropout_matches_formula_with_one_mask_per_member(k
                     rand(4, 16, g=g, grad=True), rand(out, 4, g=g, grad=True)]
     scales = (0.7, 2.0, 1.5)
     outs = SharedInputLora.apply(x, scales, 0.3, *tensors)
+    used = [i for i in range(3) if i != unused]
     leaves = [t for t in (x, *tensors) if t.requires_grad]
     dys = [rand(*o.shape, g=g) for o in outs]
-    grads = torch.autograd.grad(outs, leaves, dys)
+    grads = torch.autograd.grad([outs[i] for i in used], leaves, [dys[i] for i in used], allow_unused=True)
     ms = [m.view(3, 5, 16) for m in masks(15, 16, 20261122, 0.3, 3)]
     ref = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, *tensors)]
     want = [lora_formula(ref[0], *ref[1 + 4 * i:5 + 4 * i], scales[i], ms[i]) for i in range(3)]
     for got, w in zip(outs, want):
         close(got, w)
-    want_grads = torch.autograd.grad(want, [t for t in ref if t.requires_grad], [d.double() for d in dys])
+    want_grads = torch.autograd.grad([want[i] for i in used], [t for t in ref if t.requires_grad],
+                                     [dys[i].double() for i in used], allow_unused=True)
     for got, w in zip(grads, want_grads):
-        close(got, w)
+        assert (got is None) == (w is None), "a member without output gradient gets no gradient"
+        if w is not None:
+            close(got, w)
 
 
 def test_a_product_input_is_kept_as_itself_where_its_factors_are_not_plain():
@@ -162,6 +167,7 @@ def test_a_product_input_is_kept_as_itself_where_its_factors_are_not_plain():
     assert len(kept(u * u)) == 2
 
 
+@pytest.mark.skipif(ON_GPU, reason="a float64 model on the CPU: the kernels serve it through the interpreter only")
 def test_training_steps_on_kernels(monkeypatch, kernels_here):
     """Without dropout the step (down projections' dA from the factors of their input) matches the plain
     composition; with dropout q/k/v and gate/up run together, each with its own masks, repeatably under
