@@ -20,7 +20,7 @@ from surgery_plugins import lora_kernels as K
 
 T, R, P = 8192, 16, 0.05
 HIDDEN, MLP = 2048, 5632
-# One decoder layer's calls: (name, input width, member output widths, product input, dropout).
+# One decoder layer's calls: (name, input width, member output widths, whether the input is a product u * v).
 GROUPS = [("qkv", HIDDEN, [HIDDEN, 512, 512], False), ("o", HIDDEN, [HIDDEN], False),
           ("gate_up", HIDDEN, [MLP, MLP], False), ("down", MLP, [HIDDEN], True)]
 
