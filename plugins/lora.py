@@ -13,7 +13,7 @@ from torch import nn
 import surgery
 from surgery.method import Branch, Method, MethodParams, WeightEdit, input_of, branch_dtype, module_device
 from surgery.sites import Site
-from surgery_plugins.lora_fused import LoraLinear
+from surgery_plugins.lora_fused import lora_linear
 from surgery_plugins.lora_shared import SharedInput
 
 
@@ -80,16 +80,19 @@ class LoraBranch(Branch):
 
     def fused_call(self, base: nn.Module, args: tuple, kwargs: dict) -> Any:
         """Base linear and this branch as one autograd function (see lora_fused), where it applies."""
-        x = input_of(args, kwargs)
-        if (self.channels is not None or type(base) is not nn.Linear or torch.compiler.is_compiling()
-                or not isinstance(x, torch.Tensor) or x.dtype != self.lora_A.dtype or base.weight.dtype != x.dtype):
+        x = args[0] if args else input_of(args, kwargs)
+        if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling():
             return NotImplemented
-        if self.shared is not None:
+        if self.shared is not None:  # its members are plain linears without channels; it checks the rest
             out = self.shared.output(self.shared_index, x)
             if out is not NotImplemented:
                 return out
-        p = self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.training else 0.0
-        return LoraLinear.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scale, p)
+        a = self.lora_A
+        if self.channels is not None or type(base) is not nn.Linear or not x.dtype == a.dtype == base.weight.dtype:
+            return NotImplemented
+        dropout = self.dropout
+        p = dropout.p if self.training and isinstance(dropout, nn.Dropout) else 0.0
+        return lora_linear(x, base.weight, base.bias, a, self.lora_B, self.scale, p)
 
     @classmethod
     def prepare_routes(cls, branches: list["LoraBranch"]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -42,6 +42,7 @@ def usable(x: torch.Tensor, rank: int) -> bool:
     return triton is not None and x.device.type in DEVICES and x.dtype in DTYPES and rank <= 128
 
 
+@functools.lru_cache(maxsize=64)
 def threshold(p: float) -> tuple[int, float]:
     """(t, scale): keep where the 16-bit uniform is >= t; kept values are multiplied by scale."""
     t = round(p * 65536)
@@ -166,14 +167,28 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _padded(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))
+    """The rank padded for tl.dot: a power of two, at least 16."""
+    return max(16, 1 << (rank - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=256)
+def _grads_launch(m: int, k: int, device: torch.device, bm: int, bk: int, waves: int) -> tuple[int, int, int]:
+    """(column blocks, row ranges, rows per range) of the backward kernel's grid for an [m, k] input."""
+    col_blocks = _cdiv(k, bk)
+    wanted = max(1, waves * _processors(device) // col_blocks)
+    rows_per_program = _cdiv(_cdiv(m, wanted), bm) * bm
+    return col_blocks, _cdiv(m, rows_per_program), rows_per_program
 
 
 def keep_mask(rows: int, cols: int, seed: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
     """The [rows, cols] keep mask (bool) of member 0 of a call with `seed` and dropout `p` (member i: seed + i)."""
     out = torch.empty(rows, cols, dtype=torch.int8, device=device)
-    grid = (triton.cdiv(rows, 32), triton.cdiv(cols, 32))
+    grid = (_cdiv(rows, 32), _cdiv(cols, 32))
     _mask_kernel[grid](out, rows, seed, K=cols, T16=threshold(p)[0], BM=32, BK=32)
     return out.bool()
 
@@ -186,7 +201,7 @@ def dropped_down(x: torch.Tensor, a: torch.Tensor, members: int, p: float, seed:
     x, a = _last_contiguous(x), a.contiguous()
     h = x.new_empty(m, members * r)
     c = CONFIGS["down"]
-    _down_kernel[(members, triton.cdiv(m, c["BM"]))](
+    _down_kernel[(members, _cdiv(m, c["BM"]))](
         x, a, h, m, seed, SX=x.stride(0), SH=h.stride(0), K=k, T16=t16, SCALE=scale, R=r, RP=_padded(r), BM=c["BM"],
         BK=c["BK"], ACC=_acc_dtype(x.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"])
     return h
@@ -206,16 +221,14 @@ def input_grads(x: tuple[torch.Tensor, ...], dh: torch.Tensor, a: torch.Tensor, 
         x = tuple(t.contiguous() for t in x)
     dh, a = _last_contiguous(dh), a.contiguous()
     c = CONFIGS["grads"]
-    col_blocks = triton.cdiv(k, c["BK"])
-    wanted = max(1, c["waves"] * _processors(first.device) // col_blocks)
-    rows_per_program = triton.cdiv(triton.cdiv(m, wanted), c["BM"]) * c["BM"]
-    groups = triton.cdiv(m, rows_per_program)
+    col_blocks, groups, rows_per_program = _grads_launch(m, k, first.device, c["BM"], c["BK"], c["waves"])
     part = torch.empty(groups, members * r, k, dtype=torch.float64 if first.dtype == torch.float64 else torch.float32,
                        device=first.device)
     for lo in range(0, members, MAX_GROUP):
         n = min(MAX_GROUP, members - lo)
         _grads_kernel[(col_blocks, groups)](
-            x[0], x[-1], dh, a, dx if dx is not None else x[0], part[:, lo * r:], m, rows_per_program, seed,
+            x[0], x[-1], dh, a, dx if dx is not None else x[0], part[:, lo * r:] if lo else part, m, rows_per_program,
+            seed,
             SX=x[0].stride(0), SDH=dh.stride(0), SDX=dx.stride(0) if dx is not None else 0, SP=part.stride(0), K=k,
             T16=t16, SCALE=scale, FIRST=lo, N=n, R=r, RP=_padded(r), BM=c["BM"], BK=c["BK"], PRODUCT=len(x) == 2,
             DROPOUT=p > 0, UPDATE_DX=dx is not None, ACC=_acc_dtype(first.dtype), num_warps=c["num_warps"],

@@ -6,10 +6,10 @@ function computes every y_i = x @ W_i.T + b_i + x @ A_i.T @ B_i.T * s_i at once:
 - forward: one matmul h = x @ [A_1; A_2; ...].T for all branches, then each
   y_i = [x | h] @ [W_i | 0 .. s_i B_i .. 0].T: the LoRA update rides along in the base matmul instead of a
   separate read and write of y_i;
-- backward: [dx | dh] = Σ_i dy_i @ [W_i | 0 .. s_i B_i .. 0], one buffer accumulated in place, so dh comes out
-  of the base matmuls and the members' input gradients need no separate sum; then dA = dh.T @ x and
-  dx += dh @ [A_1; A_2; ...] once for all branches; dB_i = s_i dy_i.T @ h_i. The returned input gradient is a
-  column view of the [dx | dh] buffer.
+- backward: dx = Σ_i dy_i @ W_i and dh = Σ_i dy_i @ [0 .. s_i B_i .. 0], each accumulated in place (dx only
+  where x needs a gradient); then dA = dh.T @ x and dx += dh @ [A_1; A_2; ...] once for all branches;
+  dB_i = s_i dy_i.T @ h_i. (Widening the dx matmuls to [dx | dh] instead cost the H100 more than the skinny dh
+  matmuls: cuBLAS runs the widened shapes slower, and the widened weights had to be copied again.)
 
 With dropout (CUDA, equal ranks: the kernels of lora_kernels), every member keeps its own mask: h comes from
 one kernel that drops x per member on the fly, and dA with the masked dx update from one kernel in backward,
@@ -35,6 +35,29 @@ def _scaled_blocks(b_s: tuple[torch.Tensor, ...], scales: tuple[float, ...], dty
     return torch.block_diag(*(b * s for b, s in zip(b_s, scales))).to(dtype)
 
 
+def _outputs(x: torch.Tensor, h: torch.Tensor, blocks: torch.Tensor, weights: tuple, biases: tuple
+             ) -> list[torch.Tensor]:
+    """y_i = [x | h] @ [W_i | 0 .. s_i B_i .. 0].T + b_i for every member, with `blocks` from _scaled_blocks."""
+    x_ext = torch.cat([x.reshape(-1, x.shape[-1]), h], dim=1)
+    outs, row = [], 0
+    for w, bias in zip(weights, biases):
+        w_ext = torch.cat([w, blocks[row:row + w.shape[0]]], dim=1)  # [W_i | 0 .. s_i B_i .. 0]
+        outs.append(F.linear(x_ext, w_ext, bias).view(*x.shape[:-1], w.shape[0]))
+        row += w.shape[0]
+    return outs
+
+
+def shared_outputs(x: torch.Tensor, scales: tuple[float, ...], p: float, *members: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, ...]:
+    """`SharedInputLora`'s outputs. Where autograd records nothing and there is no dropout (inference) they are
+    computed by the same plain ops, without the autograd function's per-call cost."""
+    if p > 0 or torch.is_grad_enabled():
+        return SharedInputLora.apply(x, scales, p, *members)
+    weights, biases, a_s, b_s = (members[k::PER_MEMBER] for k in range(PER_MEMBER))
+    h = x.reshape(-1, x.shape[-1]) @ torch.cat(a_s).t()
+    return tuple(_outputs(x, h, _scaled_blocks(b_s, scales, x.dtype), weights, biases))
+
+
 class SharedInputLora(torch.autograd.Function):
     """Outputs of several LoRA-adapted linears on one input, dropout `p` (> 0: kernels only); see the module
     docstring."""
@@ -48,12 +71,7 @@ class SharedInputLora(torch.autograd.Function):
         ctx.p, ctx.seed = p, lora_kernels.new_seed() if p > 0 else 0
         h = lora_kernels.dropped_down(x2, a_cat, len(a_s), p, ctx.seed) if p > 0 else x2 @ a_cat.t()
         blocks = _scaled_blocks(b_s, scales, x.dtype)  # [Σ out_i, Σ r_i]
-        x_ext = torch.cat([x2, h], dim=1)
-        outs, row = [], 0
-        for w, bias in zip(weights, biases):
-            w_ext = torch.cat([w, blocks[row:row + w.shape[0]]], dim=1)  # [W_i | 0 .. s_i B_i .. 0]
-            outs.append(F.linear(x_ext, w_ext, bias).view(*x.shape[:-1], w.shape[0]))
-            row += w.shape[0]
+        outs = _outputs(x, h, blocks, weights, biases)
         ctx.save_for_backward(x, h, a_cat, blocks, *weights, *b_s)
         ctx.scales, ctx.ranks = scales, [a.shape[0] for a in a_s]
         ctx.has_bias = [b is not None for b in biases]
@@ -66,15 +84,17 @@ class SharedInputLora(torch.autograd.Function):
         weights, b_s = rest[:len(dys)], rest[len(dys):]
         needs = ctx.needs_input_grad[:2] + ctx.needs_input_grad[3:]  # x, scales, then 4 per member
         x2 = x.reshape(-1, x.shape[-1])
-        d_in = x2.shape[1]
         grads: list[torch.Tensor | None] = [None] * (PER_MEMBER * len(dys))
-        ext, row, col = None, 0, 0  # [dx | dh]
+        dx = dh = None
+        row = col = 0
         for i, (dy, w, r) in enumerate(zip(dys, weights, ctx.ranks)):
             out, base = w.shape[0], PER_MEMBER * i
             if dy is not None:
                 dy2 = dy.reshape(-1, out)
-                w_ext = torch.cat([w, blocks[row:row + out]], dim=1)
-                ext = dy2 @ w_ext if ext is None else ext.addmm_(dy2, w_ext)
+                if needs[0]:
+                    dx = dy2 @ w if dx is None else dx.addmm_(dy2, w)
+                block = blocks[row:row + out]  # [0 .. s_i B_i .. 0]: dh gets member i's columns only
+                dh = dy2 @ block if dh is None else dh.addmm_(dy2, block)
                 if needs[2 + base]:
                     grads[base] = dy2.t() @ x2
                 if needs[3 + base] and ctx.has_bias[i]:
@@ -82,21 +102,17 @@ class SharedInputLora(torch.autograd.Function):
                 if needs[5 + base]:
                     grads[base + 3] = torch.addmm(b_s[i], dy2.t(), h[:, col:col + r], beta=0, alpha=ctx.scales[i])
             row, col = row + out, col + r
-        if ext is None:
+        if dh is None:
             return (None, None, None, *grads)
-        dx = ext[:, :d_in]
         if ctx.p > 0:  # dA and the masked dx update in one kernel, which draws the forward's masks again
-            da = lora_kernels.input_grads((x2,), ext[:, d_in:], a_cat, len(ctx.ranks), ctx.p, ctx.seed,
-                                          dx if needs[0] else None).to(a_cat.dtype)
+            da = lora_kernels.input_grads((x2,), dh, a_cat, len(ctx.ranks), ctx.p, ctx.seed, dx).to(a_cat.dtype)
             _split_a_grads(grads, da, ctx.ranks, needs, dys)
-            return (dx.view(x.shape) if needs[0] else None, None, None, *grads)
-        dh = ext[:, d_in:].clone()
-        if any(needs[4::PER_MEMBER]):
-            _split_a_grads(grads, dh.t() @ x2, ctx.ranks, needs, dys)
-        if not needs[0]:
-            return (None, None, None, *grads)
-        dx.addmm_(dh, a_cat)
-        return (dx.view(x.shape), None, None, *grads)
+        else:
+            if any(needs[4::PER_MEMBER]):
+                _split_a_grads(grads, dh.t() @ x2, ctx.ranks, needs, dys)
+            if dx is not None:
+                dx.addmm_(dh, a_cat)
+        return (None if dx is None else dx.view(x.shape), None, None, *grads)
 
 
 def _split_a_grads(grads: list, da: torch.Tensor, ranks: list[int], needs: tuple, dys: tuple) -> None:
@@ -108,8 +124,14 @@ def _split_a_grads(grads: list, da: torch.Tensor, ranks: list[int], needs: tuple
         col += r
 
 
-def _version(t: torch.Tensor | None) -> int:
-    return -1 if t is None or t.is_inference() else t._version
+def _versions(x: torch.Tensor, tensors: tuple) -> tuple:
+    """Grad mode and the version counters of `x` and `tensors` (None skipped): an output computed earlier is
+    still valid while these are equal, since counters only grow. Inference tensors have no counter (None)."""
+    try:
+        return (torch.is_grad_enabled(), x._version, *[t._version for t in tensors if t is not None])
+    except RuntimeError:
+        return (torch.is_grad_enabled(), *[None if t.is_inference() else t._version for t in (x, *tensors)
+                                           if t is not None])
 
 
 class SharedInput:
@@ -124,35 +146,41 @@ class SharedInput:
 
     def __init__(self, members: list[Any]):
         self.members = members  # LoraBranch objects, each with its site's module as `base_module`
-        self._pending: dict[int, tuple[torch.Tensor, tuple, torch.Tensor]] = {}  # index -> (x, key, output)
+        self._pending: dict[int, tuple[torch.Tensor, tuple, torch.Tensor]] = {}  # index -> (x, versions, output)
 
     def _tensors(self, index: int) -> tuple:
         branch = self.members[index]
         base = branch.base_module
         return base.weight, base.bias, branch.lora_A, branch.lora_B
 
-    def _key(self, x: torch.Tensor, tensors: tuple) -> tuple:
-        return (_version(x), torch.is_grad_enabled(), *(_version(t) for t in tensors))
+    def _live(self, x: torch.Tensor) -> list[tuple[int, Any, tuple]]:
+        """(index, branch, its tensors) of the members that can compute together on `x`."""
+        live = []
+        for i, branch in enumerate(self.members):
+            base = branch.base_module
+            if branch.runs_alone and type(base) is torch.nn.Linear and base.in_features == x.shape[-1]:
+                tensors = (base.weight, base.bias, branch.lora_A, branch.lora_B)
+                if tensors[0].dtype == x.dtype == tensors[2].dtype:
+                    live.append((i, branch, tensors))
+        return live
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor | Any:
         """Member `index`'s output for input `x`, or NotImplemented where the shared path does not apply."""
         pending = self._pending.pop(index, None)
-        if pending is not None and pending[0] is x and pending[1] == self._key(x, self._tensors(index)):
+        if pending is not None and pending[0] is x and pending[1] == _versions(x, self._tensors(index)):
             return pending[2]
-        live = [i for i, b in enumerate(self.members) if b.runs_alone and type(b.base_module) is torch.nn.Linear
-                and b.base_module.weight.dtype == x.dtype == b.lora_A.dtype and b.base_module.in_features == x.shape[-1]]
-        if index not in live or len(live) < 2:
+        live = self._live(x)
+        position = next((n for n, (i, _, _) in enumerate(live) if i == index), None)
+        if position is None or len(live) < 2:
             return NotImplemented
-        per_member = [self._tensors(i) for i in live]
-        branches = [self.members[i] for i in live]
-        rates = {b.dropout.p if b.training and isinstance(b.dropout, torch.nn.Dropout) else 0.0 for b in branches}
-        ranks = {b.lora_A.shape[0] for b in branches}
+        rates = {b.dropout.p if b.training and isinstance(b.dropout, torch.nn.Dropout) else 0.0 for _, b, _ in live}
+        ranks = {ts[2].shape[0] for _, _, ts in live}
         p = rates.pop()
         if rates or p > 0 and (len(ranks) > 1 or not lora_kernels.usable(x, ranks.pop())):
             return NotImplemented
-        outs = SharedInputLora.apply(x, tuple(b.scale for b in branches), p, *(t for ts in per_member for t in ts))
-        self._pending = {i: (x, self._key(x, ts), out) for i, ts, out in zip(live, per_member, outs) if i != index}
-        return outs[live.index(index)]
+        outs = shared_outputs(x, tuple(b.scale for _, b, _ in live), p, *(t for _, _, ts in live for t in ts))
+        self._pending = {i: (x, _versions(x, ts), out) for (i, _, ts), out in zip(live, outs) if i != index}
+        return outs[position]
 
     def clear(self) -> None:
         self._pending = {}

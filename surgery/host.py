@@ -28,14 +28,25 @@ class Host(nn.Module):
         super().__init__()
         self.base = base
         self.branches = nn.ModuleDict()
-        self.running: tuple[str, ...] = ()  # active and unmerged branch names, in order; set by the ledger
+        self.running = ()  # active and unmerged branch names, in order; set by the ledger
         self.routing: tuple[str | None, ...] | None = None  # per-sample names; set by the ledger
         self._routes: dict[Any, Any] = {}
 
+    @property
+    def running(self) -> tuple[str, ...]:
+        return self._running
+
+    @running.setter
+    def running(self, names: tuple[str, ...]) -> None:
+        self._running = tuple(names)
+        self._running_branches = tuple(self.branches[n] for n in self._running)  # looked up once, not per call
+
     def add(self, name: str, branch: Branch) -> None:
         self.branches[name] = branch
+        self.running = self.running  # a replaced branch is the one that runs
 
     def remove(self, name: str) -> Branch:
+        self.running = tuple(n for n in self.running if n != name)
         return self.branches.pop(name)
 
     def set_routing(self, routing: tuple[str | None, ...] | None, usable: set[str]) -> None:
@@ -43,7 +54,7 @@ class Host(nn.Module):
         self.routing = None if routing is None else tuple(n if n in usable else None for n in routing)
         self._routes = {}
 
-    def _run(self, branches: list[Branch], args: tuple, kwargs: dict) -> Any:
+    def _run(self, branches: tuple[Branch, ...] | list[Branch], args: tuple, kwargs: dict) -> Any:
         if len(branches) == 1:
             out = branches[0].fused_call(self.base, args, kwargs)
             if out is not NotImplemented:
@@ -61,7 +72,7 @@ class Host(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.routing is not None:
             return self._routed(args, kwargs)
-        return self._run([self.branches[n] for n in self.running], args, kwargs)
+        return self._run(self._running_branches, args, kwargs)
 
     # ---- per-sample routing ---------------------------------------------------------------------------------
     def _groups(self, batch: int, device: torch.device) -> tuple[list[str], torch.Tensor]:

@@ -6,9 +6,10 @@ import torch.nn.functional as F
 
 import surgery
 import surgery_plugins.lora_fused as fused
+import surgery_plugins.lora_shared as lora_shared
 from surgery import tiny
 from surgery_plugins.lora_fused import LoraLinear
-from surgery_plugins.lora_shared import SharedInputLora
+from surgery_plugins.lora_shared import SharedInputLora, shared_outputs
 from tests.conftest import ids, logits
 
 
@@ -79,7 +80,7 @@ def test_shared_input_lora_matches_float64_formula(frozen, used):
             torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_shared_outputs_follow_changes_between_member_calls():
+def test_shared_outputs_follow_changes_between_member_calls(monkeypatch):
     """A member takes the output computed with the first member's call only for the very same, unchanged input
     and parameters; otherwise it computes afresh."""
     model = tiny.build("llama", dtype=torch.float64)
@@ -105,8 +106,42 @@ def test_shared_outputs_follow_changes_between_member_calls():
     torch.testing.assert_close(attn.v_proj(y), plain(attn.v_proj, y), rtol=1e-12, atol=1e-12)
     branch = attn.k_proj.branches["a"]
     assert branch.shared is not None
+    calls = []
+    real = lora_shared.shared_outputs
+    monkeypatch.setattr(lora_shared, "shared_outputs", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():  # inference tensors have no version counters; the outputs are still shared
+        z = torch.randn(2, 3, 64, dtype=torch.float64)
+        outs = [attn.q_proj(z), attn.k_proj(z), attn.v_proj(z)]
+        assert len(calls) == 1
+        for host, out in zip((attn.q_proj, attn.k_proj, attn.v_proj), outs):
+            torch.testing.assert_close(out, plain(host, z), rtol=1e-12, atol=1e-12)
     surgery.detach(model, "a")
     assert branch.shared is None and type(attn.k_proj) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_inference_paths_skip_autograd_and_match_formula(monkeypatch, mode):
+    """Without autograd (and without dropout) the fused and shared outputs come from plain ops, not from the
+    autograd functions, and equal the float64 formula."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 16, generator=g, dtype=torch.float64)
+    members = []
+    for out, r in ((12, 4), (6, 4)):
+        members += [torch.randn(out, 16, generator=g, dtype=torch.float64), torch.randn(out, generator=g, dtype=torch.float64),
+                    torch.randn(r, 16, generator=g, dtype=torch.float64), torch.randn(out, r, generator=g, dtype=torch.float64)]
+    applied = []
+    monkeypatch.setattr(LoraLinear, "apply", lambda *a: applied.append("single"))
+    monkeypatch.setattr(SharedInputLora, "apply", lambda *a: applied.append("shared"))
+    with getattr(torch, mode)():
+        single = fused.lora_linear(x, *members[:4], 0.7, 0.0)
+        shared = shared_outputs(x, (0.7, 2.0), 0.0, *members)
+    assert applied == []
+    torch.testing.assert_close(single, reference(x, *members[:4], 0.7), rtol=1e-12, atol=1e-12)
+    for i, (got, scale) in enumerate(zip(shared, (0.7, 2.0))):
+        torch.testing.assert_close(got, reference(x, *members[4 * i:4 * i + 4], scale), rtol=1e-12, atol=1e-12)
+    fused.lora_linear(x, *members[:4], 0.7, 0.0)  # autograd on: the function records it
+    shared_outputs(x, (0.7, 2.0), 0.0, *members)
+    assert applied == ["single", "shared"]
 
 
 def test_fused_path_is_taken_only_where_it_applies(monkeypatch):

@@ -1,0 +1,96 @@
+"""The host CPU's share of a LoRA step, measured where nothing else is: on the CPU, with a tiny Llama (16 layers,
+width 64, 8 tokens), so that every op costs about what it costs the host to issue it on a GPU, side by side with
+HF PEFT. The Triton launches are replaced by no-ops (their outputs are not used: this is a timing, not a result),
+so the LoRA path is the one a CUDA run takes.
+
+    python benchmarks/host_overhead.py            # ms per step and ratios to the floor, median of 60
+
+On the lent H100s the eager LoRA step is bound by the host (see benchmarks/README.md); this is the quick way to
+see what a change does to that, without a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_vs_peft as bench  # noqa: E402
+from surgery_plugins import lora_kernels  # noqa: E402
+
+TINY = dict(config=dict(hidden_size=64, intermediate_size=176, num_hidden_layers=16, num_attention_heads=4,
+                        num_key_value_heads=1, vocab_size=128, max_position_embeddings=64),
+            batch=1, seq=8, mixed_batch=2, mixed_seq=8, dtype=torch.float32, steps=60, warm=5)
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def take_the_cuda_path() -> None:
+    """Make the CPU take the kernels' path (float32 allowed), with launches that do nothing."""
+    lora_kernels.DEVICES, lora_kernels.DTYPES = {"cpu"}, {torch.float32}
+    lora_kernels._down_kernel = lora_kernels._grads_kernel = _NoLaunch()
+
+
+def ms(fn, n: int) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def train_step(model, ids):
+    """The benchmark's step, with the fused AdamW a CUDA run uses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+
+    def step():
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=60)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT on transformers 5
+    take_the_cuda_path()
+    bench.SHAPES["cpu"] = TINY
+    b = bench.Bench("cpu")
+    ids = b.ids
+    base = b.base().train()
+    emb = base.get_input_embeddings()
+
+    def floor():
+        base(inputs_embeds=emb(ids).detach().requires_grad_(True), labels=ids, use_cache=False).loss.backward()
+
+    rows = {"floor": ms(floor, args.n)}
+    with torch.no_grad():
+        rows["forward base"] = ms(lambda: base(input_ids=ids, use_cache=False), args.n)
+    for p in (0.05, 0.0):
+        for name, build in ((f"surgery, dropout {p}", lambda p=p: b.ours(p)),
+                            (f"PEFT bf16-style adapters, dropout {p}", lambda p=p: b.peft(p, autocast=False))):
+            rows[name] = ms(train_step(build().train(), ids), args.n)
+    model = b.ours(0.0).eval()
+    with torch.no_grad():
+        rows["forward surgery unmerged"] = ms(lambda: model(input_ids=ids, use_cache=False), args.n)
+    for name, value in rows.items():
+        against = rows["forward base"] if name.startswith("forward") else rows["floor"]
+        print(f"{name:42s} {value:7.2f} ms  {value / against:5.2f} x {'base' if name.startswith('forward') else 'floor'}")
+
+
+if __name__ == "__main__":
+    main()
