@@ -8,26 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).parent))
+from lora_gemm_layouts import time_ms  # noqa: E402
+
 M = 8192
 SHAPES = [(2048, 2048), (2048, 512), (2048, 5632), (5632, 2048)]  # (in, out)
 WIDTHS = [0, 16, 32, 48, 64, 80, 96]
-
-
-def time_ms(fn, n: int = 40) -> float:
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return round(start.elapsed_time(end) / n, 4)
 
 
 def main() -> None:
@@ -42,8 +34,8 @@ def main() -> None:
             w = torch.randn(o, i + r, device=dev, dtype=dt)
             dy = torch.randn(M, o, device=dev, dtype=dt)
             acc = torch.randn(M, i + r, device=dev, dtype=dt)
-            res[f"{i}->{o} R={r}"] = {"fwd": time_ms(lambda: F.linear(x, w)), "bwd": time_ms(lambda: dy @ w),
-                                     "bwd_acc": time_ms(lambda: acc.addmm_(dy, w))}
+            res[f"{i}->{o} R={r}"] = {k: round(time_ms(fn, 40), 4) for k, fn in (
+                ("fwd", lambda: F.linear(x, w)), ("bwd", lambda: dy @ w), ("bwd_acc", lambda: acc.addmm_(dy, w)))}
             print(f"{i}->{o} R={r}", res[f"{i}->{o} R={r}"], flush=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

@@ -159,7 +159,7 @@ class SharedInput:
         for i, branch in enumerate(self.members):
             base = branch.base_module
             if branch.runs_alone and type(base) is torch.nn.Linear and base.in_features == x.shape[-1]:
-                tensors = (base.weight, base.bias, branch.lora_A, branch.lora_B)
+                tensors = self._tensors(i)
                 if tensors[0].dtype == x.dtype == tensors[2].dtype:
                     live.append((i, branch, tensors))
         return live
