@@ -104,9 +104,10 @@ class Bench:
         return get_peft_model(model or self.base(), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets),
                               autocast_adapter_dtype=autocast)
 
-    def train_step(self, model):
+    def train_step(self, model, fused: bool | None = None):
+        """One training step of `model` on the benchmark's batch; AdamW fused where asked (default: on CUDA)."""
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=self.cuda) if params else None
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=self.cuda if fused is None else fused) if params else None
         ids = self.ids
 
         def step():

@@ -11,10 +11,8 @@ see what a change does to that, without a GPU.
 from __future__ import annotations
 
 import argparse
-import warnings
-import statistics
 import sys
-import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,28 +37,6 @@ def take_the_cuda_path() -> None:
     lora_kernels._down_kernel = lora_kernels._grads_kernel = _NoLaunch()
 
 
-def ms(fn, n: int) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
-def train_step(model, ids):
-    """The benchmark's step, with the fused AdamW a CUDA run uses."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-
-    def step():
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=60)
@@ -77,16 +53,19 @@ def main() -> None:
     def floor():
         base(inputs_embeds=emb(ids).detach().requires_grad_(True), labels=ids, use_cache=False).loss.backward()
 
-    rows = {"floor": ms(floor, args.n)}
+    def ms(fn) -> float:
+        return b.time_ms(fn, n=args.n, warm=5)
+
+    rows = {"floor": ms(floor)}
     with torch.no_grad():
-        rows["forward base"] = ms(lambda: base(input_ids=ids, use_cache=False), args.n)
+        rows["forward base"] = ms(lambda: base(input_ids=ids, use_cache=False))
     for p in (0.05, 0.0):
         for name, build in ((f"surgery, dropout {p}", lambda p=p: b.ours(p)),
                             (f"PEFT bf16-style adapters, dropout {p}", lambda p=p: b.peft(p, autocast=False))):
-            rows[name] = ms(train_step(build().train(), ids), args.n)
+            rows[name] = ms(b.train_step(build().train(), fused=True))  # the fused AdamW a CUDA run uses
     model = b.ours(0.0).eval()
     with torch.no_grad():
-        rows["forward surgery unmerged"] = ms(lambda: model(input_ids=ids, use_cache=False), args.n)
+        rows["forward surgery unmerged"] = ms(lambda: model(input_ids=ids, use_cache=False))
     for name, value in rows.items():
         against = rows["forward base"] if name.startswith("forward") else rows["floor"]
         print(f"{name:42s} {value:7.2f} ms  {value / against:5.2f} x {'base' if name.startswith('forward') else 'floor'}")
