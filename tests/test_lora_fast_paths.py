@@ -57,7 +57,7 @@ def test_fused_linear_matches_float64_formula(monkeypatch, frozen, p, out_featur
 def test_shared_input_lora_matches_float64_formula(frozen, used):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    shapes = [(12, 4, True), (6, 2, False), (6, 3, True)]  # out, r, bias
+    shapes = [(12, 4, True), (20, 2, False), (6, 3, True)]  # out, r, bias; out > 16 in: LoRA inside the matmul
     scales = (0.7, 2.0, 1.5)
     tensors = []
     for out, r, has_bias in shapes:
@@ -126,7 +126,7 @@ def test_inference_paths_skip_autograd_and_match_formula(monkeypatch, mode):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 16, generator=g, dtype=torch.float64)
     members = []
-    for out, r in ((12, 4), (6, 4)):
+    for out, r in ((12, 4), (24, 4)):  # 24 > 16 in: the LoRA term inside the base matmul
         members += [torch.randn(out, 16, generator=g, dtype=torch.float64), torch.randn(out, generator=g, dtype=torch.float64),
                     torch.randn(r, 16, generator=g, dtype=torch.float64), torch.randn(out, r, generator=g, dtype=torch.float64)]
     applied = []

@@ -133,7 +133,7 @@ def test_fused_linear_on_kernels_matches_formula_and_keeps_no_copy_of_a_product_
 def test_shared_function_with_dropout_matches_formula_with_one_mask_per_member(kernels_here, frozen, unused):
     g = torch.Generator().manual_seed(4)
     x = rand(3, 5, 16, g=g, grad=True)
-    tensors, outs_r = [], [12, 6, 6]
+    tensors, outs_r = [], [24, 6, 6]  # 24 > 16 in: the LoRA term inside the base matmul
     for out in outs_r:
         tensors += [rand(out, 16, g=g, grad=not frozen), rand(out, g=g, grad=not frozen),
                     rand(4, 16, g=g, grad=True), rand(out, 4, g=g, grad=True)]
