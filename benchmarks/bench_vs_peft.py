@@ -2,7 +2,7 @@
 
     python benchmarks/bench_vs_peft.py                       # CPU, a small model: a few minutes
     python benchmarks/bench_vs_peft.py --device cuda         # GPU, the shapes of the performance issue (0.85 B, bf16)
-    python benchmarks/bench_vs_peft.py --sections train fwd  # a subset: train fwd mixed attach compile profile
+    python benchmarks/bench_vs_peft.py --sections train fwd  # a subset: train fwd mixed attach compile profile accuracy
     python benchmarks/bench_vs_peft.py --device cuda --sections train --repeat 3  # each training row 3 times,
                                                              # interleaved, on fresh models: the median is kept
 
@@ -184,6 +184,57 @@ class Bench:
             del model
         self.results["fwd_ms"] = {k: round(v, 2) for k, v in res.items()}
         print("  fwd", self.results["fwd_ms"], flush=True)
+        self.fresh()
+
+    def section_accuracy(self) -> None:
+        """Logits of the unmerged LoRA forward in the benchmark's dtype against a float32 run of the same weights,
+        for surgery's default form (on CUDA, from as many tokens as inputs: the merged weight built per call), its
+        separate form (x @ A.T @ B.T added to the output), and HF PEFT with adapters in the same dtype. B is drawn
+        so that ‖s·B·A‖ is 1 % or 10 % of ‖W‖ per layer (std 0.02 weights). Errors are relative to the float32
+        logits and to the adapter's effect on them (float32 logits with minus without the adapter)."""
+        from surgery_plugins import lora_merged_weight
+
+        ids, out = self.ids, {}
+        kaiming_std = (1 / (3 * self.shape["config"]["hidden_size"])) ** 0.5  # of A; s = 2, r = 16
+        for label, relative in (("delta_1pct", 0.01), ("delta_10pct", 0.10)):
+            self.fresh()
+            model = self.ours(0.0).eval()
+            g = torch.Generator(device=self.device).manual_seed(1)
+            b_std = relative * 0.02 / (2 * (16 ** 0.5) * kaiming_std)
+            pairs = {}
+            with torch.no_grad():
+                for name, module in model.named_modules():
+                    if isinstance(module, surgery.Host):
+                        branch = module.branches["a"]
+                        branch.lora_B.normal_(std=b_std, generator=g)
+                        pairs[name] = (branch.lora_A.clone(), branch.lora_B.clone())
+
+                def run(forms: set[str]) -> torch.Tensor:
+                    real = lora_merged_weight.DEVICES
+                    lora_merged_weight.DEVICES = forms
+                    try:
+                        return model(input_ids=ids, use_cache=False).logits.float()
+                    finally:
+                        lora_merged_weight.DEVICES = real
+                got = {"surgery_default": run(lora_merged_weight.DEVICES), "surgery_separate": run(set())}
+                model.float()
+                ref = run(set())
+                with surgery.disabled(model):
+                    effect = (ref - model(input_ids=ids, use_cache=False).logits.float()).norm()
+                surgery.detach(model, "a")
+                model.to(self.shape["dtype"])
+                pm = self.peft(0.0, autocast=False, model=model).eval()
+                for name, module in pm.base_model.model.named_modules():
+                    if name in pairs:
+                        module.lora_A["default"].weight.copy_(pairs[name][0])
+                        module.lora_B["default"].weight.copy_(pairs[name][1])
+                got["peft_bf16_adapters"] = pm(input_ids=ids, use_cache=False).logits.float()
+            out[label] = {k: {"error_vs_logits": float((v - ref).norm() / ref.norm()),
+                              "error_vs_adapter_effect": float((v - ref).norm() / effect)} for k, v in got.items()}
+            out[label]["adapter_effect_vs_logits"] = float(effect / ref.norm())
+            print(f"  accuracy {label}: {out[label]}", flush=True)
+            del model, pm, got, ref
+        self.results["accuracy"] = out
         self.fresh()
 
     def section_mixed(self) -> None:
@@ -373,7 +424,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sections", nargs="*", default=["train", "fwd", "mixed", "attach"],
-                        choices=["train", "compile", "fwd", "mixed", "attach", "profile"])
+                        choices=["train", "compile", "fwd", "mixed", "attach", "profile", "accuracy"])
     parser.add_argument("--repeat", type=int, default=1, help="measure each training row this many times")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_vs_peft as bench  # noqa: E402
-from surgery_plugins import lora_kernels  # noqa: E402
+from surgery_plugins import lora_fused, lora_kernels, lora_shared  # noqa: E402
 
 TINY = dict(config=dict(hidden_size=64, intermediate_size=176, num_hidden_layers=16, num_attention_heads=4,
                         num_key_value_heads=1, vocab_size=128, max_position_embeddings=64),
@@ -32,9 +32,12 @@ class _NoLaunch:
 
 
 def take_the_cuda_path() -> None:
-    """Make the CPU take the kernels' path (float32 allowed), with launches that do nothing."""
+    """Make the CPU take the kernels' path (float32 allowed), with launches that do nothing, and the merged-weight
+    form that a CUDA run takes at the benchmark's 8192 tokens."""
     lora_kernels.DEVICES, lora_kernels.DTYPES = {"cpu"}, {torch.float32}
-    lora_kernels._down_kernel = lora_kernels._grads_kernel = _NoLaunch()
+    lora_kernels._down_kernel = lora_kernels._grads_kernel = lora_kernels._merged_kernel = _NoLaunch()
+    for module in (lora_fused, lora_shared):
+        module.pays = lambda tokens, weight: True
 
 
 def main() -> None:
@@ -42,6 +45,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=60)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # the no-op launches leave their outputs as allocated: no slow denormal maths
     warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT on transformers 5
     take_the_cuda_path()
     bench.SHAPES["cpu"] = TINY

@@ -2,7 +2,7 @@
 benchmark model's training step (checked against torch first), next to the torch ops of the same step and to
 the time its memory traffic needs at the measured copy bandwidth. GPU only.
 
-    python benchmarks/lora_kernel_configs.py [--out results.json]
+    python benchmarks/lora_kernel_configs.py [--out results.json] [--kernels down grads merged]
 
 Prints, per kernel, the candidates ranked by their summed time over one layer's calls, and writes the best
 of each (the values for lora_kernels.CONFIGS) with every timing to --out.
@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--out", default="lora-kernel-configs.json")
     parser.add_argument("--quick", action="store_true", help="a few candidates each (a smoke run)")
     parser.add_argument("--smoke-on-cpu", action="store_true", help="tiny float32 shapes under TRITON_INTERPRET=1")
+    parser.add_argument("--kernels", nargs="*", default=["down", "grads", "merged"], choices=["down", "grads", "merged"])
     args = parser.parse_args()
     global T, GROUPS, SMOKE
     dev, dt = "cuda", torch.bfloat16
@@ -97,7 +98,7 @@ def main() -> None:
         return torch.randn(*shape, device=dev, dtype=dt, generator=g) * std
 
     torch_ms: dict[str, float] = {}
-    down_cases, grads_cases = [], []
+    down_cases, grads_cases, merged_cases = [], [], []
     for name, fin, outs, product in GROUPS:
         n = len(outs)
         u, v = rnd(T, fin), rnd(T, fin)
@@ -120,6 +121,12 @@ def main() -> None:
         torch_ms[f"{name} dA = dh.T @ x (cuBLAS)"] = bench(lambda x=x, dh=dh: dh.t() @ x)
         torch_ms[f"{name} dx.addmm_(dh, A)"] = bench(lambda dx=dx, dh=dh, a=a: dx.addmm_(dh, a))
         for i, out in enumerate(outs):
+            w, b_m, a_m = rnd(out, fin, std=0.02), rnd(out, R, std=0.02), rnd(R, fin, std=0.02)
+            merged_cases.append((f"{name}[{i}] W + s B @ A", lambda w=w, a=a_m, b=b_m: K.merged_weight(w, a, b, 2.0),
+                                 lambda w=w, a=a_m, b=b_m: rel(K.merged_weight(w, a, b, 2.0),
+                                                               w.float() + 2.0 * b.float() @ a.float()),
+                                 2 * w.numel() * 2))
+            torch_ms[f"{name}[{i}] torch.addmm(W, B, A)"] = bench(lambda w=w, a=a_m, b=b_m: torch.addmm(w, b, a, alpha=2.0))
             dy, b, h = rnd(T, out), rnd(out, R, std=0.02), dh[:, i * R:(i + 1) * R]
             torch_ms[f"{name}[{i}] dh = dy @ B (cuBLAS)"] = bench(lambda dy=dy, b=b: dy @ b)
             torch_ms[f"{name}[{i}] dB = dy.T @ h (cuBLAS)"] = bench(lambda dy=dy, h=h: dy.t() @ h)
@@ -129,17 +136,20 @@ def main() -> None:
 
     if args.quick:
         spaces = {"down": {"BM": [64], "BK": [64, 128], "num_warps": [4]},
-                  "grads": {"BM": [64], "BK": [64], "num_warps": [4, 8], "waves": [4]}}
+                  "grads": {"BM": [64], "BK": [64], "num_warps": [4, 8], "waves": [4]},
+                  "merged": {"BM": [64], "BN": [64, 128], "num_warps": [4]}}
     else:
         spaces = {"down": {"BM": [64, 128], "BK": [64, 128], "num_warps": [4, 8]},
-                  "grads": {"BM": [32, 64, 128], "BK": [64, 128], "num_warps": [4, 8], "waves": [2, 4, 8]}}
+                  "grads": {"BM": [32, 64, 128], "BK": [64, 128], "num_warps": [4, 8], "waves": [2, 4, 8]},
+                  "merged": {"BM": [32, 64, 128], "BN": [64, 128, 256], "num_warps": [4, 8]}}
     result = {"bandwidth_tb_s": bandwidth / 1e12, "torch_ms": torch_ms,
               "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__}
-    for kind, cases in (("down", down_cases), ("grads", grads_cases)):
-        result[kind] = sweep(kind, spaces[kind], cases, bandwidth)
+    for kind, cases in (("down", down_cases), ("grads", grads_cases), ("merged", merged_cases)):
+        if kind in args.kernels:
+            result[kind] = sweep(kind, spaces[kind], cases, bandwidth)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print("\nbest:", json.dumps({k: result[k]["best"] for k in ("down", "grads")}))
+    print("\nbest:", json.dumps({k: result[k]["best"] for k in args.kernels}))
 
 
 if __name__ == "__main__":

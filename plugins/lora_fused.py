@@ -5,8 +5,10 @@ output in place (addmm), the input gradient of base and branch is one matmul plu
 layer wider in than out, one matmul over [dy | dh] and [W; A], which moves fewer bytes than updating dx), and
 no copy of the layer input is made for backward: with dropout the mask is drawn again in backward (on CUDA by
 the kernels of lora_kernels, elsewhere by replaying torch's dropout from the saved random state), and an input
-that is a product autograd keeps anyway is kept as its factors (lora_saved_input). Used by LoraBranch when it
-is the only branch at a plain nn.Linear site (not under torch.compile, which fuses the plain composition itself).
+that is a product autograd keeps anyway is kept as its factors (lora_saved_input). Without dropout, from as
+many tokens as inputs on CUDA, y and dx come through the merged weight W + s·B @ A built per call instead
+(lora_merged_weight). Used by LoraBranch when it is the only branch at a plain nn.Linear site (not under
+torch.compile, which fuses the plain composition itself).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from surgery_plugins import lora_kernels
+from surgery_plugins.lora_merged_weight import merged, pays
 from surgery_plugins.lora_saved_input import kept, restored
 
 def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +48,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if p > 0 or torch.is_grad_enabled():
         return LoraLinear.apply(x, weight, bias, a, b, scale, p)
     x2 = x.reshape(-1, x.shape[-1])
-    y = F.linear(x2, weight, bias).addmm_(x2 @ a.t(), b.t(), alpha=scale)
+    if pays(x2.shape[0], weight):
+        y = F.linear(x2, merged(weight, a, b, scale, one_pass=True), bias)
+    else:
+        y = F.linear(x2, weight, bias).addmm_(x2 @ a.t(), b.t(), alpha=scale)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -60,12 +66,15 @@ class LoraLinear(torch.autograd.Function):
         ctx.kernels = lora_kernels.usable(x, a.shape[0]) and (p > 0 or len(saved) == 2)
         ctx.seed = lora_kernels.new_seed() if ctx.kernels and p > 0 else 0
         ctx.rng = rng_state(x.device) if p > 0 and not ctx.kernels else None
-        y = F.linear(x2, weight, bias)
+        ctx.merged = p == 0 and pays(x2.shape[0], weight)  # then dx too comes through the merged weight
         if ctx.kernels and p > 0:
             h = lora_kernels.dropped_down(x2, a, 1, p, ctx.seed)
         else:
             h = (dropout(x2, p)[0] if p > 0 else x2) @ a.t()
-        y.addmm_(h, b.t(), alpha=scale)
+        if ctx.merged:
+            y = F.linear(x2, merged(weight, a, b, scale, one_pass=False), bias)
+        else:
+            y = F.linear(x2, weight, bias).addmm_(h, b.t(), alpha=scale)
         ctx.save_for_backward(weight, a, b, h, *saved)
         ctx.scale, ctx.p, ctx.has_bias, ctx.shape = scale, p, bias is not None, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -80,7 +89,9 @@ class LoraLinear(torch.autograd.Function):
         dx = dw = dbias = da = db = None
         if need_b:
             db = torch.addmm(b, dy2.t(), h, beta=0, alpha=ctx.scale)  # dy.T @ h * scale (b unread)
-        if need_x and ctx.p == 0 and dy2.shape[0] * (d_in - dy2.shape[1]) > weight.numel():
+        if need_x and ctx.merged:
+            dx = dy2 @ merged(weight, a, b, ctx.scale, one_pass=False)
+        elif need_x and ctx.p == 0 and dy2.shape[0] * (d_in - dy2.shape[1]) > weight.numel():
             dx = torch.cat([dy2, dh], dim=1) @ torch.cat([weight, a])  # wide in: one matmul beats updating dx
         if ctx.kernels:  # dA (and the masked part of dx) in one pass over x, or over its two factors
             factors = tuple(t.reshape(-1, d_in) for t in saved)

@@ -26,13 +26,14 @@ except ImportError:  # no Triton (CPU-only torch): callers take their plain-torc
 
 DEVICES = {"cuda"}  # where the kernels are used; the tests add "cpu" under TRITON_INTERPRET=1
 DTYPES = {torch.float16, torch.bfloat16}
-MAX_GROUP = 3  # members per backward launch; larger groups take several launches
+MAX_GROUP = 3  # members per launch (backward, merged weights); larger groups take several launches
 # Tile sizes and launch shapes, chosen by benchmarks/lora_kernel_configs.py on an H100 (the fastest summed over
 # one decoder layer's calls). "waves": programs per multiprocessor that the backward kernel's row ranges are
 # cut to.
 CONFIGS = {
     "down": {"BM": 64, "BK": 128, "num_warps": 4, "num_stages": 3},
     "grads": {"BM": 32, "BK": 128, "num_warps": 4, "num_stages": 3, "waves": 8},
+    "merged": {"BM": 64, "BN": 64, "num_warps": 4},
 }
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -163,6 +164,42 @@ if triton is not None:
             tl.store(out + 2 * R * K, acc2 * SCALE, mask=store_mask)
 
 
+    @triton.jit
+    def _merged_tile(w_ptr, a_ptr, b_ptr, out_ptr, OUT: tl.constexpr, IN: tl.constexpr, SW: tl.constexpr,
+                     SCALE: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     ACC: tl.constexpr):
+        """One [BM, BN] tile of W + SCALE * B @ A (A, B contiguous), written to a contiguous [OUT, IN] output."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        if tl.program_id(0) * BM < OUT:  # the grid covers the group's widest member
+            cols = tl.program_id(1) * BN + tl.arange(0, BN)
+            rr = tl.arange(0, RP)
+            b = tl.load(b_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < OUT) & (rr[None, :] < R),
+                        other=0.0)
+            a = tl.load(a_ptr + rr[:, None] * IN + cols[None, :], mask=(rr[:, None] < R) & (cols[None, :] < IN),
+                        other=0.0)
+            inside = (rows[:, None] < OUT) & (cols[None, :] < IN)
+            w = tl.load(w_ptr + rows[:, None] * SW + cols[None, :], mask=inside, other=0.0)
+            out = w.to(ACC) + tl.dot(b, a, out_dtype=ACC) * SCALE
+            tl.store(out_ptr + rows[:, None] * IN + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _merged_kernel(w0, a0, b0, o0, w1, a1, b1, o1, w2, a2, b2, o2, IN: tl.constexpr,
+                       OUT0: tl.constexpr, SW0: tl.constexpr, S0: tl.constexpr, R0: tl.constexpr, RP0: tl.constexpr,
+                       OUT1: tl.constexpr, SW1: tl.constexpr, S1: tl.constexpr, R1: tl.constexpr, RP1: tl.constexpr,
+                       OUT2: tl.constexpr, SW2: tl.constexpr, S2: tl.constexpr, R2: tl.constexpr, RP2: tl.constexpr,
+                       N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr):
+        """W_i + S_i * B_i @ A_i for the N (1 to 3) members of a group that read one input, member program_id(2)."""
+        member = tl.program_id(2)
+        if member == 0:
+            _merged_tile(w0, a0, b0, o0, OUT0, IN, SW0, S0, R0, RP0, BM, BN, ACC)
+        if N > 1:
+            if member == 1:
+                _merged_tile(w1, a1, b1, o1, OUT1, IN, SW1, S1, R1, RP1, BM, BN, ACC)
+        if N > 2:
+            if member == 2:
+                _merged_tile(w2, a2, b2, o2, OUT2, IN, SW2, S2, R2, RP2, BM, BN, ACC)
+
+
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -234,6 +271,46 @@ def input_grads(x: tuple[torch.Tensor, ...], dh: torch.Tensor, a: torch.Tensor, 
             DROPOUT=p > 0, UPDATE_DX=dx is not None, ACC=_acc_dtype(first.dtype), num_warps=c["num_warps"],
             num_stages=c["num_stages"])
     return part.sum(0)
+
+
+def merged_weights(ws: list[torch.Tensor], a_s: list[torch.Tensor], b_s: list[torch.Tensor],
+                   scales: list[float]) -> list[torch.Tensor]:
+    """[W_i + scale_i * B_i @ A_i] for weights W_i [out_i, in] (one in for all), A_i [r_i, in], B_i [out_i, r_i]:
+    one pass over each W_i, and one launch per MAX_GROUP members (torch.addmm would copy each W_i into its output
+    first, then read and write it again, in a launch of its own)."""
+    if len(ws) > MAX_GROUP:
+        return [out for lo in range(0, len(ws), MAX_GROUP) for out in
+                merged_weights(ws[lo:lo + MAX_GROUP], a_s[lo:lo + MAX_GROUP], b_s[lo:lo + MAX_GROUP],
+                               scales[lo:lo + MAX_GROUP])]
+    a_s, b_s = [a.contiguous() for a in a_s], [b.contiguous() for b in b_s]
+    ws = [w if w.stride(-1) == 1 else w.contiguous() for w in ws]
+    grid, consts = _merged_launch(ws[0].dtype, tuple(scales), *[(w.shape, w.stride(0), a.shape[0])
+                                                                 for w, a in zip(ws, a_s)])
+    outs = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in ws]
+    slots = [(w, a, b, out) for w, a, b, out in zip(ws, a_s, b_s, outs)]
+    slots += slots[-1:] * (MAX_GROUP - len(slots))  # unused slots repeat the last member (N says how many run)
+    _merged_kernel[grid](*[t for slot in slots for t in slot], **consts)
+    return outs
+
+
+@functools.lru_cache(maxsize=256)
+def _merged_launch(dtype: torch.dtype, scales: tuple[float, ...], *members: tuple) -> tuple[tuple, dict]:
+    """Grid and compile-time arguments of `_merged_kernel` for members (shape, row stride of W, rank), cached:
+    this runs on every call, and the host's time per call is what the eager step is short of."""
+    c = CONFIGS["merged"]
+    consts = {"IN": members[0][0][1], "N": len(members), "BM": c["BM"], "BN": c["BN"], "ACC": _acc_dtype(dtype),
+              "num_warps": c["num_warps"], "num_stages": 1}
+    for i in range(MAX_GROUP):
+        j = min(i, len(members) - 1)
+        (out_f, _), sw, r = members[j]
+        consts.update({f"OUT{i}": out_f, f"SW{i}": sw, f"S{i}": scales[j], f"R{i}": r, f"RP{i}": _padded(r)})
+    rows = max(shape[0] for shape, _, _ in members)
+    return (_cdiv(rows, c["BM"]), _cdiv(consts["IN"], c["BN"]), len(members)), consts
+
+
+def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B @ A, as `merged_weights` for one member."""
+    return merged_weights([w], [a], [b], [scale])[0]
 
 
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,11 @@ function computes every y_i = x @ W_i.T + b_i + x @ A_i.T @ B_i.T * s_i at once:
   dB_i = dy_i.T @ hs_i. (Widening the dx matmuls to [dx | dh] instead cost the H100 more than the skinny dh
   matmuls: cuBLAS runs the widened shapes slower, and the widened weights had to be copied again.)
 
+Without dropout, from as many tokens as inputs on CUDA (lora_merged_weight), the forward instead computes
+y_i = x @ (W_i + s_i B_i @ A_i).T from merged weights built per call, and h only in backward, where the
+gradients need it; the backward is the same. (dx there stays Σ dy_i @ W_i + dh @ A: building the merged
+weights again would cost the host more ops than the one update of dx it saves.)
+
 With dropout (CUDA, equal ranks: the kernels of lora_kernels), every member keeps its own mask: h comes from
 one kernel that drops x per member on the fly, and dA with the masked dx update from one kernel in backward,
 which draws the masks again; elsewhere a group with dropout declines and its branches compute one by one.
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from surgery_plugins import lora_kernels
+from surgery_plugins.lora_merged_weight import merged_all, pays
 
 
 PER_MEMBER = 4  # weight, bias, A, B
@@ -81,8 +87,21 @@ def shared_outputs(x: torch.Tensor, scales: tuple[float, ...], p: float, *member
     if p > 0 or torch.is_grad_enabled():
         return SharedInputLora.apply(x, scales, p, *members)
     weights, biases, a_s, b_s = (members[k::PER_MEMBER] for k in range(PER_MEMBER))
+    if _merged_pays(x, weights):
+        return tuple(_merged_outputs(x, scales, weights, biases, a_s, b_s, one_pass=True))
     hs = _scaled(x.reshape(-1, x.shape[-1]) @ torch.cat(a_s).t(), scales, [a.shape[0] for a in a_s])
     return tuple(_outputs(x, hs, weights, biases, b_s))
+
+
+def _merged_pays(x: torch.Tensor, weights: tuple) -> bool:
+    tokens = x.numel() // x.shape[-1]
+    return all(pays(tokens, w) for w in weights)
+
+
+def _merged_outputs(x: torch.Tensor, scales: tuple[float, ...], weights: tuple, biases: tuple, a_s: tuple,
+                    b_s: tuple, one_pass: bool) -> list[torch.Tensor]:
+    """y_i = x @ (W_i + s_i B_i @ A_i).T + b_i for every member (see lora_merged_weight)."""
+    return [F.linear(x, w, bias) for w, bias in zip(merged_all(weights, a_s, b_s, scales, one_pass), biases)]
 
 
 class SharedInputLora(torch.autograd.Function):
@@ -93,14 +112,18 @@ class SharedInputLora(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, scales: tuple[float, ...], p: float, *members: torch.Tensor | None
                 ) -> tuple[torch.Tensor, ...]:
         weights, biases, a_s, b_s = (members[k::PER_MEMBER] for k in range(PER_MEMBER))
-        x2 = x.reshape(-1, x.shape[-1])
-        a_cat = torch.cat(a_s)
         ctx.ranks = [a.shape[0] for a in a_s]
         ctx.p, ctx.seed = p, lora_kernels.new_seed() if p > 0 else 0
-        h = lora_kernels.dropped_down(x2, a_cat, len(a_s), p, ctx.seed) if p > 0 else x2 @ a_cat.t()
-        hs = _scaled(h, scales, ctx.ranks)
-        outs = _outputs(x, hs, weights, biases, b_s)
-        ctx.save_for_backward(x, hs, a_cat, *weights, *b_s)
+        ctx.merged = p == 0 and _merged_pays(x, weights)
+        if ctx.merged:  # h is only needed for the gradients: computed in backward, off the forward's host time
+            outs = _merged_outputs(x, scales, weights, biases, a_s, b_s, one_pass=False)
+            ctx.save_for_backward(x, None, *weights, *b_s, *a_s)
+        else:
+            x2, a_cat = x.reshape(-1, x.shape[-1]), torch.cat(a_s)
+            h = lora_kernels.dropped_down(x2, a_cat, len(a_s), p, ctx.seed) if p > 0 else x2 @ a_cat.t()
+            hs = _scaled(h, scales, ctx.ranks)
+            outs = _outputs(x, hs, weights, biases, b_s)
+            ctx.save_for_backward(x, hs, *weights, *b_s, a_cat)
         ctx.scales = scales
         ctx.has_bias = [b is not None for b in biases]
         ctx.set_materialize_grads(False)
@@ -108,12 +131,16 @@ class SharedInputLora(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *dys: torch.Tensor | None):
-        x, hs, a_cat, *rest = ctx.saved_tensors
-        weights, b_s = rest[:len(dys)], rest[len(dys):]
+        x, hs, *rest = ctx.saved_tensors
+        n = len(dys)
+        weights, b_s = rest[:n], rest[n:2 * n]
+        a_cat = torch.cat(rest[2 * n:]) if ctx.merged else rest[2 * n]
         needs = ctx.needs_input_grad[:2] + ctx.needs_input_grad[3:]  # x, scales, then 4 per member
         if all(dy is None for dy in dys):
             return (None, None, None, *[None] * (PER_MEMBER * len(dys)))
         x2 = x.reshape(-1, x.shape[-1])
+        if hs is None:  # merged forward
+            hs = _scaled(x2 @ a_cat.t(), ctx.scales, ctx.ranks)
         grads: list[torch.Tensor | None] = [None] * (PER_MEMBER * len(dys))
         dx = None
         dh = hs.new_empty(hs.shape) if all(dy is not None for dy in dys) else hs.new_zeros(hs.shape)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import surgery
 import surgery_plugins.lora_fused as fused
+import surgery_plugins.lora_merged_weight as merged_weight
 import surgery_plugins.lora_shared as lora_shared
 from surgery import tiny
 from surgery_plugins.lora_fused import LoraLinear
@@ -18,12 +19,33 @@ def reference(x, w, bias, a, b, scale, mask=None):
     return F.linear(x, w, bias) + F.linear(F.linear(xd, a), b) * scale
 
 
+@pytest.fixture(params=["separate", "merged"])
+def form(request, monkeypatch):
+    """The two forms of the LoRA term: separate matmuls, and (CUDA's, forced here on the CPU) the merged weight
+    built per call. Returns (the form, a list with one entry per merged weight built)."""
+    builds = []
+    if request.param == "merged":
+        monkeypatch.setattr(merged_weight, "DEVICES", {"cpu", "cuda"})
+        real = merged_weight.merged_all
+        spy = lambda ws, *rest, **kw: builds.extend(ws) or real(ws, *rest, **kw)  # noqa: E731
+        monkeypatch.setattr(merged_weight, "merged_all", spy)
+        monkeypatch.setattr(lora_shared, "merged_all", spy)
+    return request.param, builds
+
+
+def test_merged_weight_pays_only_from_as_many_tokens_as_inputs(monkeypatch):
+    w = torch.zeros(8, 16)
+    assert not merged_weight.pays(10_000, w)  # a CPU weight: the separate form
+    monkeypatch.setattr(merged_weight, "DEVICES", {"cpu"})
+    assert merged_weight.pays(16, w) and merged_weight.pays(17, w) and not merged_weight.pays(15, w)
+
+
 @pytest.mark.parametrize("out_features", [12, 4])  # 4: wide in, narrow out: dx from one [dy | dh] matmul
 @pytest.mark.parametrize("frozen", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_fused_linear_matches_float64_formula(monkeypatch, frozen, p, out_features):
+def test_fused_linear_matches_float64_formula(monkeypatch, form, frozen, p, out_features):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 5, 16, generator=g, dtype=torch.float64, requires_grad=True)  # 20 tokens >= 16 inputs
     w = torch.randn(out_features, 16, generator=g, dtype=torch.float64, requires_grad=not frozen)
     bias = torch.randn(out_features, generator=g, dtype=torch.float64, requires_grad=not frozen)
     a = torch.randn(4, 16, generator=g, dtype=torch.float64, requires_grad=True)
@@ -41,7 +63,8 @@ def test_fused_linear_matches_float64_formula(monkeypatch, frozen, p, out_featur
     torch.rand(100)  # the live random state moves on between forward and backward
     dy = torch.randn(out.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad(out, [t for t in (x, w, bias, a, b) if t.requires_grad], dy)
-    mask = masks[0].view(3, 5, 16).to(x.dtype) / (1 - p) if p else None
+    assert bool(form[1]) == (form[0] == "merged" and p == 0)  # built in forward and again for dx
+    mask = masks[0].view(4, 5, 16).to(x.dtype) / (1 - p) if p else None
     if p:
         assert len(masks) == 2 and torch.equal(masks[0], masks[1]), "backward must replay the forward's mask"
         assert 0 < (mask == 0).float().mean() < 0.6
@@ -54,9 +77,9 @@ def test_fused_linear_matches_float64_formula(monkeypatch, frozen, p, out_featur
 
 @pytest.mark.parametrize("frozen", [True, False])
 @pytest.mark.parametrize("used", [(0, 1, 2), (0, 2)])  # (0, 2): the second output never gets a gradient
-def test_shared_input_lora_matches_float64_formula(frozen, used):
+def test_shared_input_lora_matches_float64_formula(form, frozen, used):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 5, 16, generator=g, dtype=torch.float64, requires_grad=True)
     shapes = [(12, 4, True), (20, 2, False), (6, 3, True)]  # out, r, bias; out > 16 in: LoRA inside the matmul
     scales = (0.7, 2.0, 1.5)
     tensors = []
@@ -69,6 +92,7 @@ def test_shared_input_lora_matches_float64_formula(frozen, used):
     leaves = [t for t in (x, *tensors) if t is not None and t.requires_grad]
     dys = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
     grads = torch.autograd.grad([outs[i] for i in used], leaves, [dys[i] for i in used], allow_unused=True)
+    assert len(form[1]) == (3 if form[0] == "merged" else 0)  # in forward; dx is Σ dy_i @ W_i + dh @ A
     expected = [reference(x, *tensors[4 * i:4 * i + 4], scales[i]) for i in range(3)]
     for got, want in zip(outs, expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -120,11 +144,11 @@ def test_shared_outputs_follow_changes_between_member_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
-def test_inference_paths_skip_autograd_and_match_formula(monkeypatch, mode):
+def test_inference_paths_skip_autograd_and_match_formula(monkeypatch, form, mode):
     """Without autograd (and without dropout) the fused and shared outputs come from plain ops, not from the
     autograd functions, and equal the float64 formula."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 16, generator=g, dtype=torch.float64)
+    x = torch.randn(4, 4, 16, generator=g, dtype=torch.float64)
     members = []
     for out, r in ((12, 4), (24, 4)):  # 24 > 16 in: the LoRA term inside the base matmul
         members += [torch.randn(out, 16, generator=g, dtype=torch.float64), torch.randn(out, generator=g, dtype=torch.float64),
@@ -135,7 +159,7 @@ def test_inference_paths_skip_autograd_and_match_formula(monkeypatch, mode):
     with getattr(torch, mode)():
         single = fused.lora_linear(x, *members[:4], 0.7, 0.0)
         shared = shared_outputs(x, (0.7, 2.0), 0.0, *members)
-    assert applied == []
+    assert applied == [] and len(form[1]) == (3 if form[0] == "merged" else 0)
     torch.testing.assert_close(single, reference(x, *members[:4], 0.7), rtol=1e-12, atol=1e-12)
     for i, (got, scale) in enumerate(zip(shared, (0.7, 2.0))):
         torch.testing.assert_close(got, reference(x, *members[4 * i:4 * i + 4], scale), rtol=1e-12, atol=1e-12)
@@ -175,7 +199,7 @@ def test_fused_path_is_taken_only_where_it_applies(monkeypatch):
     assert len(calls) == 14 and shared == []
 
 
-def test_fused_training_step_matches_plain_composition(monkeypatch):
+def test_fused_training_step_matches_plain_composition(monkeypatch, form):
     def step(use_fused):
         model = tiny.build("llama", dtype=torch.float64).train()
         surgery.attach(model, surgery.RuleSet(name="d", rules=[surgery.Rule(
@@ -187,12 +211,14 @@ def test_fused_training_step_matches_plain_composition(monkeypatch):
                     p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(n)))
         if not use_fused:
             monkeypatch.setattr("surgery_plugins.lora.LoraBranch.fused_call", lambda *a: NotImplemented)
-        x = ids()
+        x = ids(batch=8, seq=12)  # 96 tokens: as many as the MLP's inputs, so every layer can merge
         model(input_ids=x, labels=x).loss.backward()
-        monkeypatch.undo()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    fast, plain = step(True), step(False)
+    fast = step(True)
+    # 2 layers of 7 linears in forward; again for dx, o and down (the groups add dh @ A to Σ dy_i @ W_i)
+    assert len(form[1]) == (2 * 7 + 2 * 2 if form[0] == "merged" else 0)
+    plain = step(False)
     for name in plain:
         torch.testing.assert_close(fast[name], plain[name], rtol=1e-10, atol=1e-12)
 

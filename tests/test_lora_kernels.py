@@ -10,9 +10,10 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 
 import surgery_plugins.lora_kernels as kernels  # noqa: E402
-from surgery_plugins.lora_fused import LoraLinear  # noqa: E402
+import surgery_plugins.lora_merged_weight as merged_weight  # noqa: E402
+from surgery_plugins.lora_fused import LoraLinear, lora_linear  # noqa: E402
 from surgery_plugins.lora_saved_input import kept  # noqa: E402
-from surgery_plugins.lora_shared import SharedInputLora  # noqa: E402
+from surgery_plugins.lora_shared import SharedInputLora, shared_outputs  # noqa: E402
 
 DRAW_SEED = kernels.new_seed
 ON_GPU = torch.cuda.is_available() and not kernels.INTERPRETING
@@ -102,10 +103,12 @@ def lora_formula(x, w, bias, a, b, scale, mask):
 @pytest.mark.parametrize("frozen", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("out_features", [12, 4])  # 4: wider in than out
-def test_fused_linear_on_kernels_matches_formula_and_keeps_no_copy_of_a_product_input(kernels_here, frozen, p,
-                                                                                      out_features):
+@pytest.mark.parametrize("merged", [False, True])  # the forward (and dx) through the merged weight, where p = 0
+def test_fused_linear_on_kernels_matches_formula_and_keeps_no_copy_of_a_product_input(monkeypatch, kernels_here,
+                                                                                      frozen, p, out_features, merged):
+    monkeypatch.setattr(merged_weight, "DEVICES", {DEVICE} if merged else set())
     g = torch.Generator().manual_seed(3)
-    gate, up = rand(3, 5, 16, g=g, grad=True), rand(3, 5, 16, g=g, grad=True)
+    gate, up = rand(4, 5, 16, g=g, grad=True), rand(4, 5, 16, g=g, grad=True)  # 20 tokens >= 16 inputs
     w, bias = rand(out_features, 16, g=g, grad=not frozen), rand(out_features, g=g, grad=not frozen)
     a, b = rand(4, 16, g=g, grad=True), rand(out_features, 4, g=g, grad=True)
     x = F.silu(gate) * up  # as an MLP feeds its down projection
@@ -115,7 +118,7 @@ def test_fused_linear_on_kernels_matches_formula_and_keeps_no_copy_of_a_product_
     del x
     gc.collect()
     assert gone() is None, "the layer input must not be kept alive: its factors are"
-    mask = masks(15, 16, 20261122, p, 1)[0].view(3, 5, 16) if p else 1.0
+    mask = masks(20, 16, 20261122, p, 1)[0].view(4, 5, 16) if p else 1.0
     leaves = [t for t in (gate, up, w, bias, a, b) if t.requires_grad]
     dy = rand(*out.shape, g=g)
     grads = torch.autograd.grad(out, leaves, dy)
@@ -209,3 +212,44 @@ def test_training_steps_on_kernels(monkeypatch, kernels_here):
     assert calls[:4] == [("shared", 0.2), ("single", 0.2), ("shared", 0.2), ("single", 0.2)]
     assert all(torch.equal(first[n], again[n]) for n in first)
     assert any(not torch.equal(first[n], other[n]) for n in first if "lora_A" in n)
+
+
+@pytest.mark.parametrize("members", [1, 3, 4])  # 4: two launches
+def test_merged_weights_match_formula(members):
+    """W_i + s_i B_i @ A_i for a group of weights on one input: unequal widths (tile remainders, a member narrower
+    than the grid), ranks below and at 16, a row-strided W (a slice of a fused weight)."""
+    g = torch.Generator().manual_seed(6)
+    in_f = 136
+    shapes = [(70, 5, 0.7), (130, 16, 2.0), (12, 4, 1.5), (33, 8, 0.5)][:members]
+    wide = [rand(out_f, in_f + 3, g=g) for out_f, _, _ in shapes]
+    ws = [t[:, 1:1 + in_f] for t in wide]
+    a_s = [rand(r, in_f, g=g) for _, r, _ in shapes]
+    b_s = [rand(out_f, r, g=g) for out_f, r, _ in shapes]
+    before = [t.clone() for t in wide]
+    got = kernels.merged_weights(ws, a_s, b_s, [s for _, _, s in shapes])
+    assert all(torch.equal(t, u) for t, u in zip(wide, before)), "the weights are read, not written"
+    for out, w, a, b, (_, _, s) in zip(got, ws, a_s, b_s, shapes):
+        assert out.shape == w.shape and out.is_contiguous()
+        close(out, w.double() + s * b.double() @ a.double())
+
+
+def test_inference_builds_merged_weights_with_the_kernel(monkeypatch, kernels_here):
+    """Without autograd, from as many tokens as inputs, the fused and shared outputs come through merged weights
+    built by the kernel (one launch for the group), and equal the formula."""
+    monkeypatch.setattr(merged_weight, "DEVICES", {DEVICE})
+    launches = []
+    real = kernels.merged_weights
+    monkeypatch.setattr(kernels, "merged_weights", lambda ws, *rest: launches.append(len(ws)) or real(ws, *rest))
+    g = torch.Generator().manual_seed(7)
+    x = rand(4, 6, 16, g=g)  # 24 tokens >= 16 inputs
+    members = []
+    for out, r in ((12, 4), (24, 4), (6, 2)):
+        members += [rand(out, 16, g=g), rand(out, g=g), rand(r, 16, g=g), rand(out, r, g=g)]
+    scales = (0.7, 2.0, 1.5)
+    with torch.no_grad():
+        single = lora_linear(x, *members[:4], 0.7, 0.0)
+        shared = shared_outputs(x, scales, 0.0, *members)
+    assert launches == [1, 3]
+    close(single, lora_formula(x.double(), *(t.double() for t in members[:4]), 0.7, 1.0))
+    for i, got in enumerate(shared):
+        close(got, lora_formula(x.double(), *(t.double() for t in members[4 * i:4 * i + 4]), scales[i], 1.0))

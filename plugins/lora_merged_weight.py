@@ -1,0 +1,44 @@
+"""A LoRA linear's output through its merged weight, built per call: y = x @ (W + s·B @ A).T + b.
+
+Nothing is merged into the model: the weight W + s·B @ A is a temporary, made from the live W, A and B on each
+call and freed after it, so the adapter stays trainable, switchable and detachable. It replaces the branch's
+passes over activations by one pass over the weight. Over T tokens, the separate LoRA term reads the layer input
+once more for h = x @ A.T and reads and writes the output once more to add h @ B.T (about 2·T·(in + 2·out)
+bytes, in skinny matmuls that run below bandwidth), and in backward reads and writes dx once more for dh @ A;
+the merged weight costs a read of W and a write of its copy (4·in·out bytes) each time it is built. So it pays
+from `T >= in` tokens on: long inputs and training batches, not token-by-token decoding.
+
+The result is what a merged layer computes: the update is rounded into the weight's precision, where the
+separate term is rounded into the output's, which for bf16 weights and activations is about the same error
+(`benchmarks/bench_vs_peft.py --sections accuracy` measures both against float32). Used by the fused and shared
+LoRA functions on the devices in DEVICES, where it was measured (`benchmarks/README.md`, seventh round).
+"""
+from __future__ import annotations
+
+import torch
+
+from surgery_plugins import lora_kernels
+
+DEVICES = {"cuda"}  # where the merged form is used; the tests add "cpu" to check it against float64
+
+
+def pays(tokens: int, weight: torch.Tensor) -> bool:
+    """Whether `tokens` rows through the [out, in] `weight` are cheaper with the merged weight."""
+    return weight.device.type in DEVICES and tokens >= weight.shape[1]
+
+
+def merged(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, one_pass: bool) -> torch.Tensor:
+    """W + scale · B @ A, a new tensor (W is read, not written); `one_pass` as for `merged_all`."""
+    return merged_all((weight,), (a,), (b,), (scale,), one_pass)[0]
+
+
+def merged_all(weights: tuple, a_s: tuple, b_s: tuple, scales: tuple, one_pass: bool) -> list[torch.Tensor]:
+    """[W_i + s_i · B_i @ A_i] for linears that read one input.
+
+    With `one_pass`, by lora_kernels' kernel where it serves: one pass over each W_i and one launch for up to
+    three, where torch.addmm copies each W_i into its output first and then reads and writes the copy. But a
+    Triton launch costs the host about three times an addmm (65-90 µs against 21-31 µs on the lent H100s), so the
+    kernel is for inference, which the GPU bounds; the training step, bound by the host, passes False."""
+    if one_pass and all(lora_kernels.usable(w, a.shape[0]) for w, a in zip(weights, a_s)):
+        return lora_kernels.merged_weights(list(weights), list(a_s), list(b_s), list(scales))
+    return [torch.addmm(w, b, a, alpha=s) for w, a, b, s in zip(weights, a_s, b_s, scales)]
