@@ -122,8 +122,9 @@ def main() -> None:
         torch_ms[f"{name} dx.addmm_(dh, A)"] = bench(lambda dx=dx, dh=dh, a=a: dx.addmm_(dh, a))
         for i, out in enumerate(outs):
             w, b_m, a_m = rnd(out, fin, std=0.02), rnd(out, R, std=0.02), rnd(R, fin, std=0.02)
-            merged_cases.append((f"{name}[{i}] W + s B @ A", lambda w=w, a=a_m, b=b_m: K.merged_weight(w, a, b, 2.0),
-                                 lambda w=w, a=a_m, b=b_m: rel(K.merged_weight(w, a, b, 2.0),
+            merged_cases.append((f"{name}[{i}] W + s B @ A",
+                                 lambda w=w, a=a_m, b=b_m: K.merged_weights([w], [a], [b], [2.0]),
+                                 lambda w=w, a=a_m, b=b_m: rel(K.merged_weights([w], [a], [b], [2.0])[0],
                                                                w.float() + 2.0 * b.float() @ a.float()),
                                  2 * w.numel() * 2))
             torch_ms[f"{name}[{i}] torch.addmm(W, B, A)"] = bench(lambda w=w, a=a_m, b=b_m: torch.addmm(w, b, a, alpha=2.0))

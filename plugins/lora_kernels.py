@@ -1,5 +1,6 @@
 """Triton kernels for the two LoRA steps that read the whole layer input: h = drop(x) @ A.T in forward, and
-dA = dh.T @ drop(x) with dx += drop'(dh @ A) in backward, each in one pass over x.
+dA = dh.T @ drop(x) with dx += drop'(dh @ A) in backward, each in one pass over x; and one that builds merged
+weights W + s·B @ A in one pass over W (for lora_merged_weight).
 
 With dropout, every member i of a group reading one x gets its own keep mask, a pure function of (seed + i,
 row, column): the forward kernel draws it, the backward kernel draws it again, so no mask and no dropped copy of
@@ -306,11 +307,6 @@ def _merged_launch(dtype: torch.dtype, scales: tuple[float, ...], *members: tupl
         consts.update({f"OUT{i}": out_f, f"SW{i}": sw, f"S{i}": scales[j], f"R{i}": r, f"RP{i}": _padded(r)})
     rows = max(shape[0] for shape, _, _ in members)
     return (_cdiv(rows, c["BM"]), _cdiv(consts["IN"], c["BN"]), len(members)), consts
-
-
-def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """W + scale * B @ A, as `merged_weights` for one member."""
-    return merged_weights([w], [a], [b], [scale])[0]
 
 
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
