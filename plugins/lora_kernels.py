@@ -164,7 +164,6 @@ if triton is not None:
         if N > 2:
             tl.store(out + 2 * R * K, acc2 * SCALE, mask=store_mask)
 
-
     @triton.jit
     def _merged_tile(w_ptr, a_ptr, b_ptr, out_ptr, OUT: tl.constexpr, IN: tl.constexpr, SW: tl.constexpr,
                      SCALE: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -284,7 +283,7 @@ def merged_weights(ws: list[torch.Tensor], a_s: list[torch.Tensor], b_s: list[to
                 merged_weights(ws[lo:lo + MAX_GROUP], a_s[lo:lo + MAX_GROUP], b_s[lo:lo + MAX_GROUP],
                                scales[lo:lo + MAX_GROUP])]
     a_s, b_s = [a.contiguous() for a in a_s], [b.contiguous() for b in b_s]
-    ws = [w if w.stride(-1) == 1 else w.contiguous() for w in ws]
+    ws = [_last_contiguous(w) for w in ws]
     grid, consts = _merged_launch(ws[0].dtype, tuple(scales), *[(w.shape, w.stride(0), a.shape[0])
                                                                  for w, a in zip(ws, a_s)])
     outs = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in ws]
