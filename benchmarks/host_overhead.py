@@ -36,6 +36,7 @@ def take_the_cuda_path() -> None:
     form that a CUDA run takes at the benchmark's 8192 tokens."""
     lora_kernels.DEVICES, lora_kernels.DTYPES = {"cpu"}, {torch.float32}
     lora_kernels._down_kernel = lora_kernels._grads_kernel = lora_kernels._merged_kernel = _NoLaunch()
+    lora_kernels._up_kernel = _NoLaunch()
     for module in (lora_fused, lora_shared):
         module.pays = lambda tokens, weight: True
 

@@ -1,6 +1,7 @@
 """Triton kernels for the two LoRA steps that read the whole layer input: h = drop(x) @ A.T in forward, and
-dA = dh.T @ drop(x) with dx += drop'(dh @ A) in backward, each in one pass over x; and one that builds merged
-weights W + s·B @ A in one pass over W (for lora_merged_weight).
+dA = dh.T @ drop(x) with dx += drop'(dh @ A) in backward, each in one pass over x; one for the backward step
+that reads the output gradient, dh = dy @ B with dB = dy.T @ h in one pass over dy (for the groups of
+lora_shared); and one that builds merged weights W + s·B @ A in one pass over W (for lora_merged_weight).
 
 With dropout, every member i of a group reading one x gets its own keep mask, a pure function of (seed + i,
 row, column): the forward kernel draws it, the backward kernel draws it again, so no mask and no dropped copy of
@@ -35,6 +36,7 @@ CONFIGS = {
     "down": {"BM": 64, "BK": 128, "num_warps": 4, "num_stages": 3},
     "grads": {"BM": 32, "BK": 128, "num_warps": 4, "num_stages": 3, "waves": 8},
     "merged": {"BM": 64, "BN": 64, "num_warps": 4},
+    "up": {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3},
 }
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -200,6 +202,56 @@ if triton is not None:
                 _merged_tile(w2, a2, b2, o2, OUT2, IN, SW2, S2, R2, RP2, BM, BN, ACC)
 
 
+    @triton.jit
+    def _up_member(dy_ptr, b_ptr, h_ptr, dh_ptr, part_ptr, M, rows, rr, SH: tl.constexpr, SDH: tl.constexpr,
+                   SP: tl.constexpr, RP: tl.constexpr, OUT: tl.constexpr, SDY: tl.constexpr, COL: tl.constexpr,
+                   R: tl.constexpr, S_DH: tl.constexpr, S_DB: tl.constexpr, ROW0: tl.constexpr, BN: tl.constexpr,
+                   BM: tl.constexpr, ACC: tl.constexpr):
+        """One member's dh rows (S_DH * dy @ B) and its partial dB over those rows (S_DB * dy.T @ h), reading the
+        program's rows of dy once."""
+        inside_r = (rows[:, None] < M) & (rr[None, :] < R)
+        h = tl.load(h_ptr + rows[:, None] * SH + COL + rr[None, :], mask=inside_r, other=0.0)
+        dh = tl.zeros([BM, RP], ACC)
+        part = part_ptr + tl.program_id(0) * SP
+        for n0 in range(0, OUT, BN):
+            cols = n0 + tl.arange(0, BN)
+            dy = tl.load(dy_ptr + rows[:, None] * SDY + cols[None, :], mask=(rows[:, None] < M) & (cols[None, :] < OUT),
+                         other=0.0)
+            b = tl.load(b_ptr + cols[:, None] * R + rr[None, :], mask=(cols[:, None] < OUT) & (rr[None, :] < R),
+                        other=0.0)
+            dh += tl.dot(dy, b, out_dtype=ACC)
+            db = tl.dot(tl.trans(dy), h, out_dtype=ACC)
+            tl.store(part + (ROW0 + cols[:, None]) * RP + rr[None, :], db * S_DB, mask=cols[:, None] < OUT)
+        tl.store(dh_ptr + rows[:, None] * SDH + COL + rr[None, :], (dh * S_DH).to(dh_ptr.dtype.element_ty),
+                 mask=inside_r)
+
+    @triton.jit
+    def _up_kernel(dy0, b0, dy1, b1, dy2, b2, h_ptr, dh_ptr, part_ptr, M, SH: tl.constexpr, SDH: tl.constexpr,
+                   SP: tl.constexpr, RP: tl.constexpr,
+                   OUT0: tl.constexpr, SDY0: tl.constexpr, COL0: tl.constexpr, R0: tl.constexpr,
+                   S_DH0: tl.constexpr, S_DB0: tl.constexpr, ROW0: tl.constexpr,
+                   OUT1: tl.constexpr, SDY1: tl.constexpr, COL1: tl.constexpr, R1: tl.constexpr,
+                   S_DH1: tl.constexpr, S_DB1: tl.constexpr, ROW1: tl.constexpr,
+                   OUT2: tl.constexpr, SDY2: tl.constexpr, COL2: tl.constexpr, R2: tl.constexpr,
+                   S_DH2: tl.constexpr, S_DB2: tl.constexpr, ROW2: tl.constexpr,
+                   N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr):
+        """dh and partial dB of the N (1 to 3) members of a group, member program_id(1), rows of program_id(0)."""
+        member = tl.program_id(1)
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rr = tl.arange(0, RP)
+        if member == 0:
+            _up_member(dy0, b0, h_ptr, dh_ptr, part_ptr, M, rows, rr, SH, SDH, SP, RP, OUT0, SDY0, COL0, R0, S_DH0,
+                       S_DB0, ROW0, BN, BM, ACC)
+        if N > 1:
+            if member == 1:
+                _up_member(dy1, b1, h_ptr, dh_ptr, part_ptr, M, rows, rr, SH, SDH, SP, RP, OUT1, SDY1, COL1, R1,
+                           S_DH1, S_DB1, ROW1, BN, BM, ACC)
+        if N > 2:
+            if member == 2:
+                _up_member(dy2, b2, h_ptr, dh_ptr, part_ptr, M, rows, rr, SH, SDH, SP, RP, OUT2, SDY2, COL2, R2,
+                           S_DH2, S_DB2, ROW2, BN, BM, ACC)
+
+
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -271,6 +323,51 @@ def input_grads(x: tuple[torch.Tensor, ...], dh: torch.Tensor, a: torch.Tensor, 
             DROPOUT=p > 0, UPDATE_DX=dx is not None, ACC=_acc_dtype(first.dtype), num_warps=c["num_warps"],
             num_stages=c["num_stages"])
     return part.sum(0)
+
+
+def up_grads(dys: list[torch.Tensor], b_s: list[torch.Tensor], h: torch.Tensor, cols: list[int], dh: torch.Tensor,
+             dh_scales: list[float], db_scales: list[float]) -> list[torch.Tensor]:
+    """For members i reading one input, with h [M, Σ r_i] (member i's columns from cols[i]): writes
+    dh[:, cols_i:cols_i + r_i] = dh_scale_i * dy_i @ B_i in place and returns dB_i = db_scale_i * dy_i.T @ h_i,
+    reading each dy_i [M, out_i] once, where torch takes two skinny matmuls that each read it. Each program
+    takes BM rows of every dy_i and writes its part of dB, summed over the row bands in float32 (float64 for
+    float64) after the launch. On the H100 this pays for a group (q/k/v, gate/up: `benchmarks/lora_up_grads.py`),
+    not for a single linear, where the two cuBLAS calls cost the GPU as little and the host less."""
+    if len(dys) > MAX_GROUP:
+        return [db for lo in range(0, len(dys), MAX_GROUP) for db in
+                up_grads(dys[lo:lo + MAX_GROUP], b_s[lo:lo + MAX_GROUP], h, cols[lo:lo + MAX_GROUP], dh,
+                         dh_scales[lo:lo + MAX_GROUP], db_scales[lo:lo + MAX_GROUP])]
+    dys, b_s = [_last_contiguous(dy) for dy in dys], [b.contiguous() for b in b_s]
+    h = _last_contiguous(h)
+    m = h.shape[0]
+    grid, consts, rows = _up_launch(h.dtype, m, h.stride(0), dh.stride(0), tuple(dh_scales), tuple(db_scales),
+                                    *[(dy.shape[1], dy.stride(0), col, b.shape[1]) for dy, b, col in zip(dys, b_s, cols)])
+    part = torch.empty(grid[0], rows, consts["RP"], dtype=torch.float64 if h.dtype == torch.float64 else torch.float32,
+                       device=h.device)
+    slots = [(dy, b) for dy, b in zip(dys, b_s)]
+    slots += slots[-1:] * (MAX_GROUP - len(slots))  # unused slots repeat the last member (N says how many run)
+    _up_kernel[grid](*[t for slot in slots for t in slot], h, dh, part, m, **consts)
+    d_b = part.sum(0).to(h.dtype).split([b.shape[0] for b in b_s])
+    return [db if db.shape[1] == b.shape[1] else db[:, :b.shape[1]] for db, b in zip(d_b, b_s)]
+
+
+@functools.lru_cache(maxsize=256)
+def _up_launch(dtype: torch.dtype, m: int, sh: int, sdh: int, dh_scales: tuple[float, ...], db_scales: tuple[float, ...],
+               *members: tuple) -> tuple[tuple, dict, int]:
+    """Grid, compile-time arguments and partial-dB rows of `_up_kernel` for members (out, row stride of dy, column
+    of h, rank), cached like `_merged_launch`."""
+    c = CONFIGS["up"]
+    consts = {"SH": sh, "SDH": sdh, "RP": _padded(max(r for *_, r in members)), "N": len(members), "BM": c["BM"],
+              "BN": c["BN"], "ACC": _acc_dtype(dtype), "num_warps": c["num_warps"], "num_stages": c["num_stages"]}
+    row = 0
+    for i in range(MAX_GROUP):
+        j = min(i, len(members) - 1)
+        out, sdy, col, r = members[j]
+        consts.update({f"OUT{i}": out, f"SDY{i}": sdy, f"COL{i}": col, f"R{i}": r, f"S_DH{i}": dh_scales[j],
+                       f"S_DB{i}": db_scales[j], f"ROW{i}": row if i == j else consts[f"ROW{j}"]})
+        row += out if i == j else 0
+    consts["SP"] = row * consts["RP"]
+    return (_cdiv(m, c["BM"]), len(members)), consts, row
 
 
 def merged_weights(ws: list[torch.Tensor], a_s: list[torch.Tensor], b_s: list[torch.Tensor],

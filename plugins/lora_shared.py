@@ -9,8 +9,10 @@ function computes every y_i = x @ W_i.T + b_i + x @ A_i.T @ B_i.T * s_i at once:
   others (q/k/v) add it after, y_i = x @ W_i.T + hs_i @ B_i.T (see `_outputs`);
 - backward: dx = Σ_i dy_i @ W_i accumulated in place (only where x needs a gradient), and each member's
   columns of dh, dh_i = s_i dy_i @ B_i; then dA = dh.T @ x and dx += dh @ [A_1; A_2; ...] once for all branches;
-  dB_i = dy_i.T @ hs_i. (Widening the dx matmuls to [dx | dh] instead cost the H100 more than the skinny dh
-  matmuls: cuBLAS runs the widened shapes slower, and the widened weights had to be copied again.)
+  dB_i = dy_i.T @ hs_i. On CUDA one kernel computes every member's dh_i and dB_i in one pass over its dy_i
+  (lora_kernels.up_grads), where torch takes two skinny matmuls per member that each read dy_i. (Widening the
+  dx matmuls to [dx | dh] instead cost the H100 more than the skinny dh matmuls: cuBLAS runs the widened shapes
+  slower, and the widened weights had to be copied again.)
 
 Without dropout, from as many tokens as inputs on CUDA (lora_merged_weight), the forward instead computes
 y_i = x @ (W_i + s_i B_i @ A_i).T from merged weights built per call, and h only in backward, where the
@@ -144,21 +146,31 @@ class SharedInputLora(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [None] * (PER_MEMBER * len(dys))
         dx = None
         dh = hs.new_empty(hs.shape) if all(dy is not None for dy in dys) else hs.new_zeros(hs.shape)
-        col = 0
-        for i, (dy, w, b, r) in enumerate(zip(dys, weights, b_s, ctx.ranks)):
-            out, base = w.shape[0], PER_MEMBER * i
-            if dy is not None:
-                dy2 = dy.reshape(-1, out)
-                if needs[0]:
-                    dx = dy2 @ w if dx is None else dx.addmm_(dy2, w)
+        one_pass = lora_kernels.usable(x, max(ctx.ranks))  # dh_i and dB_i in one pass over each dy_i
+        cols = [sum(ctx.ranks[:i]) for i in range(n)]
+        present: list[tuple[int, torch.Tensor]] = []
+        for i, (dy, w, b, r, col) in enumerate(zip(dys, weights, b_s, ctx.ranks, cols)):
+            if dy is None:
+                continue
+            base, dy2 = PER_MEMBER * i, dy.reshape(-1, w.shape[0])
+            present.append((i, dy2))
+            if needs[0]:
+                dx = dy2 @ w if dx is None else dx.addmm_(dy2, w)
+            if not one_pass:
                 dh[:, col:col + r].addmm_(dy2, b, beta=0, alpha=ctx.scales[i])  # dh_i = s_i dy_i @ B_i
-                if needs[2 + base]:
-                    grads[base] = dy2.t() @ x2
-                if needs[3 + base] and ctx.has_bias[i]:
-                    grads[base + 1] = dy2.sum(0)
                 if needs[5 + base]:
                     grads[base + 3] = dy2.t() @ hs[:, col:col + r]  # dB_i = s_i dy_i.T @ h_i
-            col += r
+            if needs[2 + base]:
+                grads[base] = dy2.t() @ x2
+            if needs[3 + base] and ctx.has_bias[i]:
+                grads[base + 1] = dy2.sum(0)
+        if one_pass:
+            d_b = lora_kernels.up_grads([dy2 for _, dy2 in present], [b_s[i] for i, _ in present], hs,
+                                        [cols[i] for i, _ in present], dh, [ctx.scales[i] for i, _ in present],
+                                        [1.0] * len(present))
+            for (i, _), db in zip(present, d_b):
+                if needs[5 + PER_MEMBER * i]:
+                    grads[PER_MEMBER * i + 3] = db
         if ctx.p > 0:  # dA and the masked dx update in one kernel, which draws the forward's masks again
             da = lora_kernels.input_grads((x2,), dh, a_cat, len(ctx.ranks), ctx.p, ctx.seed, dx).to(a_cat.dtype)
             _split_a_grads(grads, da, ctx.ranks, needs, dys)

@@ -29,6 +29,15 @@ def kernels_here(monkeypatch):
     monkeypatch.setattr(kernels, "new_seed", lambda: 20261122)
 
 
+@pytest.fixture
+def up_launches(monkeypatch):
+    """The member count of each `up_grads` call (dh and dB in one pass over dy)."""
+    launches = []
+    real = kernels.up_grads
+    monkeypatch.setattr(kernels, "up_grads", lambda dys, *rest: launches.append(len(dys)) or real(dys, *rest))
+    return launches
+
+
 def rand(*shape, g, grad=False):
     t = torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE, DTYPE)
     return t.requires_grad_(grad)
@@ -133,20 +142,23 @@ def test_fused_linear_on_kernels_matches_formula_and_keeps_no_copy_of_a_product_
 
 @pytest.mark.parametrize("frozen", [True, False])
 @pytest.mark.parametrize("unused", [None, 1])  # a member whose output takes no part in the loss
-def test_shared_function_with_dropout_matches_formula_with_one_mask_per_member(kernels_here, frozen, unused):
+@pytest.mark.parametrize("p, merged", [(0.3, False), (0.0, False), (0.0, True)])
+def test_shared_function_on_kernels_matches_formula_with_one_mask_per_member(monkeypatch, kernels_here, up_launches,
+                                                                            frozen, unused, p, merged):
+    monkeypatch.setattr(merged_weight, "DEVICES", {DEVICE} if merged else set())
     g = torch.Generator().manual_seed(4)
-    x = rand(3, 5, 16, g=g, grad=True)
+    x = rand(3, 6, 16, g=g, grad=True)  # 18 tokens >= 16 inputs
     tensors, outs_r = [], [24, 6, 6]  # 24 > 16 in: the LoRA term inside the base matmul
     for out in outs_r:
         tensors += [rand(out, 16, g=g, grad=not frozen), rand(out, g=g, grad=not frozen),
                     rand(4, 16, g=g, grad=True), rand(out, 4, g=g, grad=True)]
     scales = (0.7, 2.0, 1.5)
-    outs = SharedInputLora.apply(x, scales, 0.3, *tensors)
+    outs = SharedInputLora.apply(x, scales, p, *tensors)
     used = [i for i in range(3) if i != unused]
     leaves = [t for t in (x, *tensors) if t.requires_grad]
     dys = [rand(*o.shape, g=g) for o in outs]
     grads = torch.autograd.grad([outs[i] for i in used], leaves, [dys[i] for i in used], allow_unused=True)
-    ms = [m.view(3, 5, 16) for m in masks(15, 16, 20261122, 0.3, 3)]
+    ms = [m.view(3, 6, 16) for m in masks(18, 16, 20261122, p, 3)] if p else [1.0] * 3
     ref = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, *tensors)]
     want = [lora_formula(ref[0], *ref[1 + 4 * i:5 + 4 * i], scales[i], ms[i]) for i in range(3)]
     for got, w in zip(outs, want):
@@ -157,6 +169,7 @@ def test_shared_function_with_dropout_matches_formula_with_one_mask_per_member(k
         assert (got is None) == (w is None), "a member without output gradient gets no gradient"
         if w is not None:
             close(got, w)
+    assert up_launches == [len(used)], "one pass over the output gradients that exist"
 
 
 def test_a_product_input_is_kept_as_itself_where_its_factors_are_not_plain():
@@ -212,6 +225,27 @@ def test_training_steps_on_kernels(monkeypatch, kernels_here):
     assert calls[:4] == [("shared", 0.2), ("single", 0.2), ("shared", 0.2), ("single", 0.2)]
     assert all(torch.equal(first[n], again[n]) for n in first)
     assert any(not torch.equal(first[n], other[n]) for n in first if "lora_A" in n)
+
+
+@pytest.mark.parametrize("members", [1, 3, 4])  # 4: two launches
+def test_up_grads_match_formula(members):
+    """dh_i = t_i dy_i @ B_i written into member i's columns of dh, and dB_i = u_i dy_i.T @ h_i, for a group on one
+    input: unequal widths (tile remainders, a member narrower than a tile) and ranks, row-strided dy and h (views
+    of wider tensors), more rows than one band."""
+    g = torch.Generator().manual_seed(8)
+    rows = 300
+    shapes = [(70, 5, 0.5, 1.0), (130, 16, 2.0, 3.0), (12, 3, 1.5, 0.25), (33, 8, 0.7, 2.0)][:members]
+    cols = [sum(r for _, r, _, _ in shapes[:i]) for i in range(members)]
+    width = sum(r for _, r, _, _ in shapes)
+    h = rand(rows, width + 5, g=g)[:, 2:2 + width]
+    dys = [rand(rows, out + 3, g=g)[:, 1:1 + out] for out, _, _, _ in shapes]
+    b_s = [rand(out, r, g=g) for out, r, _, _ in shapes]
+    dh = torch.full((rows, width), float("nan"), dtype=DTYPE, device=DEVICE)
+    got = kernels.up_grads(dys, b_s, h, cols, dh, [t for *_, t, _ in shapes], [u for *_, u in shapes])
+    for i, (out, r, t, u) in enumerate(shapes):
+        close(dh[:, cols[i]:cols[i] + r], t * dys[i].double() @ b_s[i].double())
+        assert got[i].shape == b_s[i].shape and got[i].dtype == DTYPE
+        close(got[i], u * dys[i].double().T @ h[:, cols[i]:cols[i] + r].double())
 
 
 @pytest.mark.parametrize("members", [1, 3, 4])  # 4: two launches
