@@ -215,8 +215,8 @@ if triton is not None:
         part = part_ptr + tl.program_id(0) * SP
         for n0 in range(0, OUT, BN):
             cols = n0 + tl.arange(0, BN)
-            dy = tl.load(dy_ptr + rows[:, None] * SDY + cols[None, :], mask=(rows[:, None] < M) & (cols[None, :] < OUT),
-                         other=0.0)
+            dy = tl.load(dy_ptr + rows[:, None] * SDY + cols[None, :],
+                         mask=(rows[:, None] < M) & (cols[None, :] < OUT), other=0.0)
             b = tl.load(b_ptr + cols[:, None] * R + rr[None, :], mask=(cols[:, None] < OUT) & (rr[None, :] < R),
                         other=0.0)
             dh += tl.dot(dy, b, out_dtype=ACC)
@@ -340,20 +340,18 @@ def up_grads(dys: list[torch.Tensor], b_s: list[torch.Tensor], h: torch.Tensor, 
     dys, b_s = [_last_contiguous(dy) for dy in dys], [b.contiguous() for b in b_s]
     h = _last_contiguous(h)
     m = h.shape[0]
-    grid, consts, rows = _up_launch(h.dtype, m, h.stride(0), dh.stride(0), tuple(dh_scales), tuple(db_scales),
-                                    *[(dy.shape[1], dy.stride(0), col, b.shape[1]) for dy, b, col in zip(dys, b_s, cols)])
+    members = [(dy.shape[1], dy.stride(0), col, b.shape[1]) for dy, b, col in zip(dys, b_s, cols)]
+    grid, consts, rows = _up_launch(h.dtype, m, h.stride(0), dh.stride(0), tuple(dh_scales), tuple(db_scales), *members)
     part = torch.empty(grid[0], rows, consts["RP"], dtype=torch.float64 if h.dtype == torch.float64 else torch.float32,
                        device=h.device)
-    slots = [(dy, b) for dy, b in zip(dys, b_s)]
-    slots += slots[-1:] * (MAX_GROUP - len(slots))  # unused slots repeat the last member (N says how many run)
-    _up_kernel[grid](*[t for slot in slots for t in slot], h, dh, part, m, **consts)
+    _up_kernel[grid](*_slots(dys, b_s), h, dh, part, m, **consts)
     d_b = part.sum(0).to(h.dtype).split([b.shape[0] for b in b_s])
     return [db if db.shape[1] == b.shape[1] else db[:, :b.shape[1]] for db, b in zip(d_b, b_s)]
 
 
 @functools.lru_cache(maxsize=256)
-def _up_launch(dtype: torch.dtype, m: int, sh: int, sdh: int, dh_scales: tuple[float, ...], db_scales: tuple[float, ...],
-               *members: tuple) -> tuple[tuple, dict, int]:
+def _up_launch(dtype: torch.dtype, m: int, sh: int, sdh: int, dh_scales: tuple[float, ...],
+               db_scales: tuple[float, ...], *members: tuple) -> tuple[tuple, dict, int]:
     """Grid, compile-time arguments and partial-dB rows of `_up_kernel` for members (out, row stride of dy, column
     of h, rank), cached like `_merged_launch`."""
     c = CONFIGS["up"]
@@ -384,9 +382,7 @@ def merged_weights(ws: list[torch.Tensor], a_s: list[torch.Tensor], b_s: list[to
     grid, consts = _merged_launch(ws[0].dtype, tuple(scales), *[(w.shape, w.stride(0), a.shape[0])
                                                                  for w, a in zip(ws, a_s)])
     outs = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in ws]
-    slots = [(w, a, b, out) for w, a, b, out in zip(ws, a_s, b_s, outs)]
-    slots += slots[-1:] * (MAX_GROUP - len(slots))  # unused slots repeat the last member (N says how many run)
-    _merged_kernel[grid](*[t for slot in slots for t in slot], **consts)
+    _merged_kernel[grid](*_slots(ws, a_s, b_s, outs), **consts)
     return outs
 
 
@@ -403,6 +399,14 @@ def _merged_launch(dtype: torch.dtype, scales: tuple[float, ...], *members: tupl
         consts.update({f"OUT{i}": out_f, f"SW{i}": sw, f"S{i}": scales[j], f"R{i}": r, f"RP{i}": _padded(r)})
     rows = max(shape[0] for shape, _, _ in members)
     return (_cdiv(rows, c["BM"]), _cdiv(consts["IN"], c["BN"]), len(members)), consts
+
+
+def _slots(*per_member: list) -> list:
+    """A group kernel's MAX_GROUP member slots as its argument list: each member's tensors in order, the unused
+    slots repeating the last member (the kernel's N says how many run)."""
+    slots = list(zip(*per_member))
+    slots += slots[-1:] * (MAX_GROUP - len(slots))
+    return [t for slot in slots for t in slot]
 
 
 def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
