@@ -116,6 +116,15 @@ class Bench:
                 opt.step(); opt.zero_grad(set_to_none=True)
         return step
 
+    def floor_step(self, model):
+        """The floor's step on the benchmark's batch: `model` frozen, gradients to its input embeddings only."""
+        emb = model.get_input_embeddings()
+        ids = self.ids
+
+        def step():
+            model(inputs_embeds=emb(ids).detach().requires_grad_(True), labels=ids, use_cache=False).loss.backward()
+        return step
+
     def record(self, key: str, ms: float, **extra) -> None:
         """Keep a training row; with --repeat, every measurement is listed and the median is the row's figure."""
         row = self.results.setdefault("train", {}).setdefault(key, {"runs_ms": []})
@@ -136,13 +145,7 @@ class Bench:
     def floor(self) -> None:
         self.fresh()
         model = self.base().train()
-        emb = model.get_input_embeddings()
-        ids = self.ids
-
-        def step():
-            x = emb(ids).detach().requires_grad_(True)
-            model(inputs_embeds=x, labels=ids, use_cache=False).loss.backward()
-        ms = self.time_ms(step)
+        ms = self.time_ms(self.floor_step(model))
         self.record("floor", ms)
         print(f"  train {'floor (frozen, dx only)':34s} {ms:9.2f} ms  peak {self.peak_gib()} GiB", flush=True)
         del model
@@ -353,14 +356,8 @@ class Bench:
         for key, build in (("floor", None), ("peft_bf16_drop0.05", lambda: self.peft(0.05, autocast=False)),
                            ("surgery_drop0.05", lambda: self.ours(0.05)), ("surgery_drop0.0", lambda: self.ours(0.0))):
             self.fresh()
-            if build is None:
-                model = self.base().train()
-                emb = model.get_input_embeddings()
-                step = lambda: model(inputs_embeds=emb(self.ids).detach().requires_grad_(True), labels=self.ids,  # noqa: E731
-                                     use_cache=False).loss.backward()
-            else:
-                model = build().train()
-                step = self.train_step(model)
+            model = (build or self.base)().train()
+            step = self.train_step(model) if build else self.floor_step(model)
             host_ms, wall_ms = self.host_and_wall_ms(step)
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
             with profile(activities=activities) as prof:

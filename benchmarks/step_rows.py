@@ -16,20 +16,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_vs_peft as bench  # noqa: E402
 
 
-def floor_ms(b: bench.Bench) -> float:
-    """The floor's step (frozen base, gradients to the input only), as bench_vs_peft times it."""
-    base = b.base().train()
-    emb = base.get_input_embeddings()
-    return b.time_ms(lambda: base(inputs_embeds=emb(b.ids).detach().requires_grad_(True), labels=b.ids,
-                                  use_cache=False).loss.backward())
-
-
 def main() -> None:
     tag = sys.argv[1] if len(sys.argv) > 1 else "surgery"
     warnings.filterwarnings("ignore", category=FutureWarning)
     b = bench.Bench("cuda")
     b.shape["steps"], b.shape["warm"] = 20, 4
-    out = {"floor": floor_ms(b)}
+    out = {"floor": b.time_ms(b.floor_step(b.base().train()))}
     b.fresh()
     for p in (0.05, 0.0):
         model = b.ours(p).train()
