@@ -49,6 +49,7 @@ def sweep(kind: str, space: dict, cases: list, bandwidth: float) -> dict:
     saved = dict(K.CONFIGS[kind])
     for config in candidates(space):
         K.CONFIGS[kind] = {**saved, **config}
+        K.clear_launches()
         times, bad = {}, None
         for label, run, check, _ in cases:
             try:
@@ -63,6 +64,7 @@ def sweep(kind: str, space: dict, cases: list, bandwidth: float) -> dict:
         rows.append({"config": config, "ms": times, "total_ms": sum(times.values()) if bad is None else None,
                      "error": bad})
     K.CONFIGS[kind] = saved
+    K.clear_launches()
     good = sorted((r for r in rows if r["error"] is None), key=lambda r: r["total_ms"])
     bound = {label: nbytes / bandwidth * 1e3 for label, _, _, nbytes in cases}
     print(f"\n{kind}: {len(good)} of {len(rows)} candidates ran; bound {sum(bound.values()):.4f} ms per layer")

@@ -92,7 +92,7 @@ def main() -> None:
             label, fn = ("cuBLAS, 2 per member", cublas) if config is None else (str(config), kernel)
             if config is not None:
                 K.CONFIGS["up"] = config
-                K._up_launch.cache_clear()
+                K.clear_launches()
                 check(config)
             row = {"group": name, "form": label, "gpu_us": round(gpu_us(fn), 1), "host_us": round(host_us(fn), 1),
                    "bound_us": round(bound, 1)}

@@ -11,7 +11,8 @@ exact inverse of the keep probability, so the dropout stays unbiased (its drop r
 
 The backward kernel can also read x as the product of two saved tensors (see lora_saved_input), so a layer
 input such as an MLP's act(gate) * up need not be kept. Kernels run on CUDA for float16 and bfloat16; `usable`
-says when. With TRITON_INTERPRET=1 they run on the CPU too (the tests check them so against float64).
+says when. With TRITON_INTERPRET=1 they run on the CPU too (the tests check them so against float64). Each wrapper
+keeps its launch per shape (triton_launch.Launch), which launches the compiled kernel directly after the first call.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import functools
 import os
 
 import torch
+
+from surgery_plugins.triton_launch import Launch
 
 try:
     import triton
@@ -266,7 +269,7 @@ def _padded(rank: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _grads_launch(m: int, k: int, device: torch.device, bm: int, bk: int, waves: int) -> tuple[int, int, int]:
+def _grads_grid(m: int, k: int, device: torch.device, bm: int, bk: int, waves: int) -> tuple[int, int, int]:
     """(column blocks, row ranges, rows per range) of the backward kernel's grid for an [m, k] input."""
     col_blocks = _cdiv(k, bk)
     wanted = max(1, waves * _processors(device) // col_blocks)
@@ -285,15 +288,20 @@ def keep_mask(rows: int, cols: int, seed: int, p: float, device: torch.device | 
 def dropped_down(x: torch.Tensor, a: torch.Tensor, members: int, p: float, seed: int) -> torch.Tensor:
     """h = [drop_1(x) @ A_1.T | drop_2(x) @ A_2.T | ...] for x [M, K] and A = [A_1; A_2; ...] (equal ranks)."""
     m, k = x.shape
-    r = a.shape[0] // members
-    t16, scale = threshold(p)
     x, a = _last_contiguous(x), a.contiguous()
-    h = x.new_empty(m, members * r)
-    c = CONFIGS["down"]
-    _down_kernel[(members, _cdiv(m, c["BM"]))](
-        x, a, h, m, seed, SX=x.stride(0), SH=h.stride(0), K=k, T16=t16, SCALE=scale, R=r, RP=_padded(r), BM=c["BM"],
-        BK=c["BK"], ACC=_acc_dtype(x.dtype), num_warps=c["num_warps"], num_stages=c["num_stages"])
+    h = x.new_empty(m, a.shape[0])
+    _down_launch(x.dtype, m, k, x.stride(0), members, a.shape[0] // members, p)(x, a, h, m, seed)
     return h
+
+
+@functools.lru_cache(maxsize=256)
+def _down_launch(dtype: torch.dtype, m: int, k: int, sx: int, members: int, r: int, p: float) -> Launch:
+    """`_down_kernel`'s launch for an [m, k] input with row stride sx, cached per shape."""
+    c = CONFIGS["down"]
+    t16, scale = threshold(p)
+    return Launch(_down_kernel, (members, _cdiv(m, c["BM"])), dict(
+        SX=sx, SH=members * r, K=k, T16=t16, SCALE=scale, R=r, RP=_padded(r), BM=c["BM"], BK=c["BK"],
+        ACC=_acc_dtype(dtype), num_warps=c["num_warps"], num_stages=c["num_stages"]))
 
 
 def input_grads(x: tuple[torch.Tensor, ...], dh: torch.Tensor, a: torch.Tensor, members: int, p: float, seed: int,
@@ -304,25 +312,34 @@ def input_grads(x: tuple[torch.Tensor, ...], dh: torch.Tensor, a: torch.Tensor, 
     first = x[0]
     m, k = first.shape
     r = a.shape[0] // members
-    t16, scale = threshold(p)
     x = tuple(_last_contiguous(t) for t in x)
     if len(x) == 2 and x[0].stride() != x[1].stride():
         x = tuple(t.contiguous() for t in x)
     dh, a = _last_contiguous(dh), a.contiguous()
-    c = CONFIGS["grads"]
-    col_blocks, groups, rows_per_program = _grads_launch(m, k, first.device, c["BM"], c["BK"], c["waves"])
+    launches, groups, rows_per_program = _grads_launches(first.dtype, m, k, first.device, x[0].stride(0), dh.stride(0),
+                                                         dx.stride(0) if dx is not None else None, members, r, p,
+                                                         len(x) == 2)
     part = torch.empty(groups, members * r, k, dtype=torch.float64 if first.dtype == torch.float64 else torch.float32,
                        device=first.device)
-    for lo in range(0, members, MAX_GROUP):
-        n = min(MAX_GROUP, members - lo)
-        _grads_kernel[(col_blocks, groups)](
-            x[0], x[-1], dh, a, dx if dx is not None else x[0], part[:, lo * r:] if lo else part, m, rows_per_program,
-            seed,
-            SX=x[0].stride(0), SDH=dh.stride(0), SDX=dx.stride(0) if dx is not None else 0, SP=part.stride(0), K=k,
-            T16=t16, SCALE=scale, FIRST=lo, N=n, R=r, RP=_padded(r), BM=c["BM"], BK=c["BK"], PRODUCT=len(x) == 2,
-            DROPOUT=p > 0, UPDATE_DX=dx is not None, ACC=_acc_dtype(first.dtype), num_warps=c["num_warps"],
-            num_stages=c["num_stages"])
+    for lo, launch in zip(range(0, members, MAX_GROUP), launches):
+        launch(x[0], x[-1], dh, a, dx if dx is not None else x[0], part[:, lo * r:] if lo else part, m,
+               rows_per_program, seed)
     return part.sum(0)
+
+
+@functools.lru_cache(maxsize=256)
+def _grads_launches(dtype: torch.dtype, m: int, k: int, device: torch.device, sx: int, sdh: int, sdx: int | None,
+                    members: int, r: int, p: float, product: bool) -> tuple[list[Launch], int, int]:
+    """`_grads_kernel`'s launches (one per MAX_GROUP members), row ranges and rows per range, cached per shape."""
+    c = CONFIGS["grads"]
+    col_blocks, groups, rows_per_program = _grads_grid(m, k, device, c["BM"], c["BK"], c["waves"])
+    t16, scale = threshold(p)
+    launches = [Launch(_grads_kernel, (col_blocks, groups), dict(
+        SX=sx, SDH=sdh, SDX=sdx or 0, SP=members * r * k, K=k, T16=t16, SCALE=scale, FIRST=lo,
+        N=min(MAX_GROUP, members - lo), R=r, RP=_padded(r), BM=c["BM"], BK=c["BK"], PRODUCT=product, DROPOUT=p > 0,
+        UPDATE_DX=sdx is not None, ACC=_acc_dtype(dtype), num_warps=c["num_warps"], num_stages=c["num_stages"]))
+        for lo in range(0, members, MAX_GROUP)]
+    return launches, groups, rows_per_program
 
 
 def up_grads(dys: list[torch.Tensor], b_s: list[torch.Tensor], h: torch.Tensor, cols: list[int], dh: torch.Tensor,
@@ -341,19 +358,19 @@ def up_grads(dys: list[torch.Tensor], b_s: list[torch.Tensor], h: torch.Tensor, 
     h = _last_contiguous(h)
     m = h.shape[0]
     members = [(dy.shape[1], dy.stride(0), col, b.shape[1]) for dy, b, col in zip(dys, b_s, cols)]
-    grid, consts, rows = _up_launch(h.dtype, m, h.stride(0), dh.stride(0), tuple(dh_scales), tuple(db_scales), *members)
-    part = torch.empty(grid[0], rows, consts["RP"], dtype=torch.float64 if h.dtype == torch.float64 else torch.float32,
-                       device=h.device)
-    _up_kernel[grid](*_slots(dys, b_s), h, dh, part, m, **consts)
+    launch, rows = _up_launch(h.dtype, m, h.stride(0), dh.stride(0), tuple(dh_scales), tuple(db_scales), *members)
+    part = torch.empty(launch.grid[0], rows, launch.constants["RP"],
+                       dtype=torch.float64 if h.dtype == torch.float64 else torch.float32, device=h.device)
+    launch(*_slots(dys, b_s), h, dh, part, m)
     d_b = part.sum(0).to(h.dtype).split([b.shape[0] for b in b_s])
     return [db if db.shape[1] == b.shape[1] else db[:, :b.shape[1]] for db, b in zip(d_b, b_s)]
 
 
 @functools.lru_cache(maxsize=256)
 def _up_launch(dtype: torch.dtype, m: int, sh: int, sdh: int, dh_scales: tuple[float, ...],
-               db_scales: tuple[float, ...], *members: tuple) -> tuple[tuple, dict, int]:
-    """Grid, compile-time arguments and partial-dB rows of `_up_kernel` for members (out, row stride of dy, column
-    of h, rank), cached like `_merged_launch`."""
+               db_scales: tuple[float, ...], *members: tuple) -> tuple[Launch, int]:
+    """`_up_kernel`'s launch and partial-dB rows for members (out, row stride of dy, column of h, rank), cached like
+    `_merged_launch`."""
     c = CONFIGS["up"]
     consts = {"SH": sh, "SDH": sdh, "RP": _padded(max(r for *_, r in members)), "N": len(members), "BM": c["BM"],
               "BN": c["BN"], "ACC": _acc_dtype(dtype), "num_warps": c["num_warps"], "num_stages": c["num_stages"]}
@@ -365,7 +382,7 @@ def _up_launch(dtype: torch.dtype, m: int, sh: int, sdh: int, dh_scales: tuple[f
                        f"S_DB{i}": db_scales[j], f"ROW{i}": row if i == j else consts[f"ROW{j}"]})
         row += out if i == j else 0
     consts["SP"] = row * consts["RP"]
-    return (_cdiv(m, c["BM"]), len(members)), consts, row
+    return Launch(_up_kernel, (_cdiv(m, c["BM"]), len(members)), consts), row
 
 
 def merged_weights(ws: list[torch.Tensor], a_s: list[torch.Tensor], b_s: list[torch.Tensor],
@@ -379,17 +396,16 @@ def merged_weights(ws: list[torch.Tensor], a_s: list[torch.Tensor], b_s: list[to
                                scales[lo:lo + MAX_GROUP])]
     a_s, b_s = [a.contiguous() for a in a_s], [b.contiguous() for b in b_s]
     ws = [_last_contiguous(w) for w in ws]
-    grid, consts = _merged_launch(ws[0].dtype, tuple(scales), *[(w.shape, w.stride(0), a.shape[0])
-                                                                 for w, a in zip(ws, a_s)])
+    launch = _merged_launch(ws[0].dtype, tuple(scales), *[(w.shape, w.stride(0), a.shape[0]) for w, a in zip(ws, a_s)])
     outs = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in ws]
-    _merged_kernel[grid](*_slots(ws, a_s, b_s, outs), **consts)
+    launch(*_slots(ws, a_s, b_s, outs))
     return outs
 
 
 @functools.lru_cache(maxsize=256)
-def _merged_launch(dtype: torch.dtype, scales: tuple[float, ...], *members: tuple) -> tuple[tuple, dict]:
-    """Grid and compile-time arguments of `_merged_kernel` for members (shape, row stride of W, rank), cached:
-    this runs on every call, and the host's time per call is what the eager step is short of."""
+def _merged_launch(dtype: torch.dtype, scales: tuple[float, ...], *members: tuple) -> Launch:
+    """`_merged_kernel`'s launch for members (shape, row stride of W, rank), cached: this runs on every call, and
+    the host's time per call is what the eager step is short of."""
     c = CONFIGS["merged"]
     consts = {"IN": members[0][0][1], "N": len(members), "BM": c["BM"], "BN": c["BN"], "ACC": _acc_dtype(dtype),
               "num_warps": c["num_warps"], "num_stages": 1}
@@ -398,7 +414,13 @@ def _merged_launch(dtype: torch.dtype, scales: tuple[float, ...], *members: tupl
         (out_f, _), sw, r = members[j]
         consts.update({f"OUT{i}": out_f, f"SW{i}": sw, f"S{i}": scales[j], f"R{i}": r, f"RP{i}": _padded(r)})
     rows = max(shape[0] for shape, _, _ in members)
-    return (_cdiv(rows, c["BM"]), _cdiv(consts["IN"], c["BN"]), len(members)), consts
+    return Launch(_merged_kernel, (_cdiv(rows, c["BM"]), _cdiv(consts["IN"], c["BN"]), len(members)), consts)
+
+
+def clear_launches() -> None:
+    """Forget the cached launches (after a change to CONFIGS: the tile-size benchmarks do that)."""
+    for cached in (_down_launch, _grads_launches, _up_launch, _merged_launch):
+        cached.cache_clear()
 
 
 def _slots(*per_member: list) -> list:

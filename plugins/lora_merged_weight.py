@@ -36,9 +36,11 @@ def merged_all(weights: tuple, a_s: tuple, b_s: tuple, scales: tuple, one_pass: 
     """[W_i + s_i · B_i @ A_i] for linears that read one input.
 
     With `one_pass`, by lora_kernels' kernel where it serves: one pass over each W_i and one launch for up to
-    three, where torch.addmm copies each W_i into its output first and then reads and writes the copy. But a
-    Triton launch costs the host about three times an addmm (65-90 µs against 21-31 µs on the lent H100s), so the
-    kernel is for inference, which the GPU bounds; the training step, bound by the host, passes False."""
+    three, where torch.addmm copies each W_i into its output first and then reads and writes the copy. Its call
+    costs the host about two addmm (65-79 µs for a q/k/v group against 30-35 µs an addmm on the lent H100s,
+    launched directly: benchmarks/launch_host_cost.py), and in training the kernel lost to addmm in every step A/B so far
+    (benchmarks/README.md, seventh to ninth rounds), so it is for inference, which the GPU bounds; training
+    passes False."""
     if one_pass and all(lora_kernels.usable(w, a.shape[0]) for w, a in zip(weights, a_s)):
         return lora_kernels.merged_weights(list(weights), list(a_s), list(b_s), list(scales))
     return [torch.addmm(w, b, a, alpha=s) for w, a, b, s in zip(weights, a_s, b_s, scales)]
