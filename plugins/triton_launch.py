@@ -11,7 +11,9 @@ with that specialization launch the compiled kernel directly, with the arguments
 Triton's launcher would pass. The key is at least as fine as Triton's own specialization of run-time arguments
 (a tensor's dtype and 16-byte alignment; an integer's being 1, its divisibility by 16 and its width), plus the
 device, so a direct launch runs the kernel that Triton would have chosen. Anything else (Triton's interpreter,
-pre-run hooks, an argument of another type) takes Triton's launcher.
+pre-run hooks, an argument of another type) takes Triton's launcher. A direct launch skips one check of Triton's:
+that the global values a kernel read when compiled are unchanged (the LoRA kernels read no globals but other
+jitted functions and module constants).
 """
 from __future__ import annotations
 
