@@ -13,7 +13,7 @@ Triton's launcher would pass. The key is at least as fine as Triton's own specia
 device, so a direct launch runs the kernel that Triton would have chosen. Anything else (Triton's interpreter,
 pre-run hooks, an argument of another type) takes Triton's launcher. A direct launch skips one check of Triton's:
 that the global values a kernel read when compiled are unchanged (the LoRA kernels read no globals but other
-jitted functions and module constants).
+jitted functions).
 """
 from __future__ import annotations
 
