@@ -108,22 +108,29 @@ class Bench:
         """One training step of `model` on the benchmark's batch; AdamW fused where asked (default: on CUDA)."""
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=self.cuda if fused is None else fused) if params else None
-        ids = self.ids
+        loss = self.train_loss(model)
 
         def step():
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            loss().backward()
             if opt:
                 opt.step(); opt.zero_grad(set_to_none=True)
         return step
 
+    def train_loss(self, model):
+        """The training step's forward: a function giving `model`'s loss on the benchmark's batch."""
+        ids = self.ids
+        return lambda: model(input_ids=ids, labels=ids, use_cache=False).loss
+
     def floor_step(self, model):
         """The floor's step on the benchmark's batch: `model` frozen, gradients to its input embeddings only."""
+        loss = self.floor_loss(model)
+        return lambda: loss().backward()
+
+    def floor_loss(self, model):
+        """The floor's forward: a function giving frozen `model`'s loss, its input embeddings requiring gradients."""
         emb = model.get_input_embeddings()
         ids = self.ids
-
-        def step():
-            model(inputs_embeds=emb(ids).detach().requires_grad_(True), labels=ids, use_cache=False).loss.backward()
-        return step
+        return lambda: model(inputs_embeds=emb(ids).detach().requires_grad_(True), labels=ids, use_cache=False).loss
 
     def record(self, key: str, ms: float, **extra) -> None:
         """Keep a training row; with --repeat, every measurement is listed and the median is the row's figure."""

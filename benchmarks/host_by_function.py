@@ -96,25 +96,18 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     b = bench.Bench("cuda")
-    ids, n = b.ids, 6
+    n = 6
     result = {}
     base = b.base().train()
-    emb = base.get_input_embeddings()
-
-    def floor_forward():
-        return base(inputs_embeds=emb(ids).detach().requires_grad_(True), labels=ids, use_cache=False).loss
-
+    floor_forward = b.floor_loss(base)
     result["floor"] = {"host": phases(floor_forward, None, False), "wall": phases(floor_forward, None, True)}
-    del base
+    del base, floor_forward
     b.fresh()
     timers = False
     for p in (0.05, 0.0):
         model = b.ours(p).train()
         opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=True)
-
-        def forward():
-            return model(input_ids=ids, labels=ids, use_cache=False).loss
-
+        forward = b.train_loss(model)
         row = {"host": phases(forward, opt, False), "wall": phases(forward, opt, True)}
         if not timers:
             add_timers()
@@ -124,7 +117,7 @@ def main() -> None:
             name: [calls // n, round(seconds * 1e3 / n, 2), round(seconds * 1e6 / calls, 1)]
             for name, (calls, seconds) in sorted(totals.items())}
         result[f"surgery, dropout {p}"] = row
-        del model, opt
+        del model, opt, forward
         b.fresh()
     result["meta"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     print(json.dumps(result, indent=1))
