@@ -393,6 +393,22 @@ class Bench:
         self.results["profile"] = out
 
 
+def host_us(fn, calls: int, rounds: int, warm: int, pick=statistics.median) -> float:
+    """Host µs per call of `fn` (CUDA): `pick` (median, min, ...) over `rounds` runs of `calls` calls, after `warm`
+    calls; the device is not waited for inside a run and is drained after each."""
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    per_run = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_run.append((time.perf_counter() - start) / calls * 1e6)
+        torch.cuda.synchronize()
+    return pick(per_run)
+
+
 def ratios(r: dict) -> list[tuple[str, float | None, str]]:
     rows = []
     t = r.get("train", {})

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
@@ -17,20 +16,8 @@ import torch
 from surgery_plugins import lora_kernels as K
 from surgery_plugins import triton_launch
 
-
-def host_us(fn, n: int = 200, rounds: int = 5) -> float:
-    """Median over `rounds` of the host's µs per call over `n` calls (the device is not waited for inside a round)."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    per_round = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        per_round.append((time.perf_counter() - start) / n * 1e6)
-        torch.cuda.synchronize()
-    return round(statistics.median(per_round), 1)
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_vs_peft import host_us  # noqa: E402
 
 
 def calls() -> dict:
@@ -61,7 +48,8 @@ def main() -> None:
     for direct in (True, False, True):  # direct twice, around the launcher, to show the drift of the host
         triton_launch.DIRECT = direct
         for name, fn in calls().items():
-            rows[name].setdefault("direct" if direct else "triton launcher", []).append(host_us(fn))
+            us = round(host_us(fn, calls=200, rounds=5, warm=10), 1)
+            rows[name].setdefault("direct" if direct else "triton launcher", []).append(us)
     triton_launch.DIRECT = True
     print(f"{'call (q/k/v group)':36s} {'direct µs':>16s} {'Triton launcher µs':>20s}")
     for name, row in rows.items():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 from surgery_plugins import lora_kernels as K
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_vs_peft import host_us  # noqa: E402
 from lora_kernel_configs import rel  # noqa: E402
 
 T, R = 8192, 16
@@ -40,18 +40,6 @@ def gpu_us(fn, n: int = 20) -> float:
             fn()
         torch.cuda.synchronize()
     return sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / n
-
-
-def host_us(fn, n: int = 200) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / n * 1e6
 
 
 def main() -> None:
@@ -94,7 +82,8 @@ def main() -> None:
                 K.CONFIGS["up"] = config
                 K.clear_launches()
                 check(config)
-            row = {"group": name, "form": label, "gpu_us": round(gpu_us(fn), 1), "host_us": round(host_us(fn), 1),
+            row = {"group": name, "form": label, "gpu_us": round(gpu_us(fn), 1),
+                   "host_us": round(host_us(fn, calls=200, rounds=1, warm=3), 1),
                    "bound_us": round(bound, 1)}
             rows.append(row)
             totals[label] = round(totals.get(label, 0.0) + row["gpu_us"], 1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,21 +29,6 @@ def kernel_always(weights, a_s, b_s, scales, one_pass):
 
 FORMS = {"merged, addmm in training": ({"cuda"}, REAL), "merged, kernel in training": ({"cuda"}, kernel_always),
          "separate term": (set(), REAL)}
-
-
-def host_us(fn, calls: int = 50, rounds: int = 5) -> float:
-    """Least host time per call over `rounds` runs of `calls` calls (the GPU drained between runs)."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls * 1e6)
-        torch.cuda.synchronize()
-    return best
 
 
 def main() -> None:
@@ -83,7 +67,7 @@ def main() -> None:
              "x @ A.T": lambda: x @ a.t()}
     print("host time per call:")
     for name, fn in calls.items():
-        print(f"  {host_us(fn):6.1f} µs  {name}")
+        print(f"  {bench.host_us(fn, calls=50, rounds=5, warm=20, pick=min):6.1f} µs  {name}")
 
 
 if __name__ == "__main__":

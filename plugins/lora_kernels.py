@@ -268,7 +268,6 @@ def _padded(rank: int) -> int:
     return max(16, 1 << (rank - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=256)
 def _grads_grid(m: int, k: int, device: torch.device, bm: int, bk: int, waves: int) -> tuple[int, int, int]:
     """(column blocks, row ranges, rows per range) of the backward kernel's grid for an [m, k] input."""
     col_blocks = _cdiv(k, bk)
