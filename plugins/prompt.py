@@ -165,6 +165,9 @@ class _Call:
         return tuple(args), kwargs
 
 
+CACHE_NAMES = ("cache", "past_key_values")  # transformers >= 5.25 names the argument `cache`; older ones the second
+
+
 def _cached(cache: Any) -> int:
     """How many positions a cache already holds (0 for none)."""
     length = getattr(cache, "get_seq_length", None)
@@ -213,7 +216,7 @@ class InputHook:
         mask, positions = call.get("attention_mask"), call.get("position_ids")
         if mask is not None:
             call.set("attention_mask", _ones_before(mask, n, branch.site))
-        cache = call.get("past_key_values")
+        cache = next((c for c in map(call.get, CACHE_NAMES) if c is not None), None)
         if getattr(cache, "is_compileable", False):
             raise SurgeryError(f"prompt at site {branch.site!r}: static (compileable) caches are sized and masked for "
                                "the real tokens only; use a dynamic cache with virtual tokens")

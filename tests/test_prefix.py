@@ -2,6 +2,7 @@
 generate() (cache, no cache, beam search, left padding), sdpa against eager, a ChatGLM-style core attention,
 training, folding the reparameterisation, detach, and bad input."""
 import copy
+import inspect
 
 import pytest
 import torch
@@ -47,7 +48,8 @@ def test_prefix_of_real_keys_and_values_equals_the_real_context(arch, attn):
     positions = torch.arange(-p, n)[None] if arch == "llama" else torch.arange(p + n)[None]
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        model(c, position_ids=positions[:, :p], past_key_values=cache, use_cache=True)
+        cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        model(c, position_ids=positions[:, :p], use_cache=True, **{cache_name: cache})
         reference = model(torch.cat([c, x], 1), position_ids=positions, use_cache=False).logits[:, p:]
     surgery.attach(model, prefix_rules(n=p), name="a")
     with torch.no_grad():
