@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import surgery
-from surgery.weights import TraceStandIn
+from surgery.core.formats import TraceStandIn
 
 try:
     import bitsandbytes as bnb

@@ -20,7 +20,6 @@ import functools
 import os
 
 import torch
-
 from surgery_plugins.triton_launch import Launch
 
 try:

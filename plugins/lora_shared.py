@@ -30,10 +30,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from surgery_plugins import lora_kernels
 from surgery_plugins.lora_merged_weight import merged_all, pays
-
 
 PER_MEMBER = 4  # weight, bias, A, B
 

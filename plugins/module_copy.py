@@ -8,8 +8,8 @@ from typing import Any
 from torch import nn
 
 import surgery
-from surgery.method import Branch, Method, MethodParams
-from surgery.sites import Site
+from surgery.core.method import Branch, Method, MethodParams
+from surgery.core.sites import Site
 
 
 class CopyParams(MethodParams):

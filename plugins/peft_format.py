@@ -20,12 +20,12 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 import surgery
-from surgery.adapter_files import AdapterFileError, MismatchError, fill_branches, read_tensors
-from surgery.atomic import write_directory
+from surgery.engine.ledger import Attachment
+from surgery.engine.reading import inspect
 from surgery.errors import SurgeryError
-from surgery.inspection import inspect
-from surgery.ledger import Attachment
-from surgery.rules import RuleSet, parse_ruleset
+from surgery.io.adapter_files import AdapterFileError, MismatchError, fill_branches, read_tensors
+from surgery.io.atomic import write_directory
+from surgery.rules.schema import RuleSet, parse_ruleset
 
 CONFIG = "adapter_config.json"
 TENSORS = "adapter_model.safetensors"

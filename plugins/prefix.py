@@ -27,11 +27,11 @@ from pydantic import Field
 from torch import nn
 
 import surgery
+from surgery.core.method import Branch, Method, MethodParams, branch_dtype, first_float_dtype, module_device
+from surgery.core.sites import Site
+from surgery.engine.host import Host
+from surgery.engine.ledger import require_ledger, unwrap
 from surgery.errors import SurgeryError
-from surgery.host import Host
-from surgery.ledger import require_ledger, unwrap
-from surgery.method import Branch, Method, MethodParams, branch_dtype, first_float_dtype, module_device
-from surgery.sites import Site
 
 PREFIX_KWARG = "surgery_prefix"
 """The keyword that carries prefixes from a branch to the registered attention function."""

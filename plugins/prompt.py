@@ -16,13 +16,13 @@ from typing import Any, Callable, Literal
 
 import torch
 from pydantic import Field, model_validator
+from surgery_plugins.prefix import freeze_reparam  # noqa: F401  (re-exported: it folds P-tuning encoders too)
 from torch import nn
 
 import surgery
+from surgery.core.method import Branch, Method, MethodParams, branch_dtype, first_float_dtype, input_of, module_device
+from surgery.core.sites import Site
 from surgery.errors import SurgeryError
-from surgery.method import Branch, Method, MethodParams, input_of, branch_dtype, first_float_dtype, module_device
-from surgery.sites import Site
-from surgery_plugins.prefix import freeze_reparam  # noqa: F401  (re-exported: it folds P-tuning encoders too)
 
 
 class PromptParams(MethodParams):

@@ -7,25 +7,42 @@
     surgery.merge(model, "task_a"); surgery.unmerge(model, "task_a")
     surgery.detach(model, "task_a")                  # the model is exactly what it was
 """
-from surgery.errors import (LedgerError, NotMergeableError, PluginError, RuleFileError, SiteError, SurgeryError,
-                            TraceError)
-from surgery.hookspecs import hookimpl
-from surgery.host import Host
-from surgery.inspection import Report, inspect
-from surgery.method import Branch, Method, MethodParams, WeightEdit
-from surgery.adapter_files import AdapterFileError, MismatchError, load, save
-from surgery.combine import combine
-from surgery.passes import (TrainableCount, active, attach, bake, detach, disabled, merge, per_sample, set_active,
-                            trainable_parameters, unmerge)
-from surgery.plan import Placement, Plan, plan
-from surgery.registry import register_plugin
-from surgery.rules import Rule, RoleOverride, RuleSet, Selector
-from surgery.sites import KINDS, ROLES, AttentionInfo, Site
-
-__version__ = "0.1.0"
+from surgery.analysis.report import Report
+from surgery.core.hookspecs import hookimpl
+from surgery.core.method import Branch, Method, MethodParams, WeightEdit
+from surgery.core.registry import register_plugin
+from surgery.core.sites import KINDS, ROLES, AttentionInfo, Site
+from surgery.core.version import __version__
+from surgery.engine.combine import combine
+from surgery.engine.host import Host
+from surgery.engine.merge import merge, unmerge
+from surgery.engine.passes import (
+                            TrainableCount,
+                            active,
+                            attach,
+                            bake,
+                            detach,
+                            disabled,
+                            per_sample,
+                            set_active,
+                            trainable_parameters,
+)
+from surgery.engine.reading import inspect, plan
+from surgery.errors import (
+                            LedgerError,
+                            NotMergeableError,
+                            PluginError,
+                            RuleFileError,
+                            SiteError,
+                            SurgeryError,
+                            TraceError,
+)
+from surgery.io.adapter_files import AdapterFileError, MismatchError, load, save
+from surgery.rules.plan import Placement, Plan
+from surgery.rules.schema import RoleOverride, Rule, RuleSet, Selector
 
 __all__ = [
-    "inspect", "plan", "attach", "detach", "merge", "unmerge", "bake", "set_active", "active", "disabled", "save", "load",
+    "__version__", "inspect", "plan", "attach", "detach", "merge", "unmerge", "bake", "set_active", "active", "disabled", "save", "load",
     "per_sample", "combine",
     "trainable_parameters", "register_plugin", "hookimpl", "Method", "MethodParams", "Branch", "WeightEdit", "Host",
     "Report", "Plan", "Placement", "RuleSet", "Rule", "Selector", "RoleOverride", "Site", "AttentionInfo", "ROLES",

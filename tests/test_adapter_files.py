@@ -7,9 +7,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import surgery
-import surgery.atomic
+import surgery.io.atomic
 from surgery import tiny
-from surgery.adapter_files import CONFIG, TENSORS, AdapterFileError, MismatchError
+from surgery.io.adapter_files import CONFIG, TENSORS, AdapterFileError, MismatchError
 from tests.conftest import assert_bit_identical, ids, logits, snapshot
 
 
@@ -109,7 +109,7 @@ def test_interrupted_save_leaves_the_old_files(tmp_path, monkeypatch):
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.branches["a"].lora_B.add_(1.0)
     written = []
-    real = surgery.atomic._write_file
+    real = surgery.io.atomic._write_file
 
     def dies_after_first(path, data):
         if written:
@@ -117,7 +117,7 @@ def test_interrupted_save_leaves_the_old_files(tmp_path, monkeypatch):
         written.append(path)
         real(path, data)
 
-    monkeypatch.setattr(surgery.atomic, "_write_file", dies_after_first)
+    monkeypatch.setattr(surgery.io.atomic, "_write_file", dies_after_first)
     with pytest.raises(KeyboardInterrupt):
         surgery.save(model, directory, name="a")
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == old

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import surgery
-import surgery.cli
+import surgery.cli.main
 from surgery import tiny
-from surgery.cli import main
-from surgery.cli_models import load_model
-from surgery.registry import manager
-from surgery.rules import builtin_rulesets, json_schema
+from surgery.cli.main import main
+from surgery.cli.models import load_model
+from surgery.core.registry import manager
+from surgery.rules.schema import builtin_rulesets, json_schema
 from tests.conftest import ids
 
 COMMANDS = ["inspect", "plan", "merge", "rules", "plugins"]
@@ -255,7 +255,7 @@ def test_an_unexpected_failure_is_one_line_and_debug_shows_it(capsys, monkeypatc
     def broken(model, *a, **k):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(surgery.cli.surgery, "inspect", broken)
+    monkeypatch.setattr(surgery.cli.main.surgery, "inspect", broken)
     code, _, err = run(capsys, "inspect", "tiny-llama")
     assert code == 1 and err == "surgery: error: unexpected RuntimeError: boom second line (--debug shows the traceback)\n"
     with pytest.raises(RuntimeError, match="boom"):

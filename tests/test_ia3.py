@@ -8,8 +8,8 @@ from peft import IA3Config, get_peft_model
 
 import surgery
 from surgery import tiny
+from surgery.engine.host import Host
 from surgery.errors import NotMergeableError, RuleFileError, SurgeryError
-from surgery.host import Host
 from tests.conftest import assert_bit_identical, ids, logits, snapshot, train_steps
 from tests.custom_models import Misnamed, TinyGLM
 

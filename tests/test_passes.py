@@ -6,9 +6,9 @@ import torch
 
 import surgery
 from surgery import tiny
+from surgery.analysis.facts import analyze
+from surgery.engine.host import Host
 from surgery.errors import LedgerError, SurgeryError
-from surgery.host import Host
-from surgery.roles import analyze
 from tests.conftest import assert_bit_identical, ids, logits, snapshot
 
 ARCHS = ["llama", "gpt2", "bert", "t5", "phi3", "gpt_neox"]
@@ -163,7 +163,7 @@ def test_failed_attach_rolls_back(monkeypatch):
 def test_failed_install_rolls_back(monkeypatch):
     model = tiny.build("llama")
     before, modules = snapshot(model), dict(model.named_modules())
-    import surgery.passes as passes
+    import surgery.engine.passes as passes
 
     real, seen = passes._install, []
 

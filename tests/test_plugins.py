@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import surgery
-import surgery.registry
+import surgery.core.registry
 from surgery import tiny
 from surgery.errors import PluginError, RuleFileError
 from tests.conftest import assert_bit_identical, ids, snapshot
@@ -20,7 +20,7 @@ def test_builtins_come_from_entry_points():
 
     names = {ep.value for ep in entry_points(group="surgery")}
     assert {"surgery_plugins.lora", "surgery_plugins.dense_formats", "surgery_plugins.builtin_rules"} <= names
-    registry = surgery.registry.Registry()
+    registry = surgery.core.registry.Registry()
     assert "lora" in registry.methods
     assert {"linear", "conv1d", "embedding"} <= {f.name for f in registry.formats}
 
@@ -42,13 +42,13 @@ def installed_plugin(tmp_path_factory):
 
 @pytest.fixture
 def fresh_registry(monkeypatch):
-    monkeypatch.setattr(surgery.registry, "_REGISTRY", None)
+    monkeypatch.setattr(surgery.core.registry, "_REGISTRY", None)
     yield
     # monkeypatch restores the process-wide registry
 
 
 def test_third_party_plugin_package(installed_plugin, fresh_registry):
-    registry = surgery.registry.manager()
+    registry = surgery.core.registry.manager()
     assert "out_scale" in registry.methods, "entry point of the installed package was not loaded"
     model = tiny.build("llama")
     before, x = snapshot(model), ids()
@@ -75,7 +75,7 @@ def test_duplicate_method_names_are_refused():
 
             return [Lora()]
 
-    registry = surgery.registry.Registry()
+    registry = surgery.core.registry.Registry()
     registry.register(Clash(), name="clash")
     with pytest.raises(PluginError, match="'lora' is provided by both"):
         registry.methods

@@ -7,20 +7,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from torch import nn
-
-import surgery
-import surgery.registry
-from surgery import tiny
-from surgery.errors import RuleFileError
-from surgery.host import Host
-from surgery.inspection import Report
-from surgery.plan import plan_sites
-from surgery.rules import read_ruleset
-from surgery.weights import PROBE_ROWS, TraceStandIn
 from surgery_plugins import bnb_formats
 from surgery_plugins.chatglm_format import ChatGLMQuantFormat
 from surgery_plugins.quantized_linear import DequantLinear, QuantizedLinear, pack_int4, quantize, unpack_int4
+from torch import nn
+
+import surgery
+import surgery.core.registry
+from surgery import tiny
+from surgery.analysis.report import Report
+from surgery.core.formats import TraceStandIn
+from surgery.engine.host import Host
+from surgery.engine.weight_edits import PROBE_ROWS
+from surgery.errors import RuleFileError
+from surgery.rules.plan import plan_sites
+from surgery.rules.schema import read_ruleset
 from tests.conftest import assert_bit_identical, snapshot
 from tests.custom_models import TinyGLM
 
@@ -138,7 +139,7 @@ def test_format_recognises_the_signature_not_the_class():
 
     assert fmt.matches(Anything(4)) and fmt.features(Anything(4)) == (8, 6) and fmt.features(Anything(8)) == (4, 6)
     assert not fmt.matches(Anything(3)) and not fmt.matches(Anything(4, scale_rows=5))
-    assert not fmt.matches(nn.Linear(4, 6)) and surgery.registry.manager().format_of(Anything(8)) is not None
+    assert not fmt.matches(nn.Linear(4, 6)) and surgery.core.registry.manager().format_of(Anything(8)) is not None
 
 
 def test_the_graph_must_confirm_the_format():
@@ -413,7 +414,7 @@ def group_int8_plugin():
     plugin = GroupInt8Plugin()
     surgery.register_plugin(plugin, name="test-group-int8")
     yield
-    surgery.registry.manager().unregister(plugin)
+    surgery.core.registry.manager().unregister(plugin)
 
 
 def test_a_made_up_format_gets_lora_merge_and_unmerge_through_the_hook(group_int8_plugin):
@@ -477,7 +478,7 @@ def test_a_format_can_give_the_analysis_a_stand_in_for_an_untraceable_layer():
                                                                       ("1", "linear", None)]
         assert type(model[0]) is Opaque  # put back after the trace
     finally:
-        surgery.registry.manager().unregister(plugin)
+        surgery.core.registry.manager().unregister(plugin)
 
 
 class KernelQuantizedLinear(nn.Module):
@@ -523,7 +524,7 @@ def test_chatglm_rule_file_declares_what_the_graph_reads_on_chatglm2_6b_shapes()
     x = torch.zeros(1, 8, dtype=torch.long, device="meta")
     report = surgery.inspect(model, args=(x,))
     ruleset = read_ruleset(RULES)
-    assert ruleset.name == "chatglm-lora" and "chatglm-lora" in surgery.rules.builtin_rulesets()
+    assert ruleset.name == "chatglm-lora" and "chatglm-lora" in surgery.rules.schema.builtin_rulesets()
     inferred = plan_sites(ruleset, report, 0)
     stripped = Report(report.model_class, [dataclasses.replace(s, roles=frozenset(), slices={}) for s in report.sites])
     declared = plan_sites(ruleset, stripped, 0)  # the file alone, as for a model whose graph hides the roles

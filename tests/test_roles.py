@@ -12,10 +12,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 
 from custom_models import Block, Misnamed, TinyGLM  # noqa: E402
+
 from surgery import tiny  # noqa: E402
-from surgery.roles import GraphFacts, LinearFacts, analyze  # noqa: E402
-from surgery.sites import ROLES, AttentionInfo  # noqa: E402
-from surgery.tracing import example_inputs, export_for_analysis  # noqa: E402
+from surgery.analysis.facts import GraphFacts, LinearFacts, analyze  # noqa: E402
+from surgery.analysis.tracing import example_inputs, export_for_analysis  # noqa: E402
+from surgery.core.sites import ROLES, AttentionInfo  # noqa: E402
 
 Q, K, V, O = "attention.query", "attention.key", "attention.value", "attention.output"
 GATE, UP, DOWN = "mlp.gate", "mlp.up", "mlp.down"

@@ -6,7 +6,7 @@ import pytest
 import surgery
 from surgery import tiny
 from surgery.errors import RuleFileError
-from surgery.rules import builtin_rulesets, json_schema, read_ruleset
+from surgery.rules.schema import builtin_rulesets, json_schema, read_ruleset
 
 
 def write(tmp_path, text, name="rules.yaml"):
@@ -117,4 +117,4 @@ def test_shipped_json_schema_is_current():
     from pathlib import Path
 
     shipped = json.loads((Path(__file__).parent.parent / "rules" / "rule-file.schema.json").read_text())
-    assert shipped == json_schema(), "regenerate with: python -c \"from surgery.rules import dump_schema; dump_schema('rules/rule-file.schema.json')\""
+    assert shipped == json_schema(), "regenerate with: python -c \"from surgery.rules.schema import dump_schema; dump_schema('rules/rule-file.schema.json')\""

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import fx
 
-from .dataflow import GraphIndex, backward_closure, tensor_val
+from surgery.analysis.dataflow import GraphIndex, backward_closure, tensor_val
 
 Slices = tuple[tuple[int, int], ...]
 _CPU = torch.device("cpu")

@@ -8,8 +8,9 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from surgery.core.registry import manager
+from surgery.core.sites import KINDS, ROLES
 from surgery.errors import RuleFileError
-from surgery.sites import KINDS, ROLES
 
 Role = Literal[ROLES]  # type: ignore[valid-type]
 Kind = Literal[KINDS]  # type: ignore[valid-type]
@@ -128,8 +129,6 @@ def read_ruleset(path: str | Path) -> RuleSet:
 
 def builtin_rulesets() -> dict[str, RuleSet]:
     """Every rule set that the installed plugins' rule directories provide, by name."""
-    from surgery.registry import manager
-
     found: dict[str, RuleSet] = {}
     for directory in manager().rule_dirs():
         for path in sorted(Path(directory).glob("*.yaml")):

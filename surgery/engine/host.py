@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery.core.method import Branch
 from surgery.errors import SurgeryError
-from surgery.method import Branch
 
 
 class Host(nn.Module):

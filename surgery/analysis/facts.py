@@ -1,4 +1,4 @@
-"""Roles of a model's sites, read from dataflow (never from module names): the graph analysis entry point.
+"""The graph analysis entry point: every fact about a model's sites, read from dataflow (never from module names).
 
 `analyze(model)` traces a depth-reduced view of the model (one block per distinct structure), reads linear-like
 sites, embeddings, attention computations, MLPs, the token embedding and the LM head from the graph, probes
@@ -7,22 +7,21 @@ fused projections for their exact channel ranges, and maps everything back to ev
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from .attention_graph import attention_ops, read_attention
-from .dataflow import (ACTIVATION_OPS, ELEMENTWISE_OPS, LAYOUT_OPS, WALK_OPS, GraphIndex, LinearSite, build_index,
-                       embedding_sites, enclosing_block, linear_sites, module_input, norm_modules, op_name,
-                       strip_layout, within)
-from .depth import Reduction, reduced_depth, sharing, structure
-from .graph_probe import Slices, channel_probe
-from .sites import AttentionInfo
-from .tracing import AnalysisTrace, canonical_names, export_for_analysis
+from surgery.analysis.attention import attention_ops, read_attention
+from surgery.analysis.dataflow import LinearSite, build_index, embedding_sites, linear_sites, norm_modules
+from surgery.analysis.depth import Reduction, reduced_depth, sharing, structure
+from surgery.analysis.heads import lm_heads, token_embeddings
+from surgery.analysis.mlp import read_mlp
+from surgery.analysis.probes import Slices
+from surgery.analysis.tracing import AnalysisTrace, canonical_names, export_for_analysis
+from surgery.core.sites import AttentionInfo
 
 
 @dataclass(frozen=True)
@@ -63,120 +62,6 @@ def input_groups(linears: dict[str, LinearSite]) -> dict[str, str]:
     for path, site in linears.items():
         readers.setdefault(site.x, []).append(path)
     return {path: group[0] for group in readers.values() if len(group) > 1 for path in group}
-
-
-# ---------------------------------------------------------------------------------------------- MLP roles
-
-
-@dataclass(frozen=True)
-class MlpReading:
-    """Roles (and fused gate/up slices) read from one down projection's input."""
-
-    roles: dict[str, frozenset[str]]
-    slices: dict[str, dict[str, Slices]]
-
-
-def read_mlp(down: LinearSite, index: GraphIndex, linears: dict[str, LinearSite],
-             norms: frozenset[str]) -> MlpReading | None:
-    """If `down`'s input derives through an activation from one or two linear outputs of one hidden state,
-    the MLP roles: act(gate(x)) * up(x) -> gate, up; act(up(x)) -> up; a fused gate_up is probed for slices."""
-    scope = enclosing_block(down.path, index.trace)
-    reached: dict[str, tuple[set[bool], fx.Node]] = {}
-    act_inputs: list[fx.Node] = []
-    seen, queue = {(down.x, False)}, deque([(down.x, False)])
-    while queue:
-        node, through_act = queue.popleft()
-        owner = index.owner[node]
-        if owner in linears and owner != down.path:
-            reached.setdefault(owner, (set(), node))[0].add(through_act)
-            continue
-        if node.op != "call_function" or owner in norms or not within(owner, scope):
-            continue
-        name = op_name(node)
-        inputs = [i for i in node.all_input_nodes if i in index.from_user]
-        if name in ACTIVATION_OPS:
-            act_inputs += inputs
-            through_act = True
-        elif name not in LAYOUT_OPS | ELEMENTWISE_OPS:
-            continue
-        for i in inputs:
-            if (i, through_act) not in seen:
-                seen.add((i, through_act))
-                queue.append((i, through_act))
-    gates = [p for p, (acts, _) in reached.items() if True in acts]
-    plain = [p for p, (acts, _) in reached.items() if acts == {False}]
-    if len(gates) != 1 or len(plain) > 1:
-        return None
-    gate = gates[0]
-    down_roles = {down.path: frozenset({"mlp.down"})}
-    if plain:
-        if module_input(linears[gate], index) is not module_input(linears[plain[0]], index):
-            return None
-        return MlpReading({**down_roles, gate: frozenset({"mlp.gate"}), plain[0]: frozenset({"mlp.up"})}, {})
-    acts, source = reached[gate]
-    if acts == {True}:
-        return MlpReading({**down_roles, gate: frozenset({"mlp.up"})}, {})
-    probe = channel_probe(index, source, {"gate": act_inputs, "all": [down.x]})
-    gate_set = _channel_set(probe.get("gate", ()))
-    up_set = _channel_set(probe.get("all", ())) - gate_set
-    if not gate_set or not up_set:
-        return MlpReading({**down_roles, gate: frozenset({"mlp.up"})}, {})
-    return MlpReading({**down_roles, gate: frozenset({"mlp.gate", "mlp.up"})},
-                      {gate: {"mlp.gate": _as_ranges(gate_set), "mlp.up": _as_ranges(up_set)}})
-
-
-def _channel_set(slices: Slices) -> set[int]:
-    return {c for a, b in slices for c in range(a, b)}
-
-
-def _as_ranges(channels: set[int]) -> Slices:
-    out: list[tuple[int, int]] = []
-    for c in sorted(channels):
-        if out and out[-1][1] == c:
-            out[-1] = (out[-1][0], c + 1)
-        else:
-            out.append((c, c + 1))
-    return tuple(out)
-
-
-# ---------------------------------------------------------------------------------------------- whole graph
-
-
-def token_embeddings(index: GraphIndex, embeddings: Iterable) -> list[str]:
-    """Embeddings looked up with the user's token ids (not positions, not token types)."""
-    tokens = index.trace.token_inputs
-    found = []
-    for site in embeddings:
-        for lookup in site.lookups:
-            root = strip_layout(lookup.args[1], index) if isinstance(lookup.args[1], fx.Node) else None
-            if root is not None and root.op == "placeholder" and root.name in tokens:
-                found.append(site.path)
-                break
-    return found
-
-
-def lm_heads(index: GraphIndex, linears: dict[str, LinearSite], vocab: int, norms: frozenset[str]) -> list[str]:
-    """Linear-like sites with `vocab` outputs whose result reaches the graph output through layout/element-wise
-    ops only."""
-    heads = []
-    for site in linears.values():
-        if site.out_features != vocab:
-            continue
-        seen, stack, hit = {site.matmul}, [site.matmul], False
-        while stack and not hit:
-            for user in stack.pop().users:
-                if user.op == "output":
-                    hit = True
-                    break
-                owner = index.owner[user]
-                passable = owner == site.path or (owner not in norms and owner not in linears
-                                                 and op_name(user) in WALK_OPS)
-                if user not in seen and passable:
-                    seen.add(user)
-                    stack.append(user)
-        if hit:
-            heads.append(site.path)
-    return heads
 
 
 def _merge(roles: dict[str, set[str]], slices: dict[str, dict[str, Slices]],

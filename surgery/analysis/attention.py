@@ -13,11 +13,22 @@ from typing import Any
 import torch
 from torch import fx
 
-from .dataflow import (LAYOUT_OPS, ELEMENTWISE_OPS, WALK_OPS, GraphIndex, LinearSite, is_block, module_input,
-                       op_name, parent_path, tensor_val, within)
-from .graph_probe import Slices, channel_probe, evaluate
-from .sites import AttentionInfo
-from .tracing import AnalysisTrace
+from surgery.analysis.dataflow import (
+    ELEMENTWISE_OPS,
+    LAYOUT_OPS,
+    WALK_OPS,
+    GraphIndex,
+    LinearSite,
+    is_block,
+    module_input,
+    op_name,
+    parent_path,
+    tensor_val,
+    within,
+)
+from surgery.analysis.probes import Slices, channel_probe, evaluate
+from surgery.analysis.tracing import AnalysisTrace
+from surgery.core.sites import AttentionInfo
 
 _SCORE_OPS = frozenset({"mul", "mul_", "div", "div_", "add", "add_", "sub", "tanh", "to", "_to_copy", "where",
                         "masked_fill", "masked_fill_", "clamp", "dropout", "contiguous", "view", "reshape",

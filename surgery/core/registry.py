@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 from torch import nn
 
-from surgery import hookspecs
+from surgery.core import hookspecs
+from surgery.core.formats import WeightFormat
+from surgery.core.method import Method
 from surgery.errors import PluginError
-from surgery.method import Method
-from surgery.weights import WeightFormat
 
 if TYPE_CHECKING:
-    from surgery.adapter_formats import AdapterFormat
+    from surgery.core.formats import AdapterFormat
 
 
 class Registry:

@@ -18,9 +18,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from surgery.adapter_formats import AdapterFormat
-    from surgery.method import Method
-    from surgery.weights import WeightFormat
+    from surgery.core.formats import AdapterFormat, WeightFormat
+    from surgery.core.method import Method
 
 PROJECT = "surgery"
 hookspec = pluggy.HookspecMarker(PROJECT)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import dataclasses
 from fnmatch import fnmatchcase
 
+from surgery.core.sites import Site
 from surgery.errors import RuleFileError
-from surgery.rules import RoleOverride, Selector
-from surgery.sites import Site
+from surgery.rules.schema import RoleOverride, Selector
 
 
 def _glob_any(patterns: list[str], *values: str) -> bool:

@@ -1,19 +1,18 @@
-"""`surgery.plan`: which method goes on which site with which params. Computing a plan touches nothing."""
+"""Plans: which method goes on which site with which params, from a rule set and a report. Touches nothing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from pydantic import ValidationError
-from torch import nn
 
+from surgery.analysis.report import Report
+from surgery.core.method import MethodParams
+from surgery.core.registry import manager
+from surgery.core.sites import Site
+from surgery.core.table import render
 from surgery.errors import PluginError, RuleFileError
-from surgery.inspection import Report, inspect
-from surgery.matcher import apply_role_overrides, selector_matches
-from surgery.method import MethodParams
-from surgery.registry import manager
-from surgery.rules import RuleSet, RuleSource, resolve_ruleset
-from surgery.sites import Site
-from surgery.table import render
+from surgery.rules.matcher import apply_role_overrides, selector_matches
+from surgery.rules.schema import RuleSet
 
 
 @dataclass(frozen=True)
@@ -101,10 +100,3 @@ def plan_sites(ruleset: RuleSet, report: Report, total_parameters: int) -> Plan:
     return Plan(ruleset=ruleset, placements=placements, total_parameters=total_parameters)
 
 
-def plan(model: nn.Module, rules: RuleSource, args: tuple | None = None, kwargs: dict | None = None) -> Plan:
-    """What `rules` (a rule-set name, a YAML path or a RuleSet) would do to `model`. Changes nothing."""
-    ruleset = resolve_ruleset(rules)
-    report = inspect(model, args, kwargs)
-    from surgery.ledger import base_parameter_count
-
-    return plan_sites(ruleset, report, base_parameter_count(model))

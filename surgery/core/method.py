@@ -8,9 +8,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from surgery.core.sites import Site
 from surgery.errors import NotMergeableError
-from surgery.sites import Site
-
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                                    "float64": torch.float64}
@@ -133,3 +132,9 @@ class Method:
 
     def __repr__(self) -> str:
         return f"<method {self.name} kinds={sorted(self.kinds)} mergeable={self.mergeable}>"
+
+
+def base_parameter_count(model: nn.Module) -> int:
+    """Parameters of the model, not counting any branch's."""
+    branch_params = {id(p) for m in model.modules() if isinstance(m, Branch) for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in branch_params)

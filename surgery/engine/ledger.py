@@ -6,12 +6,13 @@ from typing import Callable
 
 from torch import nn
 
+from surgery.analysis.report import Report
+from surgery.core.formats import WeightFormat
+from surgery.core.method import Branch, WeightEdit
+from surgery.engine.host import Host
+from surgery.engine.weight_edits import EditRecord
 from surgery.errors import LedgerError
-from surgery.host import Host
-from surgery.inspection import Report
-from surgery.method import Branch, WeightEdit
-from surgery.plan import Plan
-from surgery.weights import EditRecord, WeightFormat
+from surgery.rules.plan import Plan
 
 LEDGER_ATTRIBUTE = "_surgery_ledger"
 
@@ -97,7 +98,7 @@ def require_ledger(model: nn.Module) -> Ledger:
     return ledger
 
 
-def base_parameter_count(model: nn.Module) -> int:
-    """Parameters of the model, not counting any branch's."""
-    branch_params = {id(p) for m in model.modules() if isinstance(m, Branch) for p in m.parameters()}
-    return sum(p.numel() for p in model.parameters() if id(p) not in branch_params)
+def base_module(model: nn.Module, path: str) -> nn.Module:
+    """The original module at `path`, whether or not a Host stands there now."""
+    module = model.get_submodule(path)
+    return module.base if isinstance(module, Host) else module

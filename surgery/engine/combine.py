@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from surgery.core.registry import manager
+from surgery.engine.ledger import Attachment, require_ledger, unwrap
+from surgery.engine.passes import attach, detach
 from surgery.errors import LedgerError
-from surgery.ledger import Attachment, require_ledger, unwrap
-from surgery.passes import attach, detach
-from surgery.registry import manager
-from surgery.rules import Rule, RuleSet, Selector
+from surgery.rules.schema import Rule, RuleSet, Selector
 
 
 def combine(model: nn.Module, weights: dict[str, float], name: str, how: str = "cat") -> Attachment:

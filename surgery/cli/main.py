@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import surgery
-from surgery.cli_models import copy_tokenizer, load_model, quiet_hf_progress, tiny_names
-from surgery.cli_output import emit_json, emit_table, step_progress
+from surgery.analysis.report import Report
+from surgery.cli.models import copy_tokenizer, load_model, quiet_hf_progress, tiny_names
+from surgery.cli.output import emit_json, emit_table, step_progress
+from surgery.core.registry import manager
+from surgery.core.sites import Site
 from surgery.errors import SurgeryError
-from surgery.inspection import Report
-from surgery.plan import Plan
-from surgery.sites import Site
+from surgery.rules.plan import Plan
+from surgery.rules.schema import builtin_rulesets, json_schema
 
 
 class _Parser(argparse.ArgumentParser):
@@ -123,8 +125,6 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _rule_dir_owners() -> dict[Path, str]:
-    from surgery.registry import manager
-
     owners: dict[Path, str] = {}
     for impl in manager().pm.hook.surgery_rule_dirs.get_hookimpls():
         for directory in impl.function() or []:
@@ -133,8 +133,6 @@ def _rule_dir_owners() -> dict[Path, str]:
 
 
 def _rules(args: argparse.Namespace) -> int:
-    from surgery.rules import builtin_rulesets, json_schema
-
     if args.schema:
         emit_json(json_schema())
         return 0
@@ -153,14 +151,10 @@ def _rules(args: argparse.Namespace) -> int:
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    from surgery.registry import manager
-
     registry = manager()
     objects = dict(registry.pm.list_name_plugin())
     rule_sets: dict[str, list[str]] = {}
     owners = _rule_dir_owners()
-    from surgery.rules import builtin_rulesets
-
     for name, rs in builtin_rulesets().items():
         rule_sets.setdefault(owners.get(Path(rs.source).resolve().parent, "?"), []).append(name)
     records = []

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from surgery.registry import manager
-from surgery.sites import Site
-from surgery.table import render
+from surgery.analysis.facts import analyze
+from surgery.core.registry import manager
+from surgery.core.sites import Site
+from surgery.core.table import render
 
 
 @dataclass
@@ -73,8 +74,6 @@ def _site_dtype(module: nn.Module, fmt, lin) -> torch.dtype | None:
 
 def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> Report:
     """Analyse `model` (never executing it) and return its sites."""
-    from surgery.roles import analyze
-
     facts = analyze(model, args, kwargs)
     registry = manager()
     sites: list[Site] = []
@@ -105,12 +104,3 @@ def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = 
     return Report(model_class=_module_class(model), sites=sites, unknown=unknown)
 
 
-def inspect(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> Report:
-    """The sites of `model` and their roles. For an adapted model, the sites of the model as it was before
-    the first attach (the ledger keeps them). `args`/`kwargs`: example inputs, needed for non-HF modules."""
-    from surgery.ledger import find_ledger
-
-    ledger = find_ledger(model)
-    if ledger is not None:
-        return ledger.report
-    return sites_of(model, args, kwargs)

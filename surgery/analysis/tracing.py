@@ -14,6 +14,8 @@ from typing import Any, Iterator
 import torch
 from torch import fx, nn
 
+from surgery.analysis.stand_ins import analysis_stand_ins
+
 TOKEN_INPUT_NAMES: tuple[str, ...] = ("input_ids", "decoder_input_ids")
 """Names of user inputs that carry token ids in transformers models."""
 
@@ -158,8 +160,6 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
         args, kwargs = example_inputs(model)
     args = tuple(args or ())
     kwargs = dict(kwargs or {})
-    from surgery.weights import analysis_stand_ins
-
     with eval_mode(model), _no_stack_traces():
         try:
             program = torch.export.export(model, args, kwargs, strict=False)

@@ -1,4 +1,4 @@
-"""The passes: attach, detach, merge, unmerge, and choosing what runs. Each either completes or leaves the
+"""The passes: attach, detach, bake, and choosing what runs (merge and unmerge are in `merge.py`). Each either completes or leaves the
 model exactly as it was."""
 from __future__ import annotations
 
@@ -7,24 +7,15 @@ from typing import Iterator, NamedTuple, Sequence
 
 from torch import nn
 
-from surgery.errors import LedgerError, NotMergeableError, SurgeryError
-from surgery.host import Host
-from surgery.inspection import sites_of
-from surgery.ledger import (LEDGER_ATTRIBUTE, Attachment, Ledger, MergedSite, base_parameter_count, find_ledger,
-                            require_ledger, unwrap)
-from surgery.method import Branch
-from surgery.plan import plan_sites
-from surgery.registry import manager
-from surgery.rules import RuleSource, resolve_ruleset
-from surgery.weights import apply_edit, merged_float_linear, revert_edit
-
-MERGE_TARGETS = ("weights", "float")
-
-
-def base_module(model: nn.Module, path: str) -> nn.Module:
-    """The original module at `path`, whether or not a Host stands there now."""
-    module = model.get_submodule(path)
-    return module.base if isinstance(module, Host) else module
+from surgery.analysis.report import sites_of
+from surgery.core.method import Branch, base_parameter_count
+from surgery.core.registry import manager
+from surgery.engine.host import Host
+from surgery.engine.ledger import LEDGER_ATTRIBUTE, Attachment, Ledger, base_module, find_ledger, require_ledger, unwrap
+from surgery.engine.merge import merge, unmerge
+from surgery.errors import LedgerError, SurgeryError
+from surgery.rules.plan import plan_sites
+from surgery.rules.schema import RuleSource, resolve_ruleset
 
 
 def _homes(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -155,93 +146,6 @@ def detach(model: nn.Module, name: str) -> None:
     ledger.refresh()
 
 
-def _merge(model: nn.Module, ledger: Ledger, attachment: Attachment, exact: bool, into: str = "weights") -> None:
-    registry = manager()
-    done: list[MergedSite] = []
-    try:
-        for placement in attachment.plan.placements:
-            path = placement.site.path
-            module = base_module(model, path)
-            method = registry.method(placement.method)
-            fmt = registry.format_of(module)
-            edit = method.merge_edit(placement.site, module, attachment.branches[path])
-            if into == "float" and not fmt.is_view:  # a copy format (quantized): swap in a float linear instead
-                linear, record = merged_float_linear(fmt, module, edit, placement.site.dtype)
-                ledger.hosts[path].base = linear
-                done.append(MergedSite(path, registry.format_of(linear), edit, record, replaced=module))
-            else:
-                done.append(MergedSite(path, fmt, edit, apply_edit(fmt, module, edit, exact=exact)))
-    except BaseException:
-        for merged in reversed(done):
-            _revert(model, ledger, merged)
-        raise
-    attachment.merged = done
-    ledger.merge_order.append(attachment.name)
-
-
-def _revert(model: nn.Module, ledger: Ledger, merged: MergedSite) -> None:
-    if merged.replaced is not None:
-        ledger.hosts[merged.path].base = merged.replaced
-    else:
-        revert_edit(merged.fmt, base_module(model, merged.path), merged.edit, merged.record)
-
-
-def _unmerge(model: nn.Module, ledger: Ledger, attachment: Attachment) -> None:
-    for merged in reversed(attachment.merged or []):
-        _revert(model, ledger, merged)
-    attachment.merged = None
-    ledger.merge_order.remove(attachment.name)
-
-
-def merge(model: nn.Module, name: str, *, exact: bool = True, into: str = "weights") -> dict[str, dict[str, float]]:
-    """Fold attachment `name` into the base weights in place; its branches stop running. With `exact`, the
-    ledger keeps what makes `unmerge` restore the weights bit for bit. Returns per-site reports (e.g. the
-    requantization error of quantized sites, see `surgery.weights.merge_error`).
-
-    `into="float"`: at sites whose weight format is a copy (quantized layers), do not requantize; swap in a
-    frozen nn.Linear holding the dequantized weight plus the update, in the site's dtype. Unmerge puts the
-    original module object back. Elsewhere it merges as `into="weights"` does.
-    """
-    if into not in MERGE_TARGETS:
-        raise ValueError(f"merge into={into!r}: expected one of {', '.join(map(repr, MERGE_TARGETS))}")
-    model = unwrap(model)
-    ledger = require_ledger(model)
-    attachment = ledger.get(name)
-    if attachment.merged is not None:
-        raise LedgerError(f"attachment {name!r} is already merged")
-    registry = manager()
-    for placement in attachment.plan.placements:
-        method = registry.method(placement.method)
-        if not method.mergeable:
-            raise NotMergeableError(f"attachment {name!r} cannot be merged: method {method.name!r} at "
-                                    f"{placement.site.path!r} has no merge (it stays a separate branch)")
-    _merge(model, ledger, attachment, exact, into)
-    ledger.refresh()
-    return {m.path: m.record.report for m in attachment.merged or [] if m.record.report}
-
-
-def unmerge(model: nn.Module, name: str) -> None:
-    """Take a merged attachment back out of the base weights. Attachments merged after it on the same sites
-    are unmerged first and merged again after, so every weight goes back exactly."""
-    model = unwrap(model)
-    ledger = require_ledger(model)
-    attachment = ledger.get(name)
-    if attachment.merged is None:
-        raise LedgerError(f"attachment {name!r} is not merged")
-    paths = set(attachment.branches)
-    later = [ledger.attachments[n] for n in ledger.merge_order[ledger.merge_order.index(name) + 1:]
-             if paths & set(ledger.attachments[n].branches)]
-    exact = {a.name: all(m.record.fix_index is not None or m.record.saved is not None or m.replaced is not None
-                         for m in a.merged or []) for a in later}
-    into = {a.name: "float" if any(m.replaced is not None for m in a.merged or []) else "weights" for a in later}
-    for other in reversed(later):
-        _unmerge(model, ledger, other)
-    _unmerge(model, ledger, attachment)
-    for other in later:
-        _merge(model, ledger, other, exact[other.name], into[other.name])
-    ledger.refresh()
-
-
 def bake(model: nn.Module, name: str) -> dict[str, dict[str, float]]:
     """Merge attachment `name` into the base weights for good and remove its branches: the ledger forgets it,
     so it cannot be unmerged. After the last attachment is baked the model is a plain model again (ready for
@@ -332,7 +236,3 @@ def trainable_parameters(model: nn.Module) -> TrainableCount:
     """How many parameters require grad, out of all (shared parameters counted once)."""
     params = list(unwrap(model).parameters())
     return TrainableCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
-
-
-__all__ = ["attach", "detach", "merge", "unmerge", "bake", "set_active", "active", "disabled", "per_sample", "trainable_parameters",
-           "TrainableCount", "base_module", "NotMergeableError"]

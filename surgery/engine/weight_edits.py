@@ -1,83 +1,13 @@
-"""Weight formats (dense views of a site's weight) and reversible in-place weight edits, used by every merge."""
+"""Reversible in-place weight edits through a weight format, used by every merge: apply, and undo bit-exactly."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from surgery.method import WeightEdit
-
-
-@runtime_checkable
-class WeightFormat(Protocol):
-    """How to recognise a module kind and read/write its weight as dense [out_features, in_features].
-
-    `dense(module)` returns either a live view of the stored weight (`is_view = True`: edits are written in
-    place, cheaply) or a float copy (quantized formats: `store(module, w)` requantizes it). `snapshot`/`restore`
-    keep and put back the exact stored tensors (only used for copy formats, where they are small).
-
-    Optional: `analysis_stand_in(module) -> nn.Module` for a layer that `torch.export` may not trace (weights that
-    are tensor subclasses, a custom CUDA kernel): if the model as it is cannot be traced, the graph analysis
-    traces again with the stand-ins in those layers' places (see `TraceStandIn`).
-    """
-
-    name: str
-    kind: str  # "linear", "conv1d", "embedding" or "quantized_linear"
-    priority: int
-    is_view: bool
-
-    def matches(self, module: nn.Module) -> bool: ...
-    def features(self, module: nn.Module) -> tuple[int, int]: ...  # (in_features, out_features)
-    def dense(self, module: nn.Module) -> torch.Tensor: ...
-    def store(self, module: nn.Module, weight: torch.Tensor) -> None: ...
-    def snapshot(self, module: nn.Module) -> dict[str, torch.Tensor]: ...
-    def restore(self, module: nn.Module, saved: dict[str, torch.Tensor]) -> None: ...
-
-
-class TraceStandIn(nn.Module):
-    """What the graph analysis traces in place of a layer it cannot trace: a linear map of the same features on
-    the same device, computed in the input's dtype. Its weight and bias take no memory (zero-stride views); the
-    analysis never reads their values."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool, device: torch.device):
-        super().__init__()
-        zero = torch.zeros((), device=device)
-        self.weight = nn.Parameter(zero.expand(out_features, in_features), requires_grad=False)
-        self.bias = nn.Parameter(zero.expand(out_features), requires_grad=False) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
-
-
-@contextlib.contextmanager
-def analysis_stand_ins(model: nn.Module) -> Iterator[int]:
-    """Inside the block, every module whose weight format offers `analysis_stand_in` is replaced (at every
-    parent that holds it) by that stand-in; on exit the original module objects are put back. Yields how many
-    were replaced. The analysis uses them only when the model as it is cannot be traced."""
-    from surgery.registry import manager
-
-    formats = [f for f in manager().formats if hasattr(f, "analysis_stand_in")]
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    stand_ins: dict[int, nn.Module] = {}
-    try:
-        if formats:
-            for _, parent in list(model.named_modules(remove_duplicate=False)):
-                for name, child in list(parent._modules.items()):
-                    fmt = next((f for f in formats if child is not None and f.matches(child)), None)
-                    if fmt is None:
-                        continue
-                    if id(child) not in stand_ins:
-                        stand_ins[id(child)] = fmt.analysis_stand_in(child)
-                    parent._modules[name] = stand_ins[id(child)]
-                    swapped.append((parent, name, child))
-        yield len(swapped)
-    finally:
-        for parent, name, child in reversed(swapped):
-            parent._modules[name] = child
+from surgery.core.formats import WeightFormat
+from surgery.core.method import WeightEdit
 
 
 @dataclass

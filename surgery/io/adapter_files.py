@@ -18,13 +18,16 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from surgery.atomic import write_directory
+from surgery.core.method import base_parameter_count
+from surgery.core.registry import manager
+from surgery.core.version import __version__
+from surgery.engine.ledger import Attachment, require_ledger, unwrap
+from surgery.engine.passes import attach, detach
+from surgery.engine.reading import inspect
 from surgery.errors import SurgeryError
-from surgery.inspection import inspect
-from surgery.ledger import Attachment, base_parameter_count, require_ledger, unwrap
-from surgery.plan import Placement, plan_sites
-from surgery.registry import manager
-from surgery.rules import parse_ruleset
+from surgery.io.atomic import write_directory
+from surgery.rules.plan import Placement, plan_sites
+from surgery.rules.schema import parse_ruleset
 
 TENSORS = "adapter_model.safetensors"
 CONFIG = "surgery_adapter.json"
@@ -116,8 +119,6 @@ def save(model: nn.Module, directory: str | Path, name: str = "default", format:
         return manager().adapter_format(format).save(model, attachment, Path(directory))
     tensors = branch_tensors(attachment)
     blob = save_tensors(tensors, metadata={"format": "pt", "producer": "surgery"})
-    from surgery import __version__
-
     config = AdapterConfig(surgery_version=__version__, name=name,
                            ruleset=attachment.plan.ruleset.model_dump(mode="json"),
                            fingerprint=Fingerprint(model_class=require_ledger(model).report.model_class,
@@ -180,8 +181,6 @@ def load(model: nn.Module, directory: str | Path, name: str | None = None, *, st
     """Attach the adapter saved in `directory` (a surgery adapter, or a format a plugin reads, e.g. HF PEFT)
     under `name` (default: the saved name). A model that does not fit is refused with every mismatch listed,
     and the model is left as it was. With `strict_dtype=False`, tensors are cast to the model's dtypes."""
-    from surgery.passes import attach, detach
-
     model = unwrap(model)
     directory = Path(directory)
     if not directory.is_dir():

@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import torch
 from torch import fx
 
-from .tracing import AnalysisTrace, CALL_SUFFIX
+from surgery.analysis.tracing import CALL_SUFFIX, AnalysisTrace
 
 MATMUL_OPS = frozenset({"linear", "addmm", "mm", "matmul", "bmm"})
 LAYOUT_OPS = frozenset({

@@ -1,0 +1,26 @@
+"""`surgery.inspect` and `surgery.plan` on a live model: an adapted model answers from its ledger (the sites as they
+were before the first attach); any other model is analysed afresh. Neither changes the model."""
+from __future__ import annotations
+
+from torch import nn
+
+from surgery.analysis.report import Report, sites_of
+from surgery.core.method import base_parameter_count
+from surgery.engine.ledger import find_ledger
+from surgery.rules.plan import Plan, plan_sites
+from surgery.rules.schema import RuleSource, resolve_ruleset
+
+
+def inspect(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> Report:
+    """The sites of `model` and their roles. For an adapted model, the sites of the model as it was before
+    the first attach (the ledger keeps them). `args`/`kwargs`: example inputs, needed for non-HF modules."""
+    ledger = find_ledger(model)
+    if ledger is not None:
+        return ledger.report
+    return sites_of(model, args, kwargs)
+
+
+def plan(model: nn.Module, rules: RuleSource, args: tuple | None = None, kwargs: dict | None = None) -> Plan:
+    """What `rules` (a rule-set name, a YAML path or a RuleSet) would do to `model`. Changes nothing."""
+    ruleset = resolve_ruleset(rules)
+    return plan_sites(ruleset, inspect(model, args, kwargs), base_parameter_count(model))
