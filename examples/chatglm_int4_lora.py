@@ -25,10 +25,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for the test suite's ChatGLM-like model
 
-from surgery_plugins.quantized_linear import quantize  # noqa: E402
-
 import surgery  # noqa: E402
 from surgery.rules.schema import parse_ruleset  # noqa: E402
+from surgery_plugins.quantized_linear import quantize  # noqa: E402
 from tests.custom_models import TinyGLM  # noqa: E402
 
 RULES = """

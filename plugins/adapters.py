@@ -33,9 +33,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 import surgery
-from surgery.core.method import Branch, Method, MethodParams, branch_dtype, input_of, module_device
-from surgery.core.sites import Site
-from surgery.errors import SiteError
+from surgery.plugin import Branch, Method, MethodParams, Site, SiteError, branch_dtype, input_of, module_device
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import surgery
-from surgery.core.formats import TraceStandIn
+from surgery.plugin import TraceStandIn
 
 try:
     import bitsandbytes as bnb

@@ -10,11 +10,11 @@ kernels that torch.export cannot trace: for a model that cannot be traced as it 
 from __future__ import annotations
 
 import torch
-from surgery_plugins.quantized_linear import BIT_WIDTHS, dequantize_weight, quantize_weight
 from torch import nn
 
 import surgery
-from surgery.core.formats import TraceStandIn
+from surgery.plugin import TraceStandIn
+from surgery_plugins.quantized_linear import BIT_WIDTHS, dequantize_weight, quantize_weight
 
 
 class ChatGLMQuantFormat:

@@ -19,9 +19,18 @@ import torch
 from torch import nn
 
 import surgery
-from surgery.core.method import Branch, Method, MethodParams, WeightEdit, branch_dtype, input_of, module_device
-from surgery.core.sites import Site
-from surgery.errors import NotMergeableError, SiteError
+from surgery.plugin import (
+    Branch,
+    Method,
+    MethodParams,
+    NotMergeableError,
+    Site,
+    SiteError,
+    WeightEdit,
+    branch_dtype,
+    input_of,
+    module_device,
+)
 
 INPUT_SCALED_ROLES = frozenset({"mlp.down"})
 """Roles whose input, not output, IA3 rescales by default (PEFT calls these `feedforward_modules`)."""

@@ -8,13 +8,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from surgery_plugins.lora_fused import lora_linear
-from surgery_plugins.lora_shared import SharedInput
 from torch import nn
 
 import surgery
-from surgery.core.method import Branch, Method, MethodParams, WeightEdit, branch_dtype, input_of, module_device
-from surgery.core.sites import Site
+from surgery.plugin import Branch, Method, MethodParams, Site, WeightEdit, branch_dtype, input_of, module_device
+from surgery_plugins.lora_fused import lora_linear
+from surgery_plugins.lora_shared import SharedInput
 
 
 class LoraParams(MethodParams):

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from surgery_plugins import lora_kernels
 from surgery_plugins.lora_merged_weight import merged, pays
 from surgery_plugins.lora_saved_input import kept, restored

@@ -20,6 +20,7 @@ import functools
 import os
 
 import torch
+
 from surgery_plugins.triton_launch import Launch
 
 try:

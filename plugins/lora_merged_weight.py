@@ -16,6 +16,7 @@ LoRA functions on the devices in DEVICES, where it was measured (`benchmarks/REA
 from __future__ import annotations
 
 import torch
+
 from surgery_plugins import lora_kernels
 
 DEVICES = {"cuda"}  # where the merged form is used; the tests add "cpu" to check it against float64

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from surgery_plugins import lora_kernels
 from surgery_plugins.lora_merged_weight import merged_all, pays
 

@@ -8,8 +8,7 @@ from typing import Any
 from torch import nn
 
 import surgery
-from surgery.core.method import Branch, Method, MethodParams
-from surgery.core.sites import Site
+from surgery.plugin import Branch, Method, MethodParams, Site
 
 
 class CopyParams(MethodParams):

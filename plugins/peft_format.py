@@ -20,12 +20,18 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 import surgery
-from surgery.engine.ledger import Attachment
-from surgery.engine.reading import inspect
-from surgery.errors import SurgeryError
-from surgery.io.adapter_files import AdapterFileError, MismatchError, fill_branches, read_tensors
-from surgery.io.atomic import write_directory
-from surgery.rules.schema import RuleSet, parse_ruleset
+from surgery.plugin import (
+    AdapterFileError,
+    Attachment,
+    MismatchError,
+    RuleSet,
+    SurgeryError,
+    fill_branches,
+    inspect,
+    parse_ruleset,
+    read_tensors,
+    write_directory,
+)
 
 CONFIG = "adapter_config.json"
 TENSORS = "adapter_model.safetensors"

@@ -27,11 +27,19 @@ from pydantic import Field
 from torch import nn
 
 import surgery
-from surgery.core.method import Branch, Method, MethodParams, branch_dtype, first_float_dtype, module_device
-from surgery.core.sites import Site
-from surgery.engine.host import Host
-from surgery.engine.ledger import require_ledger, unwrap
-from surgery.errors import SurgeryError
+from surgery.plugin import (
+    Branch,
+    Method,
+    MethodParams,
+    Site,
+    SurgeryError,
+    attachment,
+    attachments,
+    base_module,
+    branch_dtype,
+    first_float_dtype,
+    module_device,
+)
 
 PREFIX_KWARG = "surgery_prefix"
 """The keyword that carries prefixes from a branch to the registered attention function."""
@@ -315,10 +323,10 @@ class SwitchBack:
 
     def __call__(self) -> None:
         mine = {id(b) for b in self.branches}
+        others = [(path, b) for a in attachments(self.model).values() for path, b in a.branches.items()
+                  if isinstance(b, PrefixBranch) and b.route == "interface" and id(b) not in mine]
         for config in self.configs:
-            still = any(isinstance(host, Host) and getattr(host.base, "config", None) is config and any(
-                isinstance(b, PrefixBranch) and b.route == "interface" and id(b) not in mine
-                for b in host.branches.values()) for host in self.model.modules())
+            still = any(getattr(base_module(self.model, path), "config", None) is config for path, _ in others)
             if not still:
                 config._attn_implementation = {"": config._attn_implementation.removeprefix("surgery_prefix_")}
 
@@ -375,7 +383,7 @@ class PrefixTuning(Method):
         configs = {}
         for path, branch in branches.items():
             if branch.route == "interface":
-                config = _interface_config(model.get_submodule(path).base, path)
+                config = _interface_config(base_module(model, path), path)
                 configs[id(config)] = config
         if not configs:
             return None
@@ -399,8 +407,7 @@ def freeze_reparam(model: nn.Module, name: str) -> int:
     """Fold the reparameterisation of attachment `name` (prefix MLPs, P-tuning prompt encoders) into plain tensors
     for inference: outputs stay the same, the MLPs are dropped. Returns how many branches were folded. This is the
     'merge' of prefix and prompt methods: `surgery.merge` refuses them, as no base weight changes."""
-    attachment = require_ledger(unwrap(model)).get(name)
-    return sum(bool(branch.fold_reparam()) for branch in attachment.branches.values() if hasattr(branch, "fold_reparam"))
+    return sum(bool(branch.fold_reparam()) for branch in attachment(model, name).branches.values() if hasattr(branch, "fold_reparam"))
 
 
 @surgery.hookimpl

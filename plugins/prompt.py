@@ -16,13 +16,21 @@ from typing import Any, Callable, Literal
 
 import torch
 from pydantic import Field, model_validator
-from surgery_plugins.prefix import freeze_reparam  # noqa: F401  (re-exported: it folds P-tuning encoders too)
 from torch import nn
 
 import surgery
-from surgery.core.method import Branch, Method, MethodParams, branch_dtype, first_float_dtype, input_of, module_device
-from surgery.core.sites import Site
-from surgery.errors import SurgeryError
+from surgery.plugin import (
+    Branch,
+    Method,
+    MethodParams,
+    Site,
+    SurgeryError,
+    branch_dtype,
+    first_float_dtype,
+    input_of,
+    module_device,
+)
+from surgery_plugins.prefix import freeze_reparam  # noqa: F401  (re-exported: it folds P-tuning encoders too)
 
 
 class PromptParams(MethodParams):
@@ -196,16 +204,15 @@ def _strip(out: Any, n: int) -> Any:
 class InputHook:
     """Prepends one branch's virtual tokens to the calls of `stack` (the model, or its encoder)."""
 
-    def __init__(self, model: nn.Module, path: str, branch: PromptBranch, stack: nn.Module, labels: bool):
-        self.host, self.branch, self.labels = model.get_submodule(path), branch, labels
+    def __init__(self, branch: PromptBranch, stack: nn.Module, labels: bool):
+        self.branch, self.labels = branch, labels
         self.signature = inspect.signature(stack.forward)
         names = list(self.signature.parameters)
         self.ids_name = "input_ids" if "input_ids" in names else names[0]
         self.calls: list[tuple[bool, int]] = []  # per running call: (virtual tokens added, pending before)
 
     def running(self) -> bool:
-        name = next((n for n, b in self.host.branches.items() if b is self.branch), None)
-        return name is not None and name in self.host.running
+        return self.branch.running
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict):
         branch, n = self.branch, self.branch.length
@@ -298,7 +305,7 @@ def _install_hooks(model: nn.Module, branches: dict[str, Branch]) -> "RemoveHook
                 raise SurgeryError(f"prompt sites {stacks[id(stack)]!r} and {path!r} feed the same model input; "
                                    "select one embedding.input site")
             stacks[id(stack)] = path
-            hook = InputHook(model, path, branch, stack, labels=stack is model)
+            hook = InputHook(branch, stack, labels=stack is model)
             handles.append(stack.register_forward_pre_hook(hook.before, with_kwargs=True))
             handles.append(stack.register_forward_hook(hook.after, with_kwargs=True, always_call=True))
             if encoder_decoder:

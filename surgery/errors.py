@@ -37,3 +37,16 @@ class NotMergeableError(SurgeryError):
 
 class TraceError(SurgeryError):
     """The model could not be traced for analysis."""
+
+
+class AdapterFileError(SurgeryError):
+    """An adapter directory that cannot be read: missing, truncated, tampered or malformed. Names the file."""
+
+
+class MismatchError(SurgeryError):
+    """The adapter does not fit this model. `mismatches` lists every difference found."""
+
+    def __init__(self, directory: str, mismatches: list[str]):
+        self.mismatches = mismatches
+        listing = "\n  - ".join(mismatches)
+        super().__init__(f"adapter {directory} does not fit this model ({len(mismatches)} mismatches):\n  - {listing}")

@@ -1,16 +1,16 @@
 """LoRA's fast paths against the plain formula in float64: the fused linear (with dropout regenerated in
 backward), per-sample batched routing, torch.compile, and gradient checkpointing."""
 import pytest
+import torch
+import torch.nn.functional as F
+
+import surgery
 import surgery_plugins.lora_fused as fused
 import surgery_plugins.lora_merged_weight as merged_weight
 import surgery_plugins.lora_shared as lora_shared
-import torch
-import torch.nn.functional as F
+from surgery import tiny
 from surgery_plugins.lora_fused import LoraLinear
 from surgery_plugins.lora_shared import SharedInputLora, shared_outputs
-
-import surgery
-from surgery import tiny
 from tests.conftest import ids, logits
 
 

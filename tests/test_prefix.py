@@ -7,13 +7,13 @@ import inspect
 import pytest
 import torch
 from peft import PrefixTuningConfig, get_peft_model
-from surgery_plugins.prefix import freeze_reparam
 from transformers import DynamicCache
 
 import surgery
 from surgery import tiny
 from surgery.engine.host import Host
 from surgery.errors import NotMergeableError, SurgeryError
+from surgery_plugins.prefix import freeze_reparam
 from tests.conftest import assert_bit_identical, ids, snapshot
 from tests.custom_models import TinyGLM
 

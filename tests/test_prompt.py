@@ -6,12 +6,12 @@ import copy
 import pytest
 import torch
 from peft import PromptTuningConfig, get_peft_model
-from surgery_plugins.prompt import freeze_reparam
 
 import surgery
 from surgery import tiny
 from surgery.engine.host import Host
 from surgery.errors import NotMergeableError, SurgeryError
+from surgery_plugins.prompt import freeze_reparam
 from tests.conftest import assert_bit_identical, ids, snapshot
 from tests.custom_models import TinyGLM
 

@@ -7,9 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from surgery_plugins import bnb_formats
-from surgery_plugins.chatglm_format import ChatGLMQuantFormat
-from surgery_plugins.quantized_linear import DequantLinear, QuantizedLinear, pack_int4, quantize, unpack_int4
 from torch import nn
 
 import surgery
@@ -22,6 +19,9 @@ from surgery.engine.weight_edits import PROBE_ROWS
 from surgery.errors import RuleFileError
 from surgery.rules.plan import plan_sites
 from surgery.rules.schema import read_ruleset
+from surgery_plugins import bnb_formats
+from surgery_plugins.chatglm_format import ChatGLMQuantFormat
+from surgery_plugins.quantized_linear import DequantLinear, QuantizedLinear, pack_int4, quantize, unpack_int4
 from tests.conftest import assert_bit_identical, snapshot
 from tests.custom_models import TinyGLM
 

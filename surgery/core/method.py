@@ -49,6 +49,9 @@ class Branch(nn.Module):
     """
 
     replaces_base: bool = False
+    running: bool = False
+    """Set by the engine: True while this branch runs at its site (its attachment active and unmerged, adapters
+    not disabled). Model-level hooks of a method (`attach_model`) read it to act only while their branch runs."""
     runs_alone: bool = False
     """Set by the engine: True while this is the only branch running at its site and samples are not routed
     (the Host then offers `fused_call` on every call). Lets a method plan work across sites."""

@@ -74,7 +74,7 @@ class Ledger:
             host.set_routing(None if self.disabled else self.routing, set(unmerged))
             alone = host.running[0] if len(host.running) == 1 and host.routing is None else None
             for n, branch in host.branches.items():
-                branch.runs_alone = n == alone
+                branch.running, branch.runs_alone = n in host.running, n == alone
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -24,26 +24,13 @@ from surgery.core.version import __version__
 from surgery.engine.ledger import Attachment, require_ledger, unwrap
 from surgery.engine.passes import attach, detach
 from surgery.engine.reading import inspect
-from surgery.errors import SurgeryError
+from surgery.errors import AdapterFileError, MismatchError
 from surgery.io.atomic import write_directory
 from surgery.rules.plan import Placement, plan_sites
 from surgery.rules.schema import parse_ruleset
 
 TENSORS = "adapter_model.safetensors"
 CONFIG = "surgery_adapter.json"
-
-
-class AdapterFileError(SurgeryError):
-    """An adapter directory that cannot be read: missing, truncated, tampered or malformed. Names the file."""
-
-
-class MismatchError(SurgeryError):
-    """The adapter does not fit this model. `mismatches` lists every difference found."""
-
-    def __init__(self, directory: str, mismatches: list[str]):
-        self.mismatches = mismatches
-        listing = "\n  - ".join(mismatches)
-        super().__init__(f"adapter {directory} does not fit this model ({len(mismatches)} mismatches):\n  - {listing}")
 
 
 class _Strict(BaseModel):
