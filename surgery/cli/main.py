@@ -124,19 +124,11 @@ def _merge(args: argparse.Namespace) -> int:
 # ---- rules, plugins -----------------------------------------------------------------------------------------
 
 
-def _rule_dir_owners() -> dict[Path, str]:
-    owners: dict[Path, str] = {}
-    for impl in manager().pm.hook.surgery_rule_dirs.get_hookimpls():
-        for directory in impl.function() or []:
-            owners[Path(directory).resolve()] = impl.plugin_name
-    return owners
-
-
 def _rules(args: argparse.Namespace) -> int:
     if args.schema:
         emit_json(json_schema())
         return 0
-    owners = _rule_dir_owners()
+    owners = manager().rule_dir_owners
     records = [{"name": name, "description": rs.description,
                 "methods": sorted({r.method for r in rs.rules}), "rules": len(rs.rules),
                 "plugin": owners.get(Path(rs.source).resolve().parent, "?"), "source": rs.source}
@@ -154,7 +146,7 @@ def _plugins(args: argparse.Namespace) -> int:
     registry = manager()
     objects = dict(registry.pm.list_name_plugin())
     rule_sets: dict[str, list[str]] = {}
-    owners = _rule_dir_owners()
+    owners = manager().rule_dir_owners
     for name, rs in builtin_rulesets().items():
         rule_sets.setdefault(owners.get(Path(rs.source).resolve().parent, "?"), []).append(name)
     records = []

@@ -1,14 +1,25 @@
-"""The plugin author's manual: every hook that surgery calls.
+"""The plugin author's manual: every hook that surgery calls, what it takes, what it returns and when it runs.
 
-A plugin is a module (or object) with functions marked `@surgery.hookimpl`, named as below. Register it with an
-entry point in your package's `pyproject.toml`::
+A plugin is a module (or object) with functions marked `@surgery.hookimpl` (also `surgery.plugin.hookimpl`),
+named as below. It imports `surgery` and `surgery.plugin` only: that is the whole public surface, and the
+built-in plugins (`surgery_plugins`) use nothing else. Register it with an entry point in your package's
+`pyproject.toml`::
 
     [project.entry-points.surgery]
     my_plugin = "my_package.my_plugin"
 
-surgery loads every module of the `surgery` entry-point group on first use (`surgery.registry.manager()`);
-`surgery.register_plugin(obj)` adds one at run time. The built-in methods, formats and rule files are plugins of
-exactly this kind (see `plugins/`).
+Loading: surgery registers every module of the `surgery` entry-point group on first use (the first
+`surgery.inspect`, `plan`, `attach`, ...); `surgery.register_plugin(obj)` adds one at run time. A module that
+fails to import is named in a `PluginError`.
+
+Calling: every hook is called through pluggy (`pm.hook.<name>()`), so pluggy's rules hold. Implementations run
+from the last registered to the first, `tryfirst=True` ones before and `trylast=True` ones after the rest, and
+`wrapper=True` implementations see (and may change) what the others return: `results = yield` is the list of
+the other implementations' return values, in call order. The call order is what decides between plugins
+where it matters (weight formats, rule sets); each hook says how.
+
+The hooks take no arguments and return lists; what they return is read once and cached until a plugin is
+registered or unregistered. Return new objects or module-level ones; surgery never mutates them.
 """
 from __future__ import annotations
 
@@ -28,61 +39,95 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def surgery_methods() -> list["Method"]:
-    """Return the adaptation methods this plugin provides (instances of `surgery.Method` subclasses).
+    """The adaptation methods this plugin provides.
 
-    A method declares `name` (the `method:` of a rule), `params` (a pydantic model validating the rule's
-    `params:`), `kinds` (the site kinds it accepts) and `mergeable`. It implements:
+    Returns: a list of `surgery.plugin.Method` instances (empty if none). A rule's `method:` names one by its
+    `name`; two plugins offering one name is a `PluginError` naming both.
 
-    - `build(site, module, params, roles) -> Branch`: a new `surgery.Branch` module holding the method's
-      trainable parameters for one site. It must not modify `module` or the model: the engine installs the
-      branch, and removes it again on detach or when an attach fails part-way. `roles` are the roles the rule
-      selected on this site (on a fused projection, act only on `site.channels(role)`); empty means the whole
-      module.
-    - `count(site, params, roles) -> int`: the trainable parameters `build` would create (for `surgery.plan`).
-    - `merge_edit(site, module, branch) -> WeightEdit` (mergeable methods only): pure functions on the site's
-      dense weight [out, in] (and optionally its bias) that fold the branch in and take it out again. The engine
-      applies them through the site's weight format and keeps what it needs to make unmerge bit-exact. Raise
-      `NotMergeableError` to refuse (e.g. a zero scale that would make unmerge lossy); nothing has changed then.
-    - optional `attach_model(model, branches) -> undo`: a model-level change once the branches are installed
-      (e.g. a forward pre-hook extending the attention mask, or linking the branches at sites with one
-      `site.input_group` to share work, as LoRA does); the engine calls `undo()` on detach or rollback.
-    - optional `combine(site, branches, weights, how) -> (params, state)`: for `surgery.combine`.
+    Called: on the first use of a method (plan, attach, load, `surgery plugins`), once per process until the
+    plugin set changes.
 
-    The `Branch` runs inside the engine's `Host` at its site: `adapt_call(args, kwargs)` may change the base
-    module's inputs, `adapt_output(args, kwargs, out)` its output; `replaces_base = True` calls the branch instead
-    of the base. Optional fast paths: `fused_call(base, args, kwargs)` (base and branch in one go when it is the
-    only branch running, which the engine keeps in `branch.runs_alone`; return NotImplemented to decline) and
-    the class methods `prepare_routes` / `route_output` (all samples of a per-sample-routed batch at once). All state worth saving must live in the
-    branch's parameters and persistent buffers: `surgery.save` writes its `state_dict`.
+    A method declares `name`, `params` (a `MethodParams` pydantic model validating the rule's `params:`; unknown
+    keys are refused), `kinds` (the site kinds it accepts, from `surgery.plugin.KINDS`) and `mergeable`. The
+    engine calls:
 
-    Two plugins offering the same method name is an error naming both.
+    - `count(site, params, roles) -> int` when planning: the trainable parameters `build` would create.
+    - `build(site, module, params, roles) -> Branch` on attach, once per placement, before the model is touched:
+      a new `Branch` module holding the method's trainable tensors for one site. It must not modify `module` or
+      the model (the engine installs the branch, and removes it again on detach or when an attach fails
+      part-way). `roles` are the roles the rule selected on this site: on a fused projection act only on
+      `site.channels(role)`; empty means the whole module.
+    - `attach_model(model, branches) -> undo | None` on attach, once per method per attachment, after its branches
+      are installed: a model-level change (a forward pre-hook extending the attention mask, linking branches
+      that read one input, ...). The engine calls `undo()` on detach and when the attach fails later on.
+    - `merge_edit(site, module, branch) -> WeightEdit` on `surgery.merge` (mergeable methods only): pure
+      functions on the site's dense weight [out, in] (and optionally its bias) that fold the branch in and take
+      it out again. The engine applies them through the site's weight format and keeps what makes unmerge
+      bit-exact. Raise `NotMergeableError` to refuse (e.g. a zero scale that would make unmerge lossy); nothing
+      has changed then.
+    - `combine(site, branches, weights, how) -> (params, state)` on `surgery.combine` (optional).
+
+    The `Branch` runs inside the engine's host module at its site. `adapt_call(args, kwargs)` may change the base
+    module's inputs, `adapt_output(args, kwargs, out)` its output; with `replaces_base = True` the branch is
+    called instead of the base. `branch.running` (set by the engine) says whether it runs now. Optional fast
+    paths, each with the contract in its docstring in `surgery.plugin.Branch`: `fused_call` (base and branch in
+    one go while the branch runs alone at its site) and `prepare_routes`/`route_output` (every sample of a
+    per-sample-routed batch at once, `surgery.per_sample`). All state worth saving lives in the branch's
+    parameters and persistent buffers: `surgery.save` writes its `state_dict`.
     """
 
 
 @hookspec
 def surgery_weight_formats() -> list["WeightFormat"]:
-    """Return weight formats: how to recognise a module kind and read or write its weight as dense [out, in].
+    """Weight formats: how to recognise a module kind and read or write its weight as dense [out, in].
 
-    This is the hook for quantized linear layers: a format with `kind = "quantized_linear"` whose
-    `matches(module)` recognises the layer by its signature (integer weight, scale, bit width: duck typing, not
-    class names) and whose `dense()`/`store()` dequantize and requantize. Sites it claims get kind
-    `quantized_linear` and `site.format = format.name`. Formats are tried by descending `priority`.
+    Returns: a list of objects satisfying `surgery.plugin.WeightFormat` (`name`, `kind`, `priority`, `is_view`,
+    `matches`, `features`, `dense`, `store`, `snapshot`, `restore`; optionally `analysis_stand_in`).
+
+    Called: when a model is analysed (`inspect`, `plan`, `attach`: each linear-like or embedding module gets the
+    first format that `matches` it), and on merge/unmerge (to read and write the weight).
+
+    Order: formats are tried by descending `priority`; among equal priorities, in pluggy's call order. So a
+    plugin takes over a module kind from a built-in (priority 0) with a higher priority, or with the same
+    priority and `@hookimpl(tryfirst=True)`.
+
+    This is the hook for quantized linear layers: a format with `kind = "quantized_linear"` whose `matches`
+    recognises the layer by its signature (integer weight, scale, bit width: duck typing, not class names) and
+    whose `dense()`/`store()` dequantize and requantize. Sites it claims get kind `quantized_linear` and
+    `site.format = format.name`. `analysis_stand_in(module)` returns a module `torch.export` can trace in its
+    place (see `surgery.plugin.TraceStandIn`), used only when the model as it is cannot be traced.
     """
 
 
 @hookspec
 def surgery_adapter_formats() -> list["AdapterFormat"]:
-    """Return adapter file formats other than surgery's own, e.g. HF PEFT's. Each has a `name` (what
-    `surgery.save(..., format=name)` takes) and three functions:
+    """Adapter file formats other than surgery's own, e.g. HF PEFT's.
+
+    Returns: a list of objects satisfying `surgery.plugin.AdapterFormat`, each with a `name` (what
+    `surgery.save(..., format=name)` takes; "surgery" is reserved) and three functions:
 
     - `detect(directory) -> bool`: whether `directory` holds an adapter of this format;
     - `load(model, directory, name) -> Attachment`: attach it (through `surgery.attach` and
-      `surgery.adapter_files.fill_branches`, so the model is left unchanged if it does not fit);
-    - `save(model, attachment, directory) -> Path`: write it (through `surgery.atomic.write_directory`).
+      `surgery.plugin.fill_branches`, so the model is left unchanged if it does not fit);
+    - `save(model, attachment, directory) -> Path`: write it (through `surgery.plugin.write_directory`).
+
+    Called: `surgery.load` asks each format's `detect` in pluggy's call order when the directory is not a
+    surgery adapter; `surgery.save(format=...)` calls that format's `save`. Two formats of one name are a
+    `PluginError`.
     """
 
 
 @hookspec
 def surgery_rule_dirs() -> list[Path]:
-    """Return directories holding rule files (`*.yaml`). Each file's `name:` is the rule-set name users pass
-    to `surgery.plan`/`surgery.attach`. Two files declaring the same name is an error naming both."""
+    """Directories holding rule files (`*.yaml`).
+
+    Returns: a list of directory paths. Each file's `name:` is the rule-set name users pass to
+    `surgery.plan`/`surgery.attach` and that `surgery rules` lists.
+
+    Called: when a rule set is looked up by name, and by `surgery rules` / `surgery plugins`.
+
+    Order: directories are read in pluggy's call order. A name declared twice is a `RuleFileError` naming both
+    files, unless the first one's plugin asked to come first: `@hookimpl(tryfirst=True)` on its
+    `surgery_rule_dirs` (or `trylast=True` on the other's). Then the first one is used: that is how a plugin
+    replaces a built-in rule set of the same name.
+    """

@@ -18,11 +18,14 @@ if TYPE_CHECKING:
 
 
 class Registry:
-    """One pluggy PluginManager plus the methods, weight formats and rule directories its plugins return."""
+    """One pluggy PluginManager plus the methods, weight formats and rule directories its plugins return.
+
+    Every hook is called through `pm.hook`, so pluggy's ordering (`tryfirst`/`trylast`, later registrations first)
+    and hook wrappers apply. Which plugin gave what (for messages and `surgery plugins`) is read by calling the
+    hook on each plugin alone (`pm.subset_hook_caller`)."""
 
     def __init__(self, load_entry_points: bool = True):
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
-        self.owners: dict[int, str] = {}  # id of each indexed method or format -> the plugin that gave it
         self.pm.add_hookspecs(hookspecs)
         if load_entry_points:
             self._load_entry_points()
@@ -51,46 +54,68 @@ class Registry:
         self._forget()
 
     def _forget(self) -> None:
-        for cached in ("methods", "formats", "adapter_formats"):
+        for cached in ("methods", "formats", "adapter_formats", "rule_dir_owners"):
             self.__dict__.pop(cached, None)
-        self.owners.clear()
+
+    # ---- calling hooks ----------------------------------------------------------------------------------------
+    def _call(self, hook: str) -> list[Any]:
+        """Everything the plugins return from `hook` (each returns a list), flattened, in pluggy's call order."""
+        return [item for result in getattr(self.pm.hook, hook)() for item in result or []]
+
+    def by_plugin(self, hook: str) -> dict[str, list[Any]]:
+        """Plugin name -> what that plugin alone returns from `hook`, in pluggy's call order (for messages and
+        listings; the objects are new ones, not those the registry uses)."""
+        impls = list(reversed(getattr(self.pm.hook, hook).get_hookimpls()))  # pluggy calls the last one first
+        everyone = [impl.plugin for impl in impls]
+        found: dict[str, list[Any]] = {}
+        for impl in impls:
+            alone = self.pm.subset_hook_caller(hook, [p for p in everyone if p is not impl.plugin])
+            found[impl.plugin_name] = [item for result in alone() for item in result or []]
+        return found
+
+    def _owners_of(self, hook: str, key: Any, value: Any) -> list[str]:
+        return [name for name, items in self.by_plugin(hook).items() if any(key(i) == value for i in items)]
 
     @cached_property
     def methods(self) -> dict[str, Method]:
-        """Method name -> method, from every plugin's `surgery_methods`."""
+        """Method name -> method, from every plugin's `surgery_methods`. One name from two plugins is an error."""
         found: dict[str, Method] = {}
-        origin: dict[str, str] = {}
-        for impl in self.pm.hook.surgery_methods.get_hookimpls():
-            for method in impl.function() or []:
-                if not isinstance(method, Method):
-                    raise PluginError(f"plugin {impl.plugin_name!r} returned {method!r} from surgery_methods, not a surgery.Method")
-                if method.name in found:
-                    raise PluginError(f"method {method.name!r} is provided by both {origin[method.name]!r} and {impl.plugin_name!r}")
-                found[method.name], origin[method.name] = method, impl.plugin_name
-                self.owners[id(method)] = impl.plugin_name
+        for method in self._call("surgery_methods"):
+            if not isinstance(method, Method):
+                owners = [n for n, items in self.by_plugin("surgery_methods").items()
+                          if any(not isinstance(i, Method) for i in items)]
+                raise PluginError(f"plugin {', '.join(map(repr, owners)) or '?'} returned {method!r} from "
+                                  "surgery_methods, not a surgery.Method")
+            if method.name in found:
+                owners = self._owners_of("surgery_methods", lambda m: getattr(m, "name", None), method.name)
+                raise PluginError(f"method {method.name!r} is provided by both {' and '.join(map(repr, owners))}")
+            found[method.name] = method
         return found
 
     @cached_property
     def formats(self) -> list[WeightFormat]:
-        """Every weight format, highest priority first."""
+        """Every weight format in the order they are tried: highest `priority` first, and among equal priorities
+        in pluggy's call order (so a `tryfirst` plugin's format is tried before the built-ins)."""
         found: list[WeightFormat] = []
-        for impl in self.pm.hook.surgery_weight_formats.get_hookimpls():
-            for fmt in impl.function() or []:
-                if not isinstance(fmt, WeightFormat):
-                    raise PluginError(f"plugin {impl.plugin_name!r} returned {fmt!r} from surgery_weight_formats, not a WeightFormat")
-                found.append(fmt)
-                self.owners[id(fmt)] = impl.plugin_name
-        return sorted(found, key=lambda f: -f.priority)
+        for fmt in self._call("surgery_weight_formats"):
+            if not isinstance(fmt, WeightFormat):
+                owners = [n for n, items in self.by_plugin("surgery_weight_formats").items()
+                          if any(not isinstance(i, WeightFormat) for i in items)]
+                raise PluginError(f"plugin {', '.join(map(repr, owners)) or '?'} returned {fmt!r} from "
+                                  "surgery_weight_formats, not a WeightFormat")
+            found.append(fmt)
+        return sorted(found, key=lambda f: -f.priority)  # stable: call order within a priority
 
     @cached_property
     def adapter_formats(self) -> dict[str, "AdapterFormat"]:
         """Format name -> adapter file format, from every plugin's `surgery_adapter_formats`."""
         found: dict[str, AdapterFormat] = {}
-        for impl in self.pm.hook.surgery_adapter_formats.get_hookimpls():
-            for fmt in impl.function() or []:
-                if fmt.name in found or fmt.name == "surgery":
-                    raise PluginError(f"adapter format {fmt.name!r} of plugin {impl.plugin_name!r} is already provided")
-                found[fmt.name] = fmt
+        for fmt in self._call("surgery_adapter_formats"):
+            if fmt.name in found or fmt.name == "surgery":
+                owners = self._owners_of("surgery_adapter_formats", lambda f: getattr(f, "name", None), fmt.name)
+                raise PluginError(f"adapter format {fmt.name!r} of plugin {' and '.join(map(repr, owners))} "
+                                  "is already provided")
+            found[fmt.name] = fmt
         return found
 
     def adapter_format(self, name: str) -> "AdapterFormat":
@@ -100,7 +125,24 @@ class Registry:
         return self.adapter_formats[name]
 
     def rule_dirs(self) -> list[Path]:
-        return [Path(d) for dirs in self.pm.hook.surgery_rule_dirs() for d in dirs or []]
+        """Rule directories in pluggy's call order: where two declare one rule-set name, the first one wins if
+        its plugin asked for it (see `rule_precedence`)."""
+        return [Path(d) for d in self._call("surgery_rule_dirs")]
+
+    @cached_property
+    def rule_dir_owners(self) -> dict[Path, str]:
+        """Resolved rule directory -> the plugin that gives it."""
+        return {Path(d).resolve(): name for name, dirs in self.by_plugin("surgery_rule_dirs").items() for d in dirs}
+
+    def overrides(self, winner: Path, loser: Path) -> bool:
+        """Whether rule directory `winner` (earlier in call order) may shadow a rule set of `loser`: its plugin's
+        `surgery_rule_dirs` is marked `tryfirst`, or the other's `trylast`. Otherwise a clash is an error."""
+        owners = self.rule_dir_owners
+        marks = {impl.plugin_name: impl for impl in self.pm.hook.surgery_rule_dirs.get_hookimpls()}
+        first, second = marks.get(owners.get(winner.resolve(), "")), marks.get(owners.get(loser.resolve(), ""))
+        if first is None or second is None or first is second:
+            return False
+        return (first.tryfirst and not second.tryfirst) or (second.trylast and not first.trylast)
 
     def method(self, name: str) -> Method:
         if name not in self.methods:
@@ -116,9 +158,9 @@ class Registry:
 
     def plugins(self) -> list[tuple[str, list[str], list[str]]]:
         """(plugin name, its methods, its formats) for every registered plugin."""
-        methods, formats = self.methods.values(), self.formats
-        return [(name, [m.name for m in methods if self.owners.get(id(m)) == name],
-                 [f.name for f in formats if self.owners.get(id(f)) == name]) for name, _ in self.pm.list_name_plugin()]
+        methods, formats = self.by_plugin("surgery_methods"), self.by_plugin("surgery_weight_formats")
+        return [(name, [m.name for m in methods.get(name, [])], [f.name for f in formats.get(name, [])])
+                for name, _ in self.pm.list_name_plugin()]
 
 
 _REGISTRY: Registry | None = None

@@ -128,14 +128,19 @@ def read_ruleset(path: str | Path) -> RuleSet:
 
 
 def builtin_rulesets() -> dict[str, RuleSet]:
-    """Every rule set that the installed plugins' rule directories provide, by name."""
+    """Every rule set that the installed plugins' rule directories provide, by name. Directories are read in pluggy's
+    call order; a name declared twice is an error naming both files, unless the first one's plugin takes
+    precedence by pluggy's ordering (`tryfirst`, or the other's `trylast`): then the first one is used."""
+    registry = manager()
     found: dict[str, RuleSet] = {}
-    for directory in manager().rule_dirs():
+    for directory in registry.rule_dirs():
         for path in sorted(Path(directory).glob("*.yaml")):
             ruleset = read_ruleset(path)
-            if ruleset.name in found:
-                raise RuleFileError(str(path), f"rule set name {ruleset.name!r} is also declared by {found[ruleset.name].source}")
-            found[ruleset.name] = ruleset
+            earlier = found.get(ruleset.name)
+            if earlier is None:
+                found[ruleset.name] = ruleset
+            elif not registry.overrides(Path(earlier.source).parent, Path(directory)):
+                raise RuleFileError(str(path), f"rule set name {ruleset.name!r} is also declared by {earlier.source}")
     return found
 
 
