@@ -56,7 +56,7 @@ def _unmerge(model: nn.Module, ledger: Ledger, attachment: Attachment) -> None:
 def merge(model: nn.Module, name: str, *, exact: bool = True, into: str = "weights") -> dict[str, dict[str, float]]:
     """Fold attachment `name` into the base weights in place; its branches stop running. With `exact`, the
     ledger keeps what makes `unmerge` restore the weights bit for bit. Returns per-site reports (e.g. the
-    requantization error of quantized sites, see `surgery.weights.merge_error`).
+    requantization error of quantized sites, see `surgery.engine.weight_edits.merge_error`).
 
     `into="float"`: at sites whose weight format is a copy (quantized layers), do not requantize; swap in a
     frozen nn.Linear holding the dequantized weight plus the update, in the site's dtype. Unmerge puts the
