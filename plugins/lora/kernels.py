@@ -1,7 +1,7 @@
 """Triton kernels for the two LoRA steps that read the whole layer input: h = drop(x) @ A.T in forward, and
 dA = dh.T @ drop(x) with dx += drop'(dh @ A) in backward, each in one pass over x; one for the backward step
 that reads the output gradient, dh = dy @ B with dB = dy.T @ h in one pass over dy (for the groups of
-lora_shared); and one that builds merged weights W + s·B @ A in one pass over W (for lora_merged_weight).
+shared.py); and one that builds merged weights W + s·B @ A in one pass over W (for merged_weight.py).
 
 With dropout, every member i of a group reading one x gets its own keep mask, a pure function of (seed + i,
 row, column): the forward kernel draws it, the backward kernel draws it again, so no mask and no dropped copy of
@@ -9,10 +9,11 @@ x is ever stored. The mask uses 16-bit uniforms from Philox-4x32 (7 rounds; 8 un
 kept when its uniform is at least round(p * 65536), and kept values are scaled by 65536 / (65536 - that), the
 exact inverse of the keep probability, so the dropout stays unbiased (its drop rate is p to within 2**-17).
 
-The backward kernel can also read x as the product of two saved tensors (see lora_saved_input), so a layer
-input such as an MLP's act(gate) * up need not be kept. Kernels run on CUDA for float16 and bfloat16; `usable`
-says when. With TRITON_INTERPRET=1 they run on the CPU too (the tests check them so against float64). Each wrapper
-keeps its launch per shape (triton_launch.Launch), which launches the compiled kernel directly after the first call.
+The backward kernel can also read x as the product of two saved tensors (see saved_input.py), so a layer
+input such as an MLP's act(gate) * up need not be kept. The kernels run where dispatch.py sends them (CUDA,
+float16 and bfloat16: `KERNEL_DEVICES`, `KERNEL_DTYPES`); the functions here decide nothing. With
+TRITON_INTERPRET=1 they run on the CPU too (the tests check them so against float64). Each wrapper keeps its
+launch per shape (triton_launch.Launch), which launches the compiled kernel directly after the first call.
 """
 from __future__ import annotations
 
@@ -21,16 +22,16 @@ import os
 
 import torch
 
-from surgery_plugins.triton_launch import Launch
+from surgery_plugins.lora.triton_launch import Launch
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # no Triton (CPU-only torch): callers take their plain-torch path
+except ImportError:  # no Triton (CPU-only torch): the dispatch takes the plain-torch paths
     triton = None
 
-DEVICES = {"cuda"}  # where the kernels are used; the tests add "cpu" under TRITON_INTERPRET=1
-DTYPES = {torch.float16, torch.bfloat16}
+AVAILABLE = triton is not None
+MAX_RANK = 128  # the largest LoRA rank the kernels take (tl.dot tiles of the padded rank)
 MAX_GROUP = 3  # members per launch (backward, merged weights); larger groups take several launches
 # Tile sizes and launch shapes, chosen by benchmarks/lora_kernel_configs.py on an H100 (the fastest summed over
 # one decoder layer's calls). "waves": programs per multiprocessor that the backward kernel's row ranges are
@@ -42,11 +43,6 @@ CONFIGS = {
     "up": {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3},
 }
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def usable(x: torch.Tensor, rank: int) -> bool:
-    """Whether the kernels serve input `x` and LoRA rank `rank`."""
-    return triton is not None and x.device.type in DEVICES and x.dtype in DTYPES and rank <= 128
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,7 +1,7 @@
 """LoRA on linears that read one input (q/k/v of an attention, gate/up of an MLP), computed together.
 
 For members i with frozen-or-not weights W_i, biases b_i and LoRA pairs (A_i, B_i, scale s_i), one autograd
-function computes every y_i = x @ W_i.T + b_i + x @ A_i.T @ B_i.T * s_i at once:
+function computes every y_i = formula.linear(x, W_i, b_i, A_i, B_i, s_i) at once:
 
 - forward: one matmul h = x @ [A_1; A_2; ...].T for all branches, scaled in place (hs_i = s_i h_i); then a
   member wider out than in (an MLP's gate/up) takes its update inside the base matmul,
@@ -10,18 +10,23 @@ function computes every y_i = x @ W_i.T + b_i + x @ A_i.T @ B_i.T * s_i at once:
 - backward: dx = Σ_i dy_i @ W_i accumulated in place (only where x needs a gradient), and each member's
   columns of dh, dh_i = s_i dy_i @ B_i; then dA = dh.T @ x and dx += dh @ [A_1; A_2; ...] once for all branches;
   dB_i = dy_i.T @ hs_i. On CUDA one kernel computes every member's dh_i and dB_i in one pass over its dy_i
-  (lora_kernels.up_grads), where torch takes two skinny matmuls per member that each read dy_i. (Widening the
+  (kernels.up_grads), where torch takes two skinny matmuls per member that each read dy_i. (Widening the
   dx matmuls to [dx | dh] instead cost the H100 more than the skinny dh matmuls: cuBLAS runs the widened shapes
   slower, and the widened weights had to be copied again.)
 
-Without dropout, from as many tokens as inputs on CUDA (lora_merged_weight), the forward instead computes
+With `merged` (without dropout, from as many tokens as inputs on CUDA: merged_weight.py), the forward computes
 y_i = x @ (W_i + s_i B_i @ A_i).T from merged weights built per call, and h only in backward, where the
 gradients need it; the backward is the same. (dx there stays Σ dy_i @ W_i + dh @ A: building the merged
 weights again would cost the host more ops than the one update of dx it saves.)
 
-With dropout (CUDA, equal ranks: the kernels of lora_kernels), every member keeps its own mask: h comes from
+With dropout (CUDA, equal ranks: the kernels of kernels.py), every member keeps its own mask: h comes from
 one kernel that drops x per member on the fly, and dA with the masked dx update from one kernel in backward,
-which draws the masks again; elsewhere a group with dropout declines and its branches compute one by one.
+which draws the masks again; elsewhere the dispatch does not send a group with dropout here, and its branches
+compute one by one.
+
+dispatch.py decides when a group computes together, which members take part, and with which of kernels and
+merged weights; `SharedInput` keeps the outputs computed for the members that are called next. The choices left here
+are layouts of the same products (`_update_inside`).
 """
 from __future__ import annotations
 
@@ -31,8 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from surgery_plugins import lora_kernels
-from surgery_plugins.lora_merged_weight import merged_all, pays
+from surgery_plugins.lora import kernels, merged_weight
 
 PER_MEMBER = 4  # weight, bias, A, B
 
@@ -81,47 +85,44 @@ def _outputs(x: torch.Tensor, hs: torch.Tensor, weights: tuple, biases: tuple, b
     return outs
 
 
-def shared_outputs(x: torch.Tensor, scales: tuple[float, ...], p: float, *members: torch.Tensor | None
-                   ) -> tuple[torch.Tensor, ...]:
-    """`SharedInputLora`'s outputs. Where autograd records nothing and there is no dropout (inference) they are
-    computed by the same plain ops, without the autograd function's per-call cost."""
-    if p > 0 or torch.is_grad_enabled():
-        return SharedInputLora.apply(x, scales, p, *members)
+def inference(x: torch.Tensor, scales: tuple[float, ...], merged: bool, one_pass: bool, *members: torch.Tensor | None
+              ) -> tuple[torch.Tensor, ...]:
+    """`SharedInputLora`'s outputs without autograd and dropout, by the same plain ops and without the autograd
+    function's per-call cost (merged weights built by the kernel with `one_pass`)."""
     weights, biases, a_s, b_s = (members[k::PER_MEMBER] for k in range(PER_MEMBER))
-    if _merged_pays(x, weights):
-        return tuple(_merged_outputs(x, scales, weights, biases, a_s, b_s, one_pass=True))
+    if merged:
+        return tuple(_merged_outputs(x, scales, weights, biases, a_s, b_s, one_pass))
     hs = _scaled(x.reshape(-1, x.shape[-1]) @ torch.cat(a_s).t(), scales, [a.shape[0] for a in a_s])
     return tuple(_outputs(x, hs, weights, biases, b_s))
 
 
-def _merged_pays(x: torch.Tensor, weights: tuple) -> bool:
-    tokens = x.numel() // x.shape[-1]
-    return all(pays(tokens, w) for w in weights)
-
-
 def _merged_outputs(x: torch.Tensor, scales: tuple[float, ...], weights: tuple, biases: tuple, a_s: tuple,
                     b_s: tuple, one_pass: bool) -> list[torch.Tensor]:
-    """y_i = x @ (W_i + s_i B_i @ A_i).T + b_i for every member (see lora_merged_weight)."""
-    return [F.linear(x, w, bias) for w, bias in zip(merged_all(weights, a_s, b_s, scales, one_pass), biases)]
+    """y_i = x @ (W_i + s_i B_i @ A_i).T + b_i for every member (see merged_weight.py)."""
+    built = merged_weight.merged_all(weights, a_s, b_s, scales, one_pass)
+    return [F.linear(x, w, bias) for w, bias in zip(built, biases)]
 
 
 class SharedInputLora(torch.autograd.Function):
-    """Outputs of several LoRA-adapted linears on one input, dropout `p` (> 0: kernels only); see the module
+    """Outputs of several LoRA-adapted linears on one input; then the dispatch's `path` (dispatch.Path: its `p`
+    the dropout rate, > 0 with the kernels only; `merged` through merged weights, p = 0 only; `kernels` the
+    Triton kernels for dh and dB), and 4 tensors per member (weight, bias or None, A, B). See the module
     docstring."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, scales: tuple[float, ...], p: float, *members: torch.Tensor | None
+    def forward(ctx: Any, x: torch.Tensor, scales: tuple[float, ...], path: Any, *members: torch.Tensor | None
                 ) -> tuple[torch.Tensor, ...]:
+        p, merged, use_kernels = path.p, path.merged, path.kernels
         weights, biases, a_s, b_s = (members[k::PER_MEMBER] for k in range(PER_MEMBER))
         ctx.ranks = [a.shape[0] for a in a_s]
-        ctx.p, ctx.seed = p, lora_kernels.new_seed() if p > 0 else 0
-        ctx.merged = p == 0 and _merged_pays(x, weights)
-        if ctx.merged:  # h is only needed for the gradients: computed in backward, off the forward's host time
+        ctx.p, ctx.seed = p, kernels.new_seed() if p > 0 else 0
+        ctx.merged, ctx.kernels = merged, use_kernels
+        if merged:  # h is only needed for the gradients: computed in backward, off the forward's host time
             outs = _merged_outputs(x, scales, weights, biases, a_s, b_s, one_pass=False)
             ctx.save_for_backward(x, None, *weights, *b_s, *a_s)
         else:
             x2, a_cat = x.reshape(-1, x.shape[-1]), torch.cat(a_s)
-            h = lora_kernels.dropped_down(x2, a_cat, len(a_s), p, ctx.seed) if p > 0 else x2 @ a_cat.t()
+            h = kernels.dropped_down(x2, a_cat, len(a_s), p, ctx.seed) if p > 0 else x2 @ a_cat.t()
             hs = _scaled(h, scales, ctx.ranks)
             outs = _outputs(x, hs, weights, biases, b_s)
             ctx.save_for_backward(x, hs, *weights, *b_s, a_cat)
@@ -145,7 +146,7 @@ class SharedInputLora(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [None] * (PER_MEMBER * len(dys))
         dx = None
         dh = hs.new_empty(hs.shape) if all(dy is not None for dy in dys) else hs.new_zeros(hs.shape)
-        one_pass = lora_kernels.usable(x, max(ctx.ranks))  # dh_i and dB_i in one pass over each dy_i
+        one_pass = ctx.kernels  # dh_i and dB_i in one pass over each dy_i
         cols = [sum(ctx.ranks[:i]) for i in range(n)]
         present: list[tuple[int, torch.Tensor]] = []
         for i, (dy, w, b, r, col) in enumerate(zip(dys, weights, b_s, ctx.ranks, cols)):
@@ -164,14 +165,14 @@ class SharedInputLora(torch.autograd.Function):
             if needs[3 + base] and ctx.has_bias[i]:
                 grads[base + 1] = dy2.sum(0)
         if one_pass:
-            d_b = lora_kernels.up_grads([dy2 for _, dy2 in present], [b_s[i] for i, _ in present], hs,
-                                        [cols[i] for i, _ in present], dh, [ctx.scales[i] for i, _ in present],
-                                        [1.0] * len(present))
+            d_b = kernels.up_grads([dy2 for _, dy2 in present], [b_s[i] for i, _ in present], hs,
+                                   [cols[i] for i, _ in present], dh, [ctx.scales[i] for i, _ in present],
+                                   [1.0] * len(present))
             for (i, _), db in zip(present, d_b):
                 if needs[5 + PER_MEMBER * i]:
                     grads[PER_MEMBER * i + 3] = db
         if ctx.p > 0:  # dA and the masked dx update in one kernel, which draws the forward's masks again
-            da = lora_kernels.input_grads((x2,), dh, a_cat, len(ctx.ranks), ctx.p, ctx.seed, dx).to(a_cat.dtype)
+            da = kernels.input_grads((x2,), dh, a_cat, len(ctx.ranks), ctx.p, ctx.seed, dx).to(a_cat.dtype)
             _split_a_grads(grads, da, ctx.ranks, needs, dys)
         else:
             if any(needs[4::PER_MEMBER]):
@@ -201,52 +202,53 @@ def _versions(x: torch.Tensor, tensors: tuple) -> tuple:
 
 
 class SharedInput:
-    """The LoRA branches of one attachment at sites that read one input (`Site.input_group`).
+    """The LoRA branches of one attachment at sites that read one input (`Site.input_group`), linked at attach.
 
-    The first member called with an input computes every member's output in one `SharedInputLora`; each other
-    member takes its own when called with that same tensor, unchanged (version counters of the input and of
-    the member's weight, bias, A and B) and in the same grad mode. Only members that run alone at their sites
-    (`Branch.runs_alone`) take part; anything else (a member at a non-linear or other-dtype base, dropout in
-    training where the kernels do not serve, compile) declines, and the branch computes by itself.
+    Each member keeps its site's module (`base_module`) and the host at its site (`host`). When the dispatch
+    sends a member's call here (`compute`), every live member's output on that input is computed in one
+    `SharedInputLora` (or `inference`); each other live member takes its own when it is called next (`take`),
+    with that same tensor, unchanged (version counters of the input and of the member's weight, bias, A and B)
+    and in the same grad mode.
     """
 
     def __init__(self, members: list[Any]):
-        self.members = members  # LoraBranch objects, each with its site's module as `base_module`
+        self.members = members  # LoraBranch objects
         self._pending: dict[int, tuple[torch.Tensor, tuple, torch.Tensor]] = {}  # index -> (x, versions, output)
 
-    def _tensors(self, index: int) -> tuple:
+    def tensors(self, index: int) -> tuple:
+        """Member `index`'s weight, bias (or None), A and B."""
         branch = self.members[index]
         base = branch.base_module
         return base.weight, base.bias, branch.lora_A, branch.lora_B
 
-    def _live(self, x: torch.Tensor) -> list[tuple[int, Any, tuple]]:
-        """(index, branch, its tensors) of the members that can compute together on `x`."""
-        live = []
-        for i, branch in enumerate(self.members):
-            base = branch.base_module
-            if branch.runs_alone and type(base) is torch.nn.Linear and base.in_features == x.shape[-1]:
-                tensors = self._tensors(i)
-                if tensors[0].dtype == x.dtype == tensors[2].dtype == tensors[3].dtype:
-                    live.append((i, branch, tensors))
-        return live
-
-    def output(self, index: int, x: torch.Tensor) -> torch.Tensor | Any:
-        """Member `index`'s output for input `x`, or NotImplemented where the shared path does not apply."""
+    def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Member `index`'s output on `x` if the group computed it on this very input, unchanged since; else None.
+        Either way the member's pending output is dropped."""
         pending = self._pending.pop(index, None)
-        if pending is not None and pending[0] is x and pending[1] == _versions(x, self._tensors(index)):
+        if pending is not None and pending[0] is x and pending[1] == _versions(x, self.tensors(index)):
             return pending[2]
-        live = self._live(x)
-        position = next((n for n, (i, _, _) in enumerate(live) if i == index), None)
-        if position is None or len(live) < 2:
-            return NotImplemented
-        rates = {b.dropout.p if b.training and isinstance(b.dropout, torch.nn.Dropout) else 0.0 for _, b, _ in live}
-        ranks = {ts[2].shape[0] for _, _, ts in live}
-        p = rates.pop()
-        if rates or p > 0 and (len(ranks) > 1 or not lora_kernels.usable(x, ranks.pop())):
-            return NotImplemented
-        outs = shared_outputs(x, tuple(b.scale for _, b, _ in live), p, *(t for _, _, ts in live for t in ts))
-        self._pending = {i: (x, _versions(x, ts), out) for (i, _, ts), out in zip(live, outs) if i != index}
-        return outs[position]
+        return None
+
+    def compute(self, index: int, x: torch.Tensor, path: Any, autograd: bool) -> torch.Tensor:
+        """Member `index`'s output, computing the outputs of every member in `path.live` ((index, tensors) pairs)
+        on `x` at once (by `SharedInputLora`, or by `inference` where the dispatch chose that) and keeping the
+        others' for their calls."""
+        live = path.live
+        scales = tuple(self.members[i].scale for i, _ in live)
+        flat = [t for _, tensors in live for t in tensors]
+        if autograd:
+            outs = SharedInputLora.apply(x, scales, path, *flat)
+        else:
+            outs = inference(x, scales, path.merged, path.kernels, *flat)
+        own = None
+        pending = {}
+        for (i, tensors), out in zip(live, outs):
+            if i == index:
+                own = out
+            else:
+                pending[i] = (x, _versions(x, tensors), out)
+        self._pending = pending
+        return own
 
     def clear(self) -> None:
         self._pending = {}

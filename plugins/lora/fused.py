@@ -1,14 +1,17 @@
-"""The fused LoRA linear: `x @ W.T + b + dropout(x) @ A.T @ B.T * scale` as one autograd function.
+"""The fused LoRA linear: `x @ W.T + b + s · B(A(dropout(x)))` (formula.linear) as one autograd function.
 
 Against a plain module composition it saves kernels and memory: the LoRA update is accumulated into the base
 output in place (addmm), the input gradient of base and branch is one matmul plus one in-place addmm (or, for a
 layer wider in than out, one matmul over [dy | dh] and [W; A], which moves fewer bytes than updating dx), and
-no copy of the layer input is made for backward: with dropout the mask is drawn again in backward (on CUDA by
-the kernels of lora_kernels, elsewhere by replaying torch's dropout from the saved random state), and an input
-that is a product autograd keeps anyway is kept as its factors (lora_saved_input). Without dropout, from as
-many tokens as inputs on CUDA, y and dx come through the merged weight W + s·B @ A built per call instead
-(lora_merged_weight). Used by LoraBranch when it is the only branch at a plain nn.Linear site (not under
-torch.compile, which fuses the plain composition itself).
+no copy of the layer input is made for backward: with dropout the mask is drawn again in backward (by the
+kernels of kernels.py, or by replaying torch's dropout from the saved random state), and an input that is a
+product autograd keeps anyway is kept as its factors (saved_input.py). With `merged`, y and dx come through the
+merged weight W + s·B @ A built per call instead (merged_weight.py). Where autograd records nothing and there
+is no dropout, `inference` computes the same output by plain ops.
+
+dispatch.py decides when this runs and with which of kernels, merged weight and saved factors; nothing here
+checks a condition of its own (the one choice left, dx from one widened matmul for a layer wider in than out,
+is a layout of the same product).
 """
 from __future__ import annotations
 
@@ -17,9 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from surgery_plugins import lora_kernels
-from surgery_plugins.lora_merged_weight import merged, pays
-from surgery_plugins.lora_saved_input import kept, restored
+from surgery_plugins.lora import kernels, merged_weight
+from surgery_plugins.lora.saved_input import restored
 
 
 def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,42 +44,44 @@ def replay_dropout(x: torch.Tensor, p: float, state: torch.Tensor) -> tuple[torc
         return dropout(x, p)
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
-                scale: float, p: float) -> torch.Tensor:
-    """`LoraLinear`'s output. Where autograd records nothing and there is no dropout (inference) it is computed as
-    the same three plain ops, without the autograd function's per-call cost."""
-    if p > 0 or torch.is_grad_enabled():
-        return LoraLinear.apply(x, weight, bias, a, b, scale, p)
+def inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+              s: float, merged: bool, one_pass: bool) -> torch.Tensor:
+    """`LoraLinear`'s output without autograd and dropout, by the same plain ops and without the autograd
+    function's per-call cost: through the merged weight (built by the kernel with `one_pass`), or with the
+    update added in place."""
     x2 = x.reshape(-1, x.shape[-1])
-    if pays(x2.shape[0], weight):
-        y = F.linear(x2, merged(weight, a, b, scale, one_pass=True), bias)
+    if merged:
+        y = F.linear(x2, merged_weight.merged(weight, a, b, s, one_pass), bias)
     else:
-        y = F.linear(x2, weight, bias).addmm_(x2 @ a.t(), b.t(), alpha=scale)
+        y = F.linear(x2, weight, bias).addmm_(x2 @ a.t(), b.t(), alpha=s)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class LoraLinear(torch.autograd.Function):
-    """Forward and backward of a frozen-or-not linear plus its LoRA branch, sharing matmuls."""
+    """Forward and backward of a frozen-or-not linear plus its LoRA branch, sharing matmuls.
+
+    After the tensors and the scale s comes the dispatch's `path` (dispatch.Path): its `p` the dropout rate,
+    `saved` what to keep of x for backward ((x,) or its factors), `kernels` the Triton kernels for the passes
+    over x, `merged` the merged weight for y and dx (p = 0 only)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-                b: torch.Tensor, scale: float, p: float) -> torch.Tensor:
+                b: torch.Tensor, s: float, path: Any) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        saved = kept(x)
-        ctx.kernels = lora_kernels.usable(x, a.shape[0]) and (p > 0 or len(saved) == 2)
-        ctx.seed = lora_kernels.new_seed() if ctx.kernels and p > 0 else 0
-        ctx.rng = rng_state(x.device) if p > 0 and not ctx.kernels else None
-        ctx.merged = p == 0 and pays(x2.shape[0], weight)  # then dx too comes through the merged weight
-        if ctx.kernels and p > 0:
-            h = lora_kernels.dropped_down(x2, a, 1, p, ctx.seed)
+        p, saved, use_kernels, merged = path.p, path.saved, path.kernels, path.merged
+        ctx.kernels, ctx.merged = use_kernels, merged
+        ctx.seed = kernels.new_seed() if use_kernels and p > 0 else 0
+        ctx.rng = rng_state(x.device) if p > 0 and not use_kernels else None
+        if use_kernels and p > 0:
+            h = kernels.dropped_down(x2, a, 1, p, ctx.seed)
         else:
             h = (dropout(x2, p)[0] if p > 0 else x2) @ a.t()
-        if ctx.merged:
-            y = F.linear(x2, merged(weight, a, b, scale, one_pass=False), bias)
+        if merged:
+            y = F.linear(x2, merged_weight.merged(weight, a, b, s, one_pass=False), bias)
         else:
-            y = F.linear(x2, weight, bias).addmm_(h, b.t(), alpha=scale)
+            y = F.linear(x2, weight, bias).addmm_(h, b.t(), alpha=s)
         ctx.save_for_backward(weight, a, b, h, *saved)
-        ctx.scale, ctx.p, ctx.has_bias, ctx.shape = scale, p, bias is not None, x.shape
+        ctx.scale, ctx.p, ctx.has_bias, ctx.shape = s, p, bias is not None, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -86,12 +90,12 @@ class LoraLinear(torch.autograd.Function):
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         d_in = ctx.shape[-1]
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dh = torch.addmm(h, dy2, b, beta=0, alpha=ctx.scale)  # dy @ B * scale in one call (h: any [M, r], unread)
+        dh = torch.addmm(h, dy2, b, beta=0, alpha=ctx.scale)  # dy @ B * s in one call (h: any [M, r], unread)
         dx = dw = dbias = da = db = None
         if need_b:
-            db = torch.addmm(b, dy2.t(), h, beta=0, alpha=ctx.scale)  # dy.T @ h * scale (b unread)
+            db = torch.addmm(b, dy2.t(), h, beta=0, alpha=ctx.scale)  # dy.T @ h * s (b unread)
         if need_x and ctx.merged:
-            dx = dy2 @ merged(weight, a, b, ctx.scale, one_pass=False)
+            dx = dy2 @ merged_weight.merged(weight, a, b, ctx.scale, one_pass=False)
         elif need_x and ctx.p == 0 and dy2.shape[0] * (d_in - dy2.shape[1]) > weight.numel():
             dx = torch.cat([dy2, dh], dim=1) @ torch.cat([weight, a])  # wide in: one matmul beats updating dx
         if ctx.kernels:  # dA (and the masked part of dx) in one pass over x, or over its two factors
@@ -100,7 +104,7 @@ class LoraLinear(torch.autograd.Function):
             if need_x and dx is None:
                 dx = update = dy2 @ weight  # the kernel adds the (masked) LoRA term in place
             if need_a or update is not None:
-                da = lora_kernels.input_grads(factors, dh, a, 1, ctx.p, ctx.seed, update).to(a.dtype)
+                da = kernels.input_grads(factors, dh, a, 1, ctx.p, ctx.seed, update).to(a.dtype)
             x2 = restored(factors) if need_w else None
         else:
             x2 = restored(saved).reshape(-1, d_in)
