@@ -46,31 +46,46 @@ class Branch(nn.Module):
     - `adapt_call(args, kwargs) -> (args, kwargs)`: change the base module's inputs (runs before it);
     - `adapt_output(args, kwargs, out) -> out`: change its output (`args`/`kwargs` are the inputs the base saw).
     A branch with `replaces_base = True` is called (`branch(*args, **kwargs)`) instead of the base module.
+
+    Two optional fast paths, each offered by the Host in one situation and each free to decline, so that a branch
+    is correct with the two methods above alone:
+    - `fused_call(base, args, kwargs)`: the site's whole output, when this branch is the only one running there
+      and samples are not routed (LoRA: base and update in one autograd function, or the linears that read one
+      input computed together).
+    - `prepare_routes(branches)` / `route_output(state, group, args, kwargs, out)`: under per-sample routing
+      (`surgery.per_sample`), every sample's own branch applied to the whole batch's base output at once, instead
+      of the base running once per group of samples (LoRA, IA3's output scaling, serial bottleneck adapters).
     """
 
     replaces_base: bool = False
     running: bool = False
     """Set by the engine: True while this branch runs at its site (its attachment active and unmerged, adapters
     not disabled). Model-level hooks of a method (`attach_model`) read it to act only while their branch runs."""
-    runs_alone: bool = False
-    """Set by the engine: True while this is the only branch running at its site and samples are not routed
-    (the Host then offers `fused_call` on every call). Lets a method plan work across sites."""
 
     def fused_call(self, base: nn.Module, args: tuple, kwargs: dict) -> Any:
-        """Optional fast path, tried when this is the only branch running at its site: compute the base module
-        and this branch in one go (e.g. one autograd function sharing kernels). Return NotImplemented to decline."""
+        """Optional: compute the site's output, the base module's and this branch's together, in one go.
+
+        Called by the Host on every call while this is the only branch running at its site and samples are not
+        routed (so nothing else changes the base's inputs or output); `base` is the module the Host would call.
+        Return NotImplemented to decline: the Host then runs `adapt_call`, the base and `adapt_output` as usual.
+        Used by LoRA (see `surgery_plugins.lora.dispatch`)."""
         return NotImplemented
 
     @classmethod
     def prepare_routes(cls, branches: list["Branch"]) -> Any:
         """Optional batched per-sample routing: gather what `route_output` needs from `branches` (one per group
-        of samples; group len(branches) runs no branch). Called once per routing in inference, per call in training."""
+        of samples, all of this class; group len(branches) runs no branch). Called once per routing in inference
+        (the result is kept until the routing changes), on every call in training. Raise NotImplementedError to
+        decline (e.g. dropout in training, or a change `route_output` cannot make on the base output): the Host
+        then runs each group of samples through the base and its own branch. Used by LoRA (stacked pairs), IA3
+        (stacked output vectors) and serial bottleneck adapters (stacked weights)."""
         raise NotImplementedError
 
     @classmethod
     def route_output(cls, state: Any, group: torch.Tensor, args: tuple, kwargs: dict, out: Any) -> Any:
-        """Optional: apply each sample's branch (group[i] indexes the branches given to `prepare_routes`) to the
-        base output of the whole batch at once. Without it, the Host runs each group of samples separately."""
+        """Optional, with `prepare_routes`: apply each sample's branch (group[i] indexes the branches given to
+        `prepare_routes`; len(branches) means none) to `out`, the base module's output for the whole batch on
+        `args`/`kwargs`, at once. The result must equal running each sample alone through its branch."""
         raise NotImplementedError
 
     def adapt_call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
