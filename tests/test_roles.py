@@ -1,6 +1,7 @@
 """Graph analysis: sites, roles, fused slices and attention facts read from dataflow."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -370,3 +371,43 @@ def test_smoke_timing_7b_llama_meta():
     assert facts.attention["model.layers.31.self_attn"].head_dim == 128
     assert {p for p, first in facts.input_groups.items() if first == "model.layers.31.self_attn.q_proj"} == {
         f"model.layers.31.self_attn.{n}_proj" for n in "qkv"}
+
+
+def _padded_batch(model: nn.Module) -> dict:
+    """A real padded batch, as a user passes it: ids, an attention_mask with padding in row 0 (and
+    token_type_ids / decoder ids where the model takes them)."""
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if model.config.is_encoder_decoder:
+        batch.update(decoder_input_ids=ids[:, :5], decoder_attention_mask=torch.ones(2, 5, dtype=torch.long))
+    elif getattr(model.config, "type_vocab_size", 0):
+        batch["token_type_ids"] = torch.zeros(2, 8, dtype=torch.long)
+    if "use_cache" in __import__("inspect").signature(model.forward).parameters:
+        batch["use_cache"] = False
+    return batch
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_user_padded_mask_keeps_every_site(arch, attn_impl, facts_of):
+    """The user's own padded attention_mask (its mask add depends on a user input too) changes no reading."""
+    model, facts = facts_of(arch, attn_impl)
+    masked = analyze(model, kwargs=_padded_batch(model))
+    assert masked.roles == facts.roles
+    assert masked.slices == facts.slices
+    assert masked.attention.keys() == facts.attention.keys()
+    for path, info in masked.attention.items():
+        assert dataclasses.replace(info, causal=facts.attention[path].causal) == facts.attention[path]
+
+
+def test_plan_lora_qv_with_a_padded_batch_eager():
+    import surgery
+
+    for arch in ("llama", "gpt2", "bert", "opt", "t5"):
+        model = tiny.build(arch, attn="eager")
+        placed = surgery.plan(model, "lora-qv", kwargs=_padded_batch(model))
+        unmasked = surgery.plan(model, "lora-qv")
+        assert [p.site.path for p in placed.placements] == [p.site.path for p in unmasked.placements]
+        assert len(placed.placements) == {"t5": 12, "gpt2": 2}.get(arch, 4)  # gpt2: one fused c_attn a layer

@@ -30,11 +30,18 @@ from surgery.analysis.probes import Slices, channel_probe, evaluate
 from surgery.analysis.tracing import AnalysisTrace
 from surgery.core.sites import AttentionInfo
 
-_SCORE_OPS = frozenset({"mul", "mul_", "div", "div_", "add", "add_", "sub", "tanh", "to", "_to_copy", "where",
-                        "masked_fill", "masked_fill_", "clamp", "dropout", "contiguous", "view", "reshape",
-                        "type_as", "float"})
-_PROB_OPS = frozenset({"to", "_to_copy", "dropout", "type_as", "contiguous", "clone", "float", "view", "reshape"})
-_QK_MATMULS = frozenset({"matmul", "bmm", "baddbmm"})
+_SCORE_OPS = frozenset({"mul", "mul_", "div", "div_", "add", "add_", "sub", "sub_", "tanh", "to", "_to_copy",
+                        "where", "masked_fill", "masked_fill_", "clamp", "clamp_min", "clamp_max", "max", "maximum",
+                        "amax", "dropout", "contiguous", "view", "reshape", "type_as", "float", "cat", "concat",
+                        "getitem", "slice", "expand", "clone", "_unsafe_view", "squeeze", "unsqueeze", "transpose",
+                        "permute", "softcap"})
+"""Ops between the q·k product and the softmax: scaling, masks, soft caps, clamps (xglm's max with finfo.min),
+attention sinks (gpt_oss: a cat with sink logits and the subtraction of the row max), layout."""
+_REDUCTIONS = frozenset({"max", "amax", "logsumexp"})
+_PROB_OPS = frozenset({"to", "_to_copy", "dropout", "type_as", "contiguous", "clone", "float", "view", "reshape",
+                       "slice", "getitem", "narrow", "mul", "masked_fill", "where", "_unsafe_view", "expand"})
+_QK_MATMULS = frozenset({"matmul", "bmm", "baddbmm", "einsum"})
+_SOFTMAX = frozenset({"softmax", "_softmax", "_safe_softmax"})
 
 
 @dataclass(frozen=True)
@@ -66,51 +73,117 @@ def _sdpa(node: fx.Node, index: GraphIndex) -> AttentionOp:
                        lengths)
 
 
-def _eager(softmax: fx.Node, index: GraphIndex) -> AttentionOp | None:
-    node, masks = softmax.args[0], []
-    while isinstance(node, fx.Node) and op_name(node) not in _QK_MATMULS:
-        name = op_name(node)
-        chain = [i for i in node.all_input_nodes if i in index.from_user]
-        if name not in _SCORE_OPS or len(chain) != 1:
+def matmul_operands(node: fx.Node) -> tuple[Any, Any] | None:
+    """The two multiplied operands of a matmul-type node (`baddbmm`'s batch products, `einsum`'s two operands)."""
+    name = op_name(node)
+    if name == "baddbmm":
+        return node.args[1], node.args[2]
+    if name == "einsum":
+        operands = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        return (operands[0], operands[1]) if len(operands) == 2 else None
+    if name in ("matmul", "bmm", "mm"):
+        return node.args[0], node.args[1]
+    return None
+
+
+class _Scores:
+    """Which nodes are attention scores: a product of two user-dependent operands, or derived from one through
+    score ops (scale, mask, cap, clamp, sinks, layout). Memoised per graph."""
+
+    def __init__(self, index: GraphIndex) -> None:
+        self.index = index
+        self.memo: dict[fx.Node, fx.Node | None] = {}
+
+    def source(self, node: Any, depth: int = 0) -> fx.Node | None:
+        """The q·k product `node` derives from, or None."""
+        if not isinstance(node, fx.Node) or node not in self.index.from_user or depth > 40:
             return None
-        others = [i for i in node.all_input_nodes if i not in index.from_user and tensor_val(i) is not None]
-        if name in ("add", "add_", "sub"):
+        if node in self.memo:
+            return self.memo[node]
+        name = op_name(node)
+        found: fx.Node | None = None
+        if name in _QK_MATMULS:
+            operands = matmul_operands(node)
+            if operands and all(isinstance(t, fx.Node) and t in self.index.from_user for t in operands):
+                found = node
+        elif name in _SCORE_OPS:
+            for i in node.all_input_nodes:
+                found = self.source(i, depth + 1)
+                if found is not None:
+                    break
+        self.memo[node] = found
+        return found
+
+    def chain_input(self, node: fx.Node) -> fx.Node | None:
+        """The input of a score op that carries the scores on (not a mask, not a row max taken of them)."""
+        candidates = [i for i in node.all_input_nodes if self.source(i) is not None]
+        if len(candidates) > 1:
+            out = tensor_val(node)
+            same = [i for i in candidates if out is not None and tensor_val(i) is not None
+                    and tuple(tensor_val(i).shape) == tuple(out.shape) and op_name(i) not in _REDUCTIONS
+                    and not (op_name(i) == "getitem" and op_name(i.args[0]) in _REDUCTIONS)]
+            candidates = same or candidates
+        return candidates[0] if candidates else None
+
+
+def _value_of(probs: fx.Node, current: fx.Node, index: GraphIndex) -> fx.Node | None:
+    """The value operand when `probs` (from the softmax) is multiplied by it, else None."""
+    operands = matmul_operands(probs)
+    if operands is None or operands[0] is not current:
+        return None
+    value = operands[1]
+    return value if isinstance(value, fx.Node) and value in index.from_user else None
+
+
+def _eager(softmax: fx.Node, index: GraphIndex, scores: _Scores) -> AttentionOp | None:
+    node: Any = softmax.args[0]
+    product = scores.source(node)
+    if product is None:
+        return None
+    masks = []
+    while node is not product:
+        chain = scores.chain_input(node)
+        if chain is None:
+            return None
+        name = op_name(node)
+        others = [i for i in node.all_input_nodes if i is not chain and scores.source(i) is None
+                  and tensor_val(i) is not None]
+        if name in ("add", "add_"):
             masks += [(m, "additive") for m in others]
         elif name in ("masked_fill", "masked_fill_"):
             masks += [(m, "drop") for m in others]
-        elif name == "where" and isinstance(node.args[0], fx.Node) and node.args[0] not in index.from_user:
-            masks.append((node.args[0], "keep" if node.args[1] is chain[0] else "drop"))
-        node = chain[0]
-    if not isinstance(node, fx.Node):
-        return None
-    q, k = (node.args[1], node.args[2]) if op_name(node) == "baddbmm" else (node.args[0], node.args[1])
-    if not all(isinstance(t, fx.Node) and t in index.from_user for t in (q, k)):
-        return None
-    probs, queue = None, deque([softmax])
+        elif name == "where" and isinstance(node.args[0], fx.Node) and node.args[0] is not chain:
+            masks.append((node.args[0], "keep" if node.args[1] is chain else "drop"))
+        node = chain
+    q, k = matmul_operands(product)  # type: ignore[misc]
+    probs, value, queue, seen = None, None, deque([softmax]), {softmax}
     while queue and probs is None:
         current = queue.popleft()
         for user in current.users:
-            if op_name(user) in ("matmul", "bmm") and user.args[0] is current and user.args[1] in index.from_user:
+            value = _value_of(user, current, index) if op_name(user) in _QK_MATMULS else None
+            if value is not None:
                 probs = user
                 break
-            if op_name(user) in _PROB_OPS:
+            if op_name(user) in _PROB_OPS and user not in seen:
+                seen.add(user)
                 queue.append(user)
     if probs is None:
         return None
-    scores = tensor_val(node)
-    lengths = (int(scores.shape[-2]), int(scores.shape[-1])) if scores is not None else None
-    return AttentionOp("eager", index.owner[softmax], q, k, probs.args[1], probs, tuple(masks), False, lengths)
+    val = tensor_val(product)
+    lengths = (int(val.shape[-2]), int(val.shape[-1])) if val is not None and val.dim() >= 2 else None
+    return AttentionOp("eager", index.owner[softmax], q, k, value, probs, tuple(masks), False, lengths)
 
 
 def attention_ops(index: GraphIndex) -> list[AttentionOp]:
-    """SDPA calls and eager matmul -> (scale, mask) -> softmax -> matmul chains, in graph order."""
+    """SDPA calls and eager q·k -> (scale, mask, cap, sinks) -> softmax -> ·v chains, in graph order."""
     found = []
+    scores = _Scores(index)
     for node in index.nodes:
         name = op_name(node)
         if name == "scaled_dot_product_attention":
             found.append(_sdpa(node, index))
-        elif name in ("softmax", "_softmax", "_safe_softmax") and node in index.from_user:
-            op = _eager(node, index)
+        elif name in _SOFTMAX and node in index.from_user:
+            op = _eager(node, index, scores)
             if op is not None:
                 found.append(op)
     return found
