@@ -411,3 +411,34 @@ def test_plan_lora_qv_with_a_padded_batch_eager():
         unmasked = surgery.plan(model, "lora-qv")
         assert [p.site.path for p in placed.placements] == [p.site.path for p in unmasked.placements]
         assert len(placed.placements) == {"t5": 12, "gpt2": 2}.get(arch, 4)  # gpt2: one fused c_attn a layer
+
+
+def test_inputs_from_the_models_main_input_and_config():
+    from surgery.analysis.tracing import input_candidates
+
+    with torch.device("meta"):
+        t5 = tiny.build("t5")
+    candidates = input_candidates(t5)
+    assert candidates[0][0][0].device.type == "meta"
+    assert {"use_cache": False}.items() <= candidates[0][1].items()
+    assert any("attention_mask" in kwargs for _, kwargs in candidates)  # longt5's local attention needs one
+    assert all("use_cache" not in kwargs for _, kwargs in candidates[len(candidates) // 2:])  # then without
+
+
+def test_trace_error_names_the_model_and_the_inputs_tried():
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from surgery.errors import TraceError
+
+    class NeedsBoxes(PreTrainedModel):
+        config_class = PretrainedConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, input_ids, boxes):
+            return self.lin(boxes)
+
+    with pytest.raises(TraceError, match=r"NeedsBoxes.*main input 'input_ids'.*boxes.*Tried:\n  \(input_ids=int64\[2, 8\]"):
+        analyze(NeedsBoxes(PretrainedConfig(vocab_size=16)))

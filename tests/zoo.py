@@ -1,0 +1,493 @@
+"""An architecture zoo: every transformers architecture that builds from a small config, and a gradient oracle.
+
+`tiny_config(model_type)` shrinks a config class's defaults (widths, depths, heads, experts, image and audio sizes,
+vocabularies where the special token ids allow it), nested configs included. `build(model_type)` picks the
+model class (causal LM, seq2seq LM, masked LM, image-text-to-text, else the base model) and builds it with random
+weights. `oracle(model, args, kwargs)` runs the model once for real and says, for every attention computation,
+which output channels of which linear-like module reach its query, key and value operands: each linear-like
+module's output is cut from the graph before it (a new leaf), the attention's q, k, v are caught where they are
+used (`scaled_dot_product_attention`, or the matmul -> ... -> softmax -> matmul chain of eager attention), and
+one backward per operand reads the non-zero gradient channels. `compare(model, facts, seen)` puts surgery's
+roles and slices beside it.
+
+Run the whole zoo with `SURGERY_ZOO=1 python -m pytest tests/test_zoo.py` or `python tests/zoo.py` (a table and a
+JSON line per architecture); the default suite runs a representative subset.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+QKV = ("attention.query", "attention.key", "attention.value")
+
+_WIDTH = ("hidden_size", "d_model", "n_embd", "embed_dim", "hidden_dim", "dim", "model_dim", "word_embed_proj_dim",
+          "embedding_size", "d_embed", "n_embed", "projection_dim", "text_embed_dim", "vision_embed_dim",
+          "encoder_hidden_size", "decoder_hidden_size", "qformer_hidden_size", "cross_attention_hidden_size",
+          "hidden_size_per_head_times_heads", "output_hidden_size", "proj_dim", "projection_size",
+          "classifier_proj_size", "conv_dim_last")
+_DEPTH = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers",
+          "n_layers", "num_encoder_layers", "decoder_num_layers", "num_text_layers", "num_vision_layers",
+          "text_num_layers", "num_blocks")
+_HEADS = ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads", "decoder_attention_heads",
+          "n_heads", "decoder_num_attention_heads", "num_attention_heads_text")
+_FFN = ("intermediate_size", "ffn_dim", "d_ff", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_hidden_size",
+        "decoder_intermediate_size", "hidden_act_dim", "mlp_dim", "ff_dim")
+_SMALL = {
+    "num_key_value_heads": 2, "head_dim": 16, "d_kv": 16, "d_head": 16, "attention_head_dim": 16,
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4, "num_experts_per_tok": 2,
+    "moe_topk": 2, "top_k": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+    "n_shared_experts": 1, "num_shared_experts": 1, "n_group": 1, "topk_group": 1,
+    "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+    "first_k_dense_replace": 1, "max_position_embeddings": 128, "max_source_positions": 64,
+    "max_target_positions": 64, "n_positions": 128, "n_ctx": 128, "num_mel_bins": 16, "image_size": 32,
+    "patch_size": 8, "num_query_tokens": 4, "image_seq_length": 16, "num_channels": 3, "n_routed_experts_top": 2,
+    "sliding_window": 64, "attention_window": 4, "num_buckets": 32, "relative_attention_num_buckets": 8,
+    "position_buckets": 16, "max_relative_positions": 16, "conv_dim": 32, "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 4, "vocab_size_per_layer_input": None,
+}
+_KEEP_LISTS = ("layer_types", "mlp_only_layers", "block_types", "attn_layer_indices", "full_attn_idxs")
+
+
+def _ids(config: Any) -> list[int]:
+    out = []
+    for name, value in vars(config).items():
+        if name.endswith(("token_id", "token_index", "_id")) and isinstance(value, int) and not isinstance(value, bool):
+            out.append(value)
+        elif name.endswith("token_ids") and isinstance(value, (list, tuple)):
+            out += [v for v in value if isinstance(v, int)]
+    return out
+
+
+def _shrunk(config: Any) -> dict[str, Any]:
+    """Overrides of `config`'s own values that make it tiny (nested configs as dicts, shrunk too)."""
+    from transformers import PreTrainedConfig
+
+    values: dict[str, Any] = {}
+    own = vars(config)
+    for name, value in own.items():
+        if isinstance(value, PreTrainedConfig):
+            sub = value.to_dict()
+            sub.update(_shrunk(value))
+            values[name] = sub
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if name in _WIDTH:
+            values[name] = 64
+        elif name in _DEPTH:
+            values[name] = 2 if value >= 2 else value
+        elif name in _HEADS:
+            values[name] = 4
+        elif name in _FFN:
+            values[name] = 96
+        elif name in _SMALL and _SMALL[name] is not None:
+            values[name] = min(value, _SMALL[name]) if name in ("first_k_dense_replace",) else _SMALL[name]
+    if "vocab_size" in own and isinstance(own["vocab_size"], int):
+        biggest = max(_ids(config), default=0)
+        values["vocab_size"] = max(256, biggest + 1) if biggest < 4096 else own["vocab_size"]
+    for name in _KEEP_LISTS:
+        layer_types = own.get(name)
+        if name == "layer_types" and isinstance(layer_types, (list, tuple)) and layer_types:
+            kinds = list(dict.fromkeys(layer_types))
+            values[name] = kinds if len(kinds) >= 2 else kinds * 2
+            for depth in _DEPTH:
+                if depth in own:
+                    values[depth] = len(values[name])
+    if "num_key_value_heads" in values and values.get("num_key_value_heads") and own.get("num_key_value_heads") \
+            and own.get("num_key_value_heads") == own.get("num_attention_heads"):
+        values["num_key_value_heads"] = 4  # an MHA model stays MHA
+    if "head_dim" in own and own.get("head_dim") is None:
+        values.pop("head_dim", None)
+    if "num_query_tokens" in own and own.get("image_token_index", 0) is None:
+        text = own.get("text_config")
+        vocab = getattr(text, "vocab_size", None) if text is not None else None
+        values["image_token_index"] = (values.get("text_config", {}).get("vocab_size") or vocab or 256) - 1
+    if "qk_rope_head_dim" in own:  # multi-head latent attention: rope on part of each head
+        if "head_dim" in own:
+            values["head_dim"] = values["qk_rope_head_dim"]
+        if "qk_head_dim" in own:
+            values["qk_head_dim"] = values["qk_rope_head_dim"] + values["qk_nope_head_dim"]
+    if "mlp_only_layers" in own:
+        values["mlp_only_layers"] = []
+    return values
+
+
+def tiny_config(model_type: str):
+    """The config class's defaults, shrunk; raises on a config that will not take the small values."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    config = cls()
+    return cls(**{**config.to_dict(), **_shrunk(config)})
+
+
+_CLASS_MAPPINGS = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+                   "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+                   "MODEL_MAPPING_NAMES")
+
+
+def model_types() -> list[str]:
+    """Model types with a model class in one of the auto mappings used here."""
+    from transformers.models.auto import modeling_auto
+
+    types: set[str] = set()
+    for mapping in _CLASS_MAPPINGS:
+        types |= set(getattr(modeling_auto, mapping))
+    from transformers import CONFIG_MAPPING
+
+    return sorted(t for t in types if t in CONFIG_MAPPING)
+
+
+def model_class(model_type: str):
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    for mapping in _CLASS_MAPPINGS:
+        name = getattr(modeling_auto, mapping).get(model_type)
+        if isinstance(name, (list, tuple)):
+            name = name[0]
+        if name and hasattr(transformers, name):
+            return getattr(transformers, name)
+    raise KeyError(f"no model class for {model_type}")
+
+
+def build(model_type: str, attn: str = "sdpa", seed: int = 0):
+    """A tiny random-weight model of `model_type`, in eval mode, with `attn` where the model supports it."""
+    config = tiny_config(model_type)
+    torch.manual_seed(seed)
+    cls = model_class(model_type)
+    try:
+        model = cls._from_config(config, attn_implementation=attn)
+    except (ValueError, ImportError):
+        model = cls._from_config(config, attn_implementation="eager")
+    return model.float().eval()
+
+
+def set_attention(model: nn.Module, attn: str) -> bool:
+    """Switch a built model to `attn` (all sub-models); False where it refuses."""
+    try:
+        model.set_attn_implementation(attn)
+    except Exception:
+        return False
+    return True
+
+
+def padded(kwargs: dict, args: tuple, model: nn.Module) -> tuple[tuple, dict]:
+    """The same inputs with a padded attention_mask (row 0 left-padded by 3 tokens), where the forward takes one."""
+    params = inspect.signature(model.forward).parameters
+    if "attention_mask" not in params:
+        return args, kwargs
+    names = list(params)
+    ids = args[0] if args else None
+    if ids is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        main = kwargs.get("input_ids")
+        ids = main if isinstance(main, torch.Tensor) else None
+    if ids is None:
+        return args, kwargs
+    mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device)
+    mask[0, :3] = 0
+    if args and names and names[0] != "input_ids" and args[0] is ids:
+        pass
+    return args, {**kwargs, "attention_mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------- the oracle
+
+
+def _linear_like(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, (nn.Linear, Conv1D)):
+        return True
+    if next(module.children(), None) is not None:
+        return False
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, torch.Tensor) and weight.dim() == 2 and not isinstance(module, nn.Embedding)
+            and "linear" in type(module).__name__.lower())
+
+
+_MATMULS = {torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.bmm, torch.einsum,
+            torch.baddbmm, torch.Tensor.baddbmm}
+_SOFTMAX = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax, torch.nn.functional.log_softmax}
+
+
+_PASS = frozenset({
+    "mul", "div", "truediv", "add", "sub", "rsub", "radd", "rmul", "where", "masked_fill", "tanh", "to", "float",
+    "type_as", "clamp", "clamp_min", "max", "maximum", "cat", "concat", "dropout", "contiguous", "view", "reshape",
+    "transpose", "expand", "getitem", "softcap", "iadd", "imul", "itruediv", "neg", "exp", "amax", "clone", "half",
+    "bfloat16", "squeeze", "unsqueeze", "permute", "flatten", "unflatten", "narrow", "float32",
+})
+"""Ops an attention score passes between the q·k product and the softmax, and the probabilities on to ·v."""
+
+
+class _Catch(TorchFunctionMode):
+    """Records attention computations: SDPA calls, and eager score matmul -> ... -> softmax -> ... -> matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.scores: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # id(t) -> (q, k, t)
+        self.probs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.keep: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")])[:3]
+            self.calls.append((q, k, v))
+            return out
+        tensors = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, torch.Tensor)]
+        if func in _MATMULS:
+            operands = [t for t in tensors if t.dim() >= 2]
+            if func in (torch.baddbmm, torch.Tensor.baddbmm):
+                operands = operands[1:]
+            prob = next((self.probs[id(t)] for t in operands if id(t) in self.probs), None)
+            if prob is not None and len(operands) == 2:
+                other = operands[1] if id(operands[0]) in self.probs else operands[0]
+                self.calls.append((prob[0], prob[1], other))
+                return out
+            if len(operands) == 2 and isinstance(out, torch.Tensor):
+                self._track(self.scores, out, (operands[0], operands[1]))
+            return out
+        if func in _SOFTMAX:
+            src = next((self.scores[id(t)] for t in tensors if id(t) in self.scores), None)
+            if src is not None and isinstance(out, torch.Tensor):
+                self._track(self.probs, out, src[:2])
+            return out
+        if getattr(func, "__name__", "").strip("_").rstrip("_") not in _PASS:
+            return out
+        for table in (self.scores, self.probs):
+            src = next((table[id(t)] for t in tensors if id(t) in table), None)
+            if src is not None:
+                for o in _flat([out]):
+                    if isinstance(o, torch.Tensor):
+                        self._track(table, o, src[:2])
+        return out
+
+    def _track(self, table: dict, tensor: torch.Tensor, qk: tuple) -> None:
+        table[id(tensor)] = (qk[0], qk[1], tensor)
+        self.keep.append(tensor)
+
+
+def _flat(items: Any) -> list:
+    out = []
+    for item in items:
+        if isinstance(item, (list, tuple)):
+            out += _flat(item)
+        else:
+            out.append(item)
+    return out
+
+
+@dataclass
+class Seen:
+    """What the oracle saw: per attention computation, role -> {linear path: channels}."""
+
+    calls: list[dict[str, dict[str, frozenset[int]]]] = field(default_factory=list)
+
+    def union(self) -> dict[tuple[str, str], frozenset[int]]:
+        out: dict[tuple[str, str], set[int]] = {}
+        for call in self.calls:
+            for role, by_path in call.items():
+                for path, channels in by_path.items():
+                    out.setdefault((path, role), set()).update(channels)
+        return {k: frozenset(v) for k, v in out.items()}
+
+
+def oracle(model: nn.Module, args: tuple, kwargs: dict) -> Seen:
+    """Which output channels of which linear-like module reach each attention computation's q, k and v."""
+    paths: list[tuple[str, torch.Tensor]] = []
+    names = {id(m): n for n, m in model.named_modules()}
+    handles = []
+
+    def cut(module, _inputs, output):
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return output
+        leaf = output.detach().requires_grad_(True)
+        paths.append((names[id(module)], leaf))
+        return leaf.clone()  # the model may write into its projections' outputs in place (falcon)
+
+    for name, module in model.named_modules():
+        if _linear_like(module):
+            handles.append(module.register_forward_hook(cut))
+    catch = _Catch()
+    try:
+        with torch.enable_grad(), catch:
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    seen = Seen()
+    generator = torch.Generator().manual_seed(0)
+    for q, k, v in catch.calls:
+        call: dict[str, dict[str, frozenset[int]]] = {}
+        for role, operand in zip(QKV, (q, k, v)):
+            by_path: dict[str, set[int]] = {}
+            if isinstance(operand, torch.Tensor) and operand.requires_grad:
+                tensors = [t for _, t in paths]
+                cot = torch.randn(operand.shape, generator=generator, dtype=operand.dtype)
+                grads = torch.autograd.grad(operand, tensors, cot, retain_graph=True, allow_unused=True)
+                for (path, _), grad in zip(paths, grads):
+                    if grad is None:
+                        continue
+                    hit = grad.reshape(-1, grad.shape[-1]).abs().sum(0) != 0
+                    if hit.any():
+                        by_path.setdefault(path, set()).update(hit.nonzero().flatten().tolist())
+            call[role] = {p: frozenset(c) for p, c in by_path.items()}
+        seen.calls.append(call)
+    return seen
+
+
+def surgery_view(facts) -> dict[tuple[str, str], frozenset[int]]:
+    """(path, q/k/v role) -> channels, from surgery's facts (a site's slices, or its whole output)."""
+    out: dict[tuple[str, str], frozenset[int]] = {}
+    for path, roles in facts.roles.items():
+        for role in roles:
+            if role not in QKV:
+                continue
+            ranges = facts.slices.get(path, {}).get(role)
+            if ranges is None:
+                lin = facts.linears.get(path)
+                width = lin.out_features if lin is not None else getattr(facts, "experts", {}).get(path, 0)
+                ranges = ((0, width),)
+            out[path, role] = frozenset(c for a, b in ranges for c in range(a, b))
+    return out
+
+
+def compare(facts, seen: Seen) -> tuple[str, str]:
+    """('agree' | 'differ', why) of surgery's q/k/v reading against the oracle's."""
+    want, got = seen.union(), surgery_view(facts)
+    if not seen.calls:
+        return ("differ", "oracle saw no attention") if facts.attention else ("agree", "no attention")
+    problems = []
+    for key in sorted(set(want) | set(got)):
+        if want.get(key) != got.get(key):
+            w, g = want.get(key, frozenset()), got.get(key, frozenset())
+            problems.append(f"{key[1].split('.')[1]}@{key[0]}: oracle {len(w)} ch, surgery {len(g)} ch")
+    if not problems:
+        return "agree", ""
+    return "differ", f"{len(problems)} mismatches: " + "; ".join(problems[:3])
+
+
+# ---------------------------------------------------------------------------------------------- one architecture
+
+
+@dataclass
+class Result:
+    model_type: str
+    variant: str
+    status: str  # agree | differ | error | skip
+    why: str = ""
+    seconds: float = 0.0
+    attention: int = 0
+    oracle_calls: int = 0
+
+    def line(self) -> str:
+        return json.dumps(self.__dict__)
+
+
+def check(model_type: str, variants=("sdpa", "eager", "sdpa+mask", "eager+mask")) -> list[Result]:
+    """Build `model_type` once, then per variant: surgery's facts against the oracle."""
+    from surgery.analysis import facts as facts_module
+    from surgery.analysis.tracing import input_candidates
+
+    try:
+        model = build(model_type)
+    except Exception as exc:
+        return [Result(model_type, "build", "skip", _why(exc))]
+    results = []
+    for variant in variants:
+        attn, _, mask = variant.partition("+")
+        if not set_attention(model, attn):
+            results.append(Result(model_type, variant, "skip", f"{attn} not supported"))
+            continue
+        try:
+            args, kwargs = runnable_inputs(model, input_candidates(model))
+        except Exception as exc:
+            results.append(Result(model_type, variant, "error", "inputs: " + _why(exc)))
+            continue
+        if mask:
+            args2, kwargs2 = padded(kwargs, args, model)
+            if "attention_mask" not in kwargs2:
+                results.append(Result(model_type, variant, "skip", "no attention_mask input"))
+                continue
+            args, kwargs = args2, kwargs2
+        start = time.perf_counter()
+        try:
+            facts_module._CACHE.clear()
+            facts = facts_module.analyze(model, None if not mask else args, None if not mask else kwargs)
+        except Exception as exc:
+            results.append(Result(model_type, variant, "error", "analyze: " + _why(exc),
+                                  time.perf_counter() - start))
+            continue
+        seconds = time.perf_counter() - start
+        try:
+            seen = oracle(model, args, kwargs)
+        except Exception as exc:
+            results.append(Result(model_type, variant, "skip", "oracle: " + _why(exc), seconds,
+                                  len(facts.attention)))
+            continue
+        status, why = compare(facts, seen)
+        results.append(Result(model_type, variant, status, why, seconds, len(facts.attention), len(seen.calls)))
+    return results
+
+
+def runnable_inputs(model: nn.Module, candidates: list) -> tuple[tuple, dict]:
+    """The first candidate inputs the model really runs on."""
+    error: Exception | None = None
+    for args, kwargs in candidates:
+        try:
+            with torch.no_grad():
+                model(*args, **kwargs)
+            return args, kwargs
+        except Exception as exc:
+            error = error or exc
+    raise error or RuntimeError("no candidate inputs")
+
+
+def _why(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def main(argv: list[str]) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    torch.set_num_threads(1)
+    import signal
+
+    def alarm(*_):
+        raise TimeoutError("over 120 s")
+
+    signal.signal(signal.SIGALRM, alarm)
+    types = argv or model_types()
+    for model_type in types:
+        signal.alarm(120)
+        try:
+            for result in check(model_type):
+                print(result.line(), flush=True)
+        except BaseException:  # never stop the sweep
+            print(json.dumps({"model_type": model_type, "variant": "all", "status": "error",
+                              "why": traceback.format_exc().splitlines()[-1][:200]}), flush=True)
+        finally:
+            signal.alarm(0)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main(sys.argv[1:])
