@@ -442,3 +442,37 @@ def test_trace_error_names_the_model_and_the_inputs_tried():
 
     with pytest.raises(TraceError, match=r"NeedsBoxes.*main input 'input_ids'.*boxes.*Tried:\n  \(input_ids=int64\[2, 8\]"):
         analyze(NeedsBoxes(PretrainedConfig(vocab_size=16)))
+
+
+def _classifier(name: str, **values):
+    import transformers
+
+    config = tiny.config("bert", num_labels=3, **values) if name.startswith("Bert") else \
+        tiny.config("llama", num_labels=3, pad_token_id=0, **values)
+    torch.manual_seed(0)
+    return getattr(transformers, name)(config).eval()
+
+
+def test_pooler_and_task_head_are_never_mlp():
+    facts = analyze(_classifier("BertForSequenceClassification"))
+    assert facts.roles["bert.pooler.dense"] == {"pooler"}
+    assert facts.roles["classifier"] == {"head"}
+    for i in range(2):
+        assert facts.roles[f"bert.encoder.layer.{i}.intermediate.dense"] == {UP}
+        assert facts.roles[f"bert.encoder.layer.{i}.output.dense"] == {DOWN}
+    assert analyze(_classifier("BertForTokenClassification")).roles["classifier"] == {"head"}
+    assert analyze(_classifier("LlamaForSequenceClassification")).roles["score"] == {"head"}
+    base = analyze(tiny.build("bert"))  # a masked LM: the prediction head's transform is no pooler
+    assert "bert.pooler.dense" not in base.roles and base.roles["cls.predictions.decoder"] == {HEAD}
+
+
+@pytest.mark.parametrize("rules", ["lora-all-linear", "ia3", "adapter-houlsby", "adapter-pfeiffer", "adapter-parallel"])
+def test_builtin_rule_sets_leave_the_classifier_alone(rules):
+    import surgery
+
+    plan = surgery.plan(_classifier("BertForSequenceClassification"), rules)
+    paths = {p.site.path for p in plan.placements}
+    assert "classifier" not in paths
+    if rules != "lora-all-linear":  # LoRA on every linear keeps the pooler, as PEFT's all-linear does
+        assert "bert.pooler.dense" not in paths
+    assert paths

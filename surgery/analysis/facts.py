@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 from surgery.analysis.attention import attention_ops, read_attention
 from surgery.analysis.dataflow import LinearSite, build_index, embedding_sites, linear_sites, norm_modules
 from surgery.analysis.depth import Reduction, reduced_depth, sharing, structure
-from surgery.analysis.heads import lm_heads, token_embeddings
+from surgery.analysis.heads import lm_heads, poolers, task_heads, token_embeddings
 from surgery.analysis.mlp import read_mlp
 from surgery.analysis.probes import Slices
 from surgery.analysis.tracing import AnalysisTrace, canonical_names, export_for_analysis
@@ -86,8 +86,9 @@ def read_facts(trace: AnalysisTrace) -> GraphFacts:
         reading = read_attention(op, index, linears, norms, memo)
         attention.setdefault(reading.owner, reading.info)
         _merge(roles, slices, reading.roles, reading.slices)
+    pooling = frozenset(poolers(index, linears, norms))
     for site in linears.values():
-        mlp = read_mlp(site, index, linears, norms)
+        mlp = read_mlp(site, index, linears, norms, exclude=pooling)
         if mlp is not None:
             _merge(roles, slices, mlp.roles, mlp.slices)
     tokens = token_embeddings(index, embeddings.values())
@@ -96,6 +97,10 @@ def read_facts(trace: AnalysisTrace) -> GraphFacts:
     vocab = embeddings[tokens[0]].num_embeddings if tokens else None
     for path in lm_heads(index, linears, vocab, norms) if vocab else []:
         roles.setdefault(path, set()).add("lm_head")
+    for path in pooling:
+        roles.setdefault(path, set()).add("pooler")
+    for path in task_heads(index, linears, norms, taken={p for p, r in roles.items() if r}):
+        roles.setdefault(path, set()).add("head")
     return GraphFacts(
         linears={p: LinearFacts(s.in_features, s.out_features, s.transposed,
                                 getattr(s.x.meta.get("val"), "dtype", None)) for p, s in linears.items()},

@@ -31,9 +31,12 @@ class MlpReading:
 
 
 def read_mlp(down: LinearSite, index: GraphIndex, linears: dict[str, LinearSite],
-             norms: frozenset[str]) -> MlpReading | None:
+             norms: frozenset[str], exclude: frozenset[str] = frozenset()) -> MlpReading | None:
     """If `down`'s input derives through an activation from one or two linear outputs of one hidden state,
-    the MLP roles: act(gate(x)) * up(x) -> gate, up; act(up(x)) -> up; a fused gate_up is probed for slices."""
+    the MLP roles: act(gate(x)) * up(x) -> gate, up; act(up(x)) -> up; a fused gate_up is probed for slices.
+    Nothing when `down` or a linear it reads from is in `exclude` (poolers)."""
+    if down.path in exclude:
+        return None
     scope = enclosing_block(down.path, index.trace)
     reached: dict[str, tuple[set[bool], fx.Node]] = {}
     act_inputs: list[fx.Node] = []
@@ -57,6 +60,8 @@ def read_mlp(down: LinearSite, index: GraphIndex, linears: dict[str, LinearSite]
             if (i, through_act) not in seen:
                 seen.add((i, through_act))
                 queue.append((i, through_act))
+    if exclude.intersection(reached):
+        return None
     gates = [p for p, (acts, _) in reached.items() if True in acts]
     plain = [p for p, (acts, _) in reached.items() if acts == {False}]
     if len(gates) != 1 or len(plain) > 1:

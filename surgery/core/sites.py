@@ -15,8 +15,12 @@ ROLES: tuple[str, ...] = (
     "mlp.down",
     "embedding.input",
     "lm_head",
+    "pooler",
+    "head",
 )
-"""Every role a site can carry. Roles are read from dataflow, never from module names."""
+"""Every role a site can carry. Roles are read from dataflow, never from module names. `pooler`: a linear reading a
+pooled representation (BERT's pooler.dense); `head`: a task head whose output is the model's (a classifier, a
+score or projection head); neither is ever an MLP role."""
 
 KINDS: tuple[str, ...] = ("linear", "conv1d", "quantized_linear", "embedding", "attention")
 """Every kind of site. `conv1d` is GPT-2's transposed linear (weight [in, out])."""
