@@ -476,3 +476,46 @@ def test_builtin_rule_sets_leave_the_classifier_alone(rules):
     if rules != "lora-all-linear":  # LoRA on every linear keeps the pooler, as PEFT's all-linear does
         assert "bert.pooler.dense" not in paths
     assert paths
+
+
+def _per_head(heads: int, stride: int, start: int, width: int) -> tuple[tuple[int, int], ...]:
+    return tuple((h * stride + start, h * stride + start + width) for h in range(heads))
+
+
+def test_multi_head_latent_attention_slices():
+    """DeepSeek-V3: q from q_b_proj; k from kv_b_proj's nope channels of each head and kv_a_proj_with_mqa's rope
+    part (written in place into one key tensor); v from kv_b_proj's other channels. Exact, as the oracle says."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
+                              q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                              head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1)
+    model = DeepseekV3ForCausalLM(config).eval()
+    facts = analyze(model)
+    p = "model.layers.0.self_attn"
+    assert facts.roles[f"{p}.q_b_proj"] == {Q} and f"{p}.q_b_proj" not in facts.slices
+    assert facts.roles[f"{p}.kv_a_proj_with_mqa"] == {K}
+    assert facts.slices[f"{p}.kv_a_proj_with_mqa"] == {K: seq(32, 8)}  # the rope part only
+    assert facts.roles[f"{p}.kv_b_proj"] == {K, V}
+    assert facts.slices[f"{p}.kv_b_proj"] == {K: _per_head(4, 24, 0, 8), V: _per_head(4, 24, 8, 16)}
+    info = facts.attention[p]
+    assert (info.num_heads, info.num_kv_heads, info.cross, info.causal) == (4, 4, False, True)
+
+
+def test_gated_query_slices():
+    """Qwen3-Next: q_proj holds per head [query, output gate]; only the query channels are attention.query, and
+    the gate (sigmoid(gate) * attention output) makes no MLP."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    config = Qwen3NextConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, layer_types=["full_attention"],
+                             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                             shared_expert_intermediate_size=32)
+    model = Qwen3NextForCausalLM(config).eval()
+    facts = analyze(model)
+    p = "model.layers.0.self_attn"
+    assert facts.roles[f"{p}.q_proj"] == {Q}
+    assert facts.slices[f"{p}.q_proj"] == {Q: _per_head(4, 32, 0, 16)}
+    assert facts.roles[f"{p}.o_proj"] == {O}
+    assert (facts.attention[p].num_heads, facts.attention[p].num_kv_heads) == (4, 2)

@@ -25,8 +25,6 @@ SUBSET = [
 """Chosen for coverage of the readings; the whole zoo is behind SURGERY_ZOO=1."""
 
 KNOWN: dict[str, str] = {
-    "deepseek_v3": "multi-head latent attention: the key role of kv_a_proj_with_mqa's rope part and kv_b_proj's key channels",
-    "qwen3_next": "q_proj holds a query and an output gate per head; the query's channels are read as the whole output",
     "blip-2": "the Q-Former's first layer attends from learned query tokens (a parameter), not from a projection",
 }
 """model_type -> why surgery's reading differs from the oracle's (or cannot be made) on it."""

@@ -14,6 +14,8 @@ import torch
 from torch import fx
 
 from surgery.analysis.dataflow import (
+    alias_writes,
+    backward_closure,
     ELEMENTWISE_OPS,
     LAYOUT_OPS,
     WALK_OPS,
@@ -26,7 +28,7 @@ from surgery.analysis.dataflow import (
     tensor_val,
     within,
 )
-from surgery.analysis.probes import Slices, channel_probe, evaluate
+from surgery.analysis.probes import Slices, channel_probe, evaluate, forward_closure
 from surgery.analysis.tracing import AnalysisTrace
 from surgery.core.sites import AttentionInfo
 
@@ -216,9 +218,13 @@ def linears_behind(start: fx.Node, scope: str, index: GraphIndex, linears: dict[
             continue
         if node.op != "call_function" or not within(owner, scope):
             continue
-        if op_name(node) not in WALK_OPS and owner not in norms:
+        if op_name(node) not in WALK_OPS | {"new_empty", "new_zeros", "empty_like", "zeros_like"} \
+                and owner not in norms:
             continue
-        for i in node.all_input_nodes:
+        inputs = list(node.all_input_nodes)
+        for write in alias_writes(node):  # data written in place into the tensor or a view of it
+            inputs += [i for i in write.args[1:] if isinstance(i, fx.Node)]
+        for i in inputs:
             if i in index.from_user and i not in seen:
                 seen.add(i)
                 queue.append(i)
@@ -298,11 +304,44 @@ class AttentionReading:
     slices: dict[str, dict[str, Slices]]
 
 
+def depends(target: fx.Node, on: fx.Node, scope: str, index: GraphIndex) -> bool:
+    """Whether `target` is computed from `on` inside module `scope` (a walk back over nodes of the scope that
+    are no earlier than `on`)."""
+    start = index.order[on]
+    seen, stack = {target}, [target]
+    while stack:
+        node = stack.pop()
+        if node is on:
+            return True
+        if node is not target and not within(index.owner[node], scope):
+            continue
+        for i in node.all_input_nodes:
+            if i not in seen and index.order[i] >= start:
+                seen.add(i)
+                stack.append(i)
+    return False
+
+
+_SELECT_OPS = frozenset({"split", "split_with_sizes", "chunk", "slice", "select", "getitem", "narrow", "index",
+                         "unbind", "index_select", "gather", "tensor_split", "_unsafe_index"})
+
+
+def _selects_between(source: fx.Node, target: fx.Node, index: GraphIndex) -> bool:
+    """Whether some op on the paths from `source` to `target` selects channels (a split, slice, chunk, index):
+    without one, every channel of `source` reaches `target`."""
+    downstream = forward_closure(source, index.order[target], index)
+    if target not in downstream:
+        return True
+    between = backward_closure([target], lambda n: n in downstream)
+    return any(op_name(n) in _SELECT_OPS for n in between)
+
+
 def read_attention(op: AttentionOp, index: GraphIndex, linears: dict[str, LinearSite], norms: frozenset[str],
                    memo: dict[fx.Node, Any]) -> AttentionReading:
     """Find q/k/v projections (walking back), the output projection (walking forward) and fused slices."""
     operands = {"attention.query": op.query, "attention.key": op.key, "attention.value": op.value}
     hits: dict[str, tuple[str, fx.Node]] = {}
+    found: dict[str, list[tuple[str, fx.Node]]] = {}
     scope = op.owner
     for scope in attention_scopes(op.owner, index.trace):
         found = {role: linears_behind(node, scope, index, linears, norms) for role, node in operands.items()}
@@ -310,25 +349,35 @@ def read_attention(op: AttentionOp, index: GraphIndex, linears: dict[str, Linear
         if hits:
             break
     output = linear_after(op.output, scope, index, linears)
+    met: dict[str, list[fx.Node]] = {}  # path -> the nodes where its output was met
     roles: dict[str, set[str]] = {}
-    for role, (path, _) in hits.items():
-        roles.setdefault(path, set()).add(role)
+    for role, role_hits in found.items():
+        for path, node in role_hits:  # every projection feeding the operand (MLA: k from two of them)
+            roles.setdefault(path, set()).add(role)
+            met.setdefault(path, []).append(node)
+    slices: dict[str, dict[str, Slices]] = {}
+    for path, path_roles in list(roles.items()):
+        qkv = sorted(r for r in path_roles if r in operands)
+        width = linears[path].out_features
+        source = next((n for n in met[path] if tensor_val(n) is not None
+                       and int(tensor_val(n).shape[-1]) == width), None)
+        if source is None or (len(qkv) == 1 and not _selects_between(source, operands[qkv[0]], index)):
+            continue
+        barrier = frozenset(linears) - {path}  # channels reach an operand directly, not through another projection
+        probe = channel_probe(index, source, {r: [operands[r]] for r in qkv}, barrier=barrier)
+        kept = {r: probe[r] for r in qkv if probe.get(r)}
+        if not kept:
+            continue
+        roles[path] = set(kept)
+        if len(kept) > 1 or next(iter(kept.values())) != ((0, width),):
+            slices[path] = kept  # a fused projection, or one whose other channels feed no operand (an output gate)
+    hits = {role: next(((p, n) for p, n in h if role in roles.get(p, ())), h[0]) for role, h in found.items() if h}
     if output is not None:
         roles.setdefault(output, set()).add("attention.output")
-    slices: dict[str, dict[str, Slices]] = {}
-    for path, path_roles in roles.items():
-        qkv = sorted(r for r in path_roles if r in operands)
-        if len(qkv) < 2:
-            continue
-        source = next(hits[r][1] for r in qkv)
-        val = tensor_val(source)
-        if val is None or int(val.shape[-1]) != linears[path].out_features:
-            continue
-        slices[path] = channel_probe(index, source, {r: [operands[r]] for r in qkv})
 
     def channels(role: str) -> int | None:
-        if role not in hits:
-            return None
+        if role not in hits or sum(role in roles.get(p, ()) for p, _ in found.get(role, ())) > 1:
+            return None  # no projection, or several (MLA's key): the operand's shape tells the heads
         path = hits[role][0]
         if path in slices and role in slices[path]:
             return sum(b - a for a, b in slices[path][role])
@@ -343,9 +392,14 @@ def read_attention(op: AttentionOp, index: GraphIndex, linears: dict[str, Linear
         return int(operand.shape[-3]) if operand is not None and operand.dim() >= 4 else None
 
     cross = False
-    if "attention.query" in hits and "attention.key" in hits:
-        q_path, k_path = hits["attention.query"][0], hits["attention.key"][0]
-        cross = module_input(linears[q_path], index) is not module_input(linears[k_path], index)
+    if "attention.query" in hits and "attention.key" in hits:  # q and k read different sequences
+        def inputs(role: str) -> list[fx.Node]:
+            return [module_input(linears[p], index) for p, _ in found[role] if role in roles.get(p, ())]
+
+        q_ins, k_ins = inputs("attention.query"), inputs("attention.key")
+        cross = not any(qi is ki for qi in q_ins for ki in k_ins) \
+            and not any(depends(op.query, ki, scope, index) for ki in k_ins) \
+            and not any(depends(op.key, qi, scope, index) for qi in q_ins)
     info = AttentionInfo(
         implementation=op.implementation,
         query=hits.get("attention.query", (None,))[0], key=hits.get("attention.key", (None,))[0],

@@ -284,3 +284,28 @@ def backward_closure(targets: Iterable[fx.Node], allowed: Callable[[fx.Node], bo
         seen.add(node)
         stack.extend(i for i in node.all_input_nodes if i not in seen and allowed(i))
     return seen
+
+
+VIEW_OPS = frozenset({"slice", "select", "view", "narrow", "transpose", "unsqueeze", "squeeze", "expand", "permute",
+                      "as_strided", "_unsafe_view", "t", "alias", "unflatten", "diagonal", "unfold"})
+
+
+def alias_writes(node: fx.Node, views: list[fx.Node] | None = None) -> list[fx.Node]:
+    """In-place ops that write into `node` or into a view of it (`new_empty(...)[..., :d].copy_(k_nope)`). Their
+    other operands are data that `node` carries afterwards. The views passed through are appended to `views`."""
+    found: list[fx.Node] = []
+    seen, stack = {node}, [node]
+    while stack:
+        current = stack.pop()
+        for user in current.users:
+            if not user.args or user.args[0] is not current:
+                continue
+            name = op_name(user)
+            if name.endswith("_") and not name.startswith("_"):
+                found.append(user)
+            elif name in VIEW_OPS and user not in seen:
+                seen.add(user)
+                stack.append(user)
+                if views is not None:
+                    views.append(user)
+    return found

@@ -87,8 +87,9 @@ def read_facts(trace: AnalysisTrace) -> GraphFacts:
         attention.setdefault(reading.owner, reading.info)
         _merge(roles, slices, reading.roles, reading.slices)
     pooling = frozenset(poolers(index, linears, norms))
-    for site in linears.values():
-        mlp = read_mlp(site, index, linears, norms, exclude=pooling)
+    attending = frozenset(p for p, r in roles.items() if any(x.startswith("attention.") for x in r))
+    for site in linears.values():  # a pooler or an attention projection (an output gate) is never MLP
+        mlp = read_mlp(site, index, linears, norms, exclude=pooling | attending)
         if mlp is not None:
             _merge(roles, slices, mlp.roles, mlp.slices)
     tokens = token_embeddings(index, embeddings.values())

@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import fx
 
-from surgery.analysis.dataflow import GraphIndex, backward_closure, tensor_val
+from surgery.analysis.dataflow import GraphIndex, alias_writes, backward_closure, tensor_val
 
 Slices = tuple[tuple[int, int], ...]
 _CPU = torch.device("cpu")
@@ -85,6 +85,17 @@ def forward_closure(start: fx.Node, limit: int, index: GraphIndex) -> set[fx.Nod
     return seen
 
 
+def forward_closure_within(start: fx.Node, allowed: set[fx.Node]) -> set[fx.Node]:
+    """Nodes of `allowed` reachable forwards from `start` through `allowed` nodes only."""
+    seen, stack = {start}, [start]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen and user in allowed:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
 def ranges(mask: torch.Tensor) -> Slices:
     """Contiguous runs of True in a 1-D boolean mask, as (start, stop) pairs."""
     out: list[tuple[int, int]] = []
@@ -99,11 +110,13 @@ def ranges(mask: torch.Tensor) -> Slices:
 
 
 def channel_probe(index: GraphIndex, source: fx.Node, targets: Mapping[str, Sequence[fx.Node]],
-                  seed: int = 0) -> dict[str, Slices]:
+                  seed: int = 0, barrier: frozenset[str] = frozenset()) -> dict[str, Slices]:
     """Which channels (last dim) of `source` each group of target nodes depends on, by a gradient probe.
 
     Executes only the nodes between `source` and the targets, with `source` a random leaf requiring grad, and
-    backpropagates a random cotangent from each group separately.
+    backpropagates a random cotangent from each group separately. Nodes owned by a module in `barrier` are
+    not followed (their values are random inputs): a channel that reaches a target only through one of them
+    does not count.
     """
     val = tensor_val(source)
     all_targets = [t for group in targets.values() for t in group]
@@ -111,7 +124,27 @@ def channel_probe(index: GraphIndex, source: fx.Node, targets: Mapping[str, Sequ
         return {}
     limit = max(index.order[t] for t in all_targets)
     downstream = forward_closure(source, limit, index)
-    region = backward_closure(all_targets, lambda n: n in downstream) - {source}
+    if barrier:
+        downstream = {n for n in downstream if index.owner[n] not in barrier} | {source}
+        downstream = forward_closure_within(source, downstream)
+    wanted = set(all_targets)
+    written: dict[fx.Node, bool] = {}
+
+    def allowed(node: fx.Node) -> bool:  # on a path from the source, or a tensor written in place from it
+        if node in downstream or node in wanted:
+            return True
+        if node not in written:
+            written[node] = node in index.from_user and any(
+                isinstance(i, fx.Node) and i in downstream for w in alias_writes(node) for i in w.args[1:])
+        return written[node]
+
+    region = backward_closure(all_targets, allowed) - {source}
+    for node in list(region):  # in-place writes into region tensors (or views of them) from the source's side
+        views: list[fx.Node] = []
+        for write in alias_writes(node, views):
+            data = [i for i in write.args[1:] if isinstance(i, fx.Node) and i in downstream]
+            if data:
+                region |= {write, *views} | (backward_closure(data, lambda n: n in downstream) - {source})
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
         leaf = torch.randn(tuple(int(s) for s in val.shape), generator=generator, requires_grad=True)
