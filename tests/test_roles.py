@@ -519,3 +519,51 @@ def test_gated_query_slices():
     assert facts.slices[f"{p}.q_proj"] == {Q: _per_head(4, 32, 0, 16)}
     assert facts.roles[f"{p}.o_proj"] == {O}
     assert (facts.attention[p].num_heads, facts.attention[p].num_kv_heads) == (4, 2)
+
+
+def _moe(config_name: str, model_name: str, **values):
+    import transformers
+
+    config = getattr(transformers, config_name)(vocab_size=128, hidden_size=64, intermediate_size=96,
+                                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                num_local_experts=4, num_experts_per_tok=2, **values)
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def test_moe_experts_are_sites_with_mlp_roles():
+    import surgery
+
+    model = _moe("MixtralConfig", "MixtralForCausalLM")
+    report = surgery.inspect(model)
+    p = "model.layers.0.mlp.experts"
+    gate_up, down = report.site(f"{p}.gate_up_proj"), report.site(f"{p}.down_proj")
+    assert (gate_up.kind, gate_up.num_experts, gate_up.in_features, gate_up.out_features) == ("experts", 4, 64, 192)
+    assert gate_up.roles == {GATE, UP} and gate_up.slices == {GATE: seq(0, 96), UP: seq(96, 96)}
+    assert (down.kind, down.in_features, down.out_features, down.roles) == ("experts", 96, 64, {DOWN})
+    assert report.unknown == ["model.layers.0.mlp.gate"]  # the router: a linear-like with no weight format yet
+    assert report.unknown_roles["model.layers.0.mlp.gate"] == {"mlp.router"}
+    assert "(mlp.router)" in str(report)
+    assert {s.path for s in report.with_role(DOWN)} == {f"{p}.down_proj"}  # a rule selecting mlp.* finds them
+    with pytest.raises(surgery.RuleFileError, match="of kind 'experts', which method 'lora' does not accept"):
+        surgery.plan(model, surgery.RuleSet.model_validate(
+            {"name": "mlp", "rules": [{"select": {"roles": ["mlp.down"]}, "method": "lora"}]}))
+    # the built-in rule sets adapt linear kinds only, until a method adapts stacked experts
+    assert not [p for p in surgery.plan(model, "lora-all-linear").placements if p.site.kind == "experts"]
+
+
+def test_moe_experts_interleaved_gate_up():
+    """GPT-OSS stores gate_up [experts, in, out] with gate and up channels interleaved."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, layer_types=["full_attention"])
+    config._attn_implementation = "eager"
+    facts = analyze(GptOssForCausalLM(config).eval())
+    p = "model.layers.0.mlp.experts"
+    assert facts.experts[f"{p}.gate_up_proj"].transposed and facts.experts[f"{p}.gate_up_proj"].out_features == 64
+    assert facts.slices[f"{p}.gate_up_proj"] == {GATE: tuple((c, c + 1) for c in range(0, 64, 2)),
+                                                 UP: tuple((c, c + 1) for c in range(1, 64, 2))}
+    assert facts.roles[f"{p}.down_proj"] == {DOWN}
+    assert facts.roles["model.layers.0.mlp.router"] == {"mlp.router"}

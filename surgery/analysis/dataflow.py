@@ -179,6 +179,26 @@ def _swaps_last_two(node: fx.Node) -> bool:
     return n >= 2 and [d % n for d in dims] == list(range(n - 2)) + [n - 1, n - 2]
 
 
+def weight_root(weight: fx.Node, index: GraphIndex) -> fx.Node:
+    """The stored tensor a weight operand is a view or copy of (through layout ops, select/index of experts)."""
+    node = weight
+    while node.op == "call_function" and op_name(node) in LAYOUT_OPS:
+        inputs = [i for i in node.all_input_nodes if i in index.from_state]
+        if not inputs:
+            break
+        node = max(inputs, key=lambda i: tensor_val(i).numel() if tensor_val(i) is not None else -1)
+    return node
+
+
+def _stacked(weight: object, index: GraphIndex) -> bool:
+    """Whether a weight operand comes from a parameter of three or more dimensions (stacked experts)."""
+    if not isinstance(weight, fx.Node):
+        return False
+    root = weight_root(weight, index)
+    val = tensor_val(root)
+    return root.op == "placeholder" and val is not None and val.dim() >= 3
+
+
 def linear_sites(index: GraphIndex) -> dict[str, LinearSite]:
     """Leaf modules owning a matmul-type op with one user-dependent operand and one parameter-only operand."""
     sites: dict[str, LinearSite] = {}
@@ -196,7 +216,7 @@ def linear_sites(index: GraphIndex) -> dict[str, LinearSite]:
         else:
             continue
         shape = tensor_val(weight).shape if tensor_val(weight) is not None else ()
-        if len(shape) != 2:
+        if len(shape) != 2 or _stacked(weight, index):  # one expert's slice of stacked weights: an expert site
             continue
         flipped = stored_transposed(weight, index)
         if op_name(node) == "linear" or reversed_:
@@ -309,3 +329,65 @@ def alias_writes(node: fx.Node, views: list[fx.Node] | None = None) -> list[fx.N
                 if views is not None:
                     views.append(user)
     return found
+
+
+EXPERT_MATMUL_OPS = MATMUL_OPS | frozenset({"grouped_mm_fallback", "_grouped_mm", "grouped_mm", "einsum"})
+
+
+@dataclass(frozen=True)
+class ExpertSite:
+    """Stacked expert weights (one parameter [experts, out, in] or [experts, in, out]) used by batched or grouped
+    matmuls. `path` is the parameter's path (module path + "." + parameter name), `module` its module's."""
+
+    path: str
+    module: str
+    num_experts: int
+    in_features: int
+    out_features: int
+    transposed: bool  # stored [experts, in, out]
+    matmuls: tuple[fx.Node, ...]
+    x: fx.Node
+
+    @property
+    def matmul(self) -> fx.Node:
+        return self.matmuls[-1]
+
+
+def expert_sites(index: GraphIndex) -> dict[str, ExpertSite]:
+    """Parameters of three dimensions multiplied with a user-dependent operand: stacked MoE experts, whether by
+    `grouped_mm`, `bmm`/`matmul` or by a `linear` on one expert's slice (jetmoe). Keyed by parameter path."""
+    found: dict[str, dict] = {}
+    for node in index.nodes:
+        name = op_name(node)
+        if name not in EXPERT_MATMUL_OPS:
+            continue
+        if name == "einsum":
+            operands = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+            if len(operands) != 2:
+                continue
+            a, b = operands
+        else:
+            a, b = _operands(node)
+        if isinstance(a, fx.Node) and a in index.from_user and _state_only(b, index):
+            x, weight = a, b
+        elif name not in ("linear", "einsum") and isinstance(b, fx.Node) and b in index.from_user \
+                and _state_only(a, index):
+            x, weight = b, a
+        else:
+            continue
+        root = weight_root(weight, index)
+        val = tensor_val(root)
+        path = index.trace.parameters.get(root.name)
+        if root.op != "placeholder" or val is None or val.dim() != 3 or path is None:
+            continue
+        flips = stored_transposed(weight, index)
+        experts, d1, d2 = (int(d) for d in val.shape)
+        if name == "linear":  # x @ W.T, W = param[e] (a [out, in] slice unless transposed on the way)
+            out_f, in_f, transposed = (d2, d1, True) if flips else (d1, d2, False)
+        else:  # x @ W', W' [in, out]
+            out_f, in_f, transposed = (d1, d2, False) if flips else (d2, d1, True)
+        entry = found.setdefault(path, {"module": index.owner[node], "shape": (experts, in_f, out_f, transposed),
+                                        "matmuls": [], "x": x})
+        entry["matmuls"].append(node)
+    return {p: ExpertSite(p, e["module"], e["shape"][0], e["shape"][1], e["shape"][2], e["shape"][3],
+                          tuple(e["matmuls"]), e["x"]) for p, e in found.items()}

@@ -15,10 +15,17 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from surgery.analysis.attention import attention_ops, read_attention
-from surgery.analysis.dataflow import LinearSite, build_index, embedding_sites, linear_sites, norm_modules
+from surgery.analysis.dataflow import (
+    LinearSite,
+    build_index,
+    embedding_sites,
+    expert_sites,
+    linear_sites,
+    norm_modules,
+)
 from surgery.analysis.depth import Reduction, reduced_depth, sharing, structure
 from surgery.analysis.heads import lm_heads, poolers, task_heads, token_embeddings
-from surgery.analysis.mlp import read_mlp
+from surgery.analysis.mlp import read_mlp, routers
 from surgery.analysis.probes import Slices
 from surgery.analysis.tracing import AnalysisTrace, canonical_names, export_for_analysis
 from surgery.core.sites import AttentionInfo
@@ -44,6 +51,17 @@ class EmbeddingFacts:
 
 
 @dataclass(frozen=True)
+class ExpertFacts:
+    """Stacked expert weights: `module` holds the parameter; `transposed` = stored [experts, in, out]."""
+
+    module: str
+    num_experts: int
+    in_features: int
+    out_features: int
+    transposed: bool
+
+
+@dataclass(frozen=True)
 class GraphFacts:
     """Everything the graph says about a model's sites, keyed by canonical module path."""
 
@@ -53,6 +71,7 @@ class GraphFacts:
     slices: dict[str, dict[str, Slices]]  # fused projections only: role -> output-channel ranges
     attention: dict[str, AttentionInfo]  # path of the module owning each attention computation
     input_groups: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> first site reading its input
+    experts: dict[str, ExpertFacts] = dataclasses.field(default_factory=dict)  # parameter path -> stacked experts
 
 
 def input_groups(linears: dict[str, LinearSite]) -> dict[str, str]:
@@ -88,10 +107,13 @@ def read_facts(trace: AnalysisTrace) -> GraphFacts:
         _merge(roles, slices, reading.roles, reading.slices)
     pooling = frozenset(poolers(index, linears, norms))
     attending = frozenset(p for p, r in roles.items() if any(x.startswith("attention.") for x in r))
-    for site in linears.values():  # a pooler or an attention projection (an output gate) is never MLP
-        mlp = read_mlp(site, index, linears, norms, exclude=pooling | attending)
+    experts = expert_sites(index)
+    for site in [*linears.values(), *experts.values()]:  # a pooler or an attention projection is never MLP
+        mlp = read_mlp(site, index, linears, norms, exclude=pooling | attending, experts=experts)
         if mlp is not None:
             _merge(roles, slices, mlp.roles, mlp.slices)
+    for path in routers(index, linears):
+        roles.setdefault(path, set()).add("mlp.router")
     tokens = token_embeddings(index, embeddings.values())
     for path in tokens:
         roles.setdefault(path, set()).add("embedding.input")
@@ -107,7 +129,9 @@ def read_facts(trace: AnalysisTrace) -> GraphFacts:
                                 getattr(s.x.meta.get("val"), "dtype", None)) for p, s in linears.items()},
         embeddings={p: EmbeddingFacts(s.num_embeddings, s.embedding_dim) for p, s in embeddings.items()},
         roles={p: frozenset(r) for p, r in roles.items()}, slices=slices, attention=attention,
-        input_groups=input_groups(linears))
+        input_groups=input_groups(linears),
+        experts={p: ExpertFacts(e.module, e.num_experts, e.in_features, e.out_features, e.transposed)
+                 for p, e in experts.items()})
 
 
 # ---------------------------------------------------------------------------------------------- expansion, cache
@@ -146,7 +170,9 @@ def expand_facts(facts: GraphFacts, reduction: Reduction, model: nn.Module) -> G
             groups[canon(path2)] = pinned(first, picks)
     return GraphFacts(linears=spread(facts.linears), embeddings=spread(facts.embeddings),
                       roles=spread(facts.roles), slices=spread(facts.slices), attention=ordered(attention),
-                      input_groups=ordered(groups))
+                      input_groups=ordered(groups),
+                      experts={canon(p2): dataclasses.replace(e, module=pinned(e.module, picks))
+                               for p, e in facts.experts.items() for p2, picks in reduction.expand(p)})
 
 
 def _inputs_key(args: tuple | None, kwargs: dict | None) -> tuple:
@@ -175,7 +201,8 @@ _CACHE_SIZE = 32
 
 def _copy(facts: GraphFacts) -> GraphFacts:
     return GraphFacts(dict(facts.linears), dict(facts.embeddings), dict(facts.roles),
-                      {p: dict(s) for p, s in facts.slices.items()}, dict(facts.attention), dict(facts.input_groups))
+                      {p: dict(s) for p, s in facts.slices.items()}, dict(facts.attention), dict(facts.input_groups),
+                      dict(facts.experts))
 
 
 def _analyze_uncached(model: nn.Module, args: tuple | None, kwargs: dict | None) -> GraphFacts:

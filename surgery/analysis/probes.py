@@ -17,9 +17,26 @@ Slices = tuple[tuple[int, int], ...]
 _CPU = torch.device("cpu")
 
 
+UNBACKED_SIZE = 3
+"""The size a probe gives a data-dependent dimension with no hint (tokens routed to one expert): any positive
+size reads the same channels, since channels are the last dimension."""
+
+
+def concrete_shape(val: torch.Tensor) -> tuple[int, ...]:
+    """The shape as integers; a data-dependent (unbacked) size takes its hint, else UNBACKED_SIZE."""
+    out = []
+    for size in val.shape:
+        try:
+            out.append(int(size))
+        except Exception:  # an unbacked symbolic size (MoE routing: how many tokens an expert got)
+            hint = getattr(getattr(size, "node", None), "hint", None)
+            out.append(int(hint) if isinstance(hint, int) else UNBACKED_SIZE)
+    return tuple(out)
+
+
 def _filled(val: Any, generator: torch.Generator) -> Any:
     if isinstance(val, torch.Tensor):
-        shape = tuple(int(s) for s in val.shape)
+        shape = concrete_shape(val)
         if val.is_floating_point() or val.is_complex():
             return torch.randn(shape, generator=generator)
         if val.dtype == torch.bool:
@@ -147,8 +164,11 @@ def channel_probe(index: GraphIndex, source: fx.Node, targets: Mapping[str, Sequ
                 region |= {write, *views} | (backward_closure(data, lambda n: n in downstream) - {source})
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
-        leaf = torch.randn(tuple(int(s) for s in val.shape), generator=generator, requires_grad=True)
-        env = run_region(index, region, {source: leaf * 1.0}, generator)
+        try:
+            leaf = torch.randn(concrete_shape(val), generator=generator, requires_grad=True)
+            env = run_region(index, region, {source: leaf * 1.0}, generator)
+        except Exception:  # a region that cannot run on stand-in values (data-dependent sizes): nothing read
+            return {}
         found: dict[str, Slices] = {}
         for role, group in targets.items():
             outs = [env[t] for t in group if t in region or t is source]

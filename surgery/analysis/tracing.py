@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -41,6 +42,7 @@ class AnalysisTrace:
     input_kinds: dict[str, str]
     token_inputs: frozenset[str]
     constants: dict[str, torch.Tensor]
+    parameters: dict[str, str] = dataclasses.field(default_factory=dict)  # placeholder name -> parameter path
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -327,4 +329,5 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
     leaves = frozenset(canonical[id(m)] for _, m in model.named_modules() if next(m.children(), None) is None)
     return AnalysisTrace(graph_module=graph_module, graph=graph, module_paths=module_paths, module_classes=classes,
                          leaves=leaves, input_kinds=kinds, token_inputs=_token_inputs(graph, kinds),
-                         constants=constants)
+                         constants=constants,
+                         parameters={n: t for n, t in targets.items() if kinds.get(n) == "parameter"})
