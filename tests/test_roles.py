@@ -440,7 +440,8 @@ def test_trace_error_names_the_model_and_the_inputs_tried():
         def forward(self, input_ids, boxes):
             return self.lin(boxes)
 
-    with pytest.raises(TraceError, match=r"NeedsBoxes.*main input 'input_ids'.*boxes.*Tried:\n  \(input_ids=int64\[2, 8\]"):
+    tried = r"Tried:\n  \(input_ids=int64\[2, 8\]"
+    with pytest.raises(TraceError, match=r"NeedsBoxes.*main input 'input_ids'.*boxes.*" + tried):
         analyze(NeedsBoxes(PretrainedConfig(vocab_size=16)))
 
 
@@ -567,3 +568,22 @@ def test_moe_experts_interleaved_gate_up():
                                                  UP: tuple((c, c + 1) for c in range(1, 64, 2))}
     assert facts.roles[f"{p}.down_proj"] == {DOWN}
     assert facts.roles["model.layers.0.mlp.router"] == {"mlp.router"}
+
+
+def test_token_ids_through_a_where_before_the_lookup():
+    """Gemma 4 replaces multimodal placeholder ids before the lookup: still the input embedding and LM head."""
+
+    class Substituted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(32, 16)
+            self.positions = nn.Embedding(8, 16)
+            self.out = nn.Linear(16, 32, bias=False)
+
+        def forward(self, ids):
+            text_ids = torch.where(ids >= 30, torch.zeros_like(ids), ids)
+            positions = torch.arange(ids.shape[1]).expand_as(ids)
+            return self.out(self.embed(text_ids) + self.positions(positions))
+
+    facts = analyze(Substituted(), TOKENS)
+    assert facts.roles == {"embed": {EMBED}, "out": {HEAD}}

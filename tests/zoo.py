@@ -15,7 +15,6 @@ JSON line per architecture); the default suite runs a representative subset.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import os
@@ -75,7 +74,7 @@ def _shrunk(config: Any) -> dict[str, Any]:
     from transformers import PreTrainedConfig
 
     values: dict[str, Any] = {}
-    own = vars(config)
+    own = {**config.to_dict(), **vars(config)}  # to_dict has fields kept elsewhere (per_layer_config)
     for name, value in own.items():
         if isinstance(value, PreTrainedConfig):
             sub = value.to_dict()
@@ -97,14 +96,29 @@ def _shrunk(config: Any) -> dict[str, Any]:
     if "vocab_size" in own and isinstance(own["vocab_size"], int):
         biggest = max(_ids(config), default=0)
         values["vocab_size"] = max(256, biggest + 1) if biggest < 4096 else own["vocab_size"]
-    for name in _KEEP_LISTS:
-        layer_types = own.get(name)
-        if name == "layer_types" and isinstance(layer_types, (list, tuple)) and layer_types:
-            kinds = list(dict.fromkeys(layer_types))
-            values[name] = kinds if len(kinds) >= 2 else kinds * 2
-            for depth in _DEPTH:
-                if depth in own:
-                    values[depth] = len(values[name])
+    depth_name = next((d for d in _DEPTH if isinstance(own.get(d), int)), None)
+    depth = own.get(depth_name) if depth_name else None
+    layer_types = own.get("layer_types")
+    if isinstance(layer_types, (list, tuple)) and layer_types:  # one layer of each type, in order
+        firsts = {t: i for i, t in reversed(list(enumerate(layer_types)))}
+        reps = sorted(firsts.values())
+        reps = reps if len(reps) >= 2 else [reps[0], reps[0] + 1 if len(layer_types) > 1 else reps[0]]
+    elif depth:
+        reps = list(range(min(depth, 2)))
+    else:
+        reps = []
+    if depth and reps:
+        for name in _DEPTH:
+            if isinstance(own.get(name), int) and own.get(name) == depth:
+                values[name] = len(reps)
+        for name, value in own.items():  # per-layer lists and {layer index: ...} tables follow the kept layers
+            if isinstance(value, (list, tuple)) and len(value) == depth and name not in ("id2label", "label2id"):
+                values[name] = [value[j] for j in reps]
+            elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+                width = len(str(next(iter(value))))
+                kept = {f"{i:0{width}d}": _small_dict(value[k]) for i, j in enumerate(reps)
+                        for k in value if int(k) == j}
+                values[name] = kept
     if "num_key_value_heads" in values and values.get("num_key_value_heads") and own.get("num_key_value_heads") \
             and own.get("num_key_value_heads") == own.get("num_attention_heads"):
         values["num_key_value_heads"] = 4  # an MHA model stays MHA
@@ -124,6 +138,21 @@ def _shrunk(config: Any) -> dict[str, Any]:
     return values
 
 
+def _small_dict(value: Any) -> Any:
+    """A nested plain dict with its sizes shrunk like a config's (gemma4's per-layer head_dim)."""
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for k, v in value.items():
+        if isinstance(v, int) and not isinstance(v, bool) and k in _SMALL and _SMALL[k] is not None:
+            out[k] = _SMALL[k]
+        elif isinstance(v, int) and not isinstance(v, bool) and k in _WIDTH:
+            out[k] = 64
+        else:
+            out[k] = _small_dict(v)
+    return out
+
+
 def tiny_config(model_type: str):
     """The config class's defaults, shrunk; raises on a config that will not take the small values."""
     from transformers import CONFIG_MAPPING
@@ -133,7 +162,8 @@ def tiny_config(model_type: str):
     return cls(**{**config.to_dict(), **_shrunk(config)})
 
 
-_CLASS_MAPPINGS = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+_CLASS_MAPPINGS = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+                   "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
                    "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
                    "MODEL_MAPPING_NAMES")
 
@@ -415,10 +445,15 @@ def check(model_type: str, variants=("sdpa", "eager", "sdpa+mask", "eager+mask")
             results.append(Result(model_type, variant, "skip", f"{attn} not supported"))
             continue
         try:
-            args, kwargs = runnable_inputs(model, input_candidates(model))
+            candidates = input_candidates(model)
         except Exception as exc:
             results.append(Result(model_type, variant, "error", "inputs: " + _why(exc)))
             continue
+        try:
+            args, kwargs = runnable_inputs(model, candidates)
+            runnable = True
+        except Exception as exc:
+            args, kwargs, runnable, run_error = candidates[0][0], candidates[0][1], False, _why(exc)
         if mask:
             args2, kwargs2 = padded(kwargs, args, model)
             if "attention_mask" not in kwargs2:
@@ -427,13 +462,19 @@ def check(model_type: str, variants=("sdpa", "eager", "sdpa+mask", "eager+mask")
             args, kwargs = args2, kwargs2
         start = time.perf_counter()
         try:
-            facts_module._CACHE.clear()
+            facts_module._CACHE.clear()  # surgery's own inputs unless the variant brings a mask
             facts = facts_module.analyze(model, None if not mask else args, None if not mask else kwargs)
         except Exception as exc:
             results.append(Result(model_type, variant, "error", "analyze: " + _why(exc),
                                   time.perf_counter() - start))
             continue
         seconds = time.perf_counter() - start
+        if not runnable:
+            results.append(Result(model_type, variant, "skip", "oracle: no candidate input runs: " + run_error,
+                                  seconds, len(facts.attention)))
+            continue
+        if not mask and (args, kwargs) is not candidates[0] and _first_index(candidates, args, kwargs) != 0:
+            facts = facts_module.analyze(model, args, kwargs)  # compare on the inputs the model really runs on
         try:
             seen = oracle(model, args, kwargs)
         except Exception as exc:
@@ -443,6 +484,10 @@ def check(model_type: str, variants=("sdpa", "eager", "sdpa+mask", "eager+mask")
         status, why = compare(facts, seen)
         results.append(Result(model_type, variant, status, why, seconds, len(facts.attention), len(seen.calls)))
     return results
+
+
+def _first_index(candidates: list, args: tuple, kwargs: dict) -> int:
+    return next((i for i, (a, k) in enumerate(candidates) if a is args and k is kwargs), -1)
 
 
 def runnable_inputs(model: nn.Module, candidates: list) -> tuple[tuple, dict]:

@@ -14,13 +14,13 @@ import torch
 from torch import fx
 
 from surgery.analysis.dataflow import (
-    alias_writes,
-    backward_closure,
     ELEMENTWISE_OPS,
     LAYOUT_OPS,
     WALK_OPS,
     GraphIndex,
     LinearSite,
+    alias_writes,
+    backward_closure,
     is_block,
     module_input,
     op_name,

@@ -362,7 +362,8 @@ def expert_sites(index: GraphIndex) -> dict[str, ExpertSite]:
         if name not in EXPERT_MATMUL_OPS:
             continue
         if name == "einsum":
-            operands = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+            listed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+            operands = node.args[1] if listed else node.args[1:]
             if len(operands) != 2:
                 continue
             a, b = operands

@@ -83,12 +83,25 @@ def input_groups(linears: dict[str, LinearSite]) -> dict[str, str]:
     return {path: group[0] for group in readers.values() if len(group) > 1 for path in group}
 
 
+def _union(a: Slices, b: Slices) -> Slices:
+    channels = sorted({c for lo, hi in (*a, *b) for c in range(lo, hi)})
+    out: list[tuple[int, int]] = []
+    for c in channels:
+        if out and out[-1][1] == c:
+            out[-1] = (out[-1][0], c + 1)
+        else:
+            out.append((c, c + 1))
+    return tuple(out)
+
+
 def _merge(roles: dict[str, set[str]], slices: dict[str, dict[str, Slices]],
            new_roles: dict[str, frozenset[str]], new_slices: dict[str, dict[str, Slices]]) -> None:
     for path, rs in new_roles.items():
         roles.setdefault(path, set()).update(rs)
-    for path, by_role in new_slices.items():
-        slices.setdefault(path, {}).update(by_role)
+    for path, by_role in new_slices.items():  # a site feeding several attention calls: the union of its channels
+        current = slices.setdefault(path, {})
+        for role, ranges in by_role.items():
+            current[role] = _union(current.get(role, ()), ranges)
 
 
 def read_facts(trace: AnalysisTrace) -> GraphFacts:

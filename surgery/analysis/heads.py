@@ -14,9 +14,38 @@ from surgery.analysis.dataflow import (
     GraphIndex,
     LinearSite,
     op_name,
-    strip_layout,
     tensor_val,
 )
+
+_ID_OPS = frozenset({"where", "masked_fill", "masked_fill_", "clamp", "clamp_min", "clamp_max", "remainder", "sub",
+                     "add"})
+"""Ops token ids may pass before the lookup: gemma4 replaces multimodal placeholder ids with `where`."""
+
+
+def _from_tokens(ids: fx.Node, index: GraphIndex, tokens: frozenset[str]) -> bool:
+    """Whether lookup indices are the user's token ids, possibly through layout ops and id substitutions
+    (where, masked_fill, clamp) but no arithmetic that makes them positions (cumsum, arange)."""
+    seen, stack = {ids}, [ids]
+    while stack:
+        node = stack.pop()
+        if node.op == "placeholder":
+            if node.name in tokens:
+                return True
+            continue
+        name = op_name(node)
+        if node.op != "call_function" or name not in LAYOUT_OPS | _ID_OPS:
+            continue
+        if name == "where":  # the ids come from the chosen values, not from the condition
+            data = [a for a in node.args[1:3] if isinstance(a, fx.Node)]
+        elif name in LAYOUT_OPS or name in ("masked_fill", "masked_fill_", "clamp", "clamp_min", "clamp_max"):
+            data = [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
+        else:  # an id offset (add, sub, remainder)
+            data = [a for a in node.args if isinstance(a, fx.Node)]
+        for i in data:
+            if i in index.from_user and i not in seen:
+                seen.add(i)
+                stack.append(i)
+    return False
 
 
 def token_embeddings(index: GraphIndex, embeddings: Iterable) -> list[str]:
@@ -25,8 +54,7 @@ def token_embeddings(index: GraphIndex, embeddings: Iterable) -> list[str]:
     found = []
     for site in embeddings:
         for lookup in site.lookups:
-            root = strip_layout(lookup.args[1], index) if isinstance(lookup.args[1], fx.Node) else None
-            if root is not None and root.op == "placeholder" and root.name in tokens:
+            if isinstance(lookup.args[1], fx.Node) and _from_tokens(lookup.args[1], index, tokens):
                 found.append(site.path)
                 break
     return found

@@ -6,9 +6,9 @@ model is left exactly as it was (modes restored, also on exceptions).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import re
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -287,12 +287,12 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
         names = list(inspect.signature(model.forward).parameters)
         errors: list[str] = []
         program = None
-        for args, kwargs in candidates:
+        for cand_args, cand_kwargs in candidates:
             try:
-                program = _export(model, args, kwargs)
+                program = _export(model, cand_args, cand_kwargs)
                 break
             except Exception as exc:  # try the next inputs
-                errors.append(f"({_describe(args, kwargs, names)}): {_first_line(exc)}")
+                errors.append(f"({_describe(cand_args, cand_kwargs, names)}): {_first_line(exc)}")
         if program is None:
             params = names
             main = getattr(model, "main_input_name", None)
