@@ -273,7 +273,7 @@ def read_causal(op: AttentionOp, index: GraphIndex, memo: dict[fx.Node, Any]) ->
     combined: torch.Tensor | None = None
     for node, kind in op.masks:
         if node not in memo:
-            memo[node] = evaluate(index, node)
+            memo[node] = evaluate(index, node, masks=True)
         masked = _masked(memo[node], kind)
         if masked is None:
             return None

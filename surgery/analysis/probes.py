@@ -185,13 +185,34 @@ def channel_probe(index: GraphIndex, source: fx.Node, targets: Mapping[str, Sequ
     return found
 
 
-def evaluate(index: GraphIndex, node: fx.Node, seed: int = 0) -> Any | None:
-    """The value of `node` computed on its own, or None where it depends on a user input or cannot be run."""
+def _unpadded(val: Any) -> Any:
+    """A user's attention mask as if nothing were padded: all ones (booleans: all True)."""
+    if isinstance(val, torch.Tensor):
+        shape = concrete_shape(val)
+        return torch.ones(shape, dtype=val.dtype)
+    return val
+
+
+def evaluate(index: GraphIndex, node: fx.Node, seed: int = 0, masks: bool = False) -> Any | None:
+    """The value of `node` computed on its own, or None where it depends on a user input or cannot be run.
+
+    With `masks`, a node may depend on user inputs named like attention masks (`*mask*`), taken as unpadded (all
+    ones), and on other integer user inputs (ids, taken as zeros): what a model's mask is for a full batch."""
     region = backward_closure([node], lambda n: n.op != "placeholder")
-    if any(i in index.from_user for n in region for i in n.all_input_nodes if i.op == "placeholder"):
-        return None
+    users = {i for n in region for i in n.all_input_nodes if i.op == "placeholder" and i in index.from_user}
+    seed_values: dict[fx.Node, Any] = {}
+    for placeholder in users:
+        val = placeholder.meta.get("val")
+        if not masks or not isinstance(val, torch.Tensor):
+            return None
+        if "mask" in placeholder.name:
+            seed_values[placeholder] = _unpadded(val)
+        elif not val.is_floating_point():
+            seed_values[placeholder] = torch.zeros(concrete_shape(val), dtype=val.dtype)
+        else:
+            return None
     try:
         with torch.no_grad():
-            return run_region(index, region, {}, torch.Generator().manual_seed(seed))[node]
+            return run_region(index, region - users, seed_values, torch.Generator().manual_seed(seed))[node]
     except Exception:
         return None
