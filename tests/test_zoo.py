@@ -25,7 +25,6 @@ SUBSET = [
 """Chosen for coverage of the readings; the whole zoo is behind SURGERY_ZOO=1."""
 
 KNOWN: dict[str, str] = {
-    "blip-2": "the Q-Former's first layer attends from learned query tokens (a parameter), not from a projection",
 }
 """model_type -> why surgery's reading differs from the oracle's (or cannot be made) on it."""
 

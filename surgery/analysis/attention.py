@@ -88,6 +88,27 @@ def matmul_operands(node: fx.Node) -> tuple[Any, Any] | None:
     return None
 
 
+def _activation(node: fx.Node, index: GraphIndex) -> bool:
+    """A value computed from user inputs, or from parameters (learned query tokens, latents), not from constants
+    or buffers alone (rotary tables)."""
+    if node in index.from_user:
+        return True
+    if node not in index.from_state:
+        return False
+    seen, stack = {node}, [node]
+    while stack and len(seen) < 256:
+        current = stack.pop()
+        if current.op == "placeholder":
+            if index.trace.input_kinds.get(current.name) == "parameter":
+                return True
+            continue
+        for i in current.all_input_nodes:
+            if i in index.from_state and i not in seen:
+                seen.add(i)
+                stack.append(i)
+    return False
+
+
 class _Scores:
     """Which nodes are attention scores: a product of two user-dependent operands, or derived from one through
     score ops (scale, mask, cap, clamp, sinks, layout). Memoised per graph."""
@@ -98,7 +119,7 @@ class _Scores:
 
     def source(self, node: Any, depth: int = 0) -> fx.Node | None:
         """The q·k product `node` derives from, or None."""
-        if not isinstance(node, fx.Node) or node not in self.index.from_user or depth > 40:
+        if not isinstance(node, fx.Node) or node not in self.index.from_runtime or depth > 40:
             return None
         if node in self.memo:
             return self.memo[node]
@@ -106,7 +127,7 @@ class _Scores:
         found: fx.Node | None = None
         if name in _QK_MATMULS:
             operands = matmul_operands(node)
-            if operands and all(isinstance(t, fx.Node) and t in self.index.from_user for t in operands):
+            if operands and all(isinstance(t, fx.Node) and _activation(t, self.index) for t in operands):
                 found = node
         elif name in _SCORE_OPS:
             for i in node.all_input_nodes:
@@ -134,7 +155,7 @@ def _value_of(probs: fx.Node, current: fx.Node, index: GraphIndex) -> fx.Node | 
     if operands is None or operands[0] is not current:
         return None
     value = operands[1]
-    return value if isinstance(value, fx.Node) and value in index.from_user else None
+    return value if isinstance(value, fx.Node) and _activation(value, index) else None
 
 
 def _eager(softmax: fx.Node, index: GraphIndex, scores: _Scores) -> AttentionOp | None:
@@ -184,7 +205,7 @@ def attention_ops(index: GraphIndex) -> list[AttentionOp]:
         name = op_name(node)
         if name == "scaled_dot_product_attention":
             found.append(_sdpa(node, index))
-        elif name in _SOFTMAX and node in index.from_user:
+        elif name in _SOFTMAX and _activation(node, index):
             op = _eager(node, index, scores)
             if op is not None:
                 found.append(op)
@@ -224,8 +245,8 @@ def linears_behind(start: fx.Node, scope: str, index: GraphIndex, linears: dict[
         inputs = list(node.all_input_nodes)
         for write in alias_writes(node):  # data written in place into the tensor or a view of it
             inputs += [i for i in write.args[1:] if isinstance(i, fx.Node)]
-        for i in inputs:
-            if i in index.from_user and i not in seen:
+        for i in inputs:  # user data, or learned tokens (parameters) that a projection reads
+            if i in index.from_runtime and i not in seen:
                 seen.add(i)
                 queue.append(i)
     return hits

@@ -199,6 +199,23 @@ def _stacked(weight: object, index: GraphIndex) -> bool:
     return root.op == "placeholder" and val is not None and val.dim() >= 3
 
 
+def _learned(node: fx.Node, index: GraphIndex) -> bool:
+    """A value computed from parameters alone (learned query tokens), not from user inputs or buffers only."""
+    return node in index.from_state and node not in index.from_user and any(
+        index.trace.input_kinds.get(p.name) == "parameter"
+        for p in backward_closure([node], lambda n: n in index.from_state) if p.op == "placeholder")
+
+
+def _own_parameter(weight: object, path: str, index: GraphIndex) -> bool:
+    """Whether a weight operand is a two-dimensional parameter of the module at `path` itself."""
+    if not isinstance(weight, fx.Node):
+        return False
+    root = weight_root(weight, index)
+    name = index.trace.parameters.get(root.name, "")
+    val = tensor_val(root)
+    return root.op == "placeholder" and val is not None and val.dim() == 2 and name.rpartition(".")[0] == path
+
+
 def linear_sites(index: GraphIndex) -> dict[str, LinearSite]:
     """Leaf modules owning a matmul-type op with one user-dependent operand and one parameter-only operand."""
     sites: dict[str, LinearSite] = {}
@@ -213,6 +230,8 @@ def linear_sites(index: GraphIndex) -> dict[str, LinearSite]:
             x, weight, reversed_ = a, b, False
         elif op_name(node) != "linear" and isinstance(b, fx.Node) and b in index.from_user and _state_only(a, index):
             x, weight, reversed_ = b, a, True
+        elif isinstance(a, fx.Node) and _learned(a, index) and _own_parameter(b, path, index):
+            x, weight, reversed_ = a, b, False  # a projection of learned tokens (Q-Former queries, latents)
         else:
             continue
         shape = tensor_val(weight).shape if tensor_val(weight) is not None else ()
