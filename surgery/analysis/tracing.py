@@ -98,7 +98,15 @@ def _main_tensor(name: str, model: nn.Module, batch: int, seq: int, device: torc
         channels = int(_config_value(config, ("input_channels",), 1))
         return torch.zeros(batch, 4 * seq, int(per_channel) * channels, device=device)
     if name == "input_values":
+        mels, frames = _config_value(config, ("num_mel_bins",), None), _config_value(config, ("max_length",), None)
+        if isinstance(mels, int) and isinstance(frames, int):  # a spectrogram: [batch, frames, mel bins]
+            return torch.zeros(batch, frames, mels, device=device)
+        channels = _config_value(config, ("audio_channels",), None)
+        if isinstance(channels, int):  # an audio codec: [batch, channels, samples]
+            return torch.zeros(batch, channels, 4000, device=device)
         return torch.zeros(batch, 4000, device=device)
+    if name == "bbox":  # layout models: a box per token
+        return torch.zeros(batch, seq, 4, dtype=torch.long, device=device)
     return None
 
 
@@ -138,6 +146,8 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
         base["decoder_input_ids"] = _main_tensor("decoder_input_ids", model, batch, seq, device)
     elif text and getattr(config, "type_vocab_size", 0) and "token_type_ids" in params:
         base["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    if text and "bbox" in params and "bbox" not in base:  # layout models (BROS needs the boxes)
+        base["bbox"] = _main_tensor("bbox", model, batch, seq, device)
     extras: list[dict[str, Any]] = [{}]
     if text and "pixel_values" in params and "pixel_values" not in base \
             and _config_value(config, ("image_size",), None) is not None:
