@@ -220,7 +220,6 @@ def padded(kwargs: dict, args: tuple, model: nn.Module) -> tuple[tuple, dict]:
     params = inspect.signature(model.forward).parameters
     if "attention_mask" not in params:
         return args, kwargs
-    names = list(params)
     ids = args[0] if args else None
     if ids is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
         main = kwargs.get("input_ids")
@@ -229,9 +228,11 @@ def padded(kwargs: dict, args: tuple, model: nn.Module) -> tuple[tuple, dict]:
         return args, kwargs
     mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device)
     mask[0, :3] = 0
-    if args and names and names[0] != "input_ids" and args[0] is ids:
-        pass
-    return args, {**kwargs, "attention_mask": mask}
+    extra = {}
+    decoder = kwargs.get("decoder_input_ids")
+    if isinstance(decoder, torch.Tensor) and "decoder_attention_mask" in params:  # as a user's batch has it
+        extra["decoder_attention_mask"] = torch.ones(decoder.shape, dtype=torch.long, device=decoder.device)
+    return args, {**kwargs, "attention_mask": mask, **extra}
 
 
 # ---------------------------------------------------------------------------------------------- the oracle

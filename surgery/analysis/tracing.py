@@ -177,9 +177,13 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
         for extra in extras:
             for mask in masks + ([None] if with_mask else []):
                 kwargs = {**base, **extra, **(mask or {}), **uc}
-                if mask is None:  # an all-ones attention_mask, as long as the ids given
+                if mask is None:  # all-ones attention masks, as long as the ids given (the decoder's too)
                     ids = kwargs.get("input_ids", kwargs.get("inputs"))
                     kwargs["attention_mask"] = torch.ones(ids.shape, dtype=torch.long, device=device)
+                    decoder = kwargs.get("decoder_input_ids")
+                    if decoder is not None and "decoder_attention_mask" in params:
+                        kwargs["decoder_attention_mask"] = torch.ones(decoder.shape, dtype=torch.long,
+                                                                      device=device)
                 args = (kwargs.pop(main),) if main in kwargs and main == first_param else ()
                 out.append((args, kwargs))
     return out
@@ -282,9 +286,16 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exporte
                 return torch.export.export(model, args, kwargs, strict=False)
 
 
+_CAUSED_BY = re.compile(r"Caused by: \((\S+\.py:\d+) in (\w+)\)")
+
+
 def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+    """The error's first line, and for a data-dependent guard the model code that branched."""
+    text = str(exc)
+    lines = [line for line in text.splitlines() if line.strip()]
+    where = _CAUSED_BY.search(text)
+    at = f" (at {where.group(1)} in {where.group(2)})" if where else ""
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}{at}"
 
 
 def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> AnalysisTrace:
@@ -318,7 +329,18 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
     else:
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
-        program = _export(model, args, kwargs)
+        try:
+            program = _export(model, args, kwargs)
+        except Exception as exc:
+            line = _first_line(exc)
+            if "data-dependent" not in line and "GuardOnDataDependent" not in line:
+                raise
+            names = list(inspect.signature(model.forward).parameters)
+            raise TraceError(
+                f"cannot trace {type(model).__qualname__} for analysis with the inputs given: the trace stopped on "
+                "a data-dependent branch of the model's own code (a value of an input decides the control flow); "
+                "pass inputs for which that branch is fixed (often a mask the model otherwise computes from the "
+                f"ids, e.g. decoder_attention_mask). Inputs ({_describe(args, kwargs, names)}): {line}") from exc
     graph_module = program.graph_module
     graph = graph_module.graph
     kinds: dict[str, str] = {}
