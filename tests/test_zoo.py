@@ -25,6 +25,9 @@ SUBSET = [
 """Chosen for coverage of the readings; the whole zoo is behind SURGERY_ZOO=1."""
 
 KNOWN: dict[str, str] = {
+    "deepseek_v4": "compressed attention: the compressor's kv_proj gets k/v roles (it feeds them once a compression "
+                   "window fills; at 8 tokens the oracle sees nothing) and its softmax pooling gate, which weights "
+                   "the pooled keys, gets none",
 }
 """model_type -> why surgery's reading differs from the oracle's (or cannot be made) on it."""
 

@@ -10,8 +10,9 @@ used (`scaled_dot_product_attention`, or the matmul -> ... -> softmax -> matmul 
 one backward per operand reads the non-zero gradient channels. `compare(model, facts, seen)` puts surgery's
 roles and slices beside it.
 
-Run the whole zoo with `SURGERY_ZOO=1 python -m pytest tests/test_zoo.py` or `python tests/zoo.py` (a table and a
-JSON line per architecture); the default suite runs a representative subset.
+Run the whole zoo with `SURGERY_ZOO=1 python -m pytest tests/test_zoo.py`, or `python tests/zoo.py > zoo.jsonl`
+(a JSON line per architecture and variant) then `python tests/zoo.py --summary zoo.jsonl` (counts by status, the
+reasons, analysis times); the default suite runs a representative subset.
 """
 from __future__ import annotations
 
@@ -510,6 +511,69 @@ def _why(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:200]
 
 
+_ACCEPTED_SKIPS = ("sdpa not supported", "no attention_mask input", "eager not supported")
+
+
+def architecture_status(results: list[dict]) -> tuple[str, str]:
+    """One status per architecture from its variants' results: skip (does not build), error (some variant
+    fails), differ (some variant disagrees with the oracle), unverified (surgery's reading could not be checked:
+    the model does not run on the inputs, or the oracle failed), agree."""
+    first = results[0]
+    if first["variant"] == "build":
+        return "skip", first["why"]
+    if first["variant"] == "all":
+        return "error", first["why"]
+    for status in ("error", "differ"):
+        bad = [r for r in results if r["status"] == status]
+        if bad:
+            return status, f"{bad[0]['variant']}: {bad[0]['why']}"
+    odd = [r for r in results if r["status"] == "skip" and not r["why"].startswith(_ACCEPTED_SKIPS)]
+    if odd:
+        return "unverified", f"{odd[0]['variant']}: {odd[0]['why']}"
+    return ("agree", "") if any(r["status"] == "agree" for r in results) else ("skip", "no variant ran")
+
+
+def summary(path: str) -> None:
+    """The zoo's counts by status, the reasons, and the analysis times, from a file of `main`'s JSON lines."""
+    import collections
+    import statistics
+
+    by_type: dict[str, list[dict]] = {}
+    for line in open(path):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        by_type.setdefault(row["model_type"], []).append(row)
+    statuses = {t: architecture_status(rows) for t, rows in by_type.items()}
+    counts = collections.Counter(status for status, _ in statuses.values())
+    print(f"{len(by_type)} architectures: " + ", ".join(f"{counts[s]} {s}" for s in
+                                                       ("agree", "differ", "unverified", "error", "skip")))
+    variants = collections.Counter((r["variant"], r["status"]) for rows in by_type.values() for r in rows
+                                   if r["variant"] not in ("build", "all"))
+    print("variants: " + ", ".join(f"{v} {st} {n}" for (v, st), n in sorted(variants.items())))
+    for status in ("differ", "unverified", "error", "skip"):
+        reasons = collections.Counter()
+        for t, (st, why) in statuses.items():
+            if st == status:
+                reasons[why[:110]] += 1
+        print(f"\n{status} ({counts[status]}):")
+        if status in ("differ", "unverified", "error"):
+            for t, (st, why) in sorted(statuses.items()):
+                if st == status:
+                    print(f"  {t}: {why[:170]}")
+        else:
+            for why, n in reasons.most_common(12):
+                print(f"  {n:3d} x {why}")
+    times = [r["seconds"] for rows in by_type.values() for r in rows
+             if r["variant"] in ("sdpa", "eager") and r.get("seconds")]
+    if times:
+        slow = sorted(((r["seconds"], t, r["variant"]) for t, rows in by_type.items() for r in rows
+                       if r["variant"] in ("sdpa", "eager") and r.get("seconds")), reverse=True)[:5]
+        print(f"\nanalysis with surgery's own inputs, cold (failures included), {len(times)} runs: median {statistics.median(times):.2f} s, "
+              f"max {max(times):.2f} s; slowest: " + ", ".join(f"{t} {v} {s:.1f} s" for s, t, v in slow))
+
+
 def main(argv: list[str]) -> None:
     import warnings
 
@@ -522,6 +586,9 @@ def main(argv: list[str]) -> None:
         raise TimeoutError("over 120 s")
 
     signal.signal(signal.SIGALRM, alarm)
+    if argv[:1] == ["--summary"]:
+        summary(argv[1])
+        return
     types = argv or model_types()
     for model_type in types:
         signal.alarm(120)
