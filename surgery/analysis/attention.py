@@ -194,7 +194,19 @@ def _eager(softmax: fx.Node, index: GraphIndex, scores: _Scores) -> AttentionOp 
         return None
     val = tensor_val(product)
     lengths = (int(val.shape[-2]), int(val.shape[-1])) if val is not None and val.dim() >= 2 else None
-    return AttentionOp("eager", index.owner[softmax], q, k, value, probs, tuple(masks), False, lengths)
+    owner = _common_owner([index.owner[product], index.owner[softmax], index.owner[probs]])
+    return AttentionOp("eager", owner, q, k, value, probs, tuple(masks), False, lengths)
+
+
+def _common_owner(paths: list[str]) -> str:
+    """The innermost module containing all `paths` (the attention module, not a softmax module inside it)."""
+    parts = [p.split(".") if p else [] for p in paths]
+    common: list[str] = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
 
 
 def attention_ops(index: GraphIndex) -> list[AttentionOp]:
