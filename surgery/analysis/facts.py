@@ -220,14 +220,17 @@ def _copy(facts: GraphFacts) -> GraphFacts:
 
 def _analyze_uncached(model: nn.Module, args: tuple | None, kwargs: dict | None) -> GraphFacts:
     reduction = Reduction({})
+    failed = None
     try:
         with reduced_depth(model) as reduction:
             trace = export_for_analysis(model, args, kwargs)
         return expand_facts(read_facts(trace), reduction, model)
-    except Exception:
+    except Exception as exc:
         if not reduction.groups:
             raise
-    return expand_facts(read_facts(export_for_analysis(model, args, kwargs)), Reduction({}), model)
+        failed = getattr(exc, "tried", None)  # surgery's own inputs failed: at full depth, stop if alike
+    trace = export_for_analysis(model, args, kwargs, failed=failed)
+    return expand_facts(read_facts(trace), Reduction({}), model)
 
 
 def analyze(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> GraphFacts:

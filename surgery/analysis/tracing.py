@@ -298,11 +298,15 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}{at}"
 
 
-def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> AnalysisTrace:
+def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None,
+                        failed: list[str] | None = None) -> AnalysisTrace:
     """Trace `model` with a non-strict pre-dispatch `torch.export`.
 
     Without inputs, the `input_candidates` are tried in order; if none traces, a TraceError names the model, the
-    inputs tried with each one's error, and the forward's main input, so the caller can pass inputs."""
+    inputs tried with each one's error, and the forward's main input, so the caller can pass inputs (the errors
+    are on the exception as `tried`). `failed`: the `tried` of an earlier attempt on a depth-reduced view of
+    the same model; when the first inputs fail here as they failed there, the depth did not matter and the
+    earlier errors are raised at once."""
     if args is None and kwargs is None:
         candidates = input_candidates(model)
         names = list(inspect.signature(model.forward).parameters)
@@ -314,6 +318,9 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
                 break
             except Exception as exc:  # try the next inputs
                 errors.append(f"({_describe(cand_args, cand_kwargs, names)}): {_first_line(exc)}")
+                if failed and len(errors) == 1 and errors[0] == failed[0]:
+                    errors = list(failed)
+                    break
         if program is None:
             params = names
             main = getattr(model, "main_input_name", None)
@@ -322,10 +329,12 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
                     "decides the control flow): pass inputs for which that branch is fixed, e.g. "
                     "surgery.inspect(model, kwargs={...})." if data_dependent else
                     " Pass example inputs as surgery.inspect(model, args=..., kwargs={...}) (or plan/attach).")
-            raise TraceError(
+            error = TraceError(
                 f"cannot trace {type(model).__qualname__} for analysis with the inputs surgery makes for it "
                 f"(main input {main!r}; forward takes {', '.join(params[:12])}).{hint} Tried:\n  "
                 + "\n  ".join(errors))
+            error.tried = errors  # type: ignore[attr-defined]
+            raise error
     else:
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
