@@ -28,6 +28,11 @@ KNOWN: dict[str, str] = {
     "deepseek_v4": "compressed attention: the compressor's kv_proj gets k/v roles (it feeds them once a compression "
                    "window fills; at 8 tokens the oracle sees nothing) and its softmax pooling gate, which weights "
                    "the pooled keys, gets none",
+    "jetmoe": "mixture of attention heads: queries come from stacked expert weights (an experts site, which the "
+              "oracle cannot cut) mixed by a router, so the oracle credits the routers with the query",
+    "inkling2_text": "k and v pass a short convolution whose weights a linear (sconv.weight_proj) computes from the "
+                     "input: the oracle credits that linear, surgery reads the k/v projections only",
+    "inkling2_loop_text": "as inkling2_text: a dynamic short convolution on k and v",
 }
 """model_type -> why surgery's reading differs from the oracle's (or cannot be made) on it."""
 

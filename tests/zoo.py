@@ -347,6 +347,8 @@ def oracle(model: nn.Module, args: tuple, kwargs: dict) -> Seen:
     handles = []
 
     def cut(module, _inputs, output):
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (cut(module, _inputs, output[0]), *output[1:])  # (output, scale) of quantized linears (ibert)
         if not isinstance(output, torch.Tensor) or not output.is_floating_point():
             return output
         leaf = output.detach().requires_grad_(True)

@@ -41,7 +41,13 @@ _SCORE_OPS = frozenset({"mul", "mul_", "div", "div_", "add", "add_", "sub", "sub
 attention sinks (gpt_oss: a cat with sink logits and the subtraction of the row max), layout."""
 _REDUCTIONS = frozenset({"max", "amax", "logsumexp"})
 _PROB_OPS = frozenset({"to", "_to_copy", "dropout", "type_as", "contiguous", "clone", "float", "view", "reshape",
-                       "slice", "getitem", "narrow", "mul", "masked_fill", "where", "_unsafe_view", "expand"})
+                       "slice", "getitem", "narrow", "mul", "masked_fill", "where", "_unsafe_view", "expand", "div",
+                       "add", "sub", "detach", "scatter", "transpose", "permute"})
+"""Ops between the softmax and the product with v: dropout, casts, renormalisation, hard assignment
+(GroupViT's straight-through one-hot: y_hard - y_soft.detach() + y_soft)."""
+_POOL_OPS = frozenset({"max", "amax", "mean", "avg_pool1d", "avg_pool2d", "max_pool1d", "max_pool2d",
+                       "adaptive_avg_pool1d", "adaptive_avg_pool2d"})
+"""Token pooling a query may pass after its projection (Hiera's query pooling): channels are kept."""
 _QK_MATMULS = frozenset({"matmul", "bmm", "baddbmm", "einsum"})
 _SOFTMAX = frozenset({"softmax", "_softmax", "_safe_softmax"})
 
@@ -251,7 +257,7 @@ def linears_behind(start: fx.Node, scope: str, index: GraphIndex, linears: dict[
             continue
         if node.op != "call_function" or not within(owner, scope):
             continue
-        if op_name(node) not in WALK_OPS | {"new_empty", "new_zeros", "empty_like", "zeros_like"} \
+        if op_name(node) not in WALK_OPS | _POOL_OPS | {"new_empty", "new_zeros", "empty_like", "zeros_like"} \
                 and owner not in norms:
             continue
         inputs = list(node.all_input_nodes)
