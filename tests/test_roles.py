@@ -584,3 +584,23 @@ def test_token_ids_through_a_where_before_the_lookup():
 
     facts = analyze(Substituted(), TOKENS)
     assert facts.roles == {"embed": {EMBED}, "out": {HEAD}}
+
+
+def test_einsum_with_a_3d_weight_is_experts_only_when_batched_over_its_first_dim():
+    class Einsums(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(32, 16)
+            self.proj = nn.Parameter(torch.randn(16, 2, 8))  # XLNet-style: [hidden, heads, head_dim]
+            self.experts = nn.Parameter(torch.randn(4, 8, 16))  # [experts, in, out]
+
+        def forward(self, ids):
+            h = self.embed(ids)  # [b, s, 16]
+            p = torch.einsum("bsh,hnd->bsnd", h, self.proj).reshape(2, 8, 16)
+            grouped = p.reshape(4, 4, 16)[..., :8]  # four "experts" of four tokens each
+            return torch.einsum("ecd,edf->ecf", grouped, self.experts)
+
+    facts = analyze(Einsums(), TOKENS)
+    assert list(facts.experts) == ["experts"]
+    assert (facts.experts["experts"].num_experts, facts.experts["experts"].in_features,
+            facts.experts["experts"].out_features) == (4, 8, 16)

@@ -33,6 +33,10 @@ KNOWN: dict[str, str] = {
     "inkling2_text": "k and v pass a short convolution whose weights a linear (sconv.weight_proj) computes from the "
                      "input: the oracle credits that linear, surgery reads the k/v projections only",
     "inkling2_loop_text": "as inkling2_text: a dynamic short convolution on k and v",
+    "xlnet": "q, k, v are einsums with 3-D parameters of the attention module itself: no projection module exists, "
+             "so surgery reads none and the oracle credits the previous layer's feed-forward output",
+    "wavlm": "F.multi_head_attention_forward with the projections' weights passed in: q/k/v modules are never "
+             "called (no site a forward-wrapping method could use) and the oracle sees no attention call",
 }
 """model_type -> why surgery's reading differs from the oracle's (or cannot be made) on it."""
 

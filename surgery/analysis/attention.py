@@ -42,7 +42,7 @@ attention sinks (gpt_oss: a cat with sink logits and the subtraction of the row 
 _REDUCTIONS = frozenset({"max", "amax", "logsumexp"})
 _PROB_OPS = frozenset({"to", "_to_copy", "dropout", "type_as", "contiguous", "clone", "float", "view", "reshape",
                        "slice", "getitem", "narrow", "mul", "masked_fill", "where", "_unsafe_view", "expand", "div",
-                       "add", "sub", "detach", "scatter", "transpose", "permute"})
+                       "add", "sub", "detach", "scatter", "transpose", "permute", "masked_fill_", "mul_", "div_"})
 """Ops between the softmax and the product with v: dropout, casts, renormalisation, hard assignment
 (GroupViT's straight-through one-hot: y_hard - y_soft.detach() + y_soft)."""
 _POOL_OPS = frozenset({"max", "amax", "mean", "avg_pool1d", "avg_pool2d", "max_pool1d", "max_pool2d",

@@ -19,7 +19,7 @@ LAYOUT_OPS = frozenset({
     "select", "getitem", "split", "split_with_sizes", "chunk", "unbind", "cat", "concat", "stack", "contiguous",
     "unsqueeze", "squeeze", "flatten", "unflatten", "narrow", "index", "index_select", "broadcast_to", "repeat",
     "repeat_interleave", "clone", "alias", "to", "_to_copy", "type_as", "movedim", "swapaxes", "lift_fresh_copy",
-    "dropout", "feature_dropout", "alpha_dropout", "detach", "float", "half", "bfloat16",
+    "dropout", "feature_dropout", "alpha_dropout", "detach", "float", "half", "bfloat16", "pad", "constant_pad_nd",
 })
 ELEMENTWISE_OPS = frozenset({
     "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "pow", "sqrt", "rsqrt", "exp",
@@ -372,6 +372,21 @@ class ExpertSite:
         return self.matmuls[-1]
 
 
+def _batched_over_first(node: fx.Node, weight_second: bool) -> bool:
+    """Whether an einsum's weight operand is indexed by its first dimension in the input and the output alike
+    (one product per expert), as in "ecd,edf->ecf"."""
+    equation = node.args[0]
+    if not isinstance(equation, str) or "->" not in equation:
+        return False
+    inputs, output = equation.replace(" ", "").split("->")
+    terms = inputs.split(",")
+    if len(terms) != 2:
+        return False
+    w_term, x_term = (terms[1], terms[0]) if weight_second else (terms[0], terms[1])
+    first = w_term.lstrip(".")[:1]
+    return bool(first) and first in x_term and first in output
+
+
 def expert_sites(index: GraphIndex) -> dict[str, ExpertSite]:
     """Parameters of three dimensions multiplied with a user-dependent operand: stacked MoE experts, whether by
     `grouped_mm`, `bmm`/`matmul` or by a `linear` on one expert's slice (jetmoe). Keyed by parameter path."""
@@ -400,6 +415,8 @@ def expert_sites(index: GraphIndex) -> dict[str, ExpertSite]:
         path = index.trace.parameters.get(root.name)
         if root.op != "placeholder" or val is None or val.dim() != 3 or path is None:
             continue
+        if name == "einsum" and not _batched_over_first(node, weight is operands[1]):
+            continue  # a projection by a 3-D weight (XLNet's "ibh,hnd->ibnd"), not one matmul per expert
         flips = stored_transposed(weight, index)
         experts, d1, d2 = (int(d) for d in val.shape)
         if name == "linear":  # x @ W.T, W = param[e] (a [out, in] slice unless transposed on the way)
