@@ -30,6 +30,8 @@ from surgery.plugin import (
     write_directory,
 )
 from surgery_plugins.peft_format.common import CONFIG, PREFIX, TENSORS, matches_target, unprefixed
+from surgery_plugins.peft_format.loha import LohaMapping
+from surgery_plugins.peft_format.lokr import LokrMapping
 from surgery_plugins.peft_format.lora import LoraMapping
 
 
@@ -133,4 +135,4 @@ def surgery_adapter_formats() -> list[PeftFormat]:
 
 @surgery.hookimpl
 def surgery_peft_mappings() -> list[PeftMapping]:
-    return [LoraMapping()]
+    return [LoraMapping(), LohaMapping(), LokrMapping()]
