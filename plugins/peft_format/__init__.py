@@ -33,6 +33,7 @@ from surgery_plugins.peft_format.common import CONFIG, PREFIX, TENSORS, matches_
 from surgery_plugins.peft_format.loha import LohaMapping
 from surgery_plugins.peft_format.lokr import LokrMapping
 from surgery_plugins.peft_format.lora import LoraMapping
+from surgery_plugins.peft_format.oft import OftMapping
 
 
 class PeftFormat:
@@ -135,4 +136,4 @@ def surgery_adapter_formats() -> list[PeftFormat]:
 
 @surgery.hookimpl
 def surgery_peft_mappings() -> list[PeftMapping]:
-    return [LoraMapping(), LohaMapping(), LokrMapping()]
+    return [LoraMapping(), LohaMapping(), LokrMapping(), OftMapping()]
