@@ -29,6 +29,7 @@ from surgery.plugin import (
     read_tensors,
     write_directory,
 )
+from surgery_plugins.peft_format.adaption_prompt import AdaptionPromptMapping
 from surgery_plugins.peft_format.common import CONFIG, PREFIX, TENSORS, matches_target, unprefixed
 from surgery_plugins.peft_format.loha import LohaMapping
 from surgery_plugins.peft_format.lokr import LokrMapping
@@ -136,4 +137,4 @@ def surgery_adapter_formats() -> list[PeftFormat]:
 
 @surgery.hookimpl
 def surgery_peft_mappings() -> list[PeftMapping]:
-    return [LoraMapping(), LohaMapping(), LokrMapping(), OftMapping()]
+    return [LoraMapping(), LohaMapping(), LokrMapping(), OftMapping(), AdaptionPromptMapping()]
