@@ -445,5 +445,6 @@ def read_attention(op: AttentionOp, index: GraphIndex, linears: dict[str, Linear
         value=hits.get("attention.value", (None,))[0], output=output,
         num_heads=heads(channels("attention.query"), head_dim, q),
         num_kv_heads=heads(channels("attention.key"), head_dim, k),
-        head_dim=head_dim, cross=cross, causal=read_causal(op, index, memo))
+        head_dim=head_dim, cross=cross, causal=read_causal(op, index, memo),
+        hidden_size=linears[hits["attention.key"][0]].in_features if "attention.key" in hits else None)
     return AttentionReading(op.owner, info, {p: frozenset(r) for p, r in roles.items()}, slices)

@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "example: surgery merge ./base ./my-adapter --out ./merged\n"
                   "The output loads with transformers' from_pretrained; tokenizer files are copied along.", None)
     sub.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
-    sub.add_argument("adapter", metavar="ADAPTER_DIR", help="a surgery adapter directory or a PEFT LoRA directory")
+    sub.add_argument("adapter", metavar="ADAPTER_DIR", help="a surgery adapter directory or an HF PEFT adapter directory")
     sub.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model")
     sub.add_argument("--name", default=None, help="which adapter of ADAPTER_DIR to merge (default: the one it holds)")
     sub.add_argument("--force", action="store_true", help="write into DIR even if it is not empty")

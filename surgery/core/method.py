@@ -134,6 +134,12 @@ class Method:
     def count(self, site: Site, params: Any, roles: frozenset[str]) -> int:
         raise NotImplementedError
 
+    def narrow(self, sites: list[Site], params: Any) -> list[Site]:
+        """Optional: of the sites one rule selected (in model order, all of kinds this method takes), those it
+        adapts. Default: all. E.g. Llama-Adapter keeps the top `adapter_layers` attention sites. Return a subset in
+        the same order; raise `SurgeryError` to refuse (the planner names the rule)."""
+        return sites
+
     def merge_edit(self, site: Site, module: nn.Module, branch: Branch) -> WeightEdit:
         raise NotMergeableError(f"method {self.name!r} cannot be merged into the base weights")
 

@@ -46,6 +46,8 @@ class AttentionInfo:
     head_dim: int | None = None
     cross: bool = False  # keys/values come from another sequence (encoder-decoder cross-attention)
     causal: bool | None = None
+    # in_features of the key projection (the width of what it reads): derived from the sites, not compared
+    hidden_size: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

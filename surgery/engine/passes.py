@@ -36,9 +36,11 @@ def _install(model: nn.Module, ledger: Ledger, path: str, name: str, branch: Bra
         base = model.get_submodule(path)
         homes = homes[id(base)]
         host = Host(base)
+        host.train(base.training)
         for parent, attr in homes:
             setattr(parent, attr, host)
         ledger.hosts[path], ledger.homes[path] = host, homes
+    branch.train(host.base.training)  # a new branch takes the mode of the model around it (eval: no dropout)
     host.add(name, branch)
 
 
