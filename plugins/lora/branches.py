@@ -65,10 +65,9 @@ class LoraBranch(Branch):
         """ΔW = s · B @ A, [out, in]."""
         return formula.delta_weight(self.lora_A, self.lora_B, self.scale)
 
-    def fused_call(self, base: nn.Module, args: tuple, kwargs: dict) -> Any:
-        """The base linear and this branch together, by the path dispatch.py chooses (NotImplemented: the plain
-        formula, through `adapt_output`)."""
-        return dispatch.forward(self, base, args, kwargs)
+    # The base linear and this branch together, by the path dispatch.py chooses (NotImplemented: the plain formula,
+    # through `adapt_output`); dispatch.forward itself, not a wrapper around it: this runs on every call.
+    fused_call = dispatch.forward
 
     @classmethod
     def prepare_routes(cls, branches: list["LoraBranch"]) -> tuple[torch.Tensor, torch.Tensor]:

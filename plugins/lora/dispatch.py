@@ -109,7 +109,7 @@ def choose(branch: Any, base: nn.Module | None, x: Any, groups: list | None = No
         done = group.take(index, x)
         if done is not None:
             return _path(Path, (TAKEN, 0.0, False, False, (), (), (), done))
-        width, live, rates = x.shape[-1], [], set()
+        width, live, rates, caller_live = x.shape[-1], [], set(), False
         for i, m in enumerate(group.members):
             # alone at its site: the only branch running there, samples not routed (the public state of the
             # engine's host at its site, kept at attach as `m.host`)
@@ -119,9 +119,10 @@ def choose(branch: Any, base: nn.Module | None, x: Any, groups: list | None = No
                 tensors = group.tensors(i)  # weight, bias, A, B
                 if tensors[0].dtype == x.dtype == tensors[2].dtype == tensors[3].dtype:
                     live.append((i, tensors))
+                    caller_live = caller_live or i == index
                     dropout = m.dropout
                     rates.add(dropout.p if m.training and isinstance(dropout, nn.Dropout) else 0.0)  # rate(m)
-        if len(live) > 1 and any(i == index for i, _ in live) and len(rates) == 1:
+        if len(live) > 1 and caller_live and len(rates) == 1:
             p = rates.pop()
             ranks = {tensors[2].shape[0] for _, tensors in live}
             serve = kernels_serve(x, max(ranks))
@@ -144,7 +145,8 @@ def choose(branch: Any, base: nn.Module | None, x: Any, groups: list | None = No
 
 
 def forward(branch: Any, base: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """`LoraBranch.fused_call`: the site's output by the chosen path, or NotImplemented for the plain formula."""
+    """`LoraBranch.fused_call` (the function itself): the site's output by the path `choose` picks, or
+    NotImplemented for the plain formula (the Host then runs `adapt_output`)."""
     x = args[0] if args else input_of(args, kwargs)
     path = choose(branch, base, x)
     kind = path.kind
