@@ -14,7 +14,17 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from surgery.plugin import Branch, Method, MethodParams, Site, WeightEdit, branch_dtype, input_of, module_device
+from surgery.plugin import (
+    Branch,
+    Method,
+    MethodParams,
+    Site,
+    SlicedBranch,
+    WeightEdit,
+    branch_dtype,
+    input_of,
+    module_device,
+)
 
 
 class LycorisParams(MethodParams):
@@ -66,17 +76,8 @@ class DeltaBranch(Branch):
         return out + delta if self.channels is None else out.index_add(-1, self.channels, delta)
 
 
-class SlicedDeltaBranch(Branch):
+class SlicedDeltaBranch(SlicedBranch):
     """One `DeltaBranch` per selected role of a fused projection (e.g. only q and v of GPT-2's c_attn)."""
-
-    def __init__(self, parts: dict[str, DeltaBranch]):
-        super().__init__()
-        self.parts = nn.ModuleDict(parts)
-
-    def adapt_output(self, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
-        for part in self.parts.values():
-            out = part.adapt_output(args, kwargs, out)
-        return out
 
 
 def sliced_roles(site: Site, roles: frozenset[str]) -> list[str]:

@@ -26,6 +26,7 @@ from surgery.core.method import (
     Branch,
     Method,
     MethodParams,
+    SlicedBranch,
     WeightEdit,
     branch_dtype,
     first_float_dtype,
@@ -74,8 +75,8 @@ __all__ = [
     # hooks
     "hookimpl", "hookspec",
     # methods: what a method plugin implements, and helpers for building branches
-    "Method", "MethodParams", "Branch", "WeightEdit", "DTYPES", "branch_dtype", "first_float_dtype", "module_device",
-    "input_of",
+    "Method", "MethodParams", "Branch", "SlicedBranch", "WeightEdit", "DTYPES", "branch_dtype", "first_float_dtype",
+    "module_device", "input_of",
     # sites: what the analysis found, and the vocabulary of roles and kinds
     "Site", "AttentionInfo", "ROLES", "KINDS", "Report", "inspect",
     # formats: weight formats (quantized layers) and adapter file formats

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery.plugin import Branch, input_of
+from surgery.plugin import Branch, SlicedBranch, input_of
 from surgery_plugins.lora import dispatch, formula, routes
 from surgery_plugins.lora.shared import SharedInput
 
@@ -83,17 +83,8 @@ class LoraBranch(Branch):
         return routes.output(state, group, input_of(args, kwargs), out)
 
 
-class SlicedLoraBranch(Branch):
+class SlicedLoraBranch(SlicedBranch):
     """One LoraBranch per selected role of a fused projection (e.g. only q and v of GPT-2's c_attn)."""
-
-    def __init__(self, parts: dict[str, LoraBranch]):
-        super().__init__()
-        self.parts = nn.ModuleDict(parts)
-
-    def adapt_output(self, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
-        for part in self.parts.values():
-            out = part.adapt_output(args, kwargs, out)
-        return out
 
 
 class LoraEmbeddingBranch(Branch):

@@ -93,6 +93,15 @@ def pattern(values: dict[str, Any], default: Any) -> dict[str, Any]:
     return {re.escape(p): v for p, v in values.items() if v != default}
 
 
+def rank_alpha_fields(placements: list[Any]) -> dict[str, Any]:
+    """PEFT's `r`, `alpha` and their per-module patterns: the most common value, and the sites that differ."""
+    ranks = {p.site.path: p.params.r for p in placements}
+    alphas = {p.site.path: p.params.alpha for p in placements}
+    r, alpha = most_common(ranks), most_common(alphas)
+    return {"r": r, "alpha": alpha, "rank_pattern": pattern(ranks, r), "alpha_pattern": pattern(alphas, alpha),
+            "target_modules": sorted(ranks)}
+
+
 def one_value(placements: list[Any], field: str) -> Any:
     """A param that PEFT holds once per adapter: the one value every placement has, or a SurgeryError."""
     values = {getattr(p.params, field) for p in placements}

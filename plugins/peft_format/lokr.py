@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from surgery_plugins.peft_format.common import FactorMapping, dtype_name, most_common, one_value, pattern, pattern_value
+from surgery_plugins.peft_format.common import FactorMapping, dtype_name, one_value, pattern_value, rank_alpha_fields
 
 UNSUPPORTED = {"layers_to_transform": None, "layers_pattern": None}
 
@@ -29,13 +29,10 @@ class LokrMapping(FactorMapping):
                 "dtype": dtype_name(next(iter(found.values())))}
 
     def config_fields(self, placements: list[Any], attachment: Any) -> dict[str, Any]:
-        ranks = {p.site.path: p.params.r for p in placements}
-        alphas = {p.site.path: p.params.alpha for p in placements}
-        r, alpha = most_common(ranks), most_common(alphas)
-        return {"r": r, "alpha": alpha, "rank_pattern": pattern(ranks, r), "alpha_pattern": pattern(alphas, alpha),
+        return {**rank_alpha_fields(placements),
                 "rank_dropout": one_value(placements, "rank_dropout"),
                 "module_dropout": one_value(placements, "module_dropout"),
                 "rank_dropout_scale": one_value(placements, "rank_dropout_scale"),
                 "decompose_both": one_value(placements, "decompose_both"),
                 "decompose_factor": one_value(placements, "decompose_factor"),
-                "target_modules": sorted(ranks), "init_weights": True, "use_effective_conv2d": False}
+                "init_weights": True, "use_effective_conv2d": False}

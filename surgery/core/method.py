@@ -95,6 +95,20 @@ class Branch(nn.Module):
         return out
 
 
+class SlicedBranch(Branch):
+    """Branches acting on the selected roles' channels of one fused projection (e.g. only q and v of GPT-2's
+    c_attn), one per role in `parts`, applied to the output in turn."""
+
+    def __init__(self, parts: dict[str, Branch]):
+        super().__init__()
+        self.parts = nn.ModuleDict(parts)
+
+    def adapt_output(self, args: tuple, kwargs: dict, out: Any) -> Any:
+        for part in self.parts.values():
+            out = part.adapt_output(args, kwargs, out)
+        return out
+
+
 @dataclass(frozen=True)
 class WeightEdit:
     """A merge as two pure functions of the dense weight [out, in]: `apply` folds a branch in, `revert` takes it
