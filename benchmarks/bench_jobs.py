@@ -31,8 +31,7 @@ def rows(work: harness.Workload, per_job: tuple[int, int]) -> dict:
     for name in data:
         surgery.attach(model, harness.lora_rules(r=16), name=name)
     model.train()
-    opts = {n: torch.optim.AdamW([p for k, p in model.named_parameters() if f".{n}." in k and p.requires_grad],
-                                 lr=1e-4, fused=work.cuda) for n in data}
+    opts = {n: torch.optim.AdamW(surgery.adapter_parameters(model, n), lr=1e-4, fused=work.cuda) for n in data}
     jobs = surgery.jobs(model, opts)
     out = {"joint_ms": work.time_ms(lambda: jobs.step(data))}
     out["joint_gib"] = work.peak_gib()

@@ -20,6 +20,7 @@ from surgery.engine.merge import merge, unmerge
 from surgery.engine.passes import (
                             TrainableCount,
                             active,
+                            adapter_parameters,
                             attach,
                             bake,
                             detach,
@@ -44,7 +45,7 @@ from surgery.rules.schema import RoleOverride, Rule, RuleSet, Selector
 
 __all__ = [
     "__version__", "inspect", "plan", "attach", "detach", "merge", "unmerge", "bake", "set_active", "active", "disabled", "save", "load",
-    "per_sample", "combine", "jobs", "Jobs", "causal_lm_loss",
+    "per_sample", "combine", "jobs", "Jobs", "causal_lm_loss", "adapter_parameters",
     "trainable_parameters", "register_plugin", "hookimpl", "Method", "MethodParams", "Branch", "WeightEdit", "Host",
     "Report", "Plan", "Placement", "RuleSet", "Rule", "Selector", "RoleOverride", "Site", "AttentionInfo", "ROLES",
     "KINDS", "TrainableCount", "SurgeryError", "RuleFileError", "PluginError", "SiteError", "LedgerError",

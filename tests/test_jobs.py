@@ -22,7 +22,10 @@ def model_with(names, arch="llama"):
 
 
 def params_of(model, name):
-    return {n: p for n, p in model.named_parameters() if f".{name}." in n and p.requires_grad}
+    """Attachment `name`'s trainable parameters by qualified name (checked against surgery.adapter_parameters)."""
+    by_name = {n: p for n, p in model.named_parameters() if f".branches.{name}." in n}
+    assert {id(p) for p in by_name.values()} == {id(p) for p in surgery.adapter_parameters(model, name)}
+    return by_name
 
 
 def batches(vocab=100):
