@@ -2,9 +2,10 @@
 them (`peft.PeftModel.from_pretrained` loads the result with the same outputs).
 
 The format reads and writes the files (`adapter_config.json`, `adapter_model.safetensors`; never pickles) and
-`modules_to_save` (as `copy` placements). What a `peft_type` means is a mapping's business: one small module per
-type in this package, and any plugin may add one through the `surgery_peft_mappings` hook (the VeRA example
-package does).
+`modules_to_save` (as `copy` placements); what it writes carries a checksum manifest and a model card
+(`surgery.plugin.with_manifest`, `with_model_card`), and `surgery.load` checks the manifest where there is one.
+What a `peft_type` means is a mapping's business: one small module per type in this package, and any plugin may
+add one through the `surgery_peft_mappings` hook (the VeRA example package does).
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from surgery.plugin import (
     parse_ruleset,
     peft_mappings,
     read_tensors,
+    with_manifest,
+    with_model_card,
     write_directory,
 )
 from surgery_plugins.peft_format.adaption_prompt import AdaptionPromptMapping
@@ -110,7 +113,8 @@ class PeftFormat:
                   "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
                   **fields, **({"modules_to_save": copies} if copies else {}), "inference_mode": True}
         blob = save_tensors({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, metadata={"format": "pt"})
-        return write_directory(directory, {TENSORS: blob, CONFIG: (json.dumps(config, indent=2) + "\n").encode()})
+        files = with_manifest({TENSORS: blob, CONFIG: (json.dumps(config, indent=2) + "\n").encode()})
+        return write_directory(directory, with_model_card(files, model, attachment, directory, "peft"))
 
 
 def _split_copies(config: dict[str, Any], tensors: dict[str, torch.Tensor],
