@@ -15,6 +15,8 @@ from surgery.engine.foreign import refuse_peft
 from surgery.engine.host import Host
 from surgery.engine.ledger import LEDGER_ATTRIBUTE, Attachment, Ledger, base_module, find_ledger, require_ledger, unwrap
 from surgery.engine.merge import merge, unmerge
+from surgery.engine.plain_save import install as install_plain_save
+from surgery.engine.plain_save import uninstall as uninstall_plain_save
 from surgery.errors import LedgerError, SurgeryError
 from surgery.rules.plan import plan_sites
 from surgery.rules.schema import RuleSource, resolve_ruleset
@@ -94,6 +96,7 @@ def attach(model: nn.Module, rules: RuleSource, name: str = "default", *, freeze
         if fresh:
             ledger.requires_grad = flags
             model.__dict__[LEDGER_ATTRIBUTE] = ledger
+            install_plain_save(model)  # save_pretrained writes the plain model's keys, the adapters beside
         homes = _homes(model)
         for path, branch in branches.items():
             _install(model, ledger, path, name, branch, homes)
@@ -123,6 +126,7 @@ def attach(model: nn.Module, rules: RuleSource, name: str = "default", *, freeze
             ledger.active.remove(name)
         if fresh:
             model.__dict__.pop(LEDGER_ATTRIBUTE, None)
+            uninstall_plain_save(model)
         _set_requires_grad(model, flags)
         ledger.refresh()
         raise
@@ -154,6 +158,7 @@ def detach(model: nn.Module, name: str) -> None:
     if not ledger.attachments:
         _set_requires_grad(model, ledger.requires_grad)
         del model.__dict__[LEDGER_ATTRIBUTE]
+        uninstall_plain_save(model)
     ledger.refresh()
 
 
