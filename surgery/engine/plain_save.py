@@ -2,9 +2,11 @@
 hold the plain model's keys, so `from_pretrained` gives the base model exactly, and each attachment is saved beside
 it in `<directory>/adapters/<name>/` (by `surgery.io.pretrained`, which registers itself in `COMPANIONS`).
 
-Attach puts a `PlainSave` on the model (an instance attribute over the class's `save_pretrained`); the last detach
-takes it away. Without it the wrapped keys (`...q_proj.base.weight`) would be written, and loading them would leave
-those weights at their random initialisation without a word."""
+Attach puts a `PlainSave` on the model (an instance attribute over the class's `save_pretrained`) and a
+`load_state_dict` pre-hook that reads the plain model's keys into the base modules (a Trainer resuming from such a
+checkpoint, after `surgery.load` of its adapter); the last detach takes both away. Without them the wrapped keys
+(`...q_proj.base.weight`) would be written, and loading them into a plain model would leave those weights at their
+random initialisation without a word."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery.engine.ledger import Ledger, require_ledger
+from surgery.engine.ledger import LEDGER_ATTRIBUTE, Ledger, require_ledger
 from surgery.errors import LedgerError
 
 ADAPTERS = "adapters"
@@ -47,6 +49,7 @@ class PlainSave:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.load_hook = model.register_load_state_dict_pre_hook(_plain_keys_to_base)
 
     def __call__(self, save_directory: str | Path, *args: Any, state_dict: dict | None = None,
                  is_main_process: bool = True, **kwargs: Any) -> Any:
@@ -72,6 +75,24 @@ class PlainSave:
         return result
 
 
+def _plain_keys_to_base(module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """A plain model's key `<site>.<rest>` becomes `<site>.base.<rest>` where a Host stands at the site and the
+    state dict does not hold that key already (the model's own state_dict loads as before)."""
+    ledger = module.__dict__.get(LEDGER_ATTRIBUTE)
+    if ledger is None or prefix != "":
+        return
+    for key in list(state_dict):
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            path = ".".join(parts[:cut])
+            if path in ledger.hosts:
+                if parts[cut] not in ("base", "branches"):
+                    moved = f"{path}.base.{'.'.join(parts[cut:])}"
+                    if moved not in state_dict:
+                        state_dict[moved] = state_dict.pop(key)
+                break
+
+
 def install(model: nn.Module) -> None:
     """Put a PlainSave on an HF model (one with a `save_pretrained` method) that has none of its own."""
     if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in model.__dict__:
@@ -79,5 +100,7 @@ def install(model: nn.Module) -> None:
 
 
 def uninstall(model: nn.Module) -> None:
-    if isinstance(model.__dict__.get("save_pretrained"), PlainSave):
+    plain = model.__dict__.get("save_pretrained")
+    if isinstance(plain, PlainSave):
+        plain.load_hook.remove()
         del model.__dict__["save_pretrained"]
