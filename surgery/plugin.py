@@ -52,6 +52,7 @@ from surgery.io.atomic import write_directory
 from surgery.io.manifest import with_manifest
 from surgery.io.model_card import with_model_card
 from surgery.rules.schema import RuleSet, parse_ruleset
+from surgery.rules.tasks import task_of
 
 
 def attachments(model: nn.Module) -> dict[str, Attachment]:
@@ -87,7 +88,7 @@ __all__ = [
     # what is attached
     "Attachment", "attachments", "attachment", "base_module",
     # rule sets
-    "RuleSet", "parse_ruleset",
+    "RuleSet", "parse_ruleset", "task_of",
     # errors
     "SurgeryError", "SiteError", "NotMergeableError", "PluginError", "RuleFileError", "LedgerError", "AdapterFileError",
     "MismatchError",

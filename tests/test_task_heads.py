@@ -2,6 +2,7 @@
 TOKEN_CLS `modules_to_save`), merge and bake keep the trained copy, and PEFT models are refused with the way out."""
 import copy
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -84,18 +85,62 @@ def test_task_trains_the_head_like_peft(case):
     assert torch.equal(ours.get_submodule(head).base.weight, base.get_submodule(head).weight)  # the original is frozen
 
 
-def test_task_names_and_the_pooler_beside_a_head():
+def roberta(seed: int = 0):
     config = transformers.RobertaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                         num_attention_heads=4, max_position_embeddings=64, num_labels=3)
-    roberta = transformers.RobertaForSequenceClassification(config).eval()
-    plan = surgery.plan(roberta, "lora-qv", task="sequence-classification")
+    torch.manual_seed(seed)
+    return transformers.RobertaForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("case", ["bert-seq", "llama-seq", "roberta-seq"])
+def test_task_heads_in_peft_format_both_ways(tmp_path, case):
+    base = roberta() if case == "roberta-seq" else task_model(case)
+    targets = ["q_proj", "v_proj"] if case == "llama-seq" else ["query", "value"]
+    ours = copy.deepcopy(base)
+    surgery.attach(ours, "lora-qv", task="sequence-classification")
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    x = ids()
+    expected = ours(input_ids=x).logits
+    surgery.save(ours, tmp_path / "ours", format="peft")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == [
+        {"bert-seq": "classifier", "llama-seq": "score", "roberta-seq": "classifier"}[case]]  # PEFT's own names
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    assert type(loaded).__name__ == "PeftModelForSequenceClassification"
+    torch.testing.assert_close(loaded(input_ids=x).logits, expected, rtol=1e-5, atol=1e-6)
+    surgery.save(ours, tmp_path / "surgery")  # and surgery's own format, with the copy rule in its rule set
+    again = copy.deepcopy(base)
+    surgery.load(again, tmp_path / "surgery")
+    torch.testing.assert_close(again(input_ids=x).logits, expected, rtol=0, atol=0)
+    # PEFT's own SEQ_CLS adapter (modules_to_save added by its task type) loads into surgery, and bakes like PEFT
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=targets))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    theirs.save_pretrained(tmp_path / "theirs")
+    mine = copy.deepcopy(base)
+    surgery.load(mine, tmp_path / "theirs")
+    torch.testing.assert_close(mine(input_ids=x).logits, theirs(input_ids=x).logits, rtol=1e-5, atol=1e-6)
+    surgery.bake(mine, "default")
+    torch.testing.assert_close(mine(input_ids=x).logits, theirs.merge_and_unload()(input_ids=x).logits,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_task_names_and_the_pooler_beside_a_head():
+    roberta_model = roberta()
+    plan = surgery.plan(roberta_model, "lora-qv", task="sequence-classification")
     # PEFT's modules_to_save for SEQ_CLS is RoBERTa's whole `classifier` (dense + out_proj)
     assert [p.site.path for p in plan.placements if p.method == "copy"] == ["classifier.dense", "classifier.out_proj"]
     bert = task_model("bert-seq")  # BERT's own pooler is not part of the head: PEFT leaves it frozen too
     assert [p.site.path for p in surgery.plan(bert, "lora-qv", task="SEQ_CLS").placements if p.method == "copy"] == \
         ["classifier"]
     # a site the rule set already adapts keeps its method
-    plan = surgery.plan(roberta, "lora-all-linear", task="sequence-classification")
+    plan = surgery.plan(roberta_model, "lora-all-linear", task="sequence-classification")
     assert {p.site.path: p.method for p in plan.placements}["classifier.dense"] == "lora"
     with pytest.raises(RuleFileError, match="unknown task"):
         surgery.attach(bert, "lora-qv", task="summarization")

@@ -24,6 +24,12 @@ def task_name(task: str) -> str:
     return name
 
 
+def task_of(ruleset: RuleSet) -> str | None:
+    """PEFT's `task_type` for a rule set that `with_task` made (SEQ_CLS, TOKEN_CLS), else None."""
+    suffix = ruleset.name.rpartition("+")[2]
+    return next((peft for peft, name in ALIASES.items() if name == suffix and "+" in ruleset.name), None)
+
+
 def _parent(path: str) -> str:
     return path.rpartition(".")[0]
 
