@@ -40,8 +40,11 @@ from surgery.errors import (
                             TraceError,
 )
 from surgery.io.adapter_files import AdapterFileError, MismatchError, load, save
+from surgery.io.pretrained import register as _register_adapters_beside_saved_models
 from surgery.rules.plan import Placement, Plan
 from surgery.rules.schema import RoleOverride, Rule, RuleSet, Selector
+
+_register_adapters_beside_saved_models()  # model.save_pretrained of an adapted model writes its adapters beside
 
 __all__ = [
     "__version__", "inspect", "plan", "attach", "detach", "merge", "unmerge", "bake", "set_active", "active", "disabled", "save", "load",
