@@ -12,8 +12,8 @@ datasets = pytest.importorskip("datasets", reason="datasets is not installed (tr
 
 
 def test_sft_trainer_trains_only_the_adapter(tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {f"t{i}": i for i in range(128)}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
