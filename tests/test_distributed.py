@@ -7,7 +7,6 @@ accelerate).
 The two processes are started once for the module (spawn), and each test reads what they found."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -97,6 +96,7 @@ def _worker(rank: int, out: str) -> None:
             logits = model(input_ids=x).logits  # every rank runs it: FSDP gathers the shards
         path = surgery.save(model, f"{out}/fsdp_adapter", name="a")  # every rank: the gather is collective
         found["fsdp_saved_by"] = rank if path is not None and (Path(out) / "fsdp_adapter").is_dir() else None
+        surgery.save(model, f"{out}/fsdp_peft", name="a", format="peft")  # any format: the same gathered tensors
         if rank == 0:
             torch.save(grads, f"{out}/fsdp_grads.pt")
             torch.save(logits, f"{out}/fsdp_logits.pt")
@@ -157,9 +157,10 @@ def test_fsdp2_save_gathers_shards_on_rank0(run, reference):
     plain = _plain_with(run / "fsdp_adapter")
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=_batch()).logits, fsdp_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_plain_with(run / "fsdp_peft")(input_ids=_batch()).logits, fsdp_logits,
+                                   rtol=1e-5, atol=1e-5)
     # the saved tensors are whole (gathered), not one rank's shard
-    ours = copy.deepcopy(_model())
-    shapes = {n: p.shape for n, p in ours.named_parameters() if p.requires_grad}
+    shapes = {n: p.shape for n, p in _model().named_parameters() if p.requires_grad}
     loaded = {n: p.shape for n, p in plain.named_parameters() if p.requires_grad}
     assert loaded == shapes
 
