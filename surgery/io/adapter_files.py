@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,11 +102,46 @@ def branch_tensors(attachment: Attachment) -> dict[str, torch.Tensor]:
             for path, branch in attachment.branches.items() for key, t in branch.state_dict().items()}
 
 
-def save(model: nn.Module, directory: str | Path, name: str = "default", format: str = "surgery") -> Path:
+@contextmanager
+def whole_tensors(attachment: Attachment) -> Iterator[bool]:
+    """Within the block, every sharded branch tensor (a `DTensor`, as FSDP2's `fully_shard` leaves them) is replaced
+    by the whole tensor, gathered from every rank, and put back afterwards. Yields True if anything was gathered: a
+    collective, so every rank of the group must enter the block."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        yield False
+        return
+    from torch.distributed.tensor import DTensor
+    swapped: list[tuple[dict[str, Any], str, Any]] = []
+    try:
+        for branch in attachment.branches.values():
+            for module in branch.modules():
+                for table in (module._parameters, module._buffers):
+                    for key, t in table.items():
+                        if isinstance(t, DTensor):
+                            whole = t.full_tensor().detach()
+                            table[key] = nn.Parameter(whole, t.requires_grad) if isinstance(t, nn.Parameter) else whole
+                            swapped.append((table, key, t))
+        yield bool(swapped)
+    finally:
+        for table, key, t in reversed(swapped):
+            table[key] = t
+
+
+def save(model: nn.Module, directory: str | Path, name: str = "default", format: str = "surgery") -> Path | None:
     """Write attachment `name` (only the adapter) to `directory`, atomically. `format`: "surgery" (this
-    package's own) or an adapter format that a plugin provides, e.g. "peft" (loadable by HF PEFT)."""
+    package's own) or an adapter format that a plugin provides, e.g. "peft" (loadable by HF PEFT).
+
+    Distributed: with plain tensors on each rank (DDP), call it from one rank. With sharded tensors (FSDP2), call it
+    from every rank: the shards are gathered and rank 0 writes the directory; the other ranks return None."""
     model = unwrap(model)
     attachment = require_ledger(model).get(name)
+    with whole_tensors(attachment) as gathered:
+        if gathered and torch.distributed.get_rank() != 0:
+            return None
+        return _write(model, attachment, Path(directory), name, format)
+
+
+def _write(model: nn.Module, attachment: Attachment, directory: Path, name: str, format: str) -> Path:
     if format != "surgery":
         return manager().adapter_format(format).save(model, attachment, Path(directory))
     tensors = branch_tensors(attachment)
