@@ -49,7 +49,10 @@ from surgery.errors import (
 )
 from surgery.io.adapter_files import fill_branches, read_tensors
 from surgery.io.atomic import write_directory
+from surgery.io.manifest import with_manifest
+from surgery.io.model_card import with_model_card
 from surgery.rules.schema import RuleSet, parse_ruleset
+from surgery.rules.tasks import task_of
 
 
 def attachments(model: nn.Module) -> dict[str, Attachment]:
@@ -81,11 +84,11 @@ __all__ = [
     "Site", "AttentionInfo", "ROLES", "KINDS", "Report", "inspect",
     # formats: weight formats (quantized layers) and adapter file formats
     "WeightFormat", "TraceStandIn", "AdapterFormat", "read_tensors", "fill_branches", "write_directory",
-    "PeftMapping", "peft_mappings",
+    "with_manifest", "with_model_card", "PeftMapping", "peft_mappings",
     # what is attached
     "Attachment", "attachments", "attachment", "base_module",
     # rule sets
-    "RuleSet", "parse_ruleset",
+    "RuleSet", "parse_ruleset", "task_of",
     # errors
     "SurgeryError", "SiteError", "NotMergeableError", "PluginError", "RuleFileError", "LedgerError", "AdapterFileError",
     "MismatchError",

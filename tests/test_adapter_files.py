@@ -29,7 +29,7 @@ def test_save_load_roundtrip(tmp_path):
     x = ids()
     expected = logits(model, x)
     surgery.save(model, tmp_path / "ad", name="a")
-    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == [TENSORS, CONFIG]
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["README.md", TENSORS, CONFIG]  # + the model card
     config = json.loads((tmp_path / "ad" / CONFIG).read_text())
     assert config["name"] == "a" and config["ruleset"]["name"] == "lora-qv"
     assert config["fingerprint"]["model_class"].endswith("GPT2LMHeadModel")

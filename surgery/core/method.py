@@ -58,6 +58,10 @@ class Branch(nn.Module):
     """
 
     replaces_base: bool = False
+    kept_when_merged: bool = False
+    """A branch that stands in for its base module whole (`replaces_base`, e.g. a trained module copy) and has no
+    weight edit: merging its attachment leaves it running, so the merged model computes the same function, and
+    `surgery.bake` puts `baked_module()` in the base module's place. Its method need not be `mergeable`."""
     running: bool = False
     """Set by the engine: True while this branch runs at its site (its attachment active and unmerged, adapters
     not disabled). Model-level hooks of a method (`attach_model`) read it to act only while their branch runs."""
@@ -87,6 +91,10 @@ class Branch(nn.Module):
         `prepare_routes`; len(branches) means none) to `out`, the base module's output for the whole batch on
         `args`/`kwargs`, at once. The result must equal running each sample alone through its branch."""
         raise NotImplementedError
+
+    def baked_module(self) -> nn.Module:
+        """With `kept_when_merged`: the module that takes the base module's place for good on `surgery.bake`."""
+        raise NotImplementedError(f"{type(self).__name__} sets kept_when_merged but has no baked_module()")
 
     def adapt_call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, kwargs

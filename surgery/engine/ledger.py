@@ -69,7 +69,7 @@ class Ledger:
         """Tell every host which of its branches run: active, not merged, not disabled; or, while routing per
         sample, which branch each sample takes."""
         for host in self.hosts.values():
-            unmerged = [n for n in host.branches if self.attachments[n].merged is None]
+            unmerged = [n for n, b in host.branches.items() if self.attachments[n].merged is None or b.kept_when_merged]
             host.running = () if self.disabled else tuple(n for n in unmerged if n in self.active)
             host.set_routing(None if self.disabled else self.routing, set(unmerged))
             alone = host.running[0] if len(host.running) == 1 and host.routing is None else None

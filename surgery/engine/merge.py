@@ -20,6 +20,9 @@ def _merge(model: nn.Module, ledger: Ledger, attachment: Attachment, exact: bool
         with progress.task("merging", len(attachment.plan.placements), "sites") as bar:
             for placement in attachment.plan.placements:
                 path = placement.site.path
+                if attachment.branches[path].kept_when_merged:  # runs on, merged or not: nothing to edit
+                    bar.advance()
+                    continue
                 module = base_module(model, path)
                 method = registry.method(placement.method)
                 fmt = registry.format_of(module)
@@ -57,7 +60,8 @@ def _unmerge(model: nn.Module, ledger: Ledger, attachment: Attachment) -> None:
 
 
 def merge(model: nn.Module, name: str, *, exact: bool = True, into: str = "weights") -> dict[str, dict[str, float]]:
-    """Fold attachment `name` into the base weights in place; its branches stop running. With `exact`, the
+    """Fold attachment `name` into the base weights in place; its branches stop running, except those
+    `kept_when_merged` (module copies), which have no weight edit and run on. With `exact`, the
     ledger keeps what makes `unmerge` restore the weights bit for bit. Returns per-site reports (e.g. the
     requantization error of quantized sites, see `surgery.engine.weight_edits.merge_error`).
 
@@ -75,7 +79,7 @@ def merge(model: nn.Module, name: str, *, exact: bool = True, into: str = "weigh
     registry = manager()
     for placement in attachment.plan.placements:
         method = registry.method(placement.method)
-        if not method.mergeable:
+        if not method.mergeable and not attachment.branches[placement.site.path].kept_when_merged:
             raise NotMergeableError(f"attachment {name!r} cannot be merged: method {method.name!r} at "
                                     f"{placement.site.path!r} has no merge (it stays a separate branch)")
     _merge(model, ledger, attachment, exact, into)

@@ -10,12 +10,17 @@ from torch import nn
 from surgery.analysis.report import sites_of
 from surgery.core.method import Branch, base_parameter_count
 from surgery.core.registry import manager
+from surgery.engine.copies import put_in_place, stand_ins
+from surgery.engine.foreign import refuse_peft
 from surgery.engine.host import Host
 from surgery.engine.ledger import LEDGER_ATTRIBUTE, Attachment, Ledger, base_module, find_ledger, require_ledger, unwrap
 from surgery.engine.merge import merge, unmerge
+from surgery.engine.plain_save import install as install_plain_save
+from surgery.engine.plain_save import uninstall as uninstall_plain_save
 from surgery.errors import LedgerError, SurgeryError
 from surgery.rules.plan import plan_sites
 from surgery.rules.schema import RuleSource, resolve_ruleset
+from surgery.rules.tasks import with_task
 
 
 def _homes(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -54,10 +59,14 @@ def _uninstall(ledger: Ledger, path: str, name: str) -> None:
 
 
 def attach(model: nn.Module, rules: RuleSource, name: str = "default", *, freeze: bool = True,
-           active: bool = True, args: tuple | None = None, kwargs: dict | None = None) -> Attachment:
+           active: bool = True, args: tuple | None = None, kwargs: dict | None = None,
+           task: str | None = None) -> Attachment:
     """Apply a rule set to `model` in place under `name`. With `freeze`, every base parameter stops requiring
-    grad (restored by the last detach). If anything fails, the model is left exactly as it was."""
+    grad (restored by the last detach). `task` ("sequence-classification", "token-classification", or PEFT's
+    SEQ_CLS/TOKEN_CLS) adds a trainable copy of the task head, found by its role (see `surgery.rules.tasks`).
+    If anything fails, the model is left exactly as it was."""
     model = unwrap(model)
+    refuse_peft(model)
     ruleset = resolve_ruleset(rules)
     ledger = find_ledger(model)
     fresh = ledger is None
@@ -65,6 +74,8 @@ def attach(model: nn.Module, rules: RuleSource, name: str = "default", *, freeze
         raise LedgerError(f"an attachment named {name!r} already exists; detach it first or pick another name")
     if fresh:
         ledger = Ledger(report=sites_of(model, args, kwargs))
+    if task is not None:
+        ruleset = with_task(ruleset, task, ledger.report)
     plan = plan_sites(ruleset, ledger.report, base_parameter_count(model))
     registry = manager()
     branches: dict[str, Branch] = {}
@@ -85,6 +96,7 @@ def attach(model: nn.Module, rules: RuleSource, name: str = "default", *, freeze
         if fresh:
             ledger.requires_grad = flags
             model.__dict__[LEDGER_ATTRIBUTE] = ledger
+            install_plain_save(model)  # save_pretrained writes the plain model's keys, the adapters beside
         homes = _homes(model)
         for path, branch in branches.items():
             _install(model, ledger, path, name, branch, homes)
@@ -114,6 +126,7 @@ def attach(model: nn.Module, rules: RuleSource, name: str = "default", *, freeze
             ledger.active.remove(name)
         if fresh:
             model.__dict__.pop(LEDGER_ATTRIBUTE, None)
+            uninstall_plain_save(model)
         _set_requires_grad(model, flags)
         ledger.refresh()
         raise
@@ -145,13 +158,15 @@ def detach(model: nn.Module, name: str) -> None:
     if not ledger.attachments:
         _set_requires_grad(model, ledger.requires_grad)
         del model.__dict__[LEDGER_ATTRIBUTE]
+        uninstall_plain_save(model)
     ledger.refresh()
 
 
 def bake(model: nn.Module, name: str) -> dict[str, dict[str, float]]:
     """Merge attachment `name` into the base weights for good and remove its branches: the ledger forgets it,
-    so it cannot be unmerged. After the last attachment is baked the model is a plain model again (ready for
-    `save_pretrained`). Other attachments merged on the same sites must be unmerged first."""
+    so it cannot be unmerged. A trained module copy (`kept_when_merged`) takes the original module's place.
+    After the last attachment is baked the model is a plain model again (ready for `save_pretrained`). Other
+    attachments merged on the same sites must be unmerged first."""
     model = unwrap(model)
     ledger = require_ledger(model)
     attachment = ledger.get(name)
@@ -161,9 +176,11 @@ def bake(model: nn.Module, name: str) -> dict[str, dict[str, float]]:
         raise LedgerError(f"cannot bake {name!r} while {', '.join(blocking)} is merged on the same sites; unmerge it first")
     report = merge(model, name, exact=False) if attachment.merged is None else \
         {m.path: m.record.report for m in attachment.merged if m.record.report}
+    kept = stand_ins(model, ledger, attachment)
     attachment.merged = None  # the weights keep the merge; nothing is left to undo it
     ledger.merge_order.remove(name)
     detach(model, name)
+    put_in_place(ledger, kept)
     return report
 
 
@@ -232,6 +249,17 @@ class TrainableCount(NamedTuple):
     def __str__(self) -> str:
         share = 100.0 * self.trainable / max(self.total, 1)
         return f"trainable {share:.2f}% ({self.trainable:,} / {self.total:,})"
+
+
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The trainable parameters of attachment `name` (its branches' parameters that require grad), each once: what
+    its optimizer takes."""
+    seen: dict[int, nn.Parameter] = {}
+    for branch in require_ledger(unwrap(model)).get(name).branches.values():
+        for p in branch.parameters():
+            if p.requires_grad:
+                seen.setdefault(id(p), p)
+    return list(seen.values())
 
 
 def trainable_parameters(model: nn.Module) -> TrainableCount:

@@ -2,8 +2,9 @@
 
 A surgery adapter directory holds `adapter_model.safetensors` (the branches' tensors, keyed `<site path>.<name>`)
 and `surgery_adapter.json` (the rule set, each placement's method and params, the package version, a
-fingerprint of the base model and the SHA-256 of the tensor file). Other formats (HF PEFT) come from plugins
-through the `surgery_adapter_formats` hook.
+fingerprint of the base model and the SHA-256 of the tensor file), with a model card (`README.md`, see
+`model_card.py`). Other formats (HF PEFT) come from plugins through the `surgery_adapter_formats` hook; where such a
+directory holds a `surgery_manifest.json` (`manifest.py`), its checksums are checked before the format reads it.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from surgery.engine.passes import attach, detach
 from surgery.engine.reading import inspect
 from surgery.errors import AdapterFileError, MismatchError
 from surgery.io.atomic import write_directory
+from surgery.io.manifest import check_manifest
+from surgery.io.model_card import with_model_card
 from surgery.rules.plan import Placement, plan_sites
 from surgery.rules.schema import parse_ruleset
 
@@ -120,7 +123,8 @@ def save(model: nn.Module, directory: str | Path, name: str = "default", format:
                            placements=[_saved_placement(p) for p in attachment.plan.placements],
                            tensors_sha256=hashlib.sha256(blob).hexdigest())
     text = json.dumps(config.model_dump(mode="json"), indent=1) + "\n"
-    return write_directory(directory, {TENSORS: blob, CONFIG: text.encode()})
+    return write_directory(directory, with_model_card({TENSORS: blob, CONFIG: text.encode()}, model, attachment,
+                                                      directory, "surgery"))
 
 
 def read_config(directory: Path) -> AdapterConfig:
@@ -182,6 +186,7 @@ def load(model: nn.Module, directory: str | Path, name: str | None = None, *, st
     if not (directory / CONFIG).exists():
         for fmt in manager().adapter_formats.values():
             if fmt.detect(directory):
+                check_manifest(directory)
                 return fmt.load(model, directory, name or "default")
         raise AdapterFileError(f"{directory}: neither a surgery adapter ({CONFIG}) nor a format any plugin reads")
     config = read_config(directory)
