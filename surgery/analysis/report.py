@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from surgery.analysis.facts import analyze
+from surgery.analysis.facts import GraphFacts, analyze
+from surgery.core import progress
 from surgery.core.registry import manager
 from surgery.core.sites import Site
 from surgery.core.table import render
@@ -79,11 +80,18 @@ def _site_dtype(module: nn.Module, fmt, lin) -> torch.dtype | None:
 
 def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> Report:
     """Analyse `model` (never executing it) and return its sites."""
-    facts = analyze(model, args, kwargs)
+    with progress.task("analysing", unit="sites") as bar:
+        facts = analyze(model, args, kwargs)
+        bar.set_total(len(facts.linears) + len(facts.embeddings) + len(facts.experts) + len(facts.attention))
+        return _sites(model, facts, bar)
+
+
+def _sites(model: nn.Module, facts: GraphFacts, bar: progress.Task) -> Report:
     registry = manager()
     sites: list[Site] = []
     unknown: list[str] = []
     for path, lin in facts.linears.items():
+        bar.advance()
         module = model.get_submodule(path)
         fmt = registry.format_of(module)
         if fmt is None or fmt.kind == "embedding" or tuple(fmt.features(module)) != (lin.in_features, lin.out_features):
@@ -96,6 +104,7 @@ def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = 
                           format=fmt.name if fmt.kind == "quantized_linear" else None,
                           input_group=facts.input_groups.get(path)))
     for path, emb in facts.embeddings.items():
+        bar.advance()
         module = model.get_submodule(path)
         fmt = registry.format_of(module)
         if fmt is None or fmt.kind != "embedding":
@@ -103,12 +112,14 @@ def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = 
         sites.append(Site(path=path, kind="embedding", module_class=_module_class(module), in_features=emb.num_embeddings,
                           out_features=emb.embedding_dim, dtype=_float_dtype(module), roles=facts.roles.get(path, frozenset())))
     for path, ex in facts.experts.items():  # stacked MoE experts: a site per parameter
+        bar.advance()
         module = model.get_submodule(ex.module)
         param = model.get_parameter(path)
         sites.append(Site(path=path, kind="experts", module_class=_module_class(module), in_features=ex.in_features,
                           out_features=ex.out_features, dtype=param.dtype, roles=facts.roles.get(path, frozenset()),
                           slices=facts.slices.get(path, {}), num_experts=ex.num_experts))
     for path, info in facts.attention.items():
+        bar.advance()
         sites.append(Site(path=path, kind="attention", module_class=_module_class(model.get_submodule(path)), attention=info))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     for path, ex in facts.experts.items():  # a parameter sorts just after its module

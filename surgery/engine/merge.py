@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from surgery.core import progress
 from surgery.core.registry import manager
 from surgery.engine.ledger import Attachment, Ledger, MergedSite, base_module, require_ledger, unwrap
 from surgery.engine.weight_edits import apply_edit, merged_float_linear, revert_edit
@@ -16,20 +17,23 @@ def _merge(model: nn.Module, ledger: Ledger, attachment: Attachment, exact: bool
     registry = manager()
     done: list[MergedSite] = []
     try:
-        for placement in attachment.plan.placements:
-            path = placement.site.path
-            if attachment.branches[path].kept_when_merged:  # runs on, merged or not: nothing to edit
-                continue
-            module = base_module(model, path)
-            method = registry.method(placement.method)
-            fmt = registry.format_of(module)
-            edit = method.merge_edit(placement.site, module, attachment.branches[path])
-            if into == "float" and not fmt.is_view:  # a copy format (quantized): swap in a float linear instead
-                linear, record = merged_float_linear(fmt, module, edit, placement.site.dtype)
-                ledger.hosts[path].base = linear
-                done.append(MergedSite(path, registry.format_of(linear), edit, record, replaced=module))
-            else:
-                done.append(MergedSite(path, fmt, edit, apply_edit(fmt, module, edit, exact=exact)))
+        with progress.task("merging", len(attachment.plan.placements), "sites") as bar:
+            for placement in attachment.plan.placements:
+                path = placement.site.path
+                if attachment.branches[path].kept_when_merged:  # runs on, merged or not: nothing to edit
+                    bar.advance()
+                    continue
+                module = base_module(model, path)
+                method = registry.method(placement.method)
+                fmt = registry.format_of(module)
+                edit = method.merge_edit(placement.site, module, attachment.branches[path])
+                if into == "float" and not fmt.is_view:  # a copy format (quantized): swap in a float linear instead
+                    linear, record = merged_float_linear(fmt, module, edit, placement.site.dtype)
+                    ledger.hosts[path].base = linear
+                    done.append(MergedSite(path, registry.format_of(linear), edit, record, replaced=module))
+                else:
+                    done.append(MergedSite(path, fmt, edit, apply_edit(fmt, module, edit, exact=exact)))
+                bar.advance()
     except BaseException:
         for merged in reversed(done):
             _revert(model, ledger, merged)

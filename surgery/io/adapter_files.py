@@ -21,6 +21,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
+from surgery.core import progress
 from surgery.core.method import base_parameter_count
 from surgery.core.registry import manager
 from surgery.core.version import __version__
@@ -98,8 +99,14 @@ def _saved_placement(p: Placement) -> SavedPlacement:
 
 def branch_tensors(attachment: Attachment) -> dict[str, torch.Tensor]:
     """Every branch tensor of an attachment, keyed `<site path>.<state_dict key>`, as standalone CPU tensors."""
-    return {f"{path}.{key}": t.detach().to("cpu").clone().contiguous()
-            for path, branch in attachment.branches.items() for key, t in branch.state_dict().items()}
+    items = [(f"{path}.{key}", t) for path, branch in attachment.branches.items()
+             for key, t in branch.state_dict().items()]
+    tensors = {}
+    with progress.task("saving adapter", len(items), "tensors") as bar:
+        for key, t in items:
+            tensors[key] = t.detach().to("cpu").clone().contiguous()
+            bar.advance()
+    return tensors
 
 
 @contextmanager
@@ -254,6 +261,7 @@ def fill_branches(attachment: Attachment, tensors: dict[str, torch.Tensor], sour
                 problems.append(f"tensor {key!r}: dtype {_dtype_name(t.dtype)} in the file, {_dtype_name(target.dtype)} here")
     if problems:
         raise MismatchError(source, problems)
-    with torch.no_grad():
+    with torch.no_grad(), progress.task("loading adapter", len(expected), "tensors") as bar:
         for key, target in expected.items():
             target.copy_(tensors[key])
+            bar.advance()
