@@ -7,7 +7,7 @@ channel, that rescales each row of the adapted weight to its own length:
     g  = m / n
     y  = g ⊙ (W x + ΔW x) + bias                                  `output` (the bias is not rescaled)
 
-m starts as n (B starts at zero, so m = ‖W‖ per row) and the model starts unchanged. With dropout in training,
+m starts as n (B starts at zero, so m = ‖W‖ per row): g = 1 and the model starts unchanged. With dropout in training,
 as PEFT: y = W x + bias + (g - 1) ⊙ W x̃ + g ⊙ s · B A x̃ for x̃ = dropout(x), which is the line above when x̃ = x.
 
 On a fused projection each selected role gets its own A, B and m on that role's output channels only (the row
@@ -24,7 +24,8 @@ format (`surgery.plugin.weight_format`), so it also runs on quantized linears (d
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,8 @@ from surgery.plugin import (
     Branch,
     Method,
     NotMergeableError,
-    SiteError,
     Site,
+    SiteError,
     SlicedBranch,
     WeightEdit,
     branch_dtype,
@@ -99,18 +100,13 @@ def output(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Te
 
 def rescaled(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
              s: float, g: torch.Tensor, channels: torch.Tensor | None = None) -> torch.Tensor:
-    """`output` without dropout, from the base output alone: g ⊙ (out - bias + s · B A x) + bias, where `out` is
-    exactly W x + bias on the channels (the branch runs alone at its site)."""
-    rows = out if channels is None else out.index_select(-1, channels)
-    rows = rows.to(a.dtype)
+    """`output` without dropout, from the base output alone: out + (g - 1) ⊙ (out - bias) + g ⊙ s · B A x, where
+    `out` is exactly W x + bias (the branch runs alone at its site). At g = 1 and B = 0 it is `out`, bit for bit."""
+    wx = (out if channels is None else out.index_select(-1, channels)).to(a.dtype)
     if bias is not None:
-        bias = (bias if channels is None else bias.index_select(0, channels)).to(a.dtype)
-        rows = rows - bias
-    new = g * (rows + formula.update(x, a, b, s))
-    if bias is not None:
-        new = new + bias
-    new = new.to(out.dtype)
-    return new if channels is None else out.index_copy(-1, channels, new)
+        wx = wx - (bias if channels is None else bias.index_select(0, channels)).to(a.dtype)
+    delta = ((g - 1) * wx + g * formula.update(x, a, b, s)).to(out.dtype)
+    return out + delta if channels is None else out.index_add(-1, channels, delta)
 
 
 # ---- the branches --------------------------------------------------------------------------------------------------
@@ -130,7 +126,8 @@ class DoraPart(Branch):
         self.bind(module)
         init_pair(self.lora_A, self.lora_B, params.init, params.r)
         with torch.no_grad():
-            self.magnitude.copy_(row_norm(self.weight(), self.lora_A, self.lora_B, self.scale))
+            # the forward's own norm, so that g = m / n is exactly 1 and the model starts unchanged bit for bit
+            self.magnitude.copy_(row_norm_by_parts(self.weight(), self.lora_A, self.lora_B, self.scale))
 
     def bind(self, module: nn.Module | None = None, host: nn.Module | None = None) -> None:
         """Read the base weight from `host.base` (the engine's Host at the site) or else from `module`; kept as

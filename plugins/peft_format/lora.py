@@ -41,7 +41,7 @@ class LoraMapping:
         lora: dict[str, dict[str, torch.Tensor]] = {}
         rest: list[str] = []
         for key, tensor in tensors.items():
-            short = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            short = key.removeprefix(PREFIX)
             m = _LORA_KEY.match(short) or _EMBEDDING_KEY.match(short) or _MAGNITUDE_KEY.match(short)
             if m:
                 lora.setdefault(m["path"], {})["m" if m["part"] == "magnitude" else m["part"][-1]] = tensor
