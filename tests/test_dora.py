@@ -15,8 +15,14 @@ from surgery.errors import AdapterFileError, MismatchError, SurgeryError
 from surgery_plugins import dora
 from surgery_plugins.dora import Dora
 from tests.conftest import assert_bit_identical, ids, logits, snapshot
-from tests.method_checks import (branches, count, merge_unmerge_detach, nudge, peft_both_ways,
-                                 training_changes_only_the_method)
+from tests.method_checks import (
+    branches,
+    count,
+    merge_unmerge_detach,
+    nudge,
+    peft_both_ways,
+    training_changes_only_the_method,
+)
 
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
 QV = ["attention.query", "attention.value"]
@@ -39,10 +45,10 @@ def rule(method="dora", roles=QV, paths=None, **params):
 
 
 @pytest.mark.parametrize("arch, options", [
-    ("llama", dict(r=4, lora_alpha=8, rank_pattern={"q_proj": 2}, alpha_pattern={"v_proj": 3})),
-    ("llama", dict(r=4, lora_alpha=6, use_rslora=True)),
-    ("gpt2", dict(r=4, lora_alpha=8)),  # c_attn whole: a Conv1D (fan_in_fan_out)
-    ("bert", dict(r=4, lora_alpha=8)),
+    ("llama", {"r": 4, "lora_alpha": 8, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 3}}),
+    ("llama", {"r": 4, "lora_alpha": 6, "use_rslora": True}),
+    ("gpt2", {"r": 4, "lora_alpha": 8}),  # c_attn whole: a Conv1D (fan_in_fan_out)
+    ("bert", {"r": 4, "lora_alpha": 8}),
 ])
 def test_matches_peft_both_ways(tmp_path, arch, options):
     config = LoraConfig(target_modules=TARGETS[arch], use_dora=True, **options)
