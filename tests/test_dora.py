@@ -380,3 +380,52 @@ def test_the_plain_formula_runs_where_another_branch_shares_the_site():
         expected = (F.linear(x, w) + lora.delta(x)) + (part.magnitude / n - 1) * F.linear(x, w) \
             + part.magnitude / n * part.scale * F.linear(F.linear(x, part.lora_A), part.lora_B)
         torch.testing.assert_close(host(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_on_a_quantized_linear_dora_reads_the_dequantized_weight():
+    from tests.test_quantized import glm, glm_ids, same_bytes, stored_bytes
+
+    model, x = glm(8), glm_ids()
+    stored = stored_bytes(model)
+    rules = surgery.RuleSet(name="dq", rules=[surgery.Rule(select=surgery.Selector(kinds=["quantized_linear"]),
+                                                           method="dora", params={"r": 4, "alpha": 8})])
+    with torch.no_grad():
+        reference = model(x)
+    surgery.attach(model, rules, name="d", args=(x,))
+    nudge(model, dora_tensor, std=0.2)
+    path = "encoder.layers.0.self_attention.query_key_value"
+    host, part = model.get_submodule(path), branches(model, "d")[path]
+    h = torch.randn(2, 3, part.lora_A.shape[1])
+    with torch.no_grad():
+        assert not torch.equal(model(x), reference)
+        w = host.base.dequantized(torch.float64)
+        n = torch.linalg.norm(w + part.scale * part.lora_B.double() @ part.lora_A.double(), dim=1)
+        bias = 0 if host.base.bias is None else host.base.bias.double()
+        expected = (part.magnitude.double() / n) * (h.double() @ w.T + part.scale * h.double() @ part.lora_A.double().T
+                                                    @ part.lora_B.double().T) + bias
+        torch.testing.assert_close(host(h).double(), expected, rtol=1e-4, atol=1e-4)
+        adapted = model(x)
+        surgery.merge(model, "d", into="float")
+        torch.testing.assert_close(model(x), adapted, rtol=1e-4, atol=1e-4)
+        surgery.unmerge(model, "d")
+    surgery.detach(model, "d")
+    assert same_bytes(stored_bytes(model), stored)
+
+
+def test_per_sample_routing_runs_each_sample_through_its_own_adapter():
+    model, x = tiny.build("llama"), ids(batch=3)
+    surgery.attach(model, rule(r=4, alpha=8), name="d")
+    surgery.attach(model, "lora-qv", name="l")
+    nudge(model, dora_tensor, std=0.2)
+    with torch.no_grad():
+        alone = {}
+        for name in ("d", "l"):
+            surgery.set_active(model, [name])
+            alone[name] = logits(model, x)
+        with surgery.disabled(model):
+            alone[None] = logits(model, x)
+        surgery.set_active(model, ["d", "l"])
+        with surgery.per_sample(model, ["d", None, "l"]):
+            routed = logits(model, x)
+    for i, name in enumerate(["d", None, "l"]):
+        torch.testing.assert_close(routed[i], alone[name][i], rtol=1e-5, atol=1e-5)
