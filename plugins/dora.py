@@ -123,6 +123,7 @@ class DoraPart(Branch):
         self.magnitude = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device))
         self.dropout = nn.Dropout(params.dropout) if params.dropout > 0 else None
         self.register_buffer("channels", channels, persistent=False)
+        object.__setattr__(self, "format_ref", (None, None))  # (module, its weight format), looked up once
         self.bind(module)
         init_pair(self.lora_A, self.lora_B, params.init, params.r)
         with torch.no_grad():
@@ -135,7 +136,6 @@ class DoraPart(Branch):
         if module is not None:
             object.__setattr__(self, "module_ref", module)
         object.__setattr__(self, "host_ref", host)
-        object.__setattr__(self, "format_ref", (None, None))
 
     def base(self) -> nn.Module:
         return self.host_ref.base if self.host_ref is not None else self.module_ref
