@@ -67,6 +67,14 @@ def attachment(model: nn.Module, name: str) -> Attachment:
     return require_ledger(unwrap(model)).get(name)
 
 
+def weight_format(module: nn.Module) -> WeightFormat | None:
+    """The weight format that reads `module`'s weight (the first installed one that `matches` it, as the analysis
+    and merges pick it), or None. `weight_format(m).dense(m)` is its weight as dense [out, in]: a detached live
+    view for float layers, a dequantized copy for quantized ones. For methods whose forward reads the base weight
+    (DoRA's weight norm)."""
+    return manager().format_of(module)
+
+
 def peft_mappings() -> dict[str, PeftMapping]:
     """Every installed plugin's HF PEFT mappings (`surgery_peft_mappings`), by PEFT type (e.g. "LORA"). The `peft`
     adapter format reads a directory through the mapping of its `peft_type` and writes an attachment through the
@@ -83,7 +91,7 @@ __all__ = [
     # sites: what the analysis found, and the vocabulary of roles and kinds
     "Site", "AttentionInfo", "ROLES", "KINDS", "Report", "inspect",
     # formats: weight formats (quantized layers) and adapter file formats
-    "WeightFormat", "TraceStandIn", "AdapterFormat", "read_tensors", "fill_branches", "write_directory",
+    "WeightFormat", "weight_format", "TraceStandIn", "AdapterFormat", "read_tensors", "fill_branches", "write_directory",
     "with_manifest", "with_model_card", "PeftMapping", "peft_mappings",
     # what is attached
     "Attachment", "attachments", "attachment", "base_module",

@@ -3,7 +3,9 @@
 `target_modules` and the tensor keys give the sites; `r`, `lora_alpha`, `rank_pattern`, `alpha_pattern`,
 `use_rslora`, `lora_dropout` the params; `fan_in_fan_out` is implied by the site kind (GPT-2 Conv1D). A LoRA on
 the slices of a fused projection (e.g. q and v of GPT-2's c_attn) is written exactly as one LoRA of rank n*r with
-a block-structured B. DoRA, LoRA bias, layer replication and the other options are refused by name.
+a block-structured B. `use_dora: true` maps to method `dora` (the magnitude under `<path>.lora_magnitude_vector`);
+a DoRA on slices is written as one whole-module DoRA whose other rows keep B = 0 and m = ‖W_row‖ (so g = 1
+there). LoRA bias, layer replication and the other options are refused by name.
 """
 from __future__ import annotations
 
@@ -16,18 +18,21 @@ from torch import nn
 from surgery.plugin import Attachment, MismatchError, Report, SurgeryError
 from surgery_plugins.peft_format.common import PREFIX, TENSORS, dtype_name, most_common, pattern, pattern_value, refuse
 
-UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
+UNSUPPORTED = {"bias": "none", "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
                "layer_replication": None, "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
                "alora_invocation_tokens": None, "use_bdlora": None, "megatron_config": None, "arrow_config": None}
 """PEFT options this mapping cannot express, with the value that means "not used"."""
 
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 _EMBEDDING_KEY = re.compile(r"^(?P<path>.+)\.lora_embedding_(?P<part>A|B)$")
+_MAGNITUDE_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<part>magnitude)_vector(\.weight)?$")
+MAGNITUDE = "lora_magnitude_vector"
+"""PEFT's name of DoRA's magnitude, after the module path."""
 
 
 class LoraMapping:
     peft_type = "LORA"
-    methods = frozenset({"lora"})
+    methods = frozenset({"lora", "dora"})
 
     def read(self, config: dict[str, Any], tensors: dict[str, torch.Tensor], report: Report,
              source: str) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
@@ -36,14 +41,21 @@ class LoraMapping:
         lora: dict[str, dict[str, torch.Tensor]] = {}
         rest: list[str] = []
         for key, tensor in tensors.items():
-            short = key[len(PREFIX):] if key.startswith(PREFIX) else key
-            m = _LORA_KEY.match(short) or _EMBEDDING_KEY.match(short)
+            short = key.removeprefix(PREFIX)
+            m = _LORA_KEY.match(short) or _EMBEDDING_KEY.match(short) or _MAGNITUDE_KEY.match(short)
             if m:
-                lora.setdefault(m["path"], {})[m["part"][-1]] = tensor
+                lora.setdefault(m["path"], {})["m" if m["part"] == "magnitude" else m["part"][-1]] = tensor
             else:
                 rest.append(short)
         problems = [f"missing site {p!r} (LoRA in the adapter)" for p in lora if p not in sites]
-        problems += [f"site {p!r}: LoRA A or B missing from {source}/{TENSORS}" for p, ab in lora.items() if set(ab) != {"A", "B"}]
+        dora = bool(config.get("use_dora"))
+        wanted, what = ({"A", "B", "m"}, "LoRA A, B or DoRA magnitude") if dora else ({"A", "B"}, "LoRA A or B")
+        problems += [f"site {p!r}: {what} missing from {source}/{TENSORS}" for p, ab in lora.items() if not wanted <= set(ab)]
+        problems += [f"site {p!r}: a DoRA magnitude ({MAGNITUDE}) but use_dora is not set" for p, ab in lora.items()
+                     if not dora and "m" in ab]
+        if dora:
+            problems += [f"site {p!r} is a {sites[p].kind} layer; surgery's dora adapts linear, conv1d and "
+                         "quantized_linear layers" for p in lora if p in sites and sites[p].kind == "embedding"]
         if config.get("fan_in_fan_out"):
             problems += [f"site {p!r}: fan_in_fan_out is set but the module is not a transposed (Conv1D) layer"
                          for p in lora if p in sites and sites[p].kind != "conv1d"]
@@ -55,17 +67,23 @@ class LoraMapping:
             r = ab["A"].shape[0]
             alpha = pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
             groups.setdefault((r, float(alpha), dtype_name(ab["A"])), []).append(path)
-        rules = [{"select": {"paths": paths}, "method": "lora",
+        rules = [{"select": {"paths": paths}, "method": "dora" if dora else "lora",
                   "params": {"r": r, "alpha": alpha, "dropout": float(config.get("lora_dropout") or 0.0),
                              "rslora": bool(config.get("use_rslora")), "dtype": dtype}}
                  for (r, alpha, dtype), paths in groups.items()]
         ours = {}
         for path, ab in lora.items():
             ours[f"{path}.lora_A"], ours[f"{path}.lora_B"] = ab["A"], ab["B"]
+            if dora:
+                ours[f"{path}.magnitude"] = ab["m"]
         return rules, ours
 
     def write(self, model: nn.Module, attachment: Attachment) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        placements = [p for p in attachment.plan.placements if p.method == "lora"]
+        placements = [p for p in attachment.plan.placements if p.method in self.methods]
+        if len({p.method for p in placements}) > 1:
+            raise SurgeryError("PEFT format: use_dora is one flag for the whole adapter; this attachment mixes lora "
+                               "and dora placements")
+        dora = placements[0].method == "dora"
         rslora = {p.params.rslora for p in placements}
         if len(rslora) > 1:
             raise SurgeryError("PEFT format: use_rslora is one flag for the whole adapter; this attachment mixes both")
@@ -76,9 +94,11 @@ class LoraMapping:
         for placement in placements:
             path, branch = placement.site.path, attachment.branches[placement.site.path]
             if placement.site.kind == "quantized_linear":
-                raise SurgeryError(f"PEFT format holds LoRA on float layers only: lora on quantized_linear site "
-                                   f"{path!r} cannot be written")
+                raise SurgeryError(f"PEFT format holds LoRA on float layers only: {placement.method} on "
+                                   f"quantized_linear site {path!r} cannot be written")
             a, b, scale = _dense_lora(branch, placement.site.out_features)
+            if dora:
+                tensors[f"{PREFIX}{path}.{MAGNITUDE}"] = _dense_magnitude(branch, placement.site.out_features)
             r = a.shape[0]
             ranks[path], alphas[path] = r, scale * (r ** 0.5 if rs else r)
             if placement.site.kind == "embedding":
@@ -90,9 +110,23 @@ class LoraMapping:
             "r": r, "lora_alpha": alpha, "lora_dropout": placements[0].params.dropout, "use_rslora": rs,
             "target_modules": sorted(ranks), "rank_pattern": pattern(ranks, r), "alpha_pattern": pattern(alphas, alpha),
             "fan_in_fan_out": all(p.site.kind == "conv1d" for p in placements),
-            "bias": "none", "init_lora_weights": True,
+            "bias": "none", "init_lora_weights": True, "use_dora": dora,
         }
         return config, tensors
+
+
+def _dense_magnitude(branch: nn.Module, out_features: int) -> torch.Tensor:
+    """DoRA's magnitude [out] of the whole module: each part's on its channels, elsewhere the row norm of the
+    weight (the branch's parts add nothing to those rows, so PEFT computes the same norm there: g = 1)."""
+    parts = list(branch.parts.values()) if hasattr(branch, "parts") else [branch]
+    if len(parts) == 1 and parts[0].channels is None:
+        return parts[0].magnitude.detach()
+    with torch.no_grad():
+        weight = parts[0].dense_weight()
+        m = torch.linalg.norm(weight.to(parts[0].magnitude.dtype).contiguous(), dim=1)
+        for p in parts:
+            m[p.channels] = p.magnitude.detach()
+    return m
 
 
 def _dense_lora(branch: nn.Module, out_features: int) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -98,13 +98,27 @@ def _apply_weight_edit(fmt: WeightFormat, module: nn.Module, edit: WeightEdit, e
     if not exact:
         weight.copy_(new)
         return EditRecord()
-    back = edit.revert(new)
-    wrong = (back != weight).flatten().nonzero().flatten()
+    back = edit.revert(new).to(weight.dtype)
+    wrong = differing_bits(back, weight).flatten().nonzero().flatten()
     del back
-    record = EditRecord(fix_index=wrong.to(torch.int32 if weight.numel() < 2**31 else torch.int64),
-                        fix_value=weight.reshape(-1)[wrong])
+    index_dtype = torch.int32 if weight.numel() < 2**31 else torch.int64
+    index_size = torch.empty((), dtype=index_dtype).element_size()
+    if wrong.numel() * (index_size + weight.element_size()) >= weight.numel() * weight.element_size():
+        record = EditRecord(saved=fmt.snapshot(module))  # most entries do not round back: keep the original whole
+    else:
+        record = EditRecord(fix_index=wrong.to(index_dtype), fix_value=weight.reshape(-1)[wrong])
     weight.copy_(new)
     return record
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def differing_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Where two tensors of one float dtype differ in their bytes (so -0.0 differs from 0.0, and a NaN equals
+    itself): the mask an exact undo must restore."""
+    bits = _BITS[a.element_size()]
+    return a.view(bits) != b.view(bits)
 
 
 @torch.no_grad()
