@@ -83,6 +83,28 @@ class LoraBranch(Branch):
         return routes.output(state, group, input_of(args, kwargs), out)
 
 
+class ExpertsLoraBranch(Branch):
+    """Stacked MoE experts: one pair per expert, A [E, r, in] and B [E, out, r], folded into the weight the module
+    reads (formula.expert_weight); with `channels`, on those output channels only (a role of a fused gate_up)."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int, params: Any, dtype: torch.dtype,
+                 device: torch.device, channels: torch.Tensor | None = None):
+        super().__init__()
+        self.scale = params.scale
+        self.lora_A = nn.Parameter(torch.empty(experts, params.r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(experts, out_features, params.r, dtype=dtype, device=device))
+        self.register_buffer("channels", channels, persistent=False)
+        for a, b in zip(self.lora_A, self.lora_B):  # each expert's pair as a linear's (PEFT: kaiming on in)
+            init_pair(a, b, params.init, params.r)
+
+    def adapt_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return formula.expert_weight(weight, self.lora_A, self.lora_B, self.scale, self.channels)
+
+    def weight_delta(self) -> torch.Tensor:
+        """ΔW = s · B @ A per expert, [E, out, in] (on `channels` only where set)."""
+        return torch.bmm(self.lora_B, self.lora_A) * self.scale
+
+
 class SlicedLoraBranch(SlicedBranch):
     """One LoraBranch per selected role of a fused projection (e.g. only q and v of GPT-2's c_attn)."""
 

@@ -107,13 +107,17 @@ def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = 
         param = model.get_parameter(path)
         sites.append(Site(path=path, kind="experts", module_class=_module_class(module), in_features=ex.in_features,
                           out_features=ex.out_features, dtype=param.dtype, roles=facts.roles.get(path, frozenset()),
-                          slices=facts.slices.get(path, {}), num_experts=ex.num_experts))
+                          slices=facts.slices.get(path, {}), num_experts=ex.num_experts,
+                          transposed=ex.transposed))
     for path, info in facts.attention.items():
         sites.append(Site(path=path, kind="attention", module_class=_module_class(model.get_submodule(path)), attention=info))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    for path, ex in facts.experts.items():  # a parameter sorts just after its module
+    within: dict[str, int] = {}
+    for path, ex in facts.experts.items():  # a parameter sorts just after its module, in registration order
         order[path] = order.get(ex.module, len(order))
-    sites.sort(key=lambda s: (order.get(s.path, len(order)), s.kind, s.path))
+        owner, _, name = path.rpartition(".")
+        within[path] = list(dict(model.get_submodule(owner).named_parameters(recurse=False))).index(name) + 1
+    sites.sort(key=lambda s: (order.get(s.path, len(order)), within.get(s.path, 0), s.kind, s.path))
     return Report(model_class=_module_class(model), sites=sites, unknown=unknown,
                   unknown_roles={p: facts.roles[p] for p in unknown if facts.roles.get(p)})
 

@@ -74,6 +74,7 @@ class Site:
     attention: AttentionInfo | None = None  # for kind == "attention"
     input_group: str | None = None  # path of the first site that reads the same input tensor (q/k/v, gate/up)
     num_experts: int | None = None  # for kind == "experts": how many experts the parameter stacks
+    transposed: bool = False  # for kind == "experts": stored [experts, in, out] (else [experts, out, in])
 
     def channels(self, role: str) -> tuple[Slice, ...]:
         """Output-channel ranges of `role` on this site: its slices, or the whole output if unfused."""
