@@ -72,7 +72,7 @@ def site_delta(site, branch) -> torch.Tensor:
     for part in parts:
         rows = part.channels if part.channels is not None else torch.arange(site.out_features)
         for e in range(site.num_experts):
-            delta[e, rows] += part.scale * (part.lora_B[e] @ part.lora_A[e])
+            delta[e, rows] += part.scale * (part.lora_B[e].double() @ part.lora_A[e].double())
     return delta
 
 
@@ -264,3 +264,25 @@ def test_dropout_and_per_sample_routing_refused_at_experts():
         with surgery.disabled(model):
             base = model(ids()).logits
         torch.testing.assert_close(model(ids()).logits, base)
+
+
+def test_combine_and_save_load_at_experts(tmp_path):
+    model = build("olmoe")
+    a = surgery.attach(model, MLP_ROLES, name="a")
+    b = surgery.attach(model, MLP_ROLES, name="b")
+    randomize(a, seed=2)
+    randomize(b, seed=3)
+    c = surgery.combine(model, {"a": 0.5, "b": 1.5}, name="c", how="cat")
+    for p in c.plan.placements:
+        if p.site.kind == "experts":
+            want = 0.5 * site_delta(p.site, a.branches[p.site.path]) + 1.5 * site_delta(p.site, b.branches[p.site.path])
+            torch.testing.assert_close(site_delta(p.site, c.branches[p.site.path]), want)
+    surgery.set_active(model, ["c"])
+    x = ids()
+    with torch.no_grad():
+        out = model(x).logits
+    surgery.save(model, tmp_path / "c", name="c")
+    fresh = build("olmoe")
+    surgery.load(fresh, tmp_path / "c")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).logits, out)
