@@ -83,26 +83,27 @@ class LoraBranch(Branch):
         return routes.output(state, group, input_of(args, kwargs), out)
 
 
-class ExpertsLoraBranch(Branch):
-    """Stacked MoE experts: one pair per expert, A [E, r, in] and B [E, out, r], folded into the weight the module
-    reads (formula.expert_weight); with `channels`, on those output channels only (a role of a fused gate_up)."""
+class WeightLoraBranch(Branch):
+    """LoRA in weight space, at a site whose path names a parameter: the module reads W + ΔW. Stacked MoE experts
+    (`experts` = E) get one pair per expert, A [E, r, in] and B [E, out, r] (formula.expert_weight); a linear weight
+    its module reads itself (nn.MultiheadAttention's) one pair A [r, in], B [out, r] (formula.linear_weight). With
+    `channels`, on those output channels only (a role of a fused gate_up or in_proj)."""
 
-    def __init__(self, experts: int, in_features: int, out_features: int, params: Any, dtype: torch.dtype,
+    def __init__(self, experts: int | None, in_features: int, out_features: int, params: Any, dtype: torch.dtype,
                  device: torch.device, channels: torch.Tensor | None = None):
         super().__init__()
         self.scale = params.scale
-        self.lora_A = nn.Parameter(torch.empty(experts, params.r, in_features, dtype=dtype, device=device))
-        self.lora_B = nn.Parameter(torch.empty(experts, out_features, params.r, dtype=dtype, device=device))
+        stack = () if experts is None else (experts,)
+        self.lora_A = nn.Parameter(torch.empty(*stack, params.r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(*stack, out_features, params.r, dtype=dtype, device=device))
         self.register_buffer("channels", channels, persistent=False)
-        for a, b in zip(self.lora_A, self.lora_B):  # each expert's pair as a linear's (PEFT: kaiming on in)
+        pairs = zip(self.lora_A, self.lora_B) if experts is not None else [(self.lora_A, self.lora_B)]
+        for a, b in pairs:  # each expert's pair as a linear's (PEFT: kaiming on in)
             init_pair(a, b, params.init, params.r)
+        self._update = formula.expert_weight if experts is not None else formula.linear_weight
 
     def adapt_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return formula.expert_weight(weight, self.lora_A, self.lora_B, self.scale, self.channels)
-
-    def weight_delta(self) -> torch.Tensor:
-        """ΔW = s · B @ A per expert, [E, out, in] (on `channels` only where set)."""
-        return torch.bmm(self.lora_B, self.lora_A) * self.scale
+        return self._update(weight, self.lora_A, self.lora_B, self.scale, self.channels)
 
 
 class SlicedLoraBranch(SlicedBranch):

@@ -20,6 +20,10 @@ module reads W + ΔW with ΔW[e] = s · B[e] @ A[e] (`expert_weight`), so each t
 x_t @ W[e].T + s · B[e](A[e](x_t)). Dropout has no place in it (x is not seen). On a fused gate_up a role's pair
 covers that role's output channels (dimension 1) only.
 
+A linear weight that its module reads itself instead of calling a linear (nn.MultiheadAttention's in_proj_weight
+and out_proj.weight: sites of kind `weight`) gets the same pair applied the same way: the module reads W + ΔW
+(`linear_weight`), so y = x @ (W + s · B @ A).T + b, the plain formula without dropout.
+
 Per-sample routing and combination use the pair with the scale folded into B: s · B (`folded_b`).
 
 The scale is `scale(...)`, kept by each branch as `branch.scale`. In plain torch it is applied here and nowhere
@@ -84,6 +88,15 @@ def embedding_output(out: torch.Tensor, ids: torch.Tensor, a: torch.Tensor, b: t
     """The embedding `out` of `ids` plus s · A.T[ids] @ B.T, in out's dtype."""
     after_a = F.embedding(ids, a.T, padding_idx=padding_idx)
     return out + (after_a @ b.T * s).to(out.dtype)
+
+
+def linear_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
+                  channels: torch.Tensor | None = None) -> torch.Tensor:
+    """W + ΔW for a linear weight W [out, in] that its module reads itself (nn.MultiheadAttention's in_proj), on
+    every output channel or on `channels` only (a new tensor, in W's dtype): merged LoRA, applied on each read."""
+    if channels is None:
+        return torch.addmm(weight, b.to(weight.dtype), a.to(weight.dtype), alpha=s)
+    return weight.index_add(0, channels, delta_weight(a, b, s).to(weight.dtype))
 
 
 def expert_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,

@@ -14,7 +14,7 @@ from torch import nn
 import surgery
 from surgery.plugin import Branch, Method, MethodParams, Site, SiteError, WeightEdit, branch_dtype, module_device
 from surgery_plugins.lora import formula
-from surgery_plugins.lora.branches import ExpertsLoraBranch, LoraBranch, LoraEmbeddingBranch, SlicedLoraBranch
+from surgery_plugins.lora.branches import LoraBranch, LoraEmbeddingBranch, SlicedLoraBranch, WeightLoraBranch
 from surgery_plugins.lora.shared import SharedInput
 
 
@@ -47,7 +47,7 @@ def _sliced_roles(site: Site, roles: frozenset[str]) -> list[str]:
 class Lora(Method):
     name = "lora"
     params = LoraParams
-    kinds = frozenset({"linear", "conv1d", "quantized_linear", "embedding", "experts"})
+    kinds = frozenset({"linear", "conv1d", "quantized_linear", "embedding", "experts", "weight"})
     mergeable = True
 
     def build(self, site: Site, module: nn.Module, params: Any, roles: frozenset[str]) -> Branch:
@@ -55,8 +55,8 @@ class Lora(Method):
         if site.kind == "embedding":
             return LoraEmbeddingBranch(module, params, dtype)
         sliced = _sliced_roles(site, roles)
-        if site.kind == "experts":
-            return _experts_branch(site, params, sliced, dtype, device)
+        if site.kind in ("experts", "weight"):
+            return _weight_branch(site, params, sliced, dtype, device)
         if not sliced:
             branch = LoraBranch(site.in_features, site.out_features, params, dtype, device)
             if site.input_group is not None and site.kind == "linear":
@@ -70,11 +70,13 @@ class Lora(Method):
 
     def narrow(self, sites: list[Site], params: Any) -> list[Site]:
         """All the selected sites; dropout is refused on stacked experts (their update never sees the input)."""
-        experts = [s.path for s in sites if s.kind == "experts"]
+        experts = [s.path for s in sites if s.kind in ("experts", "weight")]
         if params.dropout and experts:
-            raise SiteError(f"LoRA dropout ({params.dropout}) cannot act on stacked expert weights ({experts[0]}"
+            raise SiteError(f"LoRA dropout ({params.dropout}) cannot act on stacked expert weights or on weights "
+                            f"a module reads itself ({experts[0]}"
                             f"{' and others' if len(experts) > 1 else ''}): their update is folded into the weight, "
-                            "which never sees the input; give experts sites a rule of their own with dropout: 0")
+                            "which never sees the input; give experts and weight sites a rule of their own with "
+                            "dropout: 0")
         return sites
 
     def attach_model(self, model: nn.Module, branches: dict[str, Branch]) -> Any:
@@ -159,15 +161,15 @@ def _combine_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor, float]], weight
     raise surgery.SurgeryError(f"unknown combination {how!r}: use 'cat' or 'linear'")
 
 
-def _experts_branch(site: Site, params: Any, sliced: list[str], dtype: torch.dtype, device: torch.device) -> Branch:
-    """One pair per expert on the whole stacked weight, or per selected role of a fused gate_up."""
+def _weight_branch(site: Site, params: Any, sliced: list[str], dtype: torch.dtype, device: torch.device) -> Branch:
+    """LoRA in weight space (a parameter site): one pair (per expert) on the whole weight, or per selected role of
+    a fused gate_up or in_proj."""
     if params.dropout:
-        raise SiteError(f"LoRA dropout ({params.dropout}) cannot act on the stacked expert weights {site.path!r}: "
-                        "their update is folded into the weight, which never sees the input; set dropout: 0 for "
-                        "experts sites (a rule with kinds: [experts])")
+        raise SiteError(f"LoRA dropout ({params.dropout}) cannot act on the weight {site.path!r}: the update is "
+                        "folded into the weight, which never sees the input; set dropout: 0 there")
     if not sliced:
-        return ExpertsLoraBranch(site.num_experts, site.in_features, site.out_features, params, dtype, device)
-    return SlicedLoraBranch({role.rsplit(".", 1)[-1]: ExpertsLoraBranch(
+        return WeightLoraBranch(site.num_experts, site.in_features, site.out_features, params, dtype, device)
+    return SlicedLoraBranch({role.rsplit(".", 1)[-1]: WeightLoraBranch(
         site.num_experts, site.in_features, len(channels), params, dtype, device, channels)
         for role in sliced for channels in [_channels(site, role, device)]})
 

@@ -100,6 +100,10 @@ class LoraMapping:
         alphas: dict[str, float] = {}
         for placement in placements:
             path, branch = placement.site.path, attachment.branches[placement.site.path]
+            if placement.site.kind == "weight":
+                raise SurgeryError(f"PEFT format: LoRA on the weight {path!r} (a linear weight its module reads "
+                                   "itself, as nn.MultiheadAttention's) cannot be written: PEFT's MultiheadAttention "
+                                   "layer adapts in_proj and out_proj whole, together; save it in surgery's format")
             if placement.site.kind == "quantized_linear":
                 raise SurgeryError(f"PEFT format holds LoRA on float layers only: lora on quantized_linear site "
                                    f"{path!r} cannot be written")

@@ -77,13 +77,31 @@ def _site_dtype(module: nn.Module, fmt, lin) -> torch.dtype | None:
     return _float_dtype(module)
 
 
+def _parameter_index(model: nn.Module, path: str) -> int | None:
+    """Where the parameter at `path` comes among its module's own parameters; None if `path` names no parameter."""
+    owner, _, name = path.rpartition(".")
+    try:
+        names = list(dict(model.get_submodule(owner).named_parameters(recurse=False)))
+    except AttributeError:
+        return None
+    return names.index(name) if name in names else None
+
+
 def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> Report:
     """Analyse `model` (never executing it) and return its sites."""
     facts = analyze(model, args, kwargs)
     registry = manager()
     sites: list[Site] = []
     unknown: list[str] = []
+    weights: dict[str, int] = {}
     for path, lin in facts.linears.items():
+        if _parameter_index(model, path) is not None:  # a weight its module reads itself (nn.MultiheadAttention)
+            owner = model.get_submodule(path.rpartition(".")[0])
+            weights[path] = _parameter_index(model, path)
+            sites.append(Site(path=path, kind="weight", module_class=_module_class(owner), in_features=lin.in_features,
+                              out_features=lin.out_features, dtype=model.get_parameter(path).dtype,
+                              roles=facts.roles.get(path, frozenset()), slices=facts.slices.get(path, {})))
+            continue
         module = model.get_submodule(path)
         fmt = registry.format_of(module)
         if fmt is None or fmt.kind == "embedding" or tuple(fmt.features(module)) != (lin.in_features, lin.out_features):
@@ -113,10 +131,9 @@ def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = 
         sites.append(Site(path=path, kind="attention", module_class=_module_class(model.get_submodule(path)), attention=info))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     within: dict[str, int] = {}
-    for path, ex in facts.experts.items():  # a parameter sorts just after its module, in registration order
-        order[path] = order.get(ex.module, len(order))
-        owner, _, name = path.rpartition(".")
-        within[path] = list(dict(model.get_submodule(owner).named_parameters(recurse=False))).index(name) + 1
+    for path in [*facts.experts, *weights]:  # a parameter sorts just after its module, in registration order
+        order[path] = order.get(path.rpartition(".")[0], len(order))
+        within[path] = _parameter_index(model, path) + 1
     sites.sort(key=lambda s: (order.get(s.path, len(order)), within.get(s.path, 0), s.kind, s.path))
     return Report(model_class=_module_class(model), sites=sites, unknown=unknown,
                   unknown_roles={p: facts.roles[p] for p in unknown if facts.roles.get(p)})

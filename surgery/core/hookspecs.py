@@ -58,7 +58,7 @@ def surgery_methods() -> list["Method"]:
       a new `Branch` module holding the method's trainable tensors for one site. It must not modify `module` or
       the model (the engine installs the branch, and removes it again on detach or when an attach fails
       part-way). `roles` are the roles the rule selected on this site: on a fused projection act only on
-      `site.channels(role)`; empty means the whole module. At a site of kind `experts` (a stacked parameter,
+      `site.channels(role)`; empty means the whole module. At a site of kind `experts` or `weight` (a parameter,
       `site.path` names it) `module` is the module holding the parameter, and the branch implements
       `adapt_weight` (the engine applies it to the parameter, see `surgery.plugin.Branch`).
     - `attach_model(model, branches) -> undo | None` on attach, once per method per attachment, after its branches

@@ -46,7 +46,7 @@ class Branch(nn.Module):
     - `adapt_call(args, kwargs) -> (args, kwargs)`: change the base module's inputs (runs before it);
     - `adapt_output(args, kwargs, out) -> out`: change its output (`args`/`kwargs` are the inputs the base saw).
     A branch with `replaces_base = True` is called (`branch(*args, **kwargs)`) instead of the base module.
-    At a site of kind `experts` (a stacked 3-D parameter, not a module) the branch changes the weight instead:
+    At a site whose path names a parameter (kinds `experts`, `weight`) the branch changes the weight instead:
     `adapt_weight(weight) -> weight`, see there.
 
     Two optional fast paths, each offered by the Host in one situation and each free to decline, so that a branch
@@ -97,8 +97,8 @@ class Branch(nn.Module):
         return out
 
     def adapt_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """At a site of kind `experts`: the stacked weight to use, from `weight` as [experts, out, in] (a view,
-        whatever the stored layout; do not write to it). Called each time the model reads the parameter while
+        """At a site whose path names a parameter (kinds `experts`, `weight`): the weight to use, from `weight` as
+        [experts, out, in] or [out, in] (a view, whatever the stored layout; do not write to it). Called each time the model reads the parameter while
         this branch runs (once per call of the module holding it); the result keeps the shape and dtype and
         carries the branch's gradients. `adapt_call`/`adapt_output` are not called at such sites."""
         raise NotImplementedError(f"{type(self).__name__} cannot adapt stacked expert weights")

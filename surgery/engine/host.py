@@ -148,11 +148,13 @@ def _batches_routes(kind: type[Branch]) -> bool:
 
 
 class ParameterHost(nn.Module):
-    """What the engine puts at a site of kind `experts`: a parametrization of the stacked parameter
+    """What the engine puts at a site whose path names a parameter (kinds `experts`, `weight`): a parametrization
+    of the parameter
     (`torch.nn.utils.parametrize`), so that every read of `module.<name>` gives the stored weight with the running
     branches' `adapt_weight` applied, in attachment order. The stored parameter object is kept untouched (at
     `module.parametrizations.<name>.original`) and put back, in its place among the module's parameters, on
     detach. Within one call of the module the adapted weight is computed once (an eager MoE reads it per expert).
+    Branches see the weight as [out, in] ([experts, out, in]), whatever the stored layout (`transposed`).
 
     Same public state as `Host` (`branches`, `running`, `routing`), set by the ledger. Per-sample routing cannot
     act on a weight shared by the whole batch: a routed call whose names include one of these branches is refused.

@@ -6,9 +6,9 @@ from torch import nn
 
 from surgery.core.formats import WeightFormat
 from surgery.core.registry import manager
-from surgery.core.sites import Site
+from surgery.core.sites import PARAMETER_KINDS, Site
 from surgery.engine.ledger import Attachment, Ledger, MergedSite, base_module, require_ledger, unwrap
-from surgery.engine.weight_edits import StackedFormat, apply_edit, merged_float_linear, revert_edit
+from surgery.engine.weight_edits import ParameterFormat, apply_edit, merged_float_linear, revert_edit
 from surgery.errors import LedgerError, NotMergeableError
 
 MERGE_TARGETS = ("weights", "float")
@@ -16,9 +16,9 @@ MERGE_TARGETS = ("weights", "float")
 
 def site_format(site: Site, module: nn.Module) -> WeightFormat:
     """The weight format a merge at `site` reads and writes through: the registered one of its module, or the
-    stacked parameter's for a site of kind `experts`."""
-    if site.kind == "experts":
-        return StackedFormat(site.path.rpartition(".")[2], site.transposed)
+    parameter's for a site whose path names one (kinds `experts`, `weight`)."""
+    if site.kind in PARAMETER_KINDS:
+        return ParameterFormat(site.path.rpartition(".")[2], site.transposed)
     return manager().format_of(module)
 
 

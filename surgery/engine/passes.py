@@ -10,7 +10,7 @@ from torch import nn
 from surgery.analysis.report import sites_of
 from surgery.core.method import Branch, base_parameter_count
 from surgery.core.registry import manager
-from surgery.core.sites import Site
+from surgery.core.sites import PARAMETER_KINDS, Site
 from surgery.engine.host import Host, ParameterHost, install_parameter_host, remove_parameter_host
 from surgery.engine.ledger import LEDGER_ATTRIBUTE, Attachment, Ledger, base_module, find_ledger, require_ledger, unwrap
 from surgery.engine.merge import merge, unmerge
@@ -34,7 +34,7 @@ def _install(model: nn.Module, ledger: Ledger, site: Site, name: str, branch: Br
              homes: dict[int, list[tuple[nn.Module, str]]]) -> None:
     path = site.path
     host = ledger.hosts.get(path)
-    if host is None and site.kind == "experts":  # a stacked parameter: parametrized, not swapped
+    if host is None and site.kind in PARAMETER_KINDS:  # a parameter: parametrized, not swapped
         module = base_module(model, path)
         host = install_parameter_host(module, path.rpartition(".")[2], site.transposed)
         host.train(module.training)

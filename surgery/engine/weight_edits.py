@@ -108,11 +108,12 @@ def _apply_weight_edit(fmt: WeightFormat, module: nn.Module, edit: WeightEdit, e
     return record
 
 
-class StackedFormat:
-    """The weight format of a site of kind `experts`: the stacked parameter `name` of a module as a live
-    [experts, out, in] view (through a ParameterHost's parametrization, if there is one)."""
+class ParameterFormat:
+    """The weight format of a site whose path names a parameter (kinds `experts`, `weight`): the parameter `name`
+    of a module as a live [experts, out, in] or [out, in] view (through a ParameterHost's parametrization, if
+    there is one)."""
 
-    kind, priority, is_view = "experts", 0, True
+    kind, priority, is_view = "parameter", 0, True
 
     def __init__(self, name: str, transposed: bool):
         self.name, self.transposed = name, transposed
@@ -121,7 +122,7 @@ class StackedFormat:
         return isinstance(getattr(module, self.name, None), torch.Tensor)
 
     def features(self, module: nn.Module) -> tuple[int, int]:
-        return int(self.dense(module).shape[2]), int(self.dense(module).shape[1])
+        return int(self.dense(module).shape[-1]), int(self.dense(module).shape[-2])
 
     def dense(self, module: nn.Module) -> torch.Tensor:
         weight = stored_parameter(module, self.name).detach()
