@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,13 +61,16 @@ class MhaStandIn(nn.Module):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: Any = None,
                 need_weights: bool = True, attn_mask: Any = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, None]:
+        same = query is key and key is value
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         e = self.width
-        if query is key and key is value:
+        if same:
             q, k, v = self.in_proj(query).split(e, dim=-1)
-        else:
-            q, k, v = self.in_proj(query)[..., :e], self.in_proj(key)[..., e:2 * e], self.in_proj(value)[..., 2 * e:]
+        else:  # one call over the three sequences, so that one node holds the projection the probe reads
+            lq, lk = query.shape[1], key.shape[1]
+            proj = self.in_proj(torch.cat([query, key, value], dim=1))
+            q, k, v = proj[:, :lq, :e], proj[:, lq:lq + lk, e:2 * e], proj[:, lq + lk:, 2 * e:]
         batch, lq, lk = q.shape[0], q.shape[1], k.shape[1]
         q, k, v = (t.reshape(batch, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
         mask = _mask(self.mha, batch, lq, lk, key_padding_mask, attn_mask, q.dtype)

@@ -45,8 +45,9 @@ class Ledger:
     """Everything surgery has changed on one model.
 
     `report` holds the sites of the model as it was before the first attach; `hosts` the Host swapped in at
-    each adapted path (a ParameterHost at a stacked expert parameter's path) and `homes` every (parent, attribute) that held the original module (a shared module has
-    several); `requires_grad` the parameters' flags before the first attach.
+    each adapted path (a ParameterHost at a parameter's path: kinds experts, weight) and `homes` every (parent,
+    attribute) that held the original module (a shared module has several); `requires_grad` the parameters'
+    flags before the first attach.
     """
 
     report: Report
