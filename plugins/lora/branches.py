@@ -58,6 +58,8 @@ class LoraBranch(Branch):
         return formula.update(x, self.lora_A, self.lora_B, self.scale, self.dropout)
 
     def adapt_output(self, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
+        if isinstance(out, tuple):  # (output, scaling factor): I-BERT's QuantLinear
+            return (self.adapt_output(args, kwargs, out[0]), *out[1:])
         return formula.output(out, input_of(args, kwargs), self.lora_A, self.lora_B, self.scale, self.dropout,
                               self.channels)
 
@@ -80,6 +82,8 @@ class LoraBranch(Branch):
     def route_output(cls, state: tuple[torch.Tensor, torch.Tensor], group: torch.Tensor, args: tuple, kwargs: dict,
                      out: torch.Tensor) -> torch.Tensor:
         """Every sample's own LoRA in two batched matmuls, whatever the number of adapters."""
+        if isinstance(out, tuple):  # (output, scaling factor): I-BERT's QuantLinear
+            return (cls.route_output(state, group, args, kwargs, out[0]), *out[1:])
         return routes.output(state, group, input_of(args, kwargs), out)
 
 
