@@ -178,6 +178,16 @@ def test_merge_unmerge_exact_and_detach_restores_the_parameters(arch):
     surgery.detach(model, "default")
     after = dict(model.named_parameters())
     assert list(after) == list(params_before)
+    again = surgery.attach(model, MLP_ROLES)  # bake: merged for good, the branches gone, a plain model again
+    randomize(again, std=0.3)
+    surgery.bake(model, "default")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, adapted, rtol=1e-4, atol=1e-4)
+    assert list(dict(model.named_parameters())) == list(params_before)
+    assert {n: type(m) for n, m in model.named_modules()} == classes
+    with torch.no_grad():
+        for n, p in params_before.items():
+            p.copy_(bytes_before[n])
     assert all(after[n] is params_before[n] for n in after)  # the same Parameter objects, in their places
     assert all(torch.equal(after[n].detach(), bytes_before[n]) for n in after)  # bit for bit
     assert {n: type(m) for n, m in model.named_modules()} == classes
@@ -185,8 +195,9 @@ def test_merge_unmerge_exact_and_detach_restores_the_parameters(arch):
         assert torch.equal(model(x).logits, base)
 
 
-def test_peft_target_parameters_both_ways(tmp_path):
-    model = build("mixtral")
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])  # experts stored [E, out, in] / [E, in, out]
+def test_peft_target_parameters_both_ways(tmp_path, arch):
+    model = build(arch)
     rules = surgery.RuleSet(name="mixed", rules=[*MLP_ROLES.rules, surgery.Rule(
         select=surgery.Selector(roles=["attention.query", "attention.value"]), method="lora", params={"r": 2, "alpha": 6})])
     theirs = get_peft_model(copy.deepcopy(model), LoraConfig(
@@ -209,18 +220,18 @@ def test_peft_target_parameters_both_ways(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, expected, rtol=1e-5, atol=1e-5)
     # and back: surgery writes what PEFT loads to the same outputs (a per-role LoRA becomes one pair of rank 2r)
-    other = build("mixtral")
+    other = build(arch)
     attachment = surgery.attach(other, rules, name="q")
     randomize(attachment, std=0.2, seed=5)
     with torch.no_grad():
         ours = other(x).logits
     surgery.save(other, tmp_path / "ours", name="q", format="peft")
-    peft_model = PeftModel.from_pretrained(build("mixtral"), tmp_path / "ours")
+    peft_model = PeftModel.from_pretrained(build(arch), tmp_path / "ours")
     with torch.no_grad():
         torch.testing.assert_close(peft_model(x).logits, ours, rtol=1e-5, atol=1e-5)
     # and round trip of the first adapter through surgery's PEFT writer
     surgery.save(model, tmp_path / "again", name="p", format="peft")
-    again = PeftModel.from_pretrained(build("mixtral"), tmp_path / "again")
+    again = PeftModel.from_pretrained(build(arch), tmp_path / "again")
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, expected, rtol=1e-5, atol=1e-5)
 
