@@ -291,8 +291,8 @@ def write_results(name: str, device: str, results: dict, out: str | Path | None 
 
 def lora_internals() -> SimpleNamespace:
     """LoRA's private modules: the kernels, the fused and shared autograd paths, and the merged-weight switch."""
-    from surgery_plugins import lora_fused, lora_kernels, lora_merged_weight, lora_shared  # internal: path may move
-    return SimpleNamespace(fused=lora_fused, kernels=lora_kernels, merged_weight=lora_merged_weight, shared=lora_shared)
+    from surgery_plugins.lora import fused, kernels, merged_weight, shared, tiles  # internal: path may move
+    return SimpleNamespace(fused=fused, kernels=kernels, merged_weight=merged_weight, shared=shared, tiles=tiles)
 
 
 def analysis_cache() -> dict:

@@ -245,6 +245,17 @@ class TrainableCount(NamedTuple):
         return f"trainable {share:.2f}% ({self.trainable:,} / {self.total:,})"
 
 
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The trainable parameters of attachment `name` (its branches' parameters that require grad), each once: what
+    its optimizer takes."""
+    seen: dict[int, nn.Parameter] = {}
+    for branch in require_ledger(unwrap(model)).get(name).branches.values():
+        for p in branch.parameters():
+            if p.requires_grad:
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
 def trainable_parameters(model: nn.Module) -> TrainableCount:
     """How many parameters require grad, out of all (shared parameters counted once)."""
     params = list(unwrap(model).parameters())
