@@ -554,11 +554,12 @@ def test_moe_experts_are_sites_with_mlp_roles():
     assert report.unknown_roles["model.layers.0.mlp.gate"] == {"mlp.router"}
     assert "(mlp.router)" in str(report)
     assert {s.path for s in report.with_role(DOWN)} == {f"{p}.down_proj"}  # a rule selecting mlp.* finds them
-    with pytest.raises(surgery.RuleFileError, match="of kind 'experts', which method 'lora' does not accept"):
+    # methods that take no stacked experts refuse them by name; LoRA and lora-all-linear adapt them (test_experts_lora)
+    with pytest.raises(surgery.RuleFileError, match="of kind 'experts', which method 'ia3' does not accept"):
         surgery.plan(model, surgery.RuleSet.model_validate(
-            {"name": "mlp", "rules": [{"select": {"roles": ["mlp.down"]}, "method": "lora"}]}))
-    # the built-in rule sets adapt linear kinds only, until a method adapts stacked experts
-    assert not [p for p in surgery.plan(model, "lora-all-linear").placements if p.site.kind == "experts"]
+            {"name": "mlp", "rules": [{"select": {"roles": ["mlp.down"]}, "method": "ia3"}]}))
+    assert {p.site.path for p in surgery.plan(model, "lora-all-linear").placements if p.site.kind == "experts"} == {
+        f"{p}.gate_up_proj", f"{p}.down_proj"}
 
 
 def test_moe_experts_interleaved_gate_up():

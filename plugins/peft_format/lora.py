@@ -6,6 +6,12 @@ the slices of a fused projection (e.g. q and v of GPT-2's c_attn) is written exa
 a block-structured B. `use_dora: true` maps to method `dora` (the magnitude under `<path>.lora_magnitude_vector`);
 a DoRA on slices is written as one whole-module DoRA whose other rows keep B = 0 and m = ‖W_row‖ (so g = 1
 there). LoRA bias, layer replication and the other options are refused by name.
+
+Stacked MoE experts are PEFT's `target_parameters` (its ParamWrapper): per parameter `lora_A.weight` [r*E, in]
+(expert-major: [E, r, in]) and `lora_B.weight` [out, r*E] (expert-minor: [out, r, E]), under the key of the module
+holding the parameter; where several parameters of one module are targeted PEFT nests its wrappers, the first
+parameter (in the module's registration order) innermost, so the k-th from the last gets k `base_layer.` before
+`lora_A`. Per-role pairs (gate, up of a fused gate_up) are written as one pair per expert as above.
 """
 from __future__ import annotations
 
@@ -16,10 +22,19 @@ import torch
 from torch import nn
 
 from surgery.plugin import Attachment, MismatchError, Report, SurgeryError
-from surgery_plugins.peft_format.common import PREFIX, TENSORS, dtype_name, most_common, pattern, pattern_value, refuse
+from surgery_plugins.peft_format.common import (
+    PREFIX,
+    TENSORS,
+    dtype_name,
+    matches_target,
+    most_common,
+    pattern,
+    pattern_value,
+    refuse,
+)
 
 UNSUPPORTED = {"bias": "none", "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
-               "layer_replication": None, "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
+               "layer_replication": None, "trainable_token_indices": None, "use_qalora": False,
                "alora_invocation_tokens": None, "use_bdlora": None, "megatron_config": None, "arrow_config": None}
 """PEFT options this mapping cannot express, with the value that means "not used"."""
 
@@ -38,13 +53,17 @@ class LoraMapping:
              source: str) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
         refuse(config, UNSUPPORTED, source)
         sites = {s.path: s for s in report.sites if s.kind != "attention"}
+        nested = _nested_parameters(config.get("target_parameters") or [], report)
         lora: dict[str, dict[str, torch.Tensor]] = {}
         rest: list[str] = []
         for key, tensor in tensors.items():
             short = key.removeprefix(PREFIX)
             m = _LORA_KEY.match(short) or _EMBEDDING_KEY.match(short) or _MAGNITUDE_KEY.match(short)
             if m:
-                lora.setdefault(m["path"], {})["m" if m["part"] == "magnitude" else m["part"][-1]] = tensor
+                path = nested.get(m["path"], m["path"])
+                if path in sites and sites[path].kind == "experts" and m["part"] != "magnitude":
+                    tensor = _from_peft_experts(tensor, m["part"][-1], sites[path].num_experts)
+                lora.setdefault(path, {})["m" if m["part"] == "magnitude" else m["part"][-1]] = tensor
             else:
                 rest.append(short)
         problems = [f"missing site {p!r} (LoRA in the adapter)" for p in lora if p not in sites]
@@ -64,7 +83,7 @@ class LoraMapping:
             raise MismatchError(source, problems)
         groups: dict[tuple, list[str]] = {}
         for path, ab in sorted(lora.items()):
-            r = ab["A"].shape[0]
+            r = ab["A"].shape[-2]
             alpha = pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
             groups.setdefault((r, float(alpha), dtype_name(ab["A"])), []).append(path)
         rules = [{"select": {"paths": paths}, "method": "dora" if dora else "lora",
@@ -88,27 +107,42 @@ class LoraMapping:
         if len(rslora) > 1:
             raise SurgeryError("PEFT format: use_rslora is one flag for the whole adapter; this attachment mixes both")
         rs = rslora.pop()
+        experts = [p for p in placements if p.site.kind == "experts"]
+        if experts and any(p.params.dropout for p in placements):
+            raise SurgeryError("PEFT format: lora_dropout is one value for the whole adapter, and PEFT refuses "
+                               f"dropout on target_parameters (the stacked experts {experts[0].site.path!r}); "
+                               "this attachment has LoRA dropout")
+        depth = _nesting([p.site.path for p in experts])
         tensors: dict[str, torch.Tensor] = {}
         ranks: dict[str, int] = {}
         alphas: dict[str, float] = {}
         for placement in placements:
             path, branch = placement.site.path, attachment.branches[placement.site.path]
+            if placement.site.kind == "weight":
+                raise SurgeryError(f"PEFT format: LoRA on the weight {path!r} (a linear weight its module reads "
+                                   "itself, as nn.MultiheadAttention's) cannot be written: PEFT's MultiheadAttention "
+                                   "layer adapts in_proj and out_proj whole, together; save it in surgery's format")
             if placement.site.kind == "quantized_linear":
                 raise SurgeryError(f"PEFT format holds LoRA on float layers only: {placement.method} on "
                                    f"quantized_linear site {path!r} cannot be written")
             a, b, scale = _dense_lora(branch, placement.site.out_features)
             if dora:
                 tensors[f"{PREFIX}{path}.{MAGNITUDE}"] = _dense_magnitude(branch, placement.site.out_features)
-            r = a.shape[0]
+            r = a.shape[-2]
             ranks[path], alphas[path] = r, scale * (r ** 0.5 if rs else r)
-            if placement.site.kind == "embedding":
+            if placement.site.kind == "experts":
+                key = path.rpartition(".")[0] + ".base_layer" * depth[path]
+                tensors[f"{PREFIX}{key}.lora_A.weight"] = a.reshape(-1, a.shape[-1])
+                tensors[f"{PREFIX}{key}.lora_B.weight"] = b.permute(1, 2, 0).reshape(b.shape[1], -1)
+            elif placement.site.kind == "embedding":
                 tensors[f"{PREFIX}{path}.lora_embedding_A"], tensors[f"{PREFIX}{path}.lora_embedding_B"] = a, b
             else:
                 tensors[f"{PREFIX}{path}.lora_A.weight"], tensors[f"{PREFIX}{path}.lora_B.weight"] = a, b
         r, alpha = most_common(ranks), most_common(alphas)
         config = {
             "r": r, "lora_alpha": alpha, "lora_dropout": placements[0].params.dropout, "use_rslora": rs,
-            "target_modules": sorted(ranks), "rank_pattern": pattern(ranks, r), "alpha_pattern": pattern(alphas, alpha),
+            "target_modules": sorted(set(ranks) - set(depth)), "target_parameters": sorted(depth) or None,
+            "rank_pattern": pattern(ranks, r), "alpha_pattern": pattern(alphas, alpha),
             "fan_in_fan_out": all(p.site.kind == "conv1d" for p in placements),
             "bias": "none", "init_lora_weights": True, "use_dora": dora,
         }
@@ -138,11 +172,34 @@ def _dense_lora(branch: nn.Module, out_features: int) -> tuple[torch.Tensor, tor
     scales = {p.scale for p in parts}
     if len(scales) != 1:
         raise SurgeryError("PEFT format: the parts of a fused-projection LoRA have different scales")
-    a = torch.cat([p.lora_A.detach() for p in parts])
-    b = torch.zeros(out_features, a.shape[0], dtype=a.dtype, device=a.device)
+    a = torch.cat([p.lora_A.detach() for p in parts], dim=-2)  # stacked experts: [E, r, in], per expert alike
+    b = a.new_zeros((*a.shape[:-2], out_features, a.shape[-2]))
     column = 0
     for p in parts:
-        r = p.lora_A.shape[0]
-        b[p.channels, column:column + r] = p.lora_B.detach()
+        r = p.lora_A.shape[-2]
+        b[..., p.channels, column:column + r] = p.lora_B.detach()
         column += r
     return a, b, scales.pop()
+
+
+def _nesting(paths: list[str]) -> dict[str, int]:
+    """How many `base_layer.` PEFT puts before each targeted parameter's LoRA keys, for parameter paths in each
+    module's parameter order (as sites and placements come): its wrappers nest in that order, the first innermost."""
+    by_module: dict[str, list[str]] = {}
+    for path in paths:
+        by_module.setdefault(path.rpartition(".")[0], []).append(path)
+    return {path: len(paths) - 1 - i for paths in by_module.values() for i, path in enumerate(paths)}
+
+
+def _nested_parameters(targets: list[str], report: Report) -> dict[str, str]:
+    """PEFT's key path (module + `.base_layer` per nesting level) -> the experts site it holds, for the stacked
+    parameters that `target_parameters` names (PEFT's rule: the path itself or a dotted suffix of it)."""
+    targeted = [s.path for s in report.sites if s.kind == "experts" and matches_target(s.path, list(targets))]
+    return {path.rpartition(".")[0] + ".base_layer" * level: path for path, level in _nesting(targeted).items()}
+
+
+def _from_peft_experts(tensor: torch.Tensor, part: str, experts: int) -> torch.Tensor:
+    """PEFT's 2-D lora_A [r*E, in] / lora_B [out, r*E] of a stacked parameter as ours: [E, r, in] / [E, out, r]."""
+    if part == "A":
+        return tensor.reshape(experts, -1, tensor.shape[-1])
+    return tensor.reshape(tensor.shape[0], -1, experts).permute(2, 0, 1).contiguous()

@@ -58,14 +58,16 @@ def surgery_methods() -> list["Method"]:
       a new `Branch` module holding the method's trainable tensors for one site. It must not modify `module` or
       the model (the engine installs the branch, and removes it again on detach or when an attach fails
       part-way). `roles` are the roles the rule selected on this site: on a fused projection act only on
-      `site.channels(role)`; empty means the whole module.
+      `site.channels(role)`; empty means the whole module. At a site of kind `experts` or `weight` (a parameter,
+      `site.path` names it) `module` is the module holding the parameter, and the branch implements
+      `adapt_weight` (the engine applies it to the parameter, see `surgery.plugin.Branch`).
     - `attach_model(model, branches) -> undo | None` on attach, once per method per attachment, after its branches
       are installed: a model-level change (a forward pre-hook extending the attention mask, linking branches
       that read one input, ...). The engine calls `undo()` on detach and when the attach fails later on.
     - `merge_edit(site, module, branch) -> WeightEdit` on `surgery.merge` (mergeable methods only): pure
-      functions on the site's dense weight [out, in] (and optionally its bias) that fold the branch in and take
-      it out again. The engine applies them through the site's weight format and keeps what makes unmerge
-      bit-exact. Raise `NotMergeableError` to refuse (e.g. a zero scale that would make unmerge lossy); nothing
+      functions on the site's dense weight [out, in] ([experts, out, in] at an `experts` site; and optionally
+      its bias) that fold the branch in and take it out again. The engine applies them through the site's
+      weight format and keeps what makes unmerge bit-exact. Raise `NotMergeableError` to refuse (e.g. a zero scale that would make unmerge lossy); nothing
       has changed then.
     - `combine(site, branches, weights, how) -> (params, state)` on `surgery.combine` (optional).
 

@@ -46,6 +46,8 @@ class Branch(nn.Module):
     - `adapt_call(args, kwargs) -> (args, kwargs)`: change the base module's inputs (runs before it);
     - `adapt_output(args, kwargs, out) -> out`: change its output (`args`/`kwargs` are the inputs the base saw).
     A branch with `replaces_base = True` is called (`branch(*args, **kwargs)`) instead of the base module.
+    At a site whose path names a parameter (kinds `experts`, `weight`) the branch changes the weight instead:
+    `adapt_weight(weight) -> weight`, see there.
 
     Two optional fast paths, each offered by the Host in one situation and each free to decline, so that a branch
     is correct with the two methods above alone:
@@ -102,6 +104,13 @@ class Branch(nn.Module):
     def adapt_output(self, args: tuple, kwargs: dict, out: Any) -> Any:
         return out
 
+    def adapt_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """At a site whose path names a parameter (kinds `experts`, `weight`): the weight to use, from `weight` as
+        [experts, out, in] or [out, in] (a view, whatever the stored layout; do not write to it). Called each time the model reads the parameter while
+        this branch runs (once per call of the module holding it); the result keeps the shape and dtype and
+        carries the branch's gradients. `adapt_call`/`adapt_output` are not called at such sites."""
+        raise NotImplementedError(f"{type(self).__name__} cannot adapt stacked expert weights")
+
 
 class SlicedBranch(Branch):
     """Branches acting on the selected roles' channels of one fused projection (e.g. only q and v of GPT-2's
@@ -116,11 +125,16 @@ class SlicedBranch(Branch):
             out = part.adapt_output(args, kwargs, out)
         return out
 
+    def adapt_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        for part in self.parts.values():
+            weight = part.adapt_weight(weight)
+        return weight
+
 
 @dataclass(frozen=True)
 class WeightEdit:
-    """A merge as two pure functions of the dense weight [out, in]: `apply` folds a branch in, `revert` takes it
-    out. Both return new tensors in the weight's dtype; the engine writes them back and makes unmerge exact.
+    """A merge as two pure functions of the dense weight [out, in] ([experts, out, in] at an `experts` site):
+    `apply` folds a branch in, `revert` takes it out. Both return new tensors in the weight's dtype; the engine writes them back and makes unmerge exact.
 
     `apply_bias` (optional) folds the branch into the module's bias [out] too, where it has one; the engine
     keeps the original bias (it is small) and puts it back on unmerge. A module without a bias keeps none, so

@@ -5,12 +5,22 @@ from __future__ import annotations
 from torch import nn
 
 from surgery.core import progress
+from surgery.core.formats import WeightFormat
 from surgery.core.registry import manager
+from surgery.core.sites import PARAMETER_KINDS, Site
 from surgery.engine.ledger import Attachment, Ledger, MergedSite, base_module, require_ledger, unwrap
-from surgery.engine.weight_edits import apply_edit, merged_float_linear, revert_edit
+from surgery.engine.weight_edits import ParameterFormat, apply_edit, merged_float_linear, revert_edit
 from surgery.errors import LedgerError, NotMergeableError
 
 MERGE_TARGETS = ("weights", "float")
+
+
+def site_format(site: Site, module: nn.Module) -> WeightFormat:
+    """The weight format a merge at `site` reads and writes through: the registered one of its module, or the
+    parameter's for a site whose path names one (kinds `experts`, `weight`)."""
+    if site.kind in PARAMETER_KINDS:
+        return ParameterFormat(site.path.rpartition(".")[2], site.transposed)
+    return manager().format_of(module)
 
 
 def _merge(model: nn.Module, ledger: Ledger, attachment: Attachment, exact: bool, into: str = "weights") -> None:
@@ -25,7 +35,7 @@ def _merge(model: nn.Module, ledger: Ledger, attachment: Attachment, exact: bool
                     continue
                 module = base_module(model, path)
                 method = registry.method(placement.method)
-                fmt = registry.format_of(module)
+                fmt = site_format(placement.site, module)
                 edit = method.merge_edit(placement.site, module, attachment.branches[path])
                 if into == "float" and not fmt.is_view:  # a copy format (quantized): swap in a float linear instead
                     linear, record = merged_float_linear(fmt, module, edit, placement.site.dtype)

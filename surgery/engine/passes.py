@@ -10,9 +10,10 @@ from torch import nn
 from surgery.analysis.report import sites_of
 from surgery.core.method import Branch, base_parameter_count
 from surgery.core.registry import manager
+from surgery.core.sites import PARAMETER_KINDS, Site
 from surgery.engine.copies import put_in_place, stand_ins
 from surgery.engine.foreign import refuse_peft
-from surgery.engine.host import Host
+from surgery.engine.host import Host, ParameterHost, install_parameter_host, remove_parameter_host
 from surgery.engine.ledger import LEDGER_ATTRIBUTE, Attachment, Ledger, base_module, find_ledger, require_ledger, unwrap
 from surgery.engine.merge import merge, unmerge
 from surgery.engine.plain_save import install as install_plain_save
@@ -34,10 +35,16 @@ def _homes(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return homes
 
 
-def _install(model: nn.Module, ledger: Ledger, path: str, name: str, branch: Branch,
+def _install(model: nn.Module, ledger: Ledger, site: Site, name: str, branch: Branch,
              homes: dict[int, list[tuple[nn.Module, str]]]) -> None:
+    path = site.path
     host = ledger.hosts.get(path)
-    if host is None:
+    if host is None and site.kind in PARAMETER_KINDS:  # a parameter: parametrized, not swapped
+        module = base_module(model, path)
+        host = install_parameter_host(module, path.rpartition(".")[2], site.transposed)
+        host.train(module.training)
+        ledger.hosts[path] = host
+    elif host is None:
         base = model.get_submodule(path)
         homes = homes[id(base)]
         host = Host(base)
@@ -45,14 +52,17 @@ def _install(model: nn.Module, ledger: Ledger, path: str, name: str, branch: Bra
         for parent, attr in homes:
             setattr(parent, attr, host)
         ledger.hosts[path], ledger.homes[path] = host, homes
-    branch.train(host.base.training)  # a new branch takes the mode of the model around it (eval: no dropout)
+    branch.train(host.training)  # a new branch takes the mode of the model around it (eval: no dropout)
     host.add(name, branch)
 
 
 def _uninstall(ledger: Ledger, path: str, name: str) -> None:
     host = ledger.hosts[path]
     host.remove(name)
-    if not len(host.branches):
+    if not len(host.branches) and isinstance(host, ParameterHost):
+        remove_parameter_host(host)
+        del ledger.hosts[path]
+    elif not len(host.branches):
         for parent, attr in ledger.homes.pop(path):
             setattr(parent, attr, host.base)
         del ledger.hosts[path]
@@ -90,6 +100,7 @@ def attach(model: nn.Module, rules: RuleSource, name: str = "default", *, freeze
             raise SurgeryError(f"attach {name!r}: method {placement.method!r} returned {type(branch).__name__} "
                                f"at site {path!r}, not a surgery.Branch")
         branches[path] = branch
+    sites = {p.site.path: p.site for p in plan.placements}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     installed: list[str] = []
     try:
@@ -99,7 +110,7 @@ def attach(model: nn.Module, rules: RuleSource, name: str = "default", *, freeze
             install_plain_save(model)  # save_pretrained writes the plain model's keys, the adapters beside
         homes = _homes(model)
         for path, branch in branches.items():
-            _install(model, ledger, path, name, branch, homes)
+            _install(model, ledger, sites[path], name, branch, homes)
             installed.append(path)
         attachment = Attachment(name=name, plan=plan, branches=branches)
         ledger.attachments[name] = attachment

@@ -8,6 +8,7 @@ from torch import nn
 
 from surgery.core.formats import WeightFormat
 from surgery.core.method import WeightEdit
+from surgery.engine.host import stored_parameter
 
 
 @dataclass
@@ -121,6 +122,36 @@ def differing_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.view(bits) != b.view(bits)
 
 
+class ParameterFormat:
+    """The weight format of a site whose path names a parameter (kinds `experts`, `weight`): the parameter `name`
+    of a module as a live [experts, out, in] or [out, in] view (through a ParameterHost's parametrization, if
+    there is one)."""
+
+    kind, priority, is_view = "parameter", 0, True
+
+    def __init__(self, name: str, transposed: bool):
+        self.name, self.transposed = name, transposed
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(getattr(module, self.name, None), torch.Tensor)
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        return int(self.dense(module).shape[-1]), int(self.dense(module).shape[-2])
+
+    def dense(self, module: nn.Module) -> torch.Tensor:
+        weight = stored_parameter(module, self.name).detach()
+        return weight.transpose(-1, -2) if self.transposed else weight
+
+    def store(self, module: nn.Module, weight: torch.Tensor) -> None:
+        self.dense(module).copy_(weight)
+
+    def snapshot(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {"weight": self.dense(module).clone()}
+
+    def restore(self, module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+        self.dense(module).copy_(saved["weight"])
+
+
 @torch.no_grad()
 def revert_edit(fmt: WeightFormat, module: nn.Module, edit: WeightEdit, record: EditRecord) -> None:
     """Undo an edit applied by `apply_edit`: bit-exact where a record was kept."""
@@ -135,6 +166,5 @@ def revert_edit(fmt: WeightFormat, module: nn.Module, edit: WeightEdit, record: 
         index = record.fix_index.long()
         if weight.is_contiguous():
             weight.view(-1)[index] = record.fix_value
-        else:  # a transposed view (GPT-2 Conv1D, embeddings): write through its own strides
-            rows, cols = index // weight.shape[1], index % weight.shape[1]
-            weight[rows, cols] = record.fix_value
+        else:  # a transposed view (GPT-2 Conv1D, embeddings, experts): write through its own strides
+            weight[torch.unravel_index(index, weight.shape)] = record.fix_value
