@@ -223,7 +223,7 @@ class Lora(Method):
                 out.index_add_(0, part.channels, (part.weight_delta() * sign).to(weight.dtype))
             return out
 
-        return WeightEdit(apply=lambda w: shift(w, 1.0), revert=lambda w: shift(w, -1.0))
+        return WeightEdit(apply=lambda w: shift(w, 1.0), revert=lambda w: shift(w, -1.0), form="add")
 
     def combine(self, site: Site, branches: list[Branch], weights: list[float], how: str) -> tuple[dict, dict]:
         keys = list(branches[0].parts) if isinstance(branches[0], SlicedLoraBranch) else [None]

@@ -88,11 +88,23 @@ class WeightEdit:
     `apply_bias` (optional) folds the branch into the module's bias [out] too, where it has one; the engine
     keeps the original bias (it is small) and puts it back on unmerge. A module without a bias keeps none, so
     it suits edits that map a zero bias to zero (e.g. scaling output channels).
+
+    `form` (optional) says what the branch does at its site, so the engine can tell whether folding it into the
+    weights keeps the site's function while other attachments' branches run there too (see `EDIT_FORMS`):
+    `"add"` (the branch adds a term linear in the input the base module receives: W -> W + D, e.g. LoRA),
+    `"scale_output"` (it multiplies the output channels: W -> diag(s) W, bias too), `"scale_input"` (it
+    multiplies the input before the base module: W -> W diag(s)), or `"unknown"` (the default: such a merge is
+    refused where another unmerged branch acts at the same site).
     """
 
     apply: Callable[[torch.Tensor], torch.Tensor]
     revert: Callable[[torch.Tensor], torch.Tensor]
     apply_bias: Callable[[torch.Tensor], torch.Tensor] | None = None
+    form: str = "unknown"
+
+
+EDIT_FORMS = ("add", "scale_output", "scale_input", "unknown")
+"""The values `WeightEdit.form` takes."""
 
 
 def input_of(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -2,11 +2,14 @@
 maths, e.g. LoRA's linear and rank-concatenating combinations)."""
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from surgery.core.registry import manager
 from surgery.engine.ledger import Attachment, require_ledger, unwrap
 from surgery.engine.passes import attach, detach
+from surgery.engine.transaction import check_name, model_lock
 from surgery.errors import LedgerError
 from surgery.rules.schema import Rule, RuleSet, Selector
 
@@ -16,9 +19,19 @@ def combine(model: nn.Module, weights: dict[str, float], name: str, how: str = "
     place the same methods on the same sites and roles. `how` is the method's: for LoRA "cat" (ranks
     concatenated: exactly the weighted sum of the updates) or "linear" (A and B averaged; equal ranks)."""
     model = unwrap(model)
+    check_name(name)
+    with model_lock(model):
+        return _combine(model, weights, name, how)
+
+
+def _combine(model: nn.Module, weights: dict[str, float], name: str, how: str) -> Attachment:
     ledger = require_ledger(model)
     if not weights:
         raise LedgerError("combine needs at least one attachment")
+    bad = {n: w for n, w in weights.items()
+           if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)}
+    if bad:
+        raise LedgerError(f"combine: weights must be finite numbers; got {bad}")
     sources = [ledger.get(n) for n in weights]
     layout = [(p.site.path, p.method, p.roles) for p in sources[0].plan.placements]
     for other in sources[1:]:
