@@ -47,6 +47,7 @@ from surgery.errors import (
 )
 from surgery.io.adapter_files import fill_branches, read_tensors
 from surgery.io.atomic import write_directory
+from surgery.io.bounded import SafetensorsHeader, TensorInfo, read_json, read_safetensors_header
 from surgery.rules.schema import RuleSet, parse_ruleset
 
 
@@ -72,6 +73,7 @@ __all__ = [
     "Site", "AttentionInfo", "ROLES", "KINDS", "Report", "inspect",
     # formats: weight formats (quantized layers) and adapter file formats
     "WeightFormat", "TraceStandIn", "AdapterFormat", "read_tensors", "fill_branches", "write_directory",
+    "read_json", "read_safetensors_header", "SafetensorsHeader", "TensorInfo",
     # what is attached
     "Attachment", "attachments", "attachment", "base_module",
     # rule sets
