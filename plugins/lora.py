@@ -11,7 +11,7 @@ from pydantic import Field
 from torch import nn
 
 import surgery
-from surgery.plugin import Branch, Method, MethodParams, Site, WeightEdit, branch_dtype, input_of, module_device
+from surgery.plugin import Branch, Method, MethodParams, Site, SiteError, WeightEdit, branch_dtype, input_of, module_device
 from surgery_plugins.lora_fused import lora_linear
 from surgery_plugins.lora_shared import SharedInput
 
@@ -207,9 +207,12 @@ class Lora(Method):
 
     def count(self, site: Site, params: Any, roles: frozenset[str]) -> int:
         sliced = _sliced_roles(site, roles)
-        if not sliced:
-            return params.r * (site.in_features + site.out_features)
-        return sum(params.r * (site.in_features + sum(b - a for a, b in site.channels(r))) for r in sliced)
+        widths = [sum(b - a for a, b in site.channels(r)) for r in sliced] or [site.out_features]
+        limit = min([site.in_features, *widths])
+        if params.r > limit:  # checked at plan time, before anything is allocated
+            raise SiteError(f"lora at {site.path!r}: r={params.r} is more than min(in, out) = {limit} of the site; "
+                            "a larger rank adds parameters but no expressiveness")
+        return sum(params.r * (site.in_features + w) for w in widths)
 
     def merge_edit(self, site: Site, module: nn.Module, branch: Branch) -> WeightEdit:
         parts = list(branch.parts.values()) if isinstance(branch, SlicedLoraBranch) else [branch]

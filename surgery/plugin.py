@@ -40,6 +40,7 @@ from surgery.errors import (
     LedgerError,
     MismatchError,
     NotMergeableError,
+    PatternError,
     PluginError,
     RuleFileError,
     SiteError,
@@ -48,6 +49,7 @@ from surgery.errors import (
 from surgery.io.adapter_files import fill_branches, read_tensors
 from surgery.io.atomic import write_directory
 from surgery.io.bounded import SafetensorsHeader, TensorInfo, read_json, read_safetensors_header
+from surgery.rules.patterns import Pattern
 from surgery.rules.schema import RuleSet, parse_ruleset
 
 
@@ -73,12 +75,12 @@ __all__ = [
     "Site", "AttentionInfo", "ROLES", "KINDS", "Report", "inspect",
     # formats: weight formats (quantized layers) and adapter file formats
     "WeightFormat", "TraceStandIn", "AdapterFormat", "read_tensors", "fill_branches", "write_directory",
-    "read_json", "read_safetensors_header", "SafetensorsHeader", "TensorInfo",
+    "read_json", "read_safetensors_header", "SafetensorsHeader", "TensorInfo", "Pattern",
     # what is attached
     "Attachment", "attachments", "attachment", "base_module",
     # rule sets
     "RuleSet", "parse_ruleset",
     # errors
     "SurgeryError", "SiteError", "NotMergeableError", "PluginError", "RuleFileError", "LedgerError", "AdapterFileError",
-    "MismatchError",
+    "MismatchError", "PatternError",
 ]
