@@ -1,136 +1,47 @@
-"""surgery against HF PEFT, side by side in one process, on a Llama-shaped model with random weights.
+"""surgery against HF PEFT, side by side in one process, on a Llama-shaped model with random weights; ratios printed,
+every figure written to benchmarks/results/bench_vs_peft-<device>.json (see docs/performance.md).
 
-    python benchmarks/bench_vs_peft.py                       # CPU, a small model: a few minutes
-    python benchmarks/bench_vs_peft.py --device cuda         # GPU, the shapes of the performance issue (0.85 B, bf16)
-    python benchmarks/bench_vs_peft.py --sections train fwd  # a subset: train fwd mixed attach compile profile accuracy
+    python benchmarks/bench_vs_peft.py                       # CPU, a small model: a smoke run of the same code paths
+    python benchmarks/bench_vs_peft.py --device cuda         # GPU, the shapes of the performance figures (0.85 B, bf16)
     python benchmarks/bench_vs_peft.py --device cuda --sections train --repeat 3  # each training row 3 times,
                                                              # interleaved, on fresh models: the median is kept
+    python benchmarks/bench_vs_peft.py --device cuda --sections profile   # kernels and host time by kind
+    PYTHONPATH=/tmp/old python benchmarks/bench_vs_peft.py --device cuda --sections rows --tag old  # A/B, see docs
 
-Prints a table of ratios and writes JSON (--out, default benchmarks/results-<device>.json).
+Sections: train (floor, PEFT default and bf16 adapters, surgery; dropout 0.05 and 0), compile (surgery under
+torch.compile), fwd (inference forward), mixed (8 adapters in one batch), attach (7B-shaped attach on meta; on CUDA
+merge of real 7B weights), profile (kernel counts and time by kind, host issue time), accuracy (bf16 logits against
+float32), rows (the floor and surgery's two rows alone, for an A/B of two versions).
+
+The results file keeps one entry per section: a run replaces the rows of the sections it ran (meta.sources says when
+and by what command each was measured) and the ratios are recomputed over the file.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import date
 
+import harness
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import surgery
 
-SHAPES = {
-    "cuda": dict(config=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
-                             num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096),
-                 batch=8, seq=1024, mixed_batch=32, mixed_seq=512, dtype=torch.bfloat16, steps=10, warm=3),
-    "cpu": dict(config=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
-                            num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512),
-                batch=4, seq=128, mixed_batch=8, mixed_seq=64, dtype=torch.float32, steps=5, warm=2),
-}
-SEVEN_B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000)
+SECTIONS = ["train", "compile", "fwd", "mixed", "attach", "profile", "accuracy", "rows"]
 
 
-class Bench:
-    def __init__(self, device: str, repeat: int = 1):
-        self.device = device
+class Bench(harness.Workload):
+    """The workload (harness.Workload) with the sections that measure it; figures go to `results`."""
+
+    def __init__(self, device: str, repeat: int = 1, tag: str = "surgery"):
+        super().__init__(device)
         self.repeat = repeat  # measurements of each training row
-        self.shape = SHAPES["cuda" if device.startswith("cuda") else "cpu"]
-        self.cuda = device.startswith("cuda")
-        g = torch.Generator().manual_seed(0)
-        vocab = self.shape["config"]["vocab_size"]
-        self.ids = torch.randint(0, vocab, (self.shape["batch"], self.shape["seq"]), generator=g).to(device)
-        self.mixed_ids = torch.randint(0, vocab, (self.shape["mixed_batch"], self.shape["mixed_seq"]), generator=g).to(device)
+        self.tag = tag  # the label of the rows section's line
         self.results: dict = {}
-
-    # ---- helpers ----------------------------------------------------------------------------------------
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def time_ms(self, fn, n: int | None = None, warm: int | None = None) -> float:
-        n, warm = n or self.shape["steps"], warm if warm is not None else self.shape["warm"]
-        for _ in range(warm):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(n):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record(); fn(); end.record(); torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter(); fn(); times.append((time.perf_counter() - t) * 1000)
-        return statistics.median(times)
-
-    def fresh(self) -> None:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-
-    def peak_gib(self) -> float | None:
-        return round(torch.cuda.max_memory_allocated() / 2**30, 2) if self.cuda else None
-
-    def base(self, **overrides) -> LlamaForCausalLM:
-        torch.manual_seed(0)
-        cfg = LlamaConfig(**{**self.shape["config"], **overrides})
-        cfg._attn_implementation = "sdpa"
-        model = LlamaForCausalLM(cfg).to(self.device, self.shape["dtype"])
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model
-
-    @staticmethod
-    def rules(targets: list[str] | None, r: int, dropout: float) -> surgery.RuleSet:
-        select = surgery.Selector(roles=targets) if targets else surgery.Selector(kinds=["linear"])
-        return surgery.RuleSet(name="bench", rules=[surgery.Rule(select=select, exclude=surgery.Selector(roles=["lm_head"]),
-                                                                 method="lora", params={"r": r, "alpha": 2 * r, "dropout": dropout})])
-
-    def ours(self, dropout: float, r: int = 16, targets=None, name: str = "a", model=None):
-        model = model or self.base()
-        surgery.attach(model, self.rules(targets, r, dropout), name=name)
-        return model
-
-    def peft(self, dropout: float, autocast: bool, r: int = 16, targets="all-linear", model=None):
-        from peft import LoraConfig, get_peft_model
-
-        return get_peft_model(model or self.base(), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets),
-                              autocast_adapter_dtype=autocast)
-
-    def train_step(self, model, fused: bool | None = None):
-        """One training step of `model` on the benchmark's batch; AdamW fused where asked (default: on CUDA)."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=self.cuda if fused is None else fused) if params else None
-        loss = self.train_loss(model)
-
-        def step():
-            loss().backward()
-            if opt:
-                opt.step(); opt.zero_grad(set_to_none=True)
-        return step
-
-    def train_loss(self, model):
-        """The training step's forward: a function giving `model`'s loss on the benchmark's batch."""
-        ids = self.ids
-        return lambda: model(input_ids=ids, labels=ids, use_cache=False).loss
-
-    def floor_step(self, model):
-        """The floor's step on the benchmark's batch: `model` frozen, gradients to its input embeddings only."""
-        loss = self.floor_loss(model)
-        return lambda: loss().backward()
-
-    def floor_loss(self, model):
-        """The floor's forward: a function giving frozen `model`'s loss, its input embeddings requiring gradients."""
-        emb = model.get_input_embeddings()
-        ids = self.ids
-        return lambda: model(inputs_embeds=emb(ids).detach().requires_grad_(True), labels=ids, use_cache=False).loss
 
     def record(self, key: str, ms: float, **extra) -> None:
         """Keep a training row; with --repeat, every measurement is listed and the median is the row's figure."""
@@ -182,16 +93,17 @@ class Bench:
             self.fresh()
             model = self.base().eval()
             res = {"base": self.time_ms(lambda: model(input_ids=ids, use_cache=False))}
-            surgery.attach(model, self.rules(None, 16, 0.0), name="a")
+            surgery.attach(model, harness.lora_rules(), name="a")
             res["surgery_unmerged"] = self.time_ms(lambda: model(input_ids=ids, use_cache=False))
             surgery.merge(model, "a")
             res["surgery_merged"] = self.time_ms(lambda: model(input_ids=ids, use_cache=False))
             surgery.detach(model, "a")
             for autocast in (True, False):
                 pm = self.peft(0.0, autocast, model=model).eval()
-                res[f"peft_unmerged_{'default' if autocast else 'bf16'}"] = self.time_ms(lambda: pm(input_ids=ids, use_cache=False))
+                res[f"peft_unmerged_{'default' if autocast else 'bf16'}"] = self.time_ms(
+                    lambda pm=pm: pm(input_ids=ids, use_cache=False))
                 model = pm.unload()
-            del model
+            model = pm = None  # freed before the next section
         self.results["fwd_ms"] = {k: round(v, 2) for k, v in res.items()}
         print("  fwd", self.results["fwd_ms"], flush=True)
         self.fresh()
@@ -202,8 +114,7 @@ class Bench:
         separate form (x @ A.T @ B.T added to the output), and HF PEFT with adapters in the same dtype. B is drawn
         so that ‖s·B·A‖ is 1 % or 10 % of ‖W‖ per layer (std 0.02 weights). Errors are relative to the float32
         logits and to the adapter's effect on them (float32 logits with minus without the adapter)."""
-        from surgery_plugins import lora_merged_weight
-
+        lora_merged_weight = harness.lora_internals().merged_weight  # its DEVICES switches the merged form on and off
         ids, out = self.ids, {}
         kaiming_std = (1 / (3 * self.shape["config"]["hidden_size"])) ** 0.5  # of A; s = 2, r = 16
         for label, relative in (("delta_1pct", 0.01), ("delta_10pct", 0.10)):
@@ -219,7 +130,7 @@ class Bench:
                         branch.lora_B.normal_(std=b_std, generator=g)
                         pairs[name] = (branch.lora_A.clone(), branch.lora_B.clone())
 
-                def run(forms: set[str]) -> torch.Tensor:
+                def run(forms: set[str], model=model) -> torch.Tensor:
                     real = lora_merged_weight.DEVICES
                     lora_merged_weight.DEVICES = forms
                     try:
@@ -243,7 +154,7 @@ class Bench:
                               "error_vs_adapter_effect": float((v - ref).norm() / effect)} for k, v in got.items()}
             out[label]["adapter_effect_vs_logits"] = float(effect / ref.norm())
             print(f"  accuracy {label}: {out[label]}", flush=True)
-            del model, pm, got, ref
+            model = pm = got = ref = None  # freed before the next size
         self.results["accuracy"] = out
         self.fresh()
 
@@ -270,7 +181,7 @@ class Bench:
                 res["surgery_8_mixed"] = self.time_ms(lambda: model(input_ids=ids, use_cache=False))
             for i in range(n):
                 surgery.detach(model, f"a{i}")
-            cfg = lambda: LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])  # noqa: E731
+            cfg = lambda: LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
             pm = get_peft_model(model, cfg(), adapter_name="a0", autocast_adapter_dtype=False)
             for i in range(1, n):
                 pm.add_adapter(f"a{i}", cfg(), autocast_adapter_dtype=False)
@@ -283,7 +194,7 @@ class Bench:
             res["peft_8_mixed"] = self.time_ms(lambda: pm(input_ids=ids, use_cache=False, adapter_names=names))
             with pm.disable_adapter():
                 res["peft_no_adapter"] = self.time_ms(lambda: pm(input_ids=ids, use_cache=False))
-            del pm, model
+            pm = model = None  # freed before the next section
         self.results["mixed_ms"] = {k: round(v, 2) for k, v in res.items()}
         print("  mixed", self.results["mixed_ms"], flush=True)
         self.fresh()
@@ -291,17 +202,17 @@ class Bench:
     def section_attach(self) -> None:
         from peft import LoraConfig, get_peft_model
 
-        cfg = LlamaConfig(**SEVEN_B)
+        from surgery import plugin
+
+        cfg = LlamaConfig(**harness.SEVEN_B)
         res = {}
-        rules = self.rules(None, 16, 0.0)
+        rules = harness.lora_rules()
         for attempt in ("cold", "warm"):
-            with torch.device("meta"):
-                meta = LlamaForCausalLM(cfg)
+            meta = harness.meta_llama(harness.SEVEN_B)
             t = time.perf_counter()
             surgery.attach(meta, rules, name="a")
             res[f"surgery_attach_meta_{attempt}_s"] = time.perf_counter() - t
-        with torch.device("meta"):
-            meta = LlamaForCausalLM(cfg)
+        meta = harness.meta_llama(harness.SEVEN_B)
         t = time.perf_counter()
         get_peft_model(meta, LoraConfig(r=16, target_modules="all-linear"))
         res["peft_attach_meta_s"] = time.perf_counter() - t
@@ -332,27 +243,36 @@ class Bench:
                     self.sync()
                     res[f"{who}_merge_s"] = time.perf_counter() - t
                     if who == "surgery":
-                        kept = sum(m.record.nbytes() for m in model._surgery_ledger.attachments["a"].merged)
+                        kept = sum(m.record.nbytes() for m in plugin.attachment(model, "a").merged)
                         res["surgery_merge_exact_kept_mib"] = kept / 2**20
                 del model
             self.fresh()
         self.results["attach_7b"] = {k: round(v, 3) for k, v in res.items()}
         print("  7b", self.results["attach_7b"], flush=True)
 
-    def host_and_wall_ms(self, step, n: int = 8) -> tuple[float, float]:
-        """Medians of the host's time to issue one step (no wait for the device) and of the step's wall time: where
-        the first reaches the second, the step is bound by the host, not by the GPU's kernels."""
-        for _ in range(2):
-            step()
-        self.sync()
-        host, wall = [], []
-        for _ in range(n):
-            start = time.perf_counter()
-            step()
-            host.append((time.perf_counter() - start) * 1000)
-            self.sync()
-            wall.append((time.perf_counter() - start) * 1000)
-        return statistics.median(host), statistics.median(wall)
+    def section_rows(self) -> None:
+        """The floor and surgery's two LoRA training rows alone (20 steps after 4), with each row's host issue time:
+        for comparing two versions of surgery on one machine, run alternately from two installs through PYTHONPATH
+        (docs/performance.md, "Comparing two versions"). Printed as one line starting with --tag."""
+        n, warm = 20, 4
+        self.fresh()
+        out = {"floor": self.time_ms(self.floor_step(self.base().train()), n=n, warm=warm)}
+        self.fresh()
+        for p in (0.05, 0.0):
+            model = self.ours(p).train()
+            step = self.train_step(model)
+            out[f"drop{p}"] = self.time_ms(step, n=n, warm=warm)
+            out[f"drop{p} host"] = self.host_and_wall_ms(step)[0]
+            out[f"drop{p} / floor"] = out[f"drop{p}"] / out["floor"]
+            del model, step
+            self.fresh()
+        out = {k: round(v, 3) for k, v in out.items()}
+        print(self.tag, json.dumps(out), flush=True)
+        plugins = sys.modules.get("surgery_plugins")  # which install ran: the A/B must not mix them
+        self.results.setdefault("rows", {})[self.tag] = out | {
+            "surgery": surgery.__version__, "surgery_path": os.path.dirname(surgery.__file__),
+            "plugins_path": next(iter(plugins.__path__), None) if plugins else None}
+
 
     def section_profile(self) -> None:
         """Kernel counts and CUDA time of one training step, by kind of kernel, and the host's time to issue it:
@@ -393,21 +313,6 @@ class Bench:
         self.results["profile"] = out
 
 
-def host_us(fn, calls: int, rounds: int, warm: int, pick=statistics.median) -> float:
-    """Host µs per call of `fn` (CUDA): `pick` (median, min, ...) over `rounds` runs of `calls` calls, after `warm`
-    calls; the device is not waited for inside a run and is drained after each."""
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    per_run = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        per_run.append((time.perf_counter() - start) / calls * 1e6)
-        torch.cuda.synchronize()
-    return pick(per_run)
-
 
 def ratios(r: dict) -> list[tuple[str, float | None, str]]:
     rows = []
@@ -443,31 +348,25 @@ def ratios(r: dict) -> list[tuple[str, float | None, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--sections", nargs="*", default=["train", "fwd", "mixed", "attach"],
-                        choices=["train", "compile", "fwd", "mixed", "attach", "profile", "accuracy"])
+    parser.add_argument("--sections", nargs="*", default=["train", "fwd", "mixed", "attach"], choices=SECTIONS)
     parser.add_argument("--repeat", type=int, default=1, help="measure each training row this many times")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--tag", default="surgery", help="the rows section's label (e.g. old / new in an A/B)")
+    parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/bench_vs_peft-<device>.json)")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
-    import peft
-    import transformers
 
-    bench = Bench(args.device, args.repeat)
-    bench.results["meta"] = {"date": str(date.today()), "device": torch.cuda.get_device_name() if bench.cuda else platform.processor() or "cpu",
-                             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                             "surgery": surgery.__version__, "python": sys.version.split()[0],
-                             "shapes": {k: v for k, v in bench.shape.items() if k != "dtype"} | {"dtype": str(bench.shape["dtype"])}}
+    bench = Bench(args.device, args.repeat, args.tag)
+    shapes = {k: v for k, v in bench.shape.items() if k != "dtype"} | {"dtype": str(bench.shape["dtype"])}
+    bench.results["meta"] = harness.run_meta(args.device, shapes=shapes)
     for section in args.sections:
         print(f"[{section}]", flush=True)
         getattr(bench, f"section_{section}")()
-    bench.results["ratios"] = [{"what": w, "ratio": v, "target": t} for w, v, t in ratios(bench.results)]
     print("\n| ratio | value | target |\n|---|---|---|")
     for w, v, t in ratios(bench.results):
         print(f"| {w} | {v} | {t} |")
-    out = args.out or os.path.join(os.path.dirname(__file__), f"results-{'cuda' if bench.cuda else 'cpu'}.json")
-    with open(out, "w") as f:
-        json.dump(bench.results, f, indent=1, default=str)
+    out = harness.write_results("bench_vs_peft", args.device, bench.results, args.out, derive=lambda merged: {
+        "ratios": [{"what": w, "ratio": v, "target": t} for w, v, t in ratios(merged)]})
     print(f"\nwrote {out}")
 
 

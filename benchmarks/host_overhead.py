@@ -4,26 +4,23 @@ HF PEFT. The Triton launches are replaced by no-ops (their outputs are not used:
 so the LoRA path is the one a CUDA run takes.
 
     python benchmarks/host_overhead.py            # ms per step and ratios to the floor, median of 60
+    python benchmarks/host_overhead.py --n 20     # quicker, noisier
 
-On the lent H100s the eager LoRA step is bound by the host (see benchmarks/README.md); this is the quick way to
-see what a change does to that, without a GPU.
+On the lent H100s the eager LoRA step is bound by the host (docs/performance.md); this is the quick way to see what
+a change does to that, without a GPU. Compare the ratios of one run (or of two installs run alternately, as in
+docs/performance.md), not milliseconds between machines. Writes benchmarks/results/host_overhead-cpu.json.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
-from pathlib import Path
 
+import harness
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import bench_vs_peft as bench  # noqa: E402
-from surgery_plugins import lora_fused, lora_kernels, lora_shared  # noqa: E402
-
-TINY = dict(config=dict(hidden_size=64, intermediate_size=176, num_hidden_layers=16, num_attention_heads=4,
-                        num_key_value_heads=1, vocab_size=128, max_position_embeddings=64),
-            batch=1, seq=8, mixed_batch=2, mixed_seq=8, dtype=torch.float32, steps=60, warm=5)
+TINY = {"config": {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 16, "num_attention_heads": 4,
+                   "num_key_value_heads": 1, "vocab_size": 128, "max_position_embeddings": 64},
+        "batch": 1, "seq": 8, "mixed_batch": 2, "mixed_seq": 8, "dtype": torch.float32, "steps": 60, "warm": 5}
 
 
 class _NoLaunch:
@@ -34,42 +31,49 @@ class _NoLaunch:
 def take_the_cuda_path() -> None:
     """Make the CPU take the kernels' path (float32 allowed), with launches that do nothing, and the merged-weight
     form that a CUDA run takes at the benchmark's 8192 tokens."""
-    lora_kernels.DEVICES, lora_kernels.DTYPES = {"cpu"}, {torch.float32}
-    lora_kernels._down_kernel = lora_kernels._grads_kernel = lora_kernels._merged_kernel = _NoLaunch()
-    lora_kernels._up_kernel = _NoLaunch()
-    for module in (lora_fused, lora_shared):
+    lora = harness.lora_internals()
+    kernels = lora.kernels
+    kernels.DEVICES, kernels.DTYPES = {"cpu"}, {torch.float32}
+    kernels._down_kernel = kernels._grads_kernel = kernels._merged_kernel = kernels._up_kernel = _NoLaunch()
+    for module in (lora.fused, lora.shared):
         module.pays = lambda tokens, weight: True
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=60)
+    parser.add_argument("--n", type=int, default=60, help="steps timed per row (the median is kept)")
+    parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/host_overhead-cpu.json)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)  # the no-op launches leave their outputs as allocated: no slow denormal maths
     warnings.filterwarnings("ignore", category=FutureWarning)  # PEFT on transformers 5
     take_the_cuda_path()
-    bench.SHAPES["cpu"] = TINY
-    b = bench.Bench("cpu")
-    ids = b.ids
-    base = b.base().train()
+    w = harness.Workload("cpu", TINY)
+    ids = w.ids
+    base = w.base().train()
 
     def ms(fn) -> float:
-        return b.time_ms(fn, n=args.n, warm=5)
+        return w.time_ms(fn, n=args.n, warm=5)
 
-    rows = {"floor": ms(b.floor_step(base))}
+    rows = {"floor": ms(w.floor_step(base))}
     with torch.no_grad():
         rows["forward base"] = ms(lambda: base(input_ids=ids, use_cache=False))
     for p in (0.05, 0.0):
-        for name, build in ((f"surgery, dropout {p}", lambda p=p: b.ours(p)),
-                            (f"PEFT bf16-style adapters, dropout {p}", lambda p=p: b.peft(p, autocast=False))):
-            rows[name] = ms(b.train_step(build().train(), fused=True))  # the fused AdamW a CUDA run uses
-    model = b.ours(0.0).eval()
+        for name, build in ((f"surgery, dropout {p}", lambda p=p: w.ours(p)),
+                            (f"PEFT bf16-style adapters, dropout {p}", lambda p=p: w.peft(p, autocast=False))):
+            rows[name] = ms(w.train_step(build().train(), fused=True))  # the fused AdamW a CUDA run uses
+    model = w.ours(0.0).eval()
     with torch.no_grad():
         rows["forward surgery unmerged"] = ms(lambda: model(input_ids=ids, use_cache=False))
+    result = {}
     for name, value in rows.items():
-        against = rows["forward base"] if name.startswith("forward") else rows["floor"]
-        print(f"{name:42s} {value:7.2f} ms  {value / against:5.2f} x {'base' if name.startswith('forward') else 'floor'}")
+        forward = name.startswith("forward")
+        ratio = value / (rows["forward base"] if forward else rows["floor"])
+        result[name] = {"ms": round(value, 2), f"x {'base' if forward else 'floor'}": round(ratio, 3)}
+        print(f"{name:42s} {value:7.2f} ms  {ratio:5.2f} x {'base' if forward else 'floor'}")
+    shapes = {k: v for k, v in TINY.items() if k != "dtype"} | {"dtype": str(TINY["dtype"]), "n": args.n}
+    out = harness.write_results("host_overhead", "cpu", {"meta": {"shapes": shapes}, "host_ms": result}, args.out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

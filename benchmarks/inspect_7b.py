@@ -3,20 +3,17 @@
     python benchmarks/inspect_7b.py
 
 Prints the first call in this process (with torch.export's one-time setup), a second instance of the same
-architecture (served from the analysis cache), and a re-trace with the cache cleared.
+architecture (served from the analysis cache), and a re-trace with the cache cleared. Writes
+benchmarks/results/inspect_7b-cpu.json (the trace runs on the CPU whatever the machine has).
 """
 from __future__ import annotations
 
+import argparse
 import time
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import harness
 
 import surgery
-import surgery.roles
-
-CONFIG = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-              num_key_value_heads=32, vocab_size=32000)
 
 
 def timed(model) -> tuple[float, int]:
@@ -26,16 +23,18 @@ def timed(model) -> tuple[float, int]:
 
 
 def main() -> None:
-    def meta_model():
-        with torch.device("meta"):
-            return LlamaForCausalLM(LlamaConfig(**CONFIG))
-
-    first, sites = timed(meta_model())
-    cached, _ = timed(meta_model())
-    surgery.roles._CACHE.clear()
-    traced, _ = timed(meta_model())
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/inspect_7b-cpu.json)")
+    args = parser.parse_args()
+    first, sites = timed(harness.meta_llama(harness.SEVEN_B))
+    cached, _ = timed(harness.meta_llama(harness.SEVEN_B))
+    harness.analysis_cache().clear()
+    traced, _ = timed(harness.meta_llama(harness.SEVEN_B))
     print(f"7B-shaped Llama on meta, {sites} sites: first call {first:.2f} s, cached {cached * 1000:.0f} ms, "
           f"re-traced {traced:.2f} s")
+    out = harness.write_results("inspect_7b", "cpu", {"meta": {"config": harness.SEVEN_B}, "inspect_s": {
+        "sites": sites, "first": round(first, 3), "cached": round(cached, 4), "retraced": round(traced, 3)}}, args.out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

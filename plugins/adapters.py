@@ -20,15 +20,20 @@ Two methods:
   input site's input width must equal the output site's output width (the residual stream). Anything else is
   a `SiteError` and the attach is rolled back.
 
+Under per-sample routing (`surgery.per_sample`), serial adapters of one kind (activation, layer norm, dtype)
+run the whole batch at once: each sample gathers its own adapter's projections from weights stacked per
+adapter, in batched matmuls (`SerialAdapter.prepare_routes`); the base runs once instead of once per adapter.
+
 Neither method merges into the weights (the activation is not linear): `surgery.merge` refuses, and detach
 restores the model bit for bit. Trainable state is in parameters only (`down.*`, `up.*`, `norm.*`).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -109,11 +114,70 @@ class Bottleneck(Branch):
         return self.up(h) * self.scaling
 
 
+class StackedAdapters(NamedTuple):
+    """Serial adapters of several groups of samples, stacked per group (the last group: no adapter, all zero)."""
+
+    down_weight: torch.Tensor  # [groups + 1, m, d], bottlenecks zero-padded to the widest m
+    down_bias: torch.Tensor  # [groups + 1, m]
+    up_weight: torch.Tensor  # [groups + 1, d, m]
+    up_bias: torch.Tensor  # [groups + 1, d]
+    scaling: torch.Tensor  # [groups + 1]
+    norm: tuple[torch.Tensor, torch.Tensor, float] | None  # LayerNorm weight [groups + 1, d], bias, eps
+    act: nn.Module
+
+
+def _adapter_kind(branch: "SerialAdapter") -> tuple:
+    """What adapters must share to run batched: activation, layer norm (and its eps), dtype."""
+    norm = branch.norm.eps if isinstance(branch.norm, nn.LayerNorm) else None
+    return type(branch.act), getattr(branch.act, "approximate", None), norm, branch.down.weight.dtype
+
+
 class SerialAdapter(Bottleneck):
     """After the base module: `y + delta(y)` (the adapter's own residual)."""
 
     def adapt_output(self, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
         return out + self.delta(out).to(out.dtype)
+
+    @classmethod
+    def prepare_routes(cls, branches: list["SerialAdapter"]) -> StackedAdapters:
+        """Every group's adapter stacked (`StackedAdapters`). Declines with dropout in training, and where the
+        adapters differ in activation, layer norm or dtype: then each group of samples runs by itself."""
+        first = branches[0]
+        if any(b.training and isinstance(b.dropout, nn.Dropout) for b in branches) or any(
+                _adapter_kind(b) != _adapter_kind(first) for b in branches):
+            raise NotImplementedError
+        m = max(b.down.out_features for b in branches)
+        w = first.down.weight
+
+        def stack(tensors: list[torch.Tensor], none: torch.Tensor) -> torch.Tensor:
+            return torch.stack(tensors + [none])
+
+        down_w = stack([F.pad(b.down.weight, (0, 0, 0, m - b.down.out_features)) for b in branches],
+                       w.new_zeros(m, w.shape[1]))
+        down_b = stack([F.pad(b.down.bias, (0, m - b.down.out_features)) for b in branches], w.new_zeros(m))
+        up_w = stack([F.pad(b.up.weight, (0, m - b.up.in_features)) for b in branches], w.new_zeros(w.shape[1], m))
+        up_b = stack([b.up.bias for b in branches], w.new_zeros(w.shape[1]))
+        scaling = torch.tensor([b.scaling for b in branches] + [0.0], dtype=w.dtype, device=w.device)
+        norm = None
+        if isinstance(first.norm, nn.LayerNorm):
+            norm = (stack([b.norm.weight for b in branches], w.new_ones(w.shape[1])),
+                    stack([b.norm.bias for b in branches], w.new_zeros(w.shape[1])), first.norm.eps)
+        return StackedAdapters(down_w, down_b, up_w, up_b, scaling, norm, first.act)
+
+    @classmethod
+    def route_output(cls, state: StackedAdapters, group: torch.Tensor, args: tuple, kwargs: dict,
+                     out: torch.Tensor) -> torch.Tensor:
+        """`out + delta(out)` with each sample's own adapter: one batched matmul per projection, over the weights
+        each sample gathers (batch × 2·m·d of them: a cost of memory that running per group avoids)."""
+        y = out.to(state.down_weight.dtype)
+        y = y.reshape(y.shape[0], -1, y.shape[-1])
+        if state.norm is not None:
+            weight, bias, eps = state.norm
+            y = F.layer_norm(y, y.shape[-1:], None, None, eps) * weight[group, None] + bias[group, None]
+        h = state.act(torch.baddbmm(state.down_bias[group, None], y, state.down_weight[group].transpose(1, 2)))
+        delta = torch.baddbmm(state.up_bias[group, None], h, state.up_weight[group].transpose(1, 2))
+        delta = delta * state.scaling[group, None, None]
+        return out + delta.reshape(out.shape).to(out.dtype)
 
 
 class Handoff:

@@ -5,6 +5,10 @@ the key and value projections) and the MLP's inner activation (the input of its 
 An output-scaling branch multiplies the site's output channels, only the selected roles' channels on a fused
 projection (k and v of GPT-2's `c_attn`, never q). An input-scaling branch multiplies the site's input.
 
+Under per-sample routing (`surgery.per_sample`), output scaling multiplies the whole batch's base output by each
+sample's own vector at once; input scaling, which acts before the base, leaves the Host to run each group of
+samples by itself.
+
 Merging folds the vector into the weight: output scaling multiplies the rows of those channels and the bias
 entries of those channels; input scaling multiplies the columns (the bias is untouched: W(x * l) + b =
 (W diag(l)) x + b). Unmerge divides back, and the engine restores the few entries that do not round back, so
@@ -13,6 +17,7 @@ by it could not undo the merge.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import torch
@@ -76,6 +81,24 @@ class IA3Branch(Branch):
         if self.side != "output":
             return out
         return (out * self.vector()).to(out.dtype)
+
+    @classmethod
+    def prepare_routes(cls, branches: list["IA3Branch"]) -> torch.Tensor:
+        """Output scaling, per sample: every group's full vector stacked, [groups + 1, width], ones last (the
+        samples that take no branch), in the vectors' common dtype. Input scaling declines: it changes the base's
+        input, and the Host runs the base once for the whole batch before `route_output`."""
+        if any(b.side != "output" for b in branches):
+            raise NotImplementedError
+        vectors = [b.vector() for b in branches]
+        dtype = functools.reduce(torch.promote_types, (v.dtype for v in vectors))
+        return torch.stack([v.to(dtype) for v in vectors] + [torch.ones_like(vectors[0], dtype=dtype)])
+
+    @classmethod
+    def route_output(cls, state: torch.Tensor, group: torch.Tensor, args: tuple, kwargs: dict,
+                     out: torch.Tensor) -> torch.Tensor:
+        """Each sample's output channels times its own vector, the whole batch in one multiplication."""
+        vectors = state[group]  # [batch, width]
+        return (out * vectors.view(vectors.shape[0], *[1] * (out.dim() - 2), vectors.shape[1])).to(out.dtype)
 
 
 def _side(site: Site, params: IA3Params, roles: frozenset[str]) -> Literal["input", "output"]:

@@ -5,10 +5,9 @@ embedding and after the cache update, so caches only ever hold real tokens.
 Two routes, chosen per site when the branch is built:
 
 - `interface` (transformers models whose attention module calls a function of transformers' `AttentionInterface`
-  with its `**kwargs`): the branch adds its prefix to the attention module's call as one extra keyword; the
-  module's config is switched (while attached) to a registered attention function `surgery_prefix_<base>` that
-  takes the prefixes out of the keywords, prepends them to key and value, pads the attention mask (and T5's
-  position bias) with P visible columns and calls the base function (`sdpa`, or the model's own eager one).
+  with its `**kwargs`): the branch hands its prefix to surgery's registered attention function as a request
+  (`attention_calls`), which prepends it to key and value and pads the attention mask (and T5's position bias)
+  with P visible columns.
 - `inputs` (a module of your own whose attention site is a core-attention module called with q, k, v: ChatGLM
   style): the branch prepends the prefix to k and v and P dummy rows to q, so that a core attention which derives
   a square causal (or full) mask from the lengths lets every real query see every prefix position; the dummy rows
@@ -16,13 +15,9 @@ Two routes, chosen per site when the branch is built:
 """
 from __future__ import annotations
 
-import inspect
-import sys
-from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -34,17 +29,19 @@ from surgery.plugin import (
     Site,
     SurgeryError,
     attachment,
-    attachments,
-    base_module,
     branch_dtype,
     first_float_dtype,
     module_device,
 )
+from surgery_plugins.attention_calls import (
+    InterfaceBranch,
+    PrefixRequest,
+    interface_config,
+    request,
+    requests_of,
+    switch_attention,
+)
 
-PREFIX_KWARG = "surgery_prefix"
-"""The keyword that carries prefixes from a branch to the registered attention function."""
-BASES = ("sdpa", "eager")
-"""Attention implementations a prefix can wrap."""
 LAYOUTS = {"bshd": (0, 1, 2), "bhsd": (0, 2, 1), "sbhd": (1, 0, 2)}
 """For the `inputs` route: (batch, sequence, heads) dims of q, k, v; head_dim is always last."""
 
@@ -70,18 +67,7 @@ class PTuningV2Params(PrefixParams):
     reparam: bool = False
 
 
-@dataclass(eq=False)
-class PrefixRequest:
-    """One branch's prefixes for one attention call: key and value [kv_heads, P, head_dim]. The attention function
-    sets `used` so the branch can tell that its prefix really reached the attention computation."""
-
-    key: torch.Tensor
-    value: torch.Tensor
-    site: str
-    used: bool = False
-
-
-class PrefixBranch(Branch):
+class PrefixBranch(InterfaceBranch):
     """Learned key/value prefixes of one attention site (plain tensors, or an MLP over learned inputs)."""
 
     def __init__(self, site: str, route: str, kv_heads: int, heads: int, head_dim: int, params: PrefixParams,
@@ -128,13 +114,12 @@ class PrefixBranch(Branch):
         key, value = self.prefixes()
         if self.route == "inputs":
             return _pad_qkv(self, args, kwargs, key, value)
-        request = PrefixRequest(key, value, self.site)
-        return args, {**kwargs, PREFIX_KWARG: (*kwargs.get(PREFIX_KWARG, ()), request)}
+        return args, request(kwargs, PrefixRequest(key, value, self.site))
 
     def adapt_output(self, args: tuple, kwargs: dict, out: Any) -> Any:
         if self.route == "inputs":
             return _drop_rows(self, args, kwargs, out)
-        if not any(r.used for r in kwargs.get(PREFIX_KWARG, ()) if r.site == self.site):
+        if not any(r.used for r in requests_of(kwargs, self.site)):
             raise SurgeryError(f"prefix at site {self.site!r} never reached the attention function: the module does "
                                "not pass its extra keyword arguments to transformers' attention interface (or its "
                                f"config's attention implementation was changed after attach)")
@@ -232,127 +217,6 @@ def _drop_rows(branch: PrefixBranch, args: tuple, kwargs: dict, out: Any) -> Any
     raise SurgeryError(f"prefix at site {branch.site!r}: cannot read the attention output ({type(out).__name__})")
 
 
-# -- route "interface": the registered attention functions -------------------------------------------------------
-
-_EAGER: dict[type, Callable] = {}
-
-
-def _eager_of(module: nn.Module) -> Callable:
-    """The model's own eager attention function (`eager_attention_forward` of its modeling file)."""
-    cls = type(module)
-    if cls not in _EAGER:
-        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
-        if fn is None:
-            raise SurgeryError(f"{cls.__module__} has no eager_attention_forward to run under a prefix")
-        _EAGER[cls] = fn
-    return _EAGER[cls]
-
-
-def _pad_columns(mask: torch.Tensor, length: int) -> torch.Tensor:
-    """Prepend `length` visible key columns to a 4-D mask (True for bool masks, 0 for additive ones)."""
-    return F.pad(mask, (length, 0), value=True if mask.dtype == torch.bool else 0.0)
-
-
-def prefixed_attention(base: str) -> Callable:
-    """The attention function registered as `surgery_prefix_<base>`: `base` with the prefixes of the call's
-    PREFIX_KWARG prepended to key and value, and the mask (and position bias) widened to match."""
-
-    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, *args: Any, **kwargs: Any):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        requests = kwargs.pop(PREFIX_KWARG, ())
-        function = _eager_of(module) if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
-        if requests:
-            query, key, value, attention_mask, kwargs = _prepend(base, module, requests, query, key, value,
-                                                                  attention_mask, kwargs)
-        return function(module, query, key, value, attention_mask, *args, **kwargs)
-
-    attention.__name__ = f"surgery_prefix_{base}"
-    return attention
-
-
-def _prepend(base: str, module: nn.Module, requests: tuple, query, key, value, mask, kwargs):
-    batch, real = key.shape[0], key.shape[2]
-    keys, values = [], []
-    for r in requests:
-        if r.key.shape[0] != key.shape[1] or r.key.shape[-1] != key.shape[-1]:
-            raise SurgeryError(f"prefix at site {r.site!r} has {r.key.shape[0]} heads of size {r.key.shape[-1]}, the "
-                               f"attention call has keys {tuple(key.shape)} [batch, heads, seq, head_dim]")
-        keys.append(r.key.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1))
-        values.append(r.value.to(value.dtype).unsqueeze(0).expand(batch, -1, -1, -1))
-        r.used = True
-    length = sum(k.shape[2] for k in keys)
-    key, value = torch.cat([*keys, key], dim=2), torch.cat([*values, value], dim=2)
-    q_len = query.shape[2]
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.shape[-1] != real:
-            raise SurgeryError(f"prefix at site {requests[0].site!r}: cannot widen an attention mask of "
-                               f"{getattr(mask, 'shape', type(mask).__name__)} for {real} keys")
-        mask = _pad_columns(mask, length)
-    else:
-        causal = kwargs.get("is_causal")
-        causal = getattr(module, "is_causal", True) if causal is None else causal
-        if base == "sdpa" and causal and q_len > 1:  # what sdpa's is_causal means: top-left aligned
-            seen = torch.ones(q_len, real, dtype=torch.bool, device=query.device).tril()
-            mask = F.pad(seen, (length, 0), value=True)[None, None]
-    bias = kwargs.get("position_bias")
-    if isinstance(bias, torch.Tensor):  # T5: the prefix gets no relative position bias
-        kwargs = {**kwargs, "position_bias": F.pad(bias, (length, 0), value=0.0)}
-    return query, key, value, mask, kwargs
-
-
-def _register() -> None:
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-
-    for base in BASES:
-        name = f"surgery_prefix_{base}"
-        if name not in AttentionInterface._global_mapping:
-            AttentionInterface.register(name, prefixed_attention(base))
-            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-
-
-class SwitchBack:
-    """Undo of a prefix attach: give each config its own attention implementation back, unless prefix branches of
-    another attachment still run through it. A plain object, not a closure, so it follows the model through
-    `copy.deepcopy`."""
-
-    def __init__(self, model: nn.Module, configs: list[Any], branches: list[PrefixBranch]):
-        self.model, self.configs, self.branches = model, configs, branches
-
-    def __call__(self) -> None:
-        mine = {id(b) for b in self.branches}
-        others = [(path, b) for a in attachments(self.model).values() for path, b in a.branches.items()
-                  if isinstance(b, PrefixBranch) and b.route == "interface" and id(b) not in mine]
-        for config in self.configs:
-            still = any(getattr(base_module(self.model, path), "config", None) is config for path, _ in others)
-            if not still:
-                config._attn_implementation = {"": config._attn_implementation.removeprefix("surgery_prefix_")}
-
-
-def _switch(config: Any) -> None:
-    """Point `config` (only it, not its sub-configs) at the prefixed attention function of its implementation."""
-    if not config._attn_implementation.startswith("surgery_prefix_"):
-        config._attn_implementation = {"": f"surgery_prefix_{config._attn_implementation}"}
-
-
-def _interface_config(module: nn.Module, site: str) -> Any | None:
-    """The transformers config whose attention implementation the module reads, or None (route `inputs`)."""
-    config = getattr(module, "config", None)
-    impl = getattr(config, "_attn_implementation", None) if config is not None else None
-    if impl is None:
-        return None
-    impl = impl.removeprefix("surgery_prefix_")
-    if impl not in BASES:
-        raise SurgeryError(f"prefix at site {site!r}: attention implementation {impl!r} is not supported "
-                           f"(supported: {', '.join(BASES)}); load the model with attn_implementation='sdpa' or 'eager'")
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values()):
-        raise SurgeryError(f"prefix at site {site!r}: {type(module).__name__}.forward takes no **kwargs to pass a "
-                           "prefix on to its attention function")
-    return config
-
-
 def _shape(site: Site) -> tuple[int, int, int]:
     info = site.attention
     if info is None or not info.num_kv_heads or not info.head_dim or not info.num_heads:
@@ -368,7 +232,7 @@ class PrefixTuning(Method):
 
     def build(self, site: Site, module: nn.Module, params: Any, roles: frozenset[str]) -> Branch:
         kv_heads, heads, head_dim = _shape(site)
-        route = "interface" if _interface_config(module, site.path) is not None else "inputs"
+        route = "interface" if interface_config(module, site.path, self.name) is not None else "inputs"
         return PrefixBranch(site.path, route, kv_heads, heads, head_dim, params, branch_dtype(params.dtype, first_float_dtype(module)), module_device(module))
 
     def count(self, site: Site, params: Any, roles: frozenset[str]) -> int:
@@ -380,22 +244,7 @@ class PrefixTuning(Method):
         return p * width + (width * h + h) + (h * 2 * width + 2 * width)
 
     def attach_model(self, model: nn.Module, branches: dict[str, Branch]) -> Callable[[], None] | None:
-        configs = {}
-        for path, branch in branches.items():
-            if branch.route == "interface":
-                config = _interface_config(base_module(model, path), path)
-                configs[id(config)] = config
-        if not configs:
-            return None
-        _register()
-        undo = SwitchBack(model, list(configs.values()), list(branches.values()))
-        try:
-            for config in configs.values():
-                _switch(config)
-        except BaseException:
-            undo()
-            raise
-        return undo
+        return switch_attention(model, branches, self.name)
 
 
 class PTuningV2(PrefixTuning):

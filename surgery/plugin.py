@@ -19,19 +19,22 @@ from __future__ import annotations
 from torch import nn
 
 from surgery.analysis.report import Report
-from surgery.core.formats import AdapterFormat, TraceStandIn, WeightFormat
+from surgery.core.formats import AdapterFormat, PeftMapping, TraceStandIn, WeightFormat
 from surgery.core.hookspecs import hookimpl, hookspec
 from surgery.core.method import (
     DTYPES,
     Branch,
     Method,
     MethodParams,
+    SlicedBranch,
     WeightEdit,
     branch_dtype,
+    check_rank,
     first_float_dtype,
     input_of,
     module_device,
 )
+from surgery.core.registry import manager
 from surgery.core.sites import KINDS, ROLES, AttentionInfo, Site
 from surgery.engine.ledger import Attachment, base_module, find_ledger, require_ledger, unwrap
 from surgery.engine.reading import inspect
@@ -65,17 +68,25 @@ def attachment(model: nn.Module, name: str) -> Attachment:
     return require_ledger(unwrap(model)).get(name)
 
 
+def peft_mappings() -> dict[str, PeftMapping]:
+    """Every installed plugin's HF PEFT mappings (`surgery_peft_mappings`), by PEFT type (e.g. "LORA"). The `peft`
+    adapter format reads a directory through the mapping of its `peft_type` and writes an attachment through the
+    mapping whose `methods` hold its methods."""
+    return dict(manager().peft_mappings)
+
+
 __all__ = [
     # hooks
     "hookimpl", "hookspec",
     # methods: what a method plugin implements, and helpers for building branches
-    "Method", "MethodParams", "Branch", "WeightEdit", "DTYPES", "branch_dtype", "first_float_dtype", "module_device",
-    "input_of",
+    "Method", "MethodParams", "Branch", "SlicedBranch", "WeightEdit", "DTYPES", "branch_dtype", "check_rank", "first_float_dtype",
+    "module_device", "input_of",
     # sites: what the analysis found, and the vocabulary of roles and kinds
     "Site", "AttentionInfo", "ROLES", "KINDS", "Report", "inspect",
     # formats: weight formats (quantized layers) and adapter file formats
     "WeightFormat", "TraceStandIn", "AdapterFormat", "read_tensors", "fill_branches", "write_directory",
     "read_json", "read_safetensors_header", "SafetensorsHeader", "TensorInfo", "Pattern",
+    "PeftMapping", "peft_mappings",
     # what is attached
     "Attachment", "attachments", "attachment", "base_module",
     # rule sets

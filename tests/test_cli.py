@@ -212,6 +212,40 @@ def test_merge_of_a_peft_adapter_matches_peft_merge_and_unload(capsys, tmp_path,
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@needs_adapter_files
+def test_merge_of_a_saved_classifier_keeps_its_class_and_head(capsys, tmp_path, randomize_lora):
+    """A directory saved from a task model is rebuilt as the class its config names, head included."""
+    from transformers import AutoConfig, BertForSequenceClassification
+
+    config = AutoConfig.for_model("bert", vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    classifier = BertForSequenceClassification(config).eval()
+    classifier.save_pretrained(tmp_path / "base")
+    surgery.attach(classifier, "lora-qv", name="task")
+    randomize_lora(classifier)
+    surgery.save(classifier, tmp_path / "adapter", name="task")
+    code, _, err = run(capsys, "merge", str(tmp_path / "base"), str(tmp_path / "adapter"), "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    merged = BertForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    x = ids(vocab=128)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, classifier(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+
+
+@needs_adapter_files
+def test_an_adapter_that_does_not_fit_lists_one_mismatch_a_line(capsys, tmp_path, llama_dir):
+    gpt2 = tiny.build("gpt2")
+    surgery.attach(gpt2, "lora-qv", name="task")
+    surgery.save(gpt2, tmp_path / "adapter", name="task")
+    code, out, err = run(capsys, "merge", str(llama_dir), str(tmp_path / "adapter"), "--out", str(tmp_path / "m"))
+    lines = err.splitlines()  # the progress bar goes to stderr first
+    start = next(i for i, line in enumerate(lines) if line.startswith("surgery: error: "))
+    items = lines[start + 1:]
+    assert code == 1 and out == "" and "does not fit" in lines[start]
+    assert len(items) >= 2 and all(line.startswith("  - ") for line in items), err
+
+
 def test_merge_refuses_a_non_empty_out_dir(capsys, tmp_path, llama_dir):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "out").mkdir()

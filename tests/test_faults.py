@@ -18,7 +18,7 @@ import surgery.engine.passes as passes
 from surgery import tiny
 from surgery.engine.host import Host
 from surgery.engine.ledger import Ledger
-from surgery_plugins.lora import Lora
+from surgery_plugins.lora.plugin import Lora
 from surgery_plugins.prefix import PrefixTuning
 from surgery_plugins.prompt import PromptTuning
 from tests.conftest import ids

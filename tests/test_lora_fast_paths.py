@@ -1,22 +1,22 @@
-"""LoRA's fast paths against the plain formula in float64: the fused linear (with dropout regenerated in
-backward), per-sample batched routing, torch.compile, and gradient checkpointing."""
+"""LoRA's fast paths against the plain formula (formula.py) in float64: the fused linear (with dropout
+regenerated in backward), per-sample batched routing, torch.compile, and gradient checkpointing. Calls go through
+the dispatch (tests/lora_layers.py), which chooses the path as it does for a model."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import surgery
-import surgery_plugins.lora_fused as fused
-import surgery_plugins.lora_merged_weight as merged_weight
-import surgery_plugins.lora_shared as lora_shared
+import surgery_plugins.lora.shared as lora_shared
 from surgery import tiny
-from surgery_plugins.lora_fused import LoraLinear
-from surgery_plugins.lora_shared import SharedInputLora, shared_outputs
+from surgery_plugins.lora import dispatch, formula, fused, merged_weight
+from surgery_plugins.lora.branches import LoraBranch
+from surgery_plugins.lora.fused import LoraLinear
+from surgery_plugins.lora.shared import SharedInputLora
 from tests.conftest import ids, logits
+from tests.lora_layers import layers, lora_linear, shared_outputs
 
 
 def reference(x, w, bias, a, b, scale, mask=None):
-    xd = x * mask if mask is not None else x
-    return F.linear(x, w, bias) + F.linear(F.linear(xd, a), b) * scale
+    return formula.linear(x, w, bias, a, b, scale, mask)
 
 
 @pytest.fixture(params=["separate", "merged"])
@@ -25,19 +25,18 @@ def form(request, monkeypatch):
     built per call. Returns (the form, a list with one entry per merged weight built)."""
     builds = []
     if request.param == "merged":
-        monkeypatch.setattr(merged_weight, "DEVICES", {"cpu", "cuda"})
+        monkeypatch.setattr(dispatch, "MERGED_DEVICES", {"cpu", "cuda"})
         real = merged_weight.merged_all
         spy = lambda ws, *rest, **kw: builds.extend(ws) or real(ws, *rest, **kw)  # noqa: E731
         monkeypatch.setattr(merged_weight, "merged_all", spy)
-        monkeypatch.setattr(lora_shared, "merged_all", spy)
     return request.param, builds
 
 
 def test_merged_weight_pays_only_from_as_many_tokens_as_inputs(monkeypatch):
     w = torch.zeros(8, 16)
-    assert not merged_weight.pays(10_000, w)  # a CPU weight: the separate form
-    monkeypatch.setattr(merged_weight, "DEVICES", {"cpu"})
-    assert merged_weight.pays(16, w) and merged_weight.pays(17, w) and not merged_weight.pays(15, w)
+    assert not dispatch.merged_pays(10_000, w)  # a CPU weight: the separate form
+    monkeypatch.setattr(dispatch, "MERGED_DEVICES", {"cpu"})
+    assert dispatch.merged_pays(16, w) and dispatch.merged_pays(17, w) and not dispatch.merged_pays(15, w)
 
 
 @pytest.mark.parametrize("out_features", [12, 4])  # 4: wide in, narrow out: dx from one [dy | dh] matmul
@@ -59,7 +58,7 @@ def test_fused_linear_matches_float64_formula(monkeypatch, form, frozen, p, out_
         return out_, keep
 
     monkeypatch.setattr(fused, "dropout", recording)
-    out = LoraLinear.apply(x, w, bias, a, b, 0.7, p)
+    out = lora_linear(x, w, bias, a, b, 0.7, p)
     torch.rand(100)  # the live random state moves on between forward and backward
     dy = torch.randn(out.shape, generator=g, dtype=torch.float64)
     grads = torch.autograd.grad(out, [t for t in (x, w, bias, a, b) if t.requires_grad], dy)
@@ -88,7 +87,7 @@ def test_shared_input_lora_matches_float64_formula(form, frozen, used):
                     torch.randn(out, generator=g, dtype=torch.float64, requires_grad=not frozen) if has_bias else None,
                     torch.randn(r, 16, generator=g, dtype=torch.float64, requires_grad=True),
                     torch.randn(out, r, generator=g, dtype=torch.float64, requires_grad=True)]
-    outs = SharedInputLora.apply(x, scales, 0.0, *tensors)
+    outs = shared_outputs(x, scales, 0.0, *tensors)
     leaves = [t for t in (x, *tensors) if t is not None and t.requires_grad]
     dys = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in outs]
     grads = torch.autograd.grad([outs[i] for i in used], leaves, [dys[i] for i in used], allow_unused=True)
@@ -131,8 +130,8 @@ def test_shared_outputs_follow_changes_between_member_calls(monkeypatch):
     branch = attn.k_proj.branches["a"]
     assert branch.shared is not None
     calls = []
-    real = lora_shared.shared_outputs
-    monkeypatch.setattr(lora_shared, "shared_outputs", lambda *a: calls.append(1) or real(*a))
+    real = lora_shared.inference
+    monkeypatch.setattr(lora_shared, "inference", lambda *a: calls.append(1) or real(*a))
     with torch.inference_mode():  # inference tensors have no version counters; the outputs are still shared
         z = torch.randn(2, 3, 64, dtype=torch.float64)
         outs = [attn.q_proj(z), attn.k_proj(z), attn.v_proj(z)]
@@ -155,16 +154,18 @@ def test_inference_paths_skip_autograd_and_match_formula(monkeypatch, form, mode
                     torch.randn(r, 16, generator=g, dtype=torch.float64), torch.randn(out, r, generator=g, dtype=torch.float64)]
     applied = []
     monkeypatch.setattr(LoraLinear, "apply", lambda *a: applied.append("single"))
-    monkeypatch.setattr(SharedInputLora, "apply", lambda *a: applied.append("shared"))
+    monkeypatch.setattr(SharedInputLora, "apply",
+                        lambda *a: applied.append("shared") or [None] * ((len(a) - 3) // 4))  # 4 tensors a member
     with getattr(torch, mode)():
-        single = fused.lora_linear(x, *members[:4], 0.7, 0.0)
+        single = lora_linear(x, *members[:4], 0.7, 0.0)
         shared = shared_outputs(x, (0.7, 2.0), 0.0, *members)
     assert applied == [] and len(form[1]) == (3 if form[0] == "merged" else 0)
     torch.testing.assert_close(single, reference(x, *members[:4], 0.7), rtol=1e-12, atol=1e-12)
     for i, (got, scale) in enumerate(zip(shared, (0.7, 2.0))):
         torch.testing.assert_close(got, reference(x, *members[4 * i:4 * i + 4], scale), rtol=1e-12, atol=1e-12)
-    fused.lora_linear(x, *members[:4], 0.7, 0.0)  # autograd on: the function records it
-    shared_outputs(x, (0.7, 2.0), 0.0, *members)
+    lora_linear(x, *members[:4], 0.7, 0.0)  # autograd on: the function records it
+    first, base = layers((0.7, 2.0), 0.0, *members)[0]  # the group's first member computes for both
+    dispatch.forward(first, base, (x,), {})
     assert applied == ["single", "shared"]
 
 
@@ -210,7 +211,7 @@ def test_fused_training_step_matches_plain_composition(monkeypatch, form):
                 if "lora_B" in n:
                     p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(n)))
         if not use_fused:
-            monkeypatch.setattr("surgery_plugins.lora.LoraBranch.fused_call", lambda *a: NotImplemented)
+            monkeypatch.setattr(LoraBranch, "fused_call", lambda *a: NotImplemented)
         x = ids(batch=8, seq=12)  # 96 tokens: as many as the MLP's inputs, so every layer can merge
         model(input_ids=x, labels=x).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-import surgery_plugins.lora_kernels as kernels  # noqa: E402
-import surgery_plugins.lora_merged_weight as merged_weight  # noqa: E402
-from surgery_plugins.lora_fused import LoraLinear, lora_linear  # noqa: E402
-from surgery_plugins.lora_saved_input import kept  # noqa: E402
-from surgery_plugins.lora_shared import SharedInputLora, shared_outputs  # noqa: E402
+from surgery_plugins.lora import dispatch, formula, kernels  # noqa: E402
+from surgery_plugins.lora.dispatch import kept  # noqa: E402
+from surgery_plugins.lora.fused import LoraLinear  # noqa: E402
+from surgery_plugins.lora.shared import SharedInputLora  # noqa: E402
+from tests.lora_layers import lora_linear, shared_outputs  # noqa: E402
 
 DRAW_SEED = kernels.new_seed
 ON_GPU = torch.cuda.is_available() and not kernels.INTERPRETING
@@ -24,8 +24,8 @@ DTYPE = torch.bfloat16 if ON_GPU else torch.float64
 @pytest.fixture
 def kernels_here(monkeypatch):
     """Let the kernels serve this test's device and dtype (on the CPU: interpreted, float64)."""
-    monkeypatch.setattr(kernels, "DEVICES", {DEVICE})
-    monkeypatch.setattr(kernels, "DTYPES", {DTYPE})
+    monkeypatch.setattr(dispatch, "KERNEL_DEVICES", {DEVICE})
+    monkeypatch.setattr(dispatch, "KERNEL_DTYPES", {DTYPE})
     monkeypatch.setattr(kernels, "new_seed", lambda: 20261122)
 
 
@@ -106,7 +106,7 @@ def test_input_grads_match_formula(members, p, product, update_dx):
 
 
 def lora_formula(x, w, bias, a, b, scale, mask):
-    return F.linear(x, w, bias) + F.linear(F.linear(x * mask, a), b) * scale
+    return formula.linear(x, w, bias, a, b, scale, mask)
 
 
 @pytest.mark.parametrize("frozen", [True, False])
@@ -115,14 +115,14 @@ def lora_formula(x, w, bias, a, b, scale, mask):
 @pytest.mark.parametrize("merged", [False, True])  # the forward (and dx) through the merged weight, where p = 0
 def test_fused_linear_on_kernels_matches_formula_and_keeps_no_copy_of_a_product_input(monkeypatch, kernels_here,
                                                                                       frozen, p, out_features, merged):
-    monkeypatch.setattr(merged_weight, "DEVICES", {DEVICE} if merged else set())
+    monkeypatch.setattr(dispatch, "MERGED_DEVICES", {DEVICE} if merged else set())
     g = torch.Generator().manual_seed(3)
     gate, up = rand(4, 5, 16, g=g, grad=True), rand(4, 5, 16, g=g, grad=True)  # 20 tokens >= 16 inputs
     w, bias = rand(out_features, 16, g=g, grad=not frozen), rand(out_features, g=g, grad=not frozen)
     a, b = rand(4, 16, g=g, grad=True), rand(out_features, 4, g=g, grad=True)
     x = F.silu(gate) * up  # as an MLP feeds its down projection
     assert len(kept(x)) == 2
-    out = LoraLinear.apply(x, w, bias, a, b, 0.7, p)
+    out = lora_linear(x, w, bias, a, b, 0.7, p)
     gone = weakref.ref(x)
     del x
     gc.collect()
@@ -145,7 +145,7 @@ def test_fused_linear_on_kernels_matches_formula_and_keeps_no_copy_of_a_product_
 @pytest.mark.parametrize("p, merged", [(0.3, False), (0.0, False), (0.0, True)])
 def test_shared_function_on_kernels_matches_formula_with_one_mask_per_member(monkeypatch, kernels_here, up_launches,
                                                                             frozen, unused, p, merged):
-    monkeypatch.setattr(merged_weight, "DEVICES", {DEVICE} if merged else set())
+    monkeypatch.setattr(dispatch, "MERGED_DEVICES", {DEVICE} if merged else set())
     g = torch.Generator().manual_seed(4)
     x = rand(3, 6, 16, g=g, grad=True)  # 18 tokens >= 16 inputs
     tensors, outs_r = [], [24, 6, 6]  # 24 > 16 in: the LoRA term inside the base matmul
@@ -153,7 +153,7 @@ def test_shared_function_on_kernels_matches_formula_with_one_mask_per_member(mon
         tensors += [rand(out, 16, g=g, grad=not frozen), rand(out, g=g, grad=not frozen),
                     rand(4, 16, g=g, grad=True), rand(out, 4, g=g, grad=True)]
     scales = (0.7, 2.0, 1.5)
-    outs = SharedInputLora.apply(x, scales, p, *tensors)
+    outs = shared_outputs(x, scales, p, *tensors)
     used = [i for i in range(3) if i != unused]
     leaves = [t for t in (x, *tensors) if t.requires_grad]
     dys = [rand(*o.shape, g=g) for o in outs]
@@ -194,8 +194,8 @@ def test_training_steps_on_kernels(monkeypatch, kernels_here):
 
     calls = []
     real_shared, real_single = SharedInputLora.apply, LoraLinear.apply
-    monkeypatch.setattr(SharedInputLora, "apply", lambda *a: calls.append(("shared", a[2])) or real_shared(*a))
-    monkeypatch.setattr(LoraLinear, "apply", lambda *a: calls.append(("single", a[-1])) or real_single(*a))
+    monkeypatch.setattr(SharedInputLora, "apply", lambda *a: calls.append(("shared", a[2].p)) or real_shared(*a))
+    monkeypatch.setattr(LoraLinear, "apply", lambda *a: calls.append(("single", a[6].p)) or real_single(*a))
 
     monkeypatch.setattr(kernels, "new_seed", DRAW_SEED)  # masks from torch's generator, as in use
 
@@ -211,7 +211,7 @@ def test_training_steps_on_kernels(monkeypatch, kernels_here):
                     p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(n)))
         with monkeypatch.context() as m:
             if not fused:
-                m.setattr("surgery_plugins.lora.LoraBranch.fused_call", lambda *a: NotImplemented)
+                m.setattr("surgery_plugins.lora.branches.LoraBranch.fused_call", lambda *a: NotImplemented)
             x = ids()
             torch.manual_seed(seed)
             model(input_ids=x, labels=x).loss.backward()
@@ -270,7 +270,7 @@ def test_merged_weights_match_formula(members):
 def test_inference_builds_merged_weights_with_the_kernel(monkeypatch, kernels_here):
     """Without autograd, from as many tokens as inputs, the fused and shared outputs come through merged weights
     built by the kernel (one launch for the group), and equal the formula."""
-    monkeypatch.setattr(merged_weight, "DEVICES", {DEVICE})
+    monkeypatch.setattr(dispatch, "MERGED_DEVICES", {DEVICE})
     launches = []
     real = kernels.merged_weights
     monkeypatch.setattr(kernels, "merged_weights", lambda ws, *rest: launches.append(len(ws)) or real(ws, *rest))

@@ -19,7 +19,7 @@ def test_builtins_come_from_entry_points():
     from importlib.metadata import entry_points
 
     names = {ep.value for ep in entry_points(group="surgery")}
-    assert {"surgery_plugins.lora", "surgery_plugins.dense_formats", "surgery_plugins.builtin_rules"} <= names
+    assert {"surgery_plugins.lora.plugin", "surgery_plugins.dense_formats", "surgery_plugins.builtin_rules"} <= names
     registry = surgery.core.registry.Registry()
     assert "lora" in registry.methods
     assert {"linear", "conv1d", "embedding"} <= {f.name for f in registry.formats}

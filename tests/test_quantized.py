@@ -542,13 +542,3 @@ def test_bitsandbytes_plugin_is_empty_without_bitsandbytes():
     if bnb_formats.bnb is not None:
         pytest.skip("bitsandbytes is installed")
     assert bnb_formats.surgery_weight_formats() == []
-
-
-def test_bitsandbytes_layers_on_gpu():
-    pytest.importorskip("bitsandbytes")
-    if not torch.cuda.is_available():
-        pytest.skip("bitsandbytes layers need a GPU")
-    from benchmarks.bnb_gpu_check import check
-
-    for result in check(bits_list=(4, 8)):
-        assert result["unmerge_bit_exact"] and result["detach_bit_exact"], result

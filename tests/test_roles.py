@@ -370,3 +370,237 @@ def test_smoke_timing_7b_llama_meta():
     assert facts.attention["model.layers.31.self_attn"].head_dim == 128
     assert {p for p, first in facts.input_groups.items() if first == "model.layers.31.self_attn.q_proj"} == {
         f"model.layers.31.self_attn.{n}_proj" for n in "qkv"}
+
+
+def _padded_batch(model: nn.Module) -> dict:
+    """A real padded batch, as a user passes it: ids, an attention_mask with padding in row 0 (and
+    token_type_ids / decoder ids where the model takes them)."""
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if model.config.is_encoder_decoder:
+        batch.update(decoder_input_ids=ids[:, :5], decoder_attention_mask=torch.ones(2, 5, dtype=torch.long))
+    elif getattr(model.config, "type_vocab_size", 0):
+        batch["token_type_ids"] = torch.zeros(2, 8, dtype=torch.long)
+    if "use_cache" in __import__("inspect").signature(model.forward).parameters:
+        batch["use_cache"] = False
+    return batch
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_user_padded_mask_keeps_every_site(arch, attn_impl, facts_of):
+    """The user's own padded attention_mask (its mask add depends on a user input too) changes no reading."""
+    model, facts = facts_of(arch, attn_impl)
+    masked = analyze(model, kwargs=_padded_batch(model))
+    assert masked.roles == facts.roles
+    assert masked.slices == facts.slices
+    assert masked.attention == facts.attention  # causal read from the mask as if unpadded
+
+
+def test_plan_lora_qv_with_a_padded_batch_eager():
+    import surgery
+
+    for arch in ("llama", "gpt2", "bert", "opt", "t5"):
+        model = tiny.build(arch, attn="eager")
+        placed = surgery.plan(model, "lora-qv", kwargs=_padded_batch(model))
+        unmasked = surgery.plan(model, "lora-qv")
+        assert [p.site.path for p in placed.placements] == [p.site.path for p in unmasked.placements]
+        assert len(placed.placements) == {"t5": 12, "gpt2": 2}.get(arch, 4)  # gpt2: one fused c_attn a layer
+
+
+def test_inputs_from_the_models_main_input_and_config():
+    from surgery.analysis.tracing import input_candidates
+
+    with torch.device("meta"):
+        t5 = tiny.build("t5")
+    candidates = input_candidates(t5)
+    assert candidates[0][0][0].device.type == "meta"
+    assert {"use_cache": False}.items() <= candidates[0][1].items()
+    assert any("attention_mask" in kwargs for _, kwargs in candidates)  # longt5's local attention needs one
+    assert all("use_cache" not in kwargs for _, kwargs in candidates[len(candidates) // 2:])  # then without
+
+
+def test_trace_error_names_the_model_and_the_inputs_tried():
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from surgery.errors import TraceError
+
+    class NeedsBoxes(PreTrainedModel):
+        config_class = PretrainedConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, input_ids, boxes):
+            return self.lin(boxes)
+
+    tried = r"Tried:\n  \(input_ids=int64\[2, 8\]"
+    with pytest.raises(TraceError, match=r"NeedsBoxes.*main input 'input_ids'.*boxes.*" + tried):
+        analyze(NeedsBoxes(PretrainedConfig(vocab_size=16)))
+
+
+def _classifier(name: str, **values):
+    import transformers
+
+    config = tiny.config("bert", num_labels=3, **values) if name.startswith("Bert") else \
+        tiny.config("llama", num_labels=3, pad_token_id=0, **values)
+    torch.manual_seed(0)
+    return getattr(transformers, name)(config).eval()
+
+
+def test_pooler_and_task_head_are_never_mlp():
+    facts = analyze(_classifier("BertForSequenceClassification"))
+    assert facts.roles["bert.pooler.dense"] == {"pooler"}
+    assert facts.roles["classifier"] == {"head"}
+    for i in range(2):
+        assert facts.roles[f"bert.encoder.layer.{i}.intermediate.dense"] == {UP}
+        assert facts.roles[f"bert.encoder.layer.{i}.output.dense"] == {DOWN}
+    assert analyze(_classifier("BertForTokenClassification")).roles["classifier"] == {"head"}
+    assert analyze(_classifier("LlamaForSequenceClassification")).roles["score"] == {"head"}
+    base = analyze(tiny.build("bert"))  # a masked LM: the prediction head's transform is no pooler
+    assert "bert.pooler.dense" not in base.roles and base.roles["cls.predictions.decoder"] == {HEAD}
+
+
+@pytest.mark.parametrize("rules", ["lora-all-linear", "ia3", "adapter-houlsby", "adapter-pfeiffer", "adapter-parallel"])
+def test_builtin_rule_sets_leave_the_classifier_alone(rules):
+    import surgery
+
+    plan = surgery.plan(_classifier("BertForSequenceClassification"), rules)
+    paths = {p.site.path for p in plan.placements}
+    assert "classifier" not in paths
+    if rules != "lora-all-linear":  # LoRA on every linear keeps the pooler, as PEFT's all-linear does
+        assert "bert.pooler.dense" not in paths
+    assert paths
+
+
+def _per_head(heads: int, stride: int, start: int, width: int) -> tuple[tuple[int, int], ...]:
+    return tuple((h * stride + start, h * stride + start + width) for h in range(heads))
+
+
+def test_multi_head_latent_attention_slices():
+    """DeepSeek-V3: q from q_b_proj; k from kv_b_proj's nope channels of each head and kv_a_proj_with_mqa's rope
+    part (written in place into one key tensor); v from kv_b_proj's other channels. Exact, as the oracle says."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
+                              q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                              head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1)
+    model = DeepseekV3ForCausalLM(config).eval()
+    facts = analyze(model)
+    p = "model.layers.0.self_attn"
+    assert facts.roles[f"{p}.q_b_proj"] == {Q} and f"{p}.q_b_proj" not in facts.slices
+    assert facts.roles[f"{p}.kv_a_proj_with_mqa"] == {K}
+    assert facts.slices[f"{p}.kv_a_proj_with_mqa"] == {K: seq(32, 8)}  # the rope part only
+    assert facts.roles[f"{p}.kv_b_proj"] == {K, V}
+    assert facts.slices[f"{p}.kv_b_proj"] == {K: _per_head(4, 24, 0, 8), V: _per_head(4, 24, 8, 16)}
+    info = facts.attention[p]
+    assert (info.num_heads, info.num_kv_heads, info.cross, info.causal) == (4, 4, False, True)
+
+
+def test_gated_query_slices():
+    """Qwen3-Next: q_proj holds per head [query, output gate]; only the query channels are attention.query, and
+    the gate (sigmoid(gate) * attention output) makes no MLP."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    config = Qwen3NextConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, layer_types=["full_attention"],
+                             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                             shared_expert_intermediate_size=32)
+    model = Qwen3NextForCausalLM(config).eval()
+    facts = analyze(model)
+    p = "model.layers.0.self_attn"
+    assert facts.roles[f"{p}.q_proj"] == {Q}
+    assert facts.slices[f"{p}.q_proj"] == {Q: _per_head(4, 32, 0, 16)}
+    assert facts.roles[f"{p}.o_proj"] == {O}
+    assert (facts.attention[p].num_heads, facts.attention[p].num_kv_heads) == (4, 2)
+
+
+def _moe(config_name: str, model_name: str, **values):
+    import transformers
+
+    config = getattr(transformers, config_name)(vocab_size=128, hidden_size=64, intermediate_size=96,
+                                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                num_local_experts=4, num_experts_per_tok=2, **values)
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def test_moe_experts_are_sites_with_mlp_roles():
+    import surgery
+
+    model = _moe("MixtralConfig", "MixtralForCausalLM")
+    report = surgery.inspect(model)
+    p = "model.layers.0.mlp.experts"
+    gate_up, down = report.site(f"{p}.gate_up_proj"), report.site(f"{p}.down_proj")
+    assert (gate_up.kind, gate_up.num_experts, gate_up.in_features, gate_up.out_features) == ("experts", 4, 64, 192)
+    assert gate_up.roles == {GATE, UP} and gate_up.slices == {GATE: seq(0, 96), UP: seq(96, 96)}
+    assert (down.kind, down.in_features, down.out_features, down.roles) == ("experts", 96, 64, {DOWN})
+    assert report.unknown == ["model.layers.0.mlp.gate"]  # the router: a linear-like with no weight format yet
+    assert report.unknown_roles["model.layers.0.mlp.gate"] == {"mlp.router"}
+    assert "(mlp.router)" in str(report)
+    assert {s.path for s in report.with_role(DOWN)} == {f"{p}.down_proj"}  # a rule selecting mlp.* finds them
+    with pytest.raises(surgery.RuleFileError, match="of kind 'experts', which method 'lora' does not accept"):
+        surgery.plan(model, surgery.RuleSet.model_validate(
+            {"name": "mlp", "rules": [{"select": {"roles": ["mlp.down"]}, "method": "lora"}]}))
+    # the built-in rule sets adapt linear kinds only, until a method adapts stacked experts
+    assert not [p for p in surgery.plan(model, "lora-all-linear").placements if p.site.kind == "experts"]
+
+
+def test_moe_experts_interleaved_gate_up():
+    """GPT-OSS stores gate_up [experts, in, out] with gate and up channels interleaved."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, layer_types=["full_attention"])
+    config._attn_implementation = "eager"
+    facts = analyze(GptOssForCausalLM(config).eval())
+    p = "model.layers.0.mlp.experts"
+    assert facts.experts[f"{p}.gate_up_proj"].transposed and facts.experts[f"{p}.gate_up_proj"].out_features == 64
+    assert facts.slices[f"{p}.gate_up_proj"] == {GATE: tuple((c, c + 1) for c in range(0, 64, 2)),
+                                                 UP: tuple((c, c + 1) for c in range(1, 64, 2))}
+    assert facts.roles[f"{p}.down_proj"] == {DOWN}
+    assert facts.roles["model.layers.0.mlp.router"] == {"mlp.router"}
+
+
+def test_token_ids_through_a_where_before_the_lookup():
+    """Gemma 4 replaces multimodal placeholder ids before the lookup: still the input embedding and LM head."""
+
+    class Substituted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(32, 16)
+            self.positions = nn.Embedding(8, 16)
+            self.out = nn.Linear(16, 32, bias=False)
+
+        def forward(self, ids):
+            text_ids = torch.where(ids >= 30, torch.zeros_like(ids), ids)
+            positions = torch.arange(ids.shape[1]).expand_as(ids)
+            return self.out(self.embed(text_ids) + self.positions(positions))
+
+    facts = analyze(Substituted(), TOKENS)
+    assert facts.roles == {"embed": {EMBED}, "out": {HEAD}}
+
+
+def test_einsum_with_a_3d_weight_is_experts_only_when_batched_over_its_first_dim():
+    class Einsums(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(32, 16)
+            self.proj = nn.Parameter(torch.randn(16, 2, 8))  # XLNet-style: [hidden, heads, head_dim]
+            self.experts = nn.Parameter(torch.randn(4, 8, 16))  # [experts, in, out]
+
+        def forward(self, ids):
+            h = self.embed(ids)  # [b, s, 16]
+            p = torch.einsum("bsh,hnd->bsnd", h, self.proj).reshape(2, 8, 16)
+            grouped = p.reshape(4, 4, 16)[..., :8]  # four "experts" of four tokens each
+            return torch.einsum("ecd,edf->ecf", grouped, self.experts)
+
+    facts = analyze(Einsums(), TOKENS)
+    assert list(facts.experts) == ["experts"]
+    assert (facts.experts["experts"].num_experts, facts.experts["experts"].in_features,
+            facts.experts["experts"].out_features) == (4, 8, 16)

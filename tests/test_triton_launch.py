@@ -1,5 +1,5 @@
-"""The direct launch of compiled Triton kernels (plugins/triton_launch.py): which calls take Triton's launcher, which
-launch the kept kernel, with what, and that the key is at least as fine as Triton's own specialization."""
+"""The direct launch of compiled Triton kernels (plugins/lora/triton_launch.py): which calls take Triton's launcher,
+which launch the kept kernel, with what, and that the key is at least as fine as Triton's own specialization."""
 import itertools
 from types import SimpleNamespace
 
@@ -8,9 +8,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-import surgery_plugins.triton_launch as tl_launch  # noqa: E402
-from surgery_plugins.lora_kernels import INTERPRETING  # noqa: E402
-from surgery_plugins.triton_launch import Launch, specialization  # noqa: E402
+import surgery_plugins.lora.triton_launch as tl_launch  # noqa: E402
+from surgery_plugins.lora.kernels import INTERPRETING  # noqa: E402
+from surgery_plugins.lora.triton_launch import Launch, specialization  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and not INTERPRETING
 

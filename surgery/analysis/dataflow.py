@@ -19,7 +19,7 @@ LAYOUT_OPS = frozenset({
     "select", "getitem", "split", "split_with_sizes", "chunk", "unbind", "cat", "concat", "stack", "contiguous",
     "unsqueeze", "squeeze", "flatten", "unflatten", "narrow", "index", "index_select", "broadcast_to", "repeat",
     "repeat_interleave", "clone", "alias", "to", "_to_copy", "type_as", "movedim", "swapaxes", "lift_fresh_copy",
-    "dropout", "feature_dropout", "alpha_dropout", "detach", "float", "half", "bfloat16",
+    "dropout", "feature_dropout", "alpha_dropout", "detach", "float", "half", "bfloat16", "pad", "constant_pad_nd",
 })
 ELEMENTWISE_OPS = frozenset({
     "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "pow", "sqrt", "rsqrt", "exp",
@@ -179,6 +179,43 @@ def _swaps_last_two(node: fx.Node) -> bool:
     return n >= 2 and [d % n for d in dims] == list(range(n - 2)) + [n - 1, n - 2]
 
 
+def weight_root(weight: fx.Node, index: GraphIndex) -> fx.Node:
+    """The stored tensor a weight operand is a view or copy of (through layout ops, select/index of experts)."""
+    node = weight
+    while node.op == "call_function" and op_name(node) in LAYOUT_OPS:
+        inputs = [i for i in node.all_input_nodes if i in index.from_state]
+        if not inputs:
+            break
+        node = max(inputs, key=lambda i: tensor_val(i).numel() if tensor_val(i) is not None else -1)
+    return node
+
+
+def _stacked(weight: object, index: GraphIndex) -> bool:
+    """Whether a weight operand comes from a parameter of three or more dimensions (stacked experts)."""
+    if not isinstance(weight, fx.Node):
+        return False
+    root = weight_root(weight, index)
+    val = tensor_val(root)
+    return root.op == "placeholder" and val is not None and val.dim() >= 3
+
+
+def _learned(node: fx.Node, index: GraphIndex) -> bool:
+    """A value computed from parameters alone (learned query tokens), not from user inputs or buffers only."""
+    return node in index.from_state and node not in index.from_user and any(
+        index.trace.input_kinds.get(p.name) == "parameter"
+        for p in backward_closure([node], lambda n: n in index.from_state) if p.op == "placeholder")
+
+
+def _own_parameter(weight: object, path: str, index: GraphIndex) -> bool:
+    """Whether a weight operand is a two-dimensional parameter of the module at `path` itself."""
+    if not isinstance(weight, fx.Node):
+        return False
+    root = weight_root(weight, index)
+    name = index.trace.parameters.get(root.name, "")
+    val = tensor_val(root)
+    return root.op == "placeholder" and val is not None and val.dim() == 2 and name.rpartition(".")[0] == path
+
+
 def linear_sites(index: GraphIndex) -> dict[str, LinearSite]:
     """Leaf modules owning a matmul-type op with one user-dependent operand and one parameter-only operand."""
     sites: dict[str, LinearSite] = {}
@@ -193,10 +230,12 @@ def linear_sites(index: GraphIndex) -> dict[str, LinearSite]:
             x, weight, reversed_ = a, b, False
         elif op_name(node) != "linear" and isinstance(b, fx.Node) and b in index.from_user and _state_only(a, index):
             x, weight, reversed_ = b, a, True
+        elif isinstance(a, fx.Node) and _learned(a, index) and _own_parameter(b, path, index):
+            x, weight, reversed_ = a, b, False  # a projection of learned tokens (Q-Former queries, latents)
         else:
             continue
         shape = tensor_val(weight).shape if tensor_val(weight) is not None else ()
-        if len(shape) != 2:
+        if len(shape) != 2 or _stacked(weight, index):  # one expert's slice of stacked weights: an expert site
             continue
         flipped = stored_transposed(weight, index)
         if op_name(node) == "linear" or reversed_:
@@ -284,3 +323,108 @@ def backward_closure(targets: Iterable[fx.Node], allowed: Callable[[fx.Node], bo
         seen.add(node)
         stack.extend(i for i in node.all_input_nodes if i not in seen and allowed(i))
     return seen
+
+
+VIEW_OPS = frozenset({"slice", "select", "view", "narrow", "transpose", "unsqueeze", "squeeze", "expand", "permute",
+                      "as_strided", "_unsafe_view", "t", "alias", "unflatten", "diagonal", "unfold"})
+
+
+def alias_writes(node: fx.Node, views: list[fx.Node] | None = None) -> list[fx.Node]:
+    """In-place ops that write into `node` or into a view of it (`new_empty(...)[..., :d].copy_(k_nope)`). Their
+    other operands are data that `node` carries afterwards. The views passed through are appended to `views`."""
+    found: list[fx.Node] = []
+    seen, stack = {node}, [node]
+    while stack:
+        current = stack.pop()
+        for user in current.users:
+            if not user.args or user.args[0] is not current:
+                continue
+            name = op_name(user)
+            if name.endswith("_") and not name.startswith("_"):
+                found.append(user)
+            elif name in VIEW_OPS and user not in seen:
+                seen.add(user)
+                stack.append(user)
+                if views is not None:
+                    views.append(user)
+    return found
+
+
+EXPERT_MATMUL_OPS = MATMUL_OPS | frozenset({"grouped_mm_fallback", "_grouped_mm", "grouped_mm", "einsum"})
+
+
+@dataclass(frozen=True)
+class ExpertSite:
+    """Stacked expert weights (one parameter [experts, out, in] or [experts, in, out]) used by batched or grouped
+    matmuls. `path` is the parameter's path (module path + "." + parameter name), `module` its module's."""
+
+    path: str
+    module: str
+    num_experts: int
+    in_features: int
+    out_features: int
+    transposed: bool  # stored [experts, in, out]
+    matmuls: tuple[fx.Node, ...]
+    x: fx.Node
+
+    @property
+    def matmul(self) -> fx.Node:
+        return self.matmuls[-1]
+
+
+def _batched_over_first(node: fx.Node, weight_second: bool) -> bool:
+    """Whether an einsum's weight operand is indexed by its first dimension in the input and the output alike
+    (one product per expert), as in "ecd,edf->ecf"."""
+    equation = node.args[0]
+    if not isinstance(equation, str) or "->" not in equation:
+        return False
+    inputs, output = equation.replace(" ", "").split("->")
+    terms = inputs.split(",")
+    if len(terms) != 2:
+        return False
+    w_term, x_term = (terms[1], terms[0]) if weight_second else (terms[0], terms[1])
+    first = w_term.lstrip(".")[:1]
+    return bool(first) and first in x_term and first in output
+
+
+def expert_sites(index: GraphIndex) -> dict[str, ExpertSite]:
+    """Parameters of three dimensions multiplied with a user-dependent operand: stacked MoE experts, whether by
+    `grouped_mm`, `bmm`/`matmul` or by a `linear` on one expert's slice (jetmoe). Keyed by parameter path."""
+    found: dict[str, dict] = {}
+    for node in index.nodes:
+        name = op_name(node)
+        if name not in EXPERT_MATMUL_OPS:
+            continue
+        if name == "einsum":
+            listed = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+            operands = node.args[1] if listed else node.args[1:]
+            if len(operands) != 2:
+                continue
+            a, b = operands
+        else:
+            a, b = _operands(node)
+        if isinstance(a, fx.Node) and a in index.from_user and _state_only(b, index):
+            x, weight = a, b
+        elif name not in ("linear", "einsum") and isinstance(b, fx.Node) and b in index.from_user \
+                and _state_only(a, index):
+            x, weight = b, a
+        else:
+            continue
+        root = weight_root(weight, index)
+        val = tensor_val(root)
+        path = index.trace.parameters.get(root.name)
+        if root.op != "placeholder" or val is None or val.dim() != 3 or path is None:
+            continue
+        if name == "einsum" and not _batched_over_first(node, weight is operands[1]):
+            continue  # a projection by a 3-D weight (XLNet's "ibh,hnd->ibnd"), not one matmul per expert
+        flips = stored_transposed(weight, index)
+        experts, d1, d2 = (int(d) for d in val.shape)
+        if name == "linear":  # x @ W.T, W = param[e] (a [out, in] slice unless transposed on the way)
+            out_f, in_f, transposed = (d2, d1, True) if flips else (d1, d2, False)
+        else:  # x @ W', W' [in, out]
+            out_f, in_f, transposed = (d1, d2, False) if flips else (d2, d1, True)
+        entry = found.setdefault(path, {"module": index.owner[node], "shape": (experts, in_f, out_f, transposed),
+                                        "matmuls": [], "x": x})
+        entry["matmuls"].append(node)
+    return {p: ExpertSite(p, e["module"], e["shape"][0], e["shape"][1], e["shape"][2], e["shape"][3],
+                          tuple(e["matmuls"]), e["x"]) for p, e in found.items()}

@@ -15,10 +15,17 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from surgery.analysis.attention import attention_ops, read_attention
-from surgery.analysis.dataflow import LinearSite, build_index, embedding_sites, linear_sites, norm_modules
+from surgery.analysis.dataflow import (
+    LinearSite,
+    build_index,
+    embedding_sites,
+    expert_sites,
+    linear_sites,
+    norm_modules,
+)
 from surgery.analysis.depth import Reduction, reduced_depth, sharing, structure
-from surgery.analysis.heads import lm_heads, token_embeddings
-from surgery.analysis.mlp import read_mlp
+from surgery.analysis.heads import lm_heads, poolers, task_heads, token_embeddings
+from surgery.analysis.mlp import read_mlp, routers
 from surgery.analysis.probes import Slices
 from surgery.analysis.tracing import AnalysisTrace, canonical_names, export_for_analysis
 from surgery.core.sites import AttentionInfo
@@ -44,6 +51,17 @@ class EmbeddingFacts:
 
 
 @dataclass(frozen=True)
+class ExpertFacts:
+    """Stacked expert weights: `module` holds the parameter; `transposed` = stored [experts, in, out]."""
+
+    module: str
+    num_experts: int
+    in_features: int
+    out_features: int
+    transposed: bool
+
+
+@dataclass(frozen=True)
 class GraphFacts:
     """Everything the graph says about a model's sites, keyed by canonical module path."""
 
@@ -53,6 +71,7 @@ class GraphFacts:
     slices: dict[str, dict[str, Slices]]  # fused projections only: role -> output-channel ranges
     attention: dict[str, AttentionInfo]  # path of the module owning each attention computation
     input_groups: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> first site reading its input
+    experts: dict[str, ExpertFacts] = dataclasses.field(default_factory=dict)  # parameter path -> stacked experts
 
 
 def input_groups(linears: dict[str, LinearSite]) -> dict[str, str]:
@@ -64,12 +83,25 @@ def input_groups(linears: dict[str, LinearSite]) -> dict[str, str]:
     return {path: group[0] for group in readers.values() if len(group) > 1 for path in group}
 
 
+def _union(a: Slices, b: Slices) -> Slices:
+    channels = sorted({c for lo, hi in (*a, *b) for c in range(lo, hi)})
+    out: list[tuple[int, int]] = []
+    for c in channels:
+        if out and out[-1][1] == c:
+            out[-1] = (out[-1][0], c + 1)
+        else:
+            out.append((c, c + 1))
+    return tuple(out)
+
+
 def _merge(roles: dict[str, set[str]], slices: dict[str, dict[str, Slices]],
            new_roles: dict[str, frozenset[str]], new_slices: dict[str, dict[str, Slices]]) -> None:
     for path, rs in new_roles.items():
         roles.setdefault(path, set()).update(rs)
-    for path, by_role in new_slices.items():
-        slices.setdefault(path, {}).update(by_role)
+    for path, by_role in new_slices.items():  # a site feeding several attention calls: the union of its channels
+        current = slices.setdefault(path, {})
+        for role, ranges in by_role.items():
+            current[role] = _union(current.get(role, ()), ranges)
 
 
 def read_facts(trace: AnalysisTrace) -> GraphFacts:
@@ -86,22 +118,33 @@ def read_facts(trace: AnalysisTrace) -> GraphFacts:
         reading = read_attention(op, index, linears, norms, memo)
         attention.setdefault(reading.owner, reading.info)
         _merge(roles, slices, reading.roles, reading.slices)
-    for site in linears.values():
-        mlp = read_mlp(site, index, linears, norms)
+    pooling = frozenset(poolers(index, linears, norms))
+    attending = frozenset(p for p, r in roles.items() if any(x.startswith("attention.") for x in r))
+    experts = expert_sites(index)
+    for site in [*linears.values(), *experts.values()]:  # a pooler or an attention projection is never MLP
+        mlp = read_mlp(site, index, linears, norms, exclude=pooling | attending, experts=experts)
         if mlp is not None:
             _merge(roles, slices, mlp.roles, mlp.slices)
+    for path in routers(index, linears):
+        roles.setdefault(path, set()).add("mlp.router")
     tokens = token_embeddings(index, embeddings.values())
     for path in tokens:
         roles.setdefault(path, set()).add("embedding.input")
     vocab = embeddings[tokens[0]].num_embeddings if tokens else None
     for path in lm_heads(index, linears, vocab, norms) if vocab else []:
         roles.setdefault(path, set()).add("lm_head")
+    for path in pooling:
+        roles.setdefault(path, set()).add("pooler")
+    for path in task_heads(index, linears, norms, taken={p for p, r in roles.items() if r}):
+        roles.setdefault(path, set()).add("head")
     return GraphFacts(
         linears={p: LinearFacts(s.in_features, s.out_features, s.transposed,
                                 getattr(s.x.meta.get("val"), "dtype", None)) for p, s in linears.items()},
         embeddings={p: EmbeddingFacts(s.num_embeddings, s.embedding_dim) for p, s in embeddings.items()},
         roles={p: frozenset(r) for p, r in roles.items()}, slices=slices, attention=attention,
-        input_groups=input_groups(linears))
+        input_groups=input_groups(linears),
+        experts={p: ExpertFacts(e.module, e.num_experts, e.in_features, e.out_features, e.transposed)
+                 for p, e in experts.items()})
 
 
 # ---------------------------------------------------------------------------------------------- expansion, cache
@@ -140,7 +183,9 @@ def expand_facts(facts: GraphFacts, reduction: Reduction, model: nn.Module) -> G
             groups[canon(path2)] = pinned(first, picks)
     return GraphFacts(linears=spread(facts.linears), embeddings=spread(facts.embeddings),
                       roles=spread(facts.roles), slices=spread(facts.slices), attention=ordered(attention),
-                      input_groups=ordered(groups))
+                      input_groups=ordered(groups),
+                      experts={canon(p2): dataclasses.replace(e, module=pinned(e.module, picks))
+                               for p, e in facts.experts.items() for p2, picks in reduction.expand(p)})
 
 
 def _inputs_key(args: tuple | None, kwargs: dict | None) -> tuple:
@@ -169,19 +214,23 @@ _CACHE_SIZE = 32
 
 def _copy(facts: GraphFacts) -> GraphFacts:
     return GraphFacts(dict(facts.linears), dict(facts.embeddings), dict(facts.roles),
-                      {p: dict(s) for p, s in facts.slices.items()}, dict(facts.attention), dict(facts.input_groups))
+                      {p: dict(s) for p, s in facts.slices.items()}, dict(facts.attention), dict(facts.input_groups),
+                      dict(facts.experts))
 
 
 def _analyze_uncached(model: nn.Module, args: tuple | None, kwargs: dict | None) -> GraphFacts:
     reduction = Reduction({})
+    failed = None
     try:
         with reduced_depth(model) as reduction:
             trace = export_for_analysis(model, args, kwargs)
         return expand_facts(read_facts(trace), reduction, model)
-    except Exception:
+    except Exception as exc:
         if not reduction.groups:
             raise
-    return expand_facts(read_facts(export_for_analysis(model, args, kwargs)), Reduction({}), model)
+        failed = getattr(exc, "tried", None)  # surgery's own inputs failed: at full depth, stop if alike
+    trace = export_for_analysis(model, args, kwargs, failed=failed)
+    return expand_facts(read_facts(trace), Reduction({}), model)
 
 
 def analyze(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> GraphFacts:

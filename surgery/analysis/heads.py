@@ -1,11 +1,51 @@
-"""Model-level roles from dataflow: the embedding that reads the user's token ids, and the LM head."""
+"""Model-level roles from dataflow: the embedding that reads the user's token ids, the LM head, poolers and task
+heads."""
 from __future__ import annotations
 
 from typing import Iterable
 
 from torch import fx
 
-from surgery.analysis.dataflow import WALK_OPS, GraphIndex, LinearSite, op_name, strip_layout
+from surgery.analysis.dataflow import (
+    ACTIVATION_OPS,
+    ELEMENTWISE_OPS,
+    LAYOUT_OPS,
+    WALK_OPS,
+    GraphIndex,
+    LinearSite,
+    op_name,
+    tensor_val,
+)
+
+_ID_OPS = frozenset({"where", "masked_fill", "masked_fill_", "clamp", "clamp_min", "clamp_max", "remainder", "sub",
+                     "add"})
+"""Ops token ids may pass before the lookup: gemma4 replaces multimodal placeholder ids with `where`."""
+
+
+def _from_tokens(ids: fx.Node, index: GraphIndex, tokens: frozenset[str]) -> bool:
+    """Whether lookup indices are the user's token ids, possibly through layout ops and id substitutions
+    (where, masked_fill, clamp) but no arithmetic that makes them positions (cumsum, arange)."""
+    seen, stack = {ids}, [ids]
+    while stack:
+        node = stack.pop()
+        if node.op == "placeholder":
+            if node.name in tokens:
+                return True
+            continue
+        name = op_name(node)
+        if node.op != "call_function" or name not in LAYOUT_OPS | _ID_OPS:
+            continue
+        if name == "where":  # the ids come from the chosen values, not from the condition
+            data = [a for a in node.args[1:3] if isinstance(a, fx.Node)]
+        elif name in LAYOUT_OPS or name in ("masked_fill", "masked_fill_", "clamp", "clamp_min", "clamp_max"):
+            data = [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
+        else:  # an id offset (add, sub, remainder)
+            data = [a for a in node.args if isinstance(a, fx.Node)]
+        for i in data:
+            if i in index.from_user and i not in seen:
+                seen.add(i)
+                stack.append(i)
+    return False
 
 
 def token_embeddings(index: GraphIndex, embeddings: Iterable) -> list[str]:
@@ -14,8 +54,7 @@ def token_embeddings(index: GraphIndex, embeddings: Iterable) -> list[str]:
     found = []
     for site in embeddings:
         for lookup in site.lookups:
-            root = strip_layout(lookup.args[1], index) if isinstance(lookup.args[1], fx.Node) else None
-            if root is not None and root.op == "placeholder" and root.name in tokens:
+            if isinstance(lookup.args[1], fx.Node) and _from_tokens(lookup.args[1], index, tokens):
                 found.append(site.path)
                 break
     return found
@@ -44,3 +83,85 @@ def lm_heads(index: GraphIndex, linears: dict[str, LinearSite], vocab: int, norm
         if hit:
             heads.append(site.path)
     return heads
+
+
+_POOLING_OPS = frozenset({"select", "index", "slice", "getitem", "mean", "amax", "max", "sum", "gather",
+                          "index_select", "narrow", "squeeze", "_unsafe_index"})
+
+
+def _numel(node: fx.Node) -> int | None:
+    val = tensor_val(node)
+    return int(val.numel()) if val is not None else None
+
+
+def pooled_input(site: LinearSite, index: GraphIndex, linears: dict[str, LinearSite], norms: frozenset[str]) -> bool:
+    """Whether the site reads a pooled representation: walking back from its input (through layout,
+    element-wise and activation ops, not through other linears), a pooling op drops the sequence dimension
+    (fewer elements out than in, the feature dimension kept): BERT's hidden[:, 0], BART's eos token, a mean."""
+    seen, stack = {site.x}, [site.x]
+    while stack:
+        node = stack.pop()
+        owner = index.owner[node]
+        if node.op != "call_function" or (owner in linears and owner != site.path) or owner in norms:
+            continue
+        inputs = [i for i in node.all_input_nodes if i in index.from_user]
+        name = op_name(node)
+        if name in _POOLING_OPS and len(inputs) >= 1:
+            out, src = tensor_val(node), tensor_val(inputs[0])
+            if (out is not None and src is not None and out.dim() >= 1 and src.dim() > out.dim()
+                    and out.shape[-1] == src.shape[-1] and out.numel() < src.numel()):
+                return True
+        if name not in WALK_OPS and name not in _POOLING_OPS:
+            continue
+        for i in inputs:
+            if i not in seen:
+                seen.add(i)
+                stack.append(i)
+    return False
+
+
+def _activated(site: LinearSite, index: GraphIndex, linears: dict[str, LinearSite]) -> bool:
+    """Whether the site's output passes an activation before any other linear-like module."""
+    seen, stack = {site.matmul}, [site.matmul]
+    while stack:
+        for user in stack.pop().users:
+            owner = index.owner[user]
+            if user in seen or (owner in linears and owner != site.path):
+                continue
+            if op_name(user) in ACTIVATION_OPS:
+                return True
+            if op_name(user) in LAYOUT_OPS | ELEMENTWISE_OPS:
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
+def _reaches_output(site: LinearSite, index: GraphIndex, linears: dict[str, LinearSite],
+                    norms: frozenset[str]) -> bool:
+    seen, stack = {site.matmul}, [site.matmul]
+    while stack:
+        for user in stack.pop().users:
+            if user.op == "output":
+                return True
+            owner = index.owner[user]
+            passable = owner == site.path or (owner not in norms and owner not in linears and op_name(user) in WALK_OPS)
+            if user not in seen and passable:
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
+def poolers(index: GraphIndex, linears: dict[str, LinearSite], norms: frozenset[str]) -> set[str]:
+    """Linears reading a pooled representation whose output is activated (BERT's pooler.dense, a
+    classification head's dense layer): role `pooler`, never MLP."""
+    return {path for path, site in linears.items()
+            if pooled_input(site, index, linears, norms) and _activated(site, index, linears)}
+
+
+def task_heads(index: GraphIndex, linears: dict[str, LinearSite], norms: frozenset[str],
+               taken: Iterable[str]) -> set[str]:
+    """Linears whose output reaches the graph output through layout/element-wise ops only (a classifier, a score
+    or projection head) and that have no other role (`taken`): role `head`, never MLP."""
+    taken = set(taken)
+    return {path for path, site in linears.items()
+            if path not in taken and _reaches_output(site, index, linears, norms)}

@@ -1,5 +1,5 @@
 """MLP roles from dataflow: gate, up and down projections read back from each down projection's input (a fused
-gate_up is probed for its exact slices)."""
+gate_up is probed for its exact slices), for linear modules and for stacked MoE expert weights alike."""
 from __future__ import annotations
 
 from collections import deque
@@ -11,11 +11,13 @@ from surgery.analysis.dataflow import (
     ACTIVATION_OPS,
     ELEMENTWISE_OPS,
     LAYOUT_OPS,
+    ExpertSite,
     GraphIndex,
     LinearSite,
     enclosing_block,
     module_input,
     op_name,
+    strip_layout,
     within,
 )
 from surgery.analysis.probes import Slices, channel_probe
@@ -30,10 +32,17 @@ class MlpReading:
 
 
 
-def read_mlp(down: LinearSite, index: GraphIndex, linears: dict[str, LinearSite],
-             norms: frozenset[str]) -> MlpReading | None:
+def read_mlp(down: LinearSite | ExpertSite, index: GraphIndex, linears: dict[str, LinearSite],
+             norms: frozenset[str], exclude: frozenset[str] = frozenset(),
+             experts: dict[str, ExpertSite] | None = None) -> MlpReading | None:
     """If `down`'s input derives through an activation from one or two linear outputs of one hidden state,
-    the MLP roles: act(gate(x)) * up(x) -> gate, up; act(up(x)) -> up; a fused gate_up is probed for slices."""
+    the MLP roles: act(gate(x)) * up(x) -> gate, up; act(up(x)) -> up; a fused gate_up is probed for slices.
+    Stacked experts (`experts`, keyed by parameter path) are read the same way, each expert weight a site.
+    Nothing when `down` or a linear it reads from is in `exclude` (poolers, attention projections)."""
+    if down.path in exclude:
+        return None
+    experts = experts or {}
+    expert_at = {node: path for path, site in experts.items() for node in site.matmuls}
     scope = enclosing_block(down.path, index.trace)
     reached: dict[str, tuple[set[bool], fx.Node]] = {}
     act_inputs: list[fx.Node] = []
@@ -41,8 +50,9 @@ def read_mlp(down: LinearSite, index: GraphIndex, linears: dict[str, LinearSite]
     while queue:
         node, through_act = queue.popleft()
         owner = index.owner[node]
-        if owner in linears and owner != down.path:
-            reached.setdefault(owner, (set(), node))[0].add(through_act)
+        site = expert_at.get(node) or (owner if owner in linears else None)
+        if site is not None and site != down.path:
+            reached.setdefault(site, (set(), node))[0].add(through_act)
             continue
         if node.op != "call_function" or owner in norms or not within(owner, scope):
             continue
@@ -57,6 +67,8 @@ def read_mlp(down: LinearSite, index: GraphIndex, linears: dict[str, LinearSite]
             if (i, through_act) not in seen:
                 seen.add((i, through_act))
                 queue.append((i, through_act))
+    if exclude.intersection(reached):
+        return None
     gates = [p for p, (acts, _) in reached.items() if True in acts]
     plain = [p for p, (acts, _) in reached.items() if acts == {False}]
     if len(gates) != 1 or len(plain) > 1:
@@ -64,7 +76,7 @@ def read_mlp(down: LinearSite, index: GraphIndex, linears: dict[str, LinearSite]
     gate = gates[0]
     down_roles = {down.path: frozenset({"mlp.down"})}
     if plain:
-        if module_input(linears[gate], index) is not module_input(linears[plain[0]], index):
+        if _input(gate, linears, experts, index) is not _input(plain[0], linears, experts, index):
             return None
         return MlpReading({**down_roles, gate: frozenset({"mlp.gate"}), plain[0]: frozenset({"mlp.up"})}, {})
     acts, source = reached[gate]
@@ -80,6 +92,12 @@ def read_mlp(down: LinearSite, index: GraphIndex, linears: dict[str, LinearSite]
 
 
 
+def _input(path: str, linears: dict[str, LinearSite], experts: dict[str, ExpertSite], index: GraphIndex) -> fx.Node:
+    if path in linears:
+        return module_input(linears[path], index)
+    return strip_layout(experts[path].x, index)
+
+
 def _channel_set(slices: Slices) -> set[int]:
     return {c for a, b in slices for c in range(a, b)}
 
@@ -93,3 +111,35 @@ def _as_ranges(channels: set[int]) -> Slices:
         else:
             out.append((c, c + 1))
     return tuple(out)
+
+
+_ROUTING_OPS = frozenset({"topk", "sort", "argsort", "argmax", "max", "kthvalue"})
+
+
+def routers(index: GraphIndex, linears: dict[str, LinearSite]) -> set[str]:
+    """Linear-like modules whose output chooses experts: it reaches a top-k/sort/argmax (through softmax, sigmoid,
+    layout and element-wise ops) whose indices leave the block's own arithmetic. Role `mlp.router`."""
+    passable = LAYOUT_OPS | ELEMENTWISE_OPS | ACTIVATION_OPS | {"softmax", "_softmax", "log_softmax", "_log_softmax"}
+    found = set()
+    for path, site in linears.items():
+        seen, stack = {site.matmul}, [site.matmul]
+        while stack and path not in found:
+            for user in stack.pop().users:
+                owner = index.owner[user]
+                if user in seen or (owner in linears and owner != path):
+                    continue
+                name = op_name(user)
+                if name in _ROUTING_OPS and _picks_indices(user):
+                    found.add(path)
+                    break
+                if name in passable:
+                    seen.add(user)
+                    stack.append(user)
+    return found
+
+
+def _picks_indices(node: fx.Node) -> bool:
+    """Whether a top-k/sort/max node's indices are used (not only its values, as a softmax's max subtraction)."""
+    if op_name(node) in ("argsort", "argmax"):
+        return True
+    return any(op_name(u) == "getitem" and u.args[1] == 1 and u.users for u in node.users)

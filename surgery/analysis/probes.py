@@ -11,15 +11,32 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import fx
 
-from surgery.analysis.dataflow import GraphIndex, backward_closure, tensor_val
+from surgery.analysis.dataflow import GraphIndex, alias_writes, backward_closure, tensor_val
 
 Slices = tuple[tuple[int, int], ...]
 _CPU = torch.device("cpu")
 
 
+UNBACKED_SIZE = 3
+"""The size a probe gives a data-dependent dimension with no hint (tokens routed to one expert): any positive
+size reads the same channels, since channels are the last dimension."""
+
+
+def concrete_shape(val: torch.Tensor) -> tuple[int, ...]:
+    """The shape as integers; a data-dependent (unbacked) size takes its hint, else UNBACKED_SIZE."""
+    out = []
+    for size in val.shape:
+        try:
+            out.append(int(size))
+        except Exception:  # an unbacked symbolic size (MoE routing: how many tokens an expert got)
+            hint = getattr(getattr(size, "node", None), "hint", None)
+            out.append(int(hint) if isinstance(hint, int) else UNBACKED_SIZE)
+    return tuple(out)
+
+
 def _filled(val: Any, generator: torch.Generator) -> Any:
     if isinstance(val, torch.Tensor):
-        shape = tuple(int(s) for s in val.shape)
+        shape = concrete_shape(val)
         if val.is_floating_point() or val.is_complex():
             return torch.randn(shape, generator=generator)
         if val.dtype == torch.bool:
@@ -85,6 +102,17 @@ def forward_closure(start: fx.Node, limit: int, index: GraphIndex) -> set[fx.Nod
     return seen
 
 
+def forward_closure_within(start: fx.Node, allowed: set[fx.Node]) -> set[fx.Node]:
+    """Nodes of `allowed` reachable forwards from `start` through `allowed` nodes only."""
+    seen, stack = {start}, [start]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen and user in allowed:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
 def ranges(mask: torch.Tensor) -> Slices:
     """Contiguous runs of True in a 1-D boolean mask, as (start, stop) pairs."""
     out: list[tuple[int, int]] = []
@@ -99,11 +127,13 @@ def ranges(mask: torch.Tensor) -> Slices:
 
 
 def channel_probe(index: GraphIndex, source: fx.Node, targets: Mapping[str, Sequence[fx.Node]],
-                  seed: int = 0) -> dict[str, Slices]:
+                  seed: int = 0, barrier: frozenset[str] = frozenset()) -> dict[str, Slices]:
     """Which channels (last dim) of `source` each group of target nodes depends on, by a gradient probe.
 
     Executes only the nodes between `source` and the targets, with `source` a random leaf requiring grad, and
-    backpropagates a random cotangent from each group separately.
+    backpropagates a random cotangent from each group separately. Nodes owned by a module in `barrier` are
+    not followed (their values are random inputs): a channel that reaches a target only through one of them
+    does not count.
     """
     val = tensor_val(source)
     all_targets = [t for group in targets.values() for t in group]
@@ -111,11 +141,34 @@ def channel_probe(index: GraphIndex, source: fx.Node, targets: Mapping[str, Sequ
         return {}
     limit = max(index.order[t] for t in all_targets)
     downstream = forward_closure(source, limit, index)
-    region = backward_closure(all_targets, lambda n: n in downstream) - {source}
+    if barrier:
+        downstream = {n for n in downstream if index.owner[n] not in barrier} | {source}
+        downstream = forward_closure_within(source, downstream)
+    wanted = set(all_targets)
+    written: dict[fx.Node, bool] = {}
+
+    def allowed(node: fx.Node) -> bool:  # on a path from the source, or a tensor written in place from it
+        if node in downstream or node in wanted:
+            return True
+        if node not in written:
+            written[node] = node in index.from_user and any(
+                isinstance(i, fx.Node) and i in downstream for w in alias_writes(node) for i in w.args[1:])
+        return written[node]
+
+    region = backward_closure(all_targets, allowed) - {source}
+    for node in list(region):  # in-place writes into region tensors (or views of them) from the source's side
+        views: list[fx.Node] = []
+        for write in alias_writes(node, views):
+            data = [i for i in write.args[1:] if isinstance(i, fx.Node) and i in downstream]
+            if data:
+                region |= {write, *views} | (backward_closure(data, lambda n: n in downstream) - {source})
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
-        leaf = torch.randn(tuple(int(s) for s in val.shape), generator=generator, requires_grad=True)
-        env = run_region(index, region, {source: leaf * 1.0}, generator)
+        try:
+            leaf = torch.randn(concrete_shape(val), generator=generator, requires_grad=True)
+            env = run_region(index, region, {source: leaf * 1.0}, generator)
+        except Exception:  # a region that cannot run on stand-in values (data-dependent sizes): nothing read
+            return {}
         found: dict[str, Slices] = {}
         for role, group in targets.items():
             outs = [env[t] for t in group if t in region or t is source]
@@ -132,13 +185,34 @@ def channel_probe(index: GraphIndex, source: fx.Node, targets: Mapping[str, Sequ
     return found
 
 
-def evaluate(index: GraphIndex, node: fx.Node, seed: int = 0) -> Any | None:
-    """The value of `node` computed on its own, or None where it depends on a user input or cannot be run."""
+def _unpadded(val: Any) -> Any:
+    """A user's attention mask as if nothing were padded: all ones (booleans: all True)."""
+    if isinstance(val, torch.Tensor):
+        shape = concrete_shape(val)
+        return torch.ones(shape, dtype=val.dtype)
+    return val
+
+
+def evaluate(index: GraphIndex, node: fx.Node, seed: int = 0, masks: bool = False) -> Any | None:
+    """The value of `node` computed on its own, or None where it depends on a user input or cannot be run.
+
+    With `masks`, a node may depend on user inputs named like attention masks (`*mask*`), taken as unpadded (all
+    ones), and on other integer user inputs (ids, taken as zeros): what a model's mask is for a full batch."""
     region = backward_closure([node], lambda n: n.op != "placeholder")
-    if any(i in index.from_user for n in region for i in n.all_input_nodes if i.op == "placeholder"):
-        return None
+    users = {i for n in region for i in n.all_input_nodes if i.op == "placeholder" and i in index.from_user}
+    seed_values: dict[fx.Node, Any] = {}
+    for placeholder in users:
+        val = placeholder.meta.get("val")
+        if not masks or not isinstance(val, torch.Tensor):
+            return None
+        if "mask" in placeholder.name:
+            seed_values[placeholder] = _unpadded(val)
+        elif not val.is_floating_point():
+            seed_values[placeholder] = torch.zeros(concrete_shape(val), dtype=val.dtype)
+        else:
+            return None
     try:
         with torch.no_grad():
-            return run_region(index, region, {}, torch.Generator().manual_seed(seed))[node]
+            return run_region(index, region - users, seed_values, torch.Generator().manual_seed(seed))[node]
     except Exception:
         return None

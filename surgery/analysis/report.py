@@ -20,6 +20,7 @@ class Report:
     model_class: str
     sites: list[Site]
     unknown: list[str] = field(default_factory=list)
+    unknown_roles: dict[str, frozenset[str]] = field(default_factory=dict)  # roles read for unknown modules
 
     def site(self, path: str) -> Site:
         for s in self.sites:
@@ -37,6 +38,8 @@ class Report:
             for r in sorted(s.roles):
                 roles.append(f"{r}{list(s.slices[r])}" if r in s.slices else r)
             shape = f"{s.in_features}->{s.out_features}" if s.in_features is not None else ""
+            if s.num_experts is not None:
+                shape = f"{s.num_experts} x {s.in_features}->{s.out_features}"
             if s.attention is not None:
                 a = s.attention
                 shape = f"{a.implementation} h={a.num_heads} kv={a.num_kv_heads} d={a.head_dim}" + (" cross" if a.cross else "")
@@ -48,7 +51,9 @@ class Report:
     def __str__(self) -> str:
         footer = f"{len(self.sites)} sites in {self.model_class}"
         if self.unknown:
-            footer += f"; linear-like but no weight format: {', '.join(self.unknown)}"
+            named = [p + (f" ({', '.join(sorted(self.unknown_roles[p]))})" if self.unknown_roles.get(p) else "")
+                     for p in self.unknown]
+            footer += f"; linear-like but no weight format: {', '.join(named)}"
         return render(["site", "kind", "shape", "dtype", "roles"], self.rows(), footer)
 
 
@@ -97,10 +102,19 @@ def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = 
             continue
         sites.append(Site(path=path, kind="embedding", module_class=_module_class(module), in_features=emb.num_embeddings,
                           out_features=emb.embedding_dim, dtype=_float_dtype(module), roles=facts.roles.get(path, frozenset())))
+    for path, ex in facts.experts.items():  # stacked MoE experts: a site per parameter
+        module = model.get_submodule(ex.module)
+        param = model.get_parameter(path)
+        sites.append(Site(path=path, kind="experts", module_class=_module_class(module), in_features=ex.in_features,
+                          out_features=ex.out_features, dtype=param.dtype, roles=facts.roles.get(path, frozenset()),
+                          slices=facts.slices.get(path, {}), num_experts=ex.num_experts))
     for path, info in facts.attention.items():
         sites.append(Site(path=path, kind="attention", module_class=_module_class(model.get_submodule(path)), attention=info))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    sites.sort(key=lambda s: (order.get(s.path, len(order)), s.kind))
-    return Report(model_class=_module_class(model), sites=sites, unknown=unknown)
+    for path, ex in facts.experts.items():  # a parameter sorts just after its module
+        order[path] = order.get(ex.module, len(order))
+    sites.sort(key=lambda s: (order.get(s.path, len(order)), s.kind, s.path))
+    return Report(model_class=_module_class(model), sites=sites, unknown=unknown,
+                  unknown_roles={p: facts.roles[p] for p in unknown if facts.roles.get(p)})
 
 

@@ -6,6 +6,7 @@ model is left exactly as it was (modes restored, also on exceptions).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import re
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from surgery.analysis.stand_ins import analysis_stand_ins
+from surgery.errors import TraceError
 
 TOKEN_INPUT_NAMES: tuple[str, ...] = ("input_ids", "decoder_input_ids")
 """Names of user inputs that carry token ids in transformers models."""
@@ -40,6 +42,7 @@ class AnalysisTrace:
     input_kinds: dict[str, str]
     token_inputs: frozenset[str]
     constants: dict[str, torch.Tensor]
+    parameters: dict[str, str] = dataclasses.field(default_factory=dict)  # placeholder name -> parameter path
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -51,12 +54,70 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> tuple[tuple, dict]:
-    """Example inputs for a transformers PreTrainedModel, on the model's device (meta ok).
+def _config_value(config: Any, names: tuple[str, ...], default: Any = None) -> Any:
+    """The first of `names` set on `config` or on one of its sub-configs (vision_config, audio_config, ...)."""
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    for attr in ("vision_config", "audio_config", "encoder_config", "encoder", "speech_config", "text_config"):
+        sub = getattr(config, attr, None)
+        if sub is not None and sub is not config and hasattr(sub, "to_dict"):
+            value = _config_value(sub, names, None)
+            if value is not None:
+                return value
+    return default
 
-    Decoder-only: input_ids. Encoder-only (a config with `type_vocab_size`): input_ids and token_type_ids.
-    Encoder-decoder: input_ids and a shorter decoder_input_ids. `use_cache=False` where the forward takes it.
-    Raises TypeError for any other module: give it example args/kwargs yourself.
+
+def _image_hw(config: Any) -> tuple[int, int]:
+    size = _config_value(config, ("image_size", "vision_image_size", "input_size", "img_size"), 224)
+    if isinstance(size, dict):
+        size = (size.get("height", size.get("shortest_edge", 224)), size.get("width", size.get("shortest_edge", 224)))
+    if isinstance(size, (list, tuple)):
+        size = tuple(int(s) for s in size[-2:]) if len(size) >= 2 else (int(size[0]), int(size[0]))
+        return size  # type: ignore[return-value]
+    return int(size), int(size)
+
+
+def _main_tensor(name: str, model: nn.Module, batch: int, seq: int, device: torch.device) -> torch.Tensor | None:
+    """An example value of the forward argument `name`, from the config's sizes; None for unknown names."""
+    config = model.config
+    vocab = int(_config_value(config, ("vocab_size",), 2) or 2)
+    if name in ("input_ids", "decoder_input_ids", "inputs", "labels") or name.endswith("input_ids"):
+        length = seq // 2 + 1 if name == "decoder_input_ids" else seq
+        return (torch.arange(batch * length) % vocab).reshape(batch, length).to(device)
+    if name in ("pixel_values", "images", "image"):
+        channels = int(_config_value(config, ("num_channels", "in_channels", "num_input_channels"), 3))
+        return torch.zeros(batch, channels, *_image_hw(config), device=device)
+    if name == "input_features":
+        mels = _config_value(config, ("num_mel_bins",), None)
+        positions = _config_value(config, ("max_source_positions",), None)
+        if mels is not None and positions is not None:  # whisper-like: [batch, mel bins, 2 x positions]
+            return torch.zeros(batch, int(mels), 2 * int(positions), device=device)
+        per_channel = _config_value(config, ("input_feat_per_channel", "feature_size", "num_mel_bins"), 80)
+        channels = int(_config_value(config, ("input_channels",), 1))
+        return torch.zeros(batch, 4 * seq, int(per_channel) * channels, device=device)
+    if name == "input_values":
+        mels, frames = _config_value(config, ("num_mel_bins",), None), _config_value(config, ("max_length",), None)
+        if isinstance(mels, int) and isinstance(frames, int):  # a spectrogram: [batch, frames, mel bins]
+            return torch.zeros(batch, frames, mels, device=device)
+        channels = _config_value(config, ("audio_channels",), None)
+        if isinstance(channels, int):  # an audio codec: [batch, channels, samples]
+            return torch.zeros(batch, channels, 4000, device=device)
+        return torch.zeros(batch, 4000, device=device)
+    if name == "bbox":  # layout models: a box per token
+        return torch.zeros(batch, seq, 4, dtype=torch.long, device=device)
+    return None
+
+
+def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tuple[tuple, dict]]:
+    """Example inputs to try, best first, for a transformers PreTrainedModel, on the model's device (meta ok).
+
+    The main input from `main_input_name` (token ids, pixel values of the config's image size, audio features or
+    samples), every required forward argument it can make, decoder ids for encoder-decoders, token_type_ids for
+    encoder-only models, pixel values beside token ids for multimodal models (first with, then without),
+    `use_cache=False` wherever the forward takes it by name or through **kwargs (then without), an all-ones
+    attention_mask as a fallback. Raises TypeError for any other module: give it example args/kwargs yourself.
     """
     try:
         from transformers import PreTrainedModel
@@ -67,20 +128,70 @@ def example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> tuple[tupl
                         "inputs; pass example args/kwargs to the analysis")
     config = model.config
     device = model_device(model)
-    vocab = int(getattr(config, "vocab_size", None) or 2)
     params = inspect.signature(model.forward).parameters
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    main = getattr(model, "main_input_name", "input_ids") or "input_ids"
+    if main not in params:
+        main = next((n for n in ("input_ids", "pixel_values", "input_features", "input_values") if n in params),
+                    main)
+    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty
+                and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+    base: dict[str, Any] = {}
+    for name in dict.fromkeys([main, *required]):
+        value = _main_tensor(name, model, batch, seq, device)
+        if value is not None:
+            base[name] = value
+    text = "input_ids" in base or "inputs" in base
+    if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        base["decoder_input_ids"] = _main_tensor("decoder_input_ids", model, batch, seq, device)
+    elif text and getattr(config, "type_vocab_size", 0) and "token_type_ids" in params:
+        base["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    if text and "bbox" in params and "bbox" not in base:  # layout models (BROS needs the boxes)
+        base["bbox"] = _main_tensor("bbox", model, batch, seq, device)
+    extras: list[dict[str, Any]] = [{}]
+    if text and "pixel_values" in params and "pixel_values" not in base \
+            and _config_value(config, ("image_size",), None) is not None:
+        extras = [{"pixel_values": _main_tensor("pixel_values", model, batch, seq, device)}, {}]
+    if text and ("pixel_values" in base or len(extras) > 1):
+        image_token = next((getattr(config, n) for n in ("image_token_index", "image_token_id")
+                            if isinstance(getattr(config, n, None), int)), None)
+        count = next((getattr(config, n) for n in ("num_query_tokens", "image_seq_length")
+                      if isinstance(getattr(config, n, None), int)), None)
+        key = "input_ids" if "input_ids" in base else None
+        if image_token is not None and count and key:  # placeholders the image features replace
+            ids = base[key]
+            tokens = torch.full((ids.shape[0], count), image_token, dtype=ids.dtype, device=device)
+            with_images = torch.cat([tokens, ids.masked_fill(ids == image_token, 0)], dim=1)
+            if "pixel_values" in base:
+                base[key] = with_images
+            else:
+                extras = [{**extras[0], key: with_images}, *extras]
+    if main == "input_ids" and "input_ids" not in base:
+        base["input_ids"] = _main_tensor("input_ids", model, batch, seq, device)
+    cache = [{"use_cache": False}, {}] if "use_cache" in params or var_kw else [{}]
+    masks: list[dict[str, Any]] = [{}]
+    with_mask = "attention_mask" in params and text and "attention_mask" not in base
+    first_param = next(iter(params), None)
+    out = []
+    for uc in cache:
+        for extra in extras:
+            for mask in masks + ([None] if with_mask else []):
+                kwargs = {**base, **extra, **(mask or {}), **uc}
+                if mask is None:  # all-ones attention masks, as long as the ids given (the decoder's too)
+                    ids = kwargs.get("input_ids", kwargs.get("inputs"))
+                    kwargs["attention_mask"] = torch.ones(ids.shape, dtype=torch.long, device=device)
+                    decoder = kwargs.get("decoder_input_ids")
+                    if decoder is not None and "decoder_attention_mask" in params:
+                        kwargs["decoder_attention_mask"] = torch.ones(decoder.shape, dtype=torch.long,
+                                                                      device=device)
+                args = (kwargs.pop(main),) if main in kwargs and main == first_param else ()
+                out.append((args, kwargs))
+    return out
 
-    def ids(length: int) -> torch.Tensor:
-        return (torch.arange(batch * length) % vocab).reshape(batch, length).to(device)
 
-    kwargs: dict[str, Any] = {}
-    if getattr(config, "is_encoder_decoder", False):
-        kwargs["decoder_input_ids"] = ids(seq // 2 + 1)
-    elif getattr(config, "type_vocab_size", 0) and "token_type_ids" in params:
-        kwargs["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long, device=device)
-    if "use_cache" in params:
-        kwargs["use_cache"] = False
-    return (ids(seq),), kwargs
+def example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> tuple[tuple, dict]:
+    """The first of `input_candidates`: the inputs the analysis tries first."""
+    return input_candidates(model, batch, seq)[0]
 
 
 @contextlib.contextmanager
@@ -154,20 +265,91 @@ def _token_inputs(graph: fx.Graph, kinds: dict[str, str]) -> frozenset[str]:
     return frozenset()
 
 
-def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> AnalysisTrace:
-    """Trace `model` with a non-strict pre-dispatch `torch.export` (inputs from `example_inputs` if none given)."""
-    if args is None and kwargs is None:
-        args, kwargs = example_inputs(model)
-    args = tuple(args or ())
-    kwargs = dict(kwargs or {})
+def _describe(args: tuple, kwargs: dict, names: list[str]) -> str:
+    def one(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"{str(value.dtype).replace('torch.', '')}{list(value.shape)}"
+        return repr(value)
+
+    positional = [f"{n}={one(a)}" for n, a in zip(names, args)] + [one(a) for a in args[len(names):]]
+    return ", ".join(positional + [f"{k}={one(v)}" for k, v in kwargs.items()])
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     with eval_mode(model), _no_stack_traces():
         try:
-            program = torch.export.export(model, args, kwargs, strict=False)
+            return torch.export.export(model, args, kwargs, strict=False)
         except Exception:  # retry with the stand-ins weight formats offer for layers export cannot trace
             with analysis_stand_ins(model) as swapped:
                 if not swapped:
                     raise
-                program = torch.export.export(model, args, kwargs, strict=False)
+                return torch.export.export(model, args, kwargs, strict=False)
+
+
+_CAUSED_BY = re.compile(r"Caused by: \((\S+\.py:\d+) in (\w+)\)")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The error's first line, and for a data-dependent guard the model code that branched."""
+    text = str(exc)
+    lines = [line for line in text.splitlines() if line.strip()]
+    where = _CAUSED_BY.search(text)
+    at = f" (at {where.group(1)} in {where.group(2)})" if where else ""
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}{at}"
+
+
+def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None,
+                        failed: list[str] | None = None) -> AnalysisTrace:
+    """Trace `model` with a non-strict pre-dispatch `torch.export`.
+
+    Without inputs, the `input_candidates` are tried in order; if none traces, a TraceError names the model, the
+    inputs tried with each one's error, and the forward's main input, so the caller can pass inputs (the errors
+    are on the exception as `tried`). `failed`: the `tried` of an earlier attempt on a depth-reduced view of
+    the same model; when the first inputs fail here as they failed there, the depth did not matter and the
+    earlier errors are raised at once."""
+    if args is None and kwargs is None:
+        candidates = input_candidates(model)
+        names = list(inspect.signature(model.forward).parameters)
+        errors: list[str] = []
+        program = None
+        for cand_args, cand_kwargs in candidates:
+            try:
+                program = _export(model, cand_args, cand_kwargs)
+                break
+            except Exception as exc:  # try the next inputs
+                errors.append(f"({_describe(cand_args, cand_kwargs, names)}): {_first_line(exc)}")
+                if failed and len(errors) == 1 and errors[0] == failed[0]:
+                    errors = list(failed)
+                    break
+        if program is None:
+            params = names
+            main = getattr(model, "main_input_name", None)
+            data_dependent = any("data-dependent" in e or "GuardOnDataDependent" in e for e in errors)
+            hint = (" The trace stopped on a data-dependent branch of the model's own code (a value of an input "
+                    "decides the control flow): pass inputs for which that branch is fixed, e.g. "
+                    "surgery.inspect(model, kwargs={...})." if data_dependent else
+                    " Pass example inputs as surgery.inspect(model, args=..., kwargs={...}) (or plan/attach).")
+            error = TraceError(
+                f"cannot trace {type(model).__qualname__} for analysis with the inputs surgery makes for it "
+                f"(main input {main!r}; forward takes {', '.join(params[:12])}).{hint} Tried:\n  "
+                + "\n  ".join(errors))
+            error.tried = errors  # type: ignore[attr-defined]
+            raise error
+    else:
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        try:
+            program = _export(model, args, kwargs)
+        except Exception as exc:
+            line = _first_line(exc)
+            if "data-dependent" not in line and "GuardOnDataDependent" not in line:
+                raise
+            names = list(inspect.signature(model.forward).parameters)
+            raise TraceError(
+                f"cannot trace {type(model).__qualname__} for analysis with the inputs given: the trace stopped on "
+                "a data-dependent branch of the model's own code (a value of an input decides the control flow); "
+                "pass inputs for which that branch is fixed (often a mask the model otherwise computes from the "
+                f"ids, e.g. decoder_attention_mask). Inputs ({_describe(args, kwargs, names)}): {line}") from exc
     graph_module = program.graph_module
     graph = graph_module.graph
     kinds: dict[str, str] = {}
@@ -188,4 +370,5 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
     leaves = frozenset(canonical[id(m)] for _, m in model.named_modules() if next(m.children(), None) is None)
     return AnalysisTrace(graph_module=graph_module, graph=graph, module_paths=module_paths, module_classes=classes,
                          leaves=leaves, input_kinds=kinds, token_inputs=_token_inputs(graph, kinds),
-                         constants=constants)
+                         constants=constants,
+                         parameters={n: t for n, t in targets.items() if kinds.get(n) == "parameter"})

@@ -27,8 +27,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"surgery: error: {message} (see '{self.prog} --help')\n")
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+def _error_lines(text: str) -> str:
+    """An error message for the terminal: its first line as one line, and each further line (the items of a
+    list, such as an adapter's mismatches) as one indented line of its own."""
+    lines = [" ".join(line.split()) for line in str(text).splitlines() if line.strip()] or [""]
+    return "\n".join([lines[0], *("  " + line for line in lines[1:])])
 
 
 # ---- inspect ------------------------------------------------------------------------------------------------
@@ -204,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                   "example: surgery merge ./base ./my-adapter --out ./merged\n"
                   "The output loads with transformers' from_pretrained; tokenizer files are copied along.", None)
     sub.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
-    sub.add_argument("adapter", metavar="ADAPTER_DIR", help="a surgery adapter directory or a PEFT LoRA directory")
+    sub.add_argument("adapter", metavar="ADAPTER_DIR", help="a surgery adapter directory or an HF PEFT adapter directory")
     sub.add_argument("--out", required=True, metavar="DIR", help="where to write the merged model")
     sub.add_argument("--name", default=None, help="which adapter of ADAPTER_DIR to merge (default: the one it holds)")
     sub.add_argument("--force", action="store_true", help="write into DIR even if it is not empty")
@@ -231,11 +234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 -- the one place that turns any failure into one line
         if args.debug:
             raise
-        if isinstance(err, (SurgeryError, OSError)):
-            message = str(err)
+        if isinstance(err, (SurgeryError, OSError)):  # surgery's own messages: a list keeps one item a line
+            message = _error_lines(str(err))
         else:
-            message = f"unexpected {type(err).__name__}: {err} (--debug shows the traceback)"
-        print(f"surgery: error: {_one_line(message)}", file=sys.stderr)
+            message = " ".join(f"unexpected {type(err).__name__}: {err} (--debug shows the traceback)".split())
+        print(f"surgery: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -3,12 +3,13 @@ file formats (e.g. HF PEFT's directories)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from surgery.analysis.report import Report
     from surgery.engine.ledger import Attachment
 
 
@@ -65,3 +66,27 @@ class AdapterFormat(Protocol):
     def detect(self, directory: Path) -> bool: ...
     def load(self, model: nn.Module, directory: Path, name: str) -> "Attachment": ...
     def save(self, model: nn.Module, attachment: "Attachment", directory: Path) -> Path: ...
+
+
+@runtime_checkable
+class PeftMapping(Protocol):
+    """One HF PEFT adapter type (`peft_type` in `adapter_config.json`) mapped to surgery methods, for the `peft`
+    adapter format (`surgery_peft_mappings`; see the hook's manual). The format reads and writes the files and the
+    `modules_to_save` copies; a mapping translates the rest.
+
+    - `read(config, tensors, report, source) -> (rules, branch_tensors)`: from the config (a JSON object) and the
+      tensors under PEFT's keys, those of `modules_to_save` modules taken out, for the model whose sites `report`
+      holds: the rules to attach (dicts as in a rule file: `select`, `method`, `params`) and the branch tensors
+      keyed `<site path>.<branch state_dict key>`. Options it cannot map are refused by name (`AdapterFileError`),
+      what does not fit the model is listed (`MismatchError`); `source` is the adapter directory, for messages.
+    - `write(model, attachment) -> (config, tensors)`: the config fields of this type and the tensors under PEFT's
+      keys for the attachment's placements of `methods` (the others are `copy` placements, which the format
+      writes). Raise `SurgeryError` naming what PEFT cannot hold.
+    """
+
+    peft_type: str
+    methods: frozenset[str]
+
+    def read(self, config: dict[str, Any], tensors: dict[str, torch.Tensor], report: "Report",
+             source: str) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]: ...
+    def write(self, model: nn.Module, attachment: "Attachment") -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from surgery.core.formats import AdapterFormat, WeightFormat
+    from surgery.core.formats import AdapterFormat, PeftMapping, WeightFormat
     from surgery.core.method import Method
 
 PROJECT = "surgery"
@@ -51,6 +51,8 @@ def surgery_methods() -> list["Method"]:
     keys are refused), `kinds` (the site kinds it accepts, from `surgery.plugin.KINDS`) and `mergeable`. The
     engine calls:
 
+    - `narrow(sites, params) -> sites` when planning (optional): of the sites one rule selected, those the method
+      adapts (e.g. the top `adapter_layers` attention sites); default all.
     - `count(site, params, roles) -> int` when planning: the trainable parameters `build` would create.
     - `build(site, module, params, roles) -> Branch` on attach, once per placement, before the model is touched:
       a new `Branch` module holding the method's trainable tensors for one site. It must not modify `module` or
@@ -114,6 +116,20 @@ def surgery_adapter_formats() -> list["AdapterFormat"]:
     Called: `surgery.load` asks each format's `detect` in pluggy's call order when the directory is not a
     surgery adapter; `surgery.save(format=...)` calls that format's `save`. Two formats of one name are a
     `PluginError`.
+    """
+
+
+@hookspec
+def surgery_peft_mappings() -> list["PeftMapping"]:
+    """How HF PEFT adapter types map to this plugin's methods, for the built-in `peft` adapter format.
+
+    Returns: a list of objects satisfying `surgery.plugin.PeftMapping`, each with a `peft_type` (as PEFT writes it
+    in `adapter_config.json`, e.g. "LOHA"), the `methods` whose attachments it writes, and `read`/`write` (see
+    the protocol's docstring). Two mappings of one `peft_type`, or of one method, are a `PluginError`.
+
+    Called: when `surgery.load` reads a PEFT directory (the mapping of its `peft_type` is used) and when
+    `surgery.save(..., format="peft")` writes an attachment (the mapping of its methods is used);
+    `surgery.plugin.peft_mappings()` returns them.
     """
 
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from surgery.core.sites import Site
-from surgery.errors import NotMergeableError
+from surgery.errors import NotMergeableError, SiteError
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                                    "float64": torch.float64}
@@ -21,6 +21,14 @@ def branch_dtype(choice: str | None, default: torch.dtype | None) -> torch.dtype
     if choice is not None:
         return DTYPES[choice]
     return default or torch.float32
+
+
+def check_rank(method: str, site: Site, r: int, limit: int, why: str = "min(in, out)") -> None:
+    """Refuse (`SiteError`, naming the method, site and limit) a rank `r` above `limit` at `site`: called from a
+    method's `count`, so a size param is checked when the plan is made, before anything is allocated."""
+    if r > limit:
+        raise SiteError(f"{method} at {site.path!r}: r={r} is more than {why} = {limit} of the site; a larger rank "
+                        "adds parameters but nothing the site can express")
 
 
 def first_float_dtype(module: nn.Module) -> torch.dtype | None:
@@ -46,37 +54,66 @@ class Branch(nn.Module):
     - `adapt_call(args, kwargs) -> (args, kwargs)`: change the base module's inputs (runs before it);
     - `adapt_output(args, kwargs, out) -> out`: change its output (`args`/`kwargs` are the inputs the base saw).
     A branch with `replaces_base = True` is called (`branch(*args, **kwargs)`) instead of the base module.
+
+    Two optional fast paths, each offered by the Host in one situation and each free to decline, so that a branch
+    is correct with the two methods above alone:
+    - `fused_call(base, args, kwargs)`: the site's whole output, when this branch is the only one running there
+      and samples are not routed (LoRA: base and update in one autograd function, or the linears that read one
+      input computed together).
+    - `prepare_routes(branches)` / `route_output(state, group, args, kwargs, out)`: under per-sample routing
+      (`surgery.per_sample`), every sample's own branch applied to the whole batch's base output at once, instead
+      of the base running once per group of samples (LoRA, IA3's output scaling, serial bottleneck adapters).
     """
 
     replaces_base: bool = False
     running: bool = False
     """Set by the engine: True while this branch runs at its site (its attachment active and unmerged, adapters
     not disabled). Model-level hooks of a method (`attach_model`) read it to act only while their branch runs."""
-    runs_alone: bool = False
-    """Set by the engine: True while this is the only branch running at its site and samples are not routed
-    (the Host then offers `fused_call` on every call). Lets a method plan work across sites."""
 
     def fused_call(self, base: nn.Module, args: tuple, kwargs: dict) -> Any:
-        """Optional fast path, tried when this is the only branch running at its site: compute the base module
-        and this branch in one go (e.g. one autograd function sharing kernels). Return NotImplemented to decline."""
+        """Optional: compute the site's output, the base module's and this branch's together, in one go.
+
+        Called by the Host on every call while this is the only branch running at its site and samples are not
+        routed (so nothing else changes the base's inputs or output); `base` is the module the Host would call.
+        Return NotImplemented to decline: the Host then runs `adapt_call`, the base and `adapt_output` as usual.
+        Used by LoRA (see `surgery_plugins.lora.dispatch`)."""
         return NotImplemented
 
     @classmethod
     def prepare_routes(cls, branches: list["Branch"]) -> Any:
         """Optional batched per-sample routing: gather what `route_output` needs from `branches` (one per group
-        of samples; group len(branches) runs no branch). Called once per routing in inference, per call in training."""
+        of samples, all of this class; group len(branches) runs no branch). Called once per routing in inference
+        (the result is kept until the routing changes), on every call in training. Raise NotImplementedError to
+        decline (e.g. dropout in training, or a change `route_output` cannot make on the base output): the Host
+        then runs each group of samples through the base and its own branch. Used by LoRA (stacked pairs), IA3
+        (stacked output vectors) and serial bottleneck adapters (stacked weights)."""
         raise NotImplementedError
 
     @classmethod
     def route_output(cls, state: Any, group: torch.Tensor, args: tuple, kwargs: dict, out: Any) -> Any:
-        """Optional: apply each sample's branch (group[i] indexes the branches given to `prepare_routes`) to the
-        base output of the whole batch at once. Without it, the Host runs each group of samples separately."""
+        """Optional, with `prepare_routes`: apply each sample's branch (group[i] indexes the branches given to
+        `prepare_routes`; len(branches) means none) to `out`, the base module's output for the whole batch on
+        `args`/`kwargs`, at once. The result must equal running each sample alone through its branch."""
         raise NotImplementedError
 
     def adapt_call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, kwargs
 
     def adapt_output(self, args: tuple, kwargs: dict, out: Any) -> Any:
+        return out
+
+
+class SlicedBranch(Branch):
+    """Branches acting on the selected roles' channels of one fused projection (e.g. only q and v of GPT-2's
+    c_attn), one per role in `parts`, applied to the output in turn."""
+
+    def __init__(self, parts: dict[str, Branch]):
+        super().__init__()
+        self.parts = nn.ModuleDict(parts)
+
+    def adapt_output(self, args: tuple, kwargs: dict, out: Any) -> Any:
+        for part in self.parts.values():
+            out = part.adapt_output(args, kwargs, out)
         return out
 
 
@@ -93,7 +130,8 @@ class WeightEdit:
     weights keeps the site's function while other attachments' branches run there too (see `EDIT_FORMS`):
     `"add"` (the branch adds a term linear in the input the base module receives: W -> W + D, e.g. LoRA),
     `"scale_output"` (it multiplies the output channels: W -> diag(s) W, bias too), `"scale_input"` (it
-    multiplies the input before the base module: W -> W diag(s)), or `"unknown"` (the default: such a merge is
+    multiplies the input before the base module: W -> W diag(s)), `"transform_input"` (it applies a matrix T to the
+    input before the base module: W -> W T, e.g. OFT's rotation), or `"unknown"` (the default: such a merge is
     refused where another unmerged branch acts at the same site).
     """
 
@@ -103,7 +141,7 @@ class WeightEdit:
     form: str = "unknown"
 
 
-EDIT_FORMS = ("add", "scale_output", "scale_input", "unknown")
+EDIT_FORMS = ("add", "scale_output", "scale_input", "transform_input", "unknown")
 """The values `WeightEdit.form` takes."""
 
 
@@ -130,6 +168,12 @@ class Method:
 
     def count(self, site: Site, params: Any, roles: frozenset[str]) -> int:
         raise NotImplementedError
+
+    def narrow(self, sites: list[Site], params: Any) -> list[Site]:
+        """Optional: of the sites one rule selected (in model order, all of kinds this method takes), those it
+        adapts. Default: all. E.g. Llama-Adapter keeps the top `adapter_layers` attention sites. Return a subset in
+        the same order; raise `SurgeryError` to refuse (the planner names the rule)."""
+        return sites
 
     def merge_edit(self, site: Site, module: nn.Module, branch: Branch) -> WeightEdit:
         raise NotMergeableError(f"method {self.name!r} cannot be merged into the base weights")

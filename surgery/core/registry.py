@@ -14,7 +14,7 @@ from surgery.core.method import Method
 from surgery.errors import PluginError
 
 if TYPE_CHECKING:
-    from surgery.core.formats import AdapterFormat
+    from surgery.core.formats import AdapterFormat, PeftMapping
 
 
 class Registry:
@@ -54,7 +54,7 @@ class Registry:
         self._forget()
 
     def _forget(self) -> None:
-        for cached in ("methods", "formats", "adapter_formats", "rule_dir_owners"):
+        for cached in ("methods", "formats", "adapter_formats", "peft_mappings", "rule_dir_owners"):
             self.__dict__.pop(cached, None)
 
     # ---- calling hooks ----------------------------------------------------------------------------------------
@@ -116,6 +116,23 @@ class Registry:
                 raise PluginError(f"adapter format {fmt.name!r} of plugin {' and '.join(map(repr, owners))} "
                                   "is already provided")
             found[fmt.name] = fmt
+        return found
+
+    @cached_property
+    def peft_mappings(self) -> dict[str, "PeftMapping"]:
+        """PEFT type -> mapping, from every plugin's `surgery_peft_mappings`. One type, or one method, mapped by
+        two is an error."""
+        found: dict[str, PeftMapping] = {}
+        writers: dict[str, str] = {}
+        for mapping in self._call("surgery_peft_mappings"):
+            clash = mapping.peft_type in found or any(m in writers for m in mapping.methods)
+            if clash:
+                owners = [n for n, items in self.by_plugin("surgery_peft_mappings").items()
+                          if any(i.peft_type == mapping.peft_type or set(i.methods) & set(mapping.methods) for i in items)]
+                raise PluginError(f"PEFT type {mapping.peft_type!r} (methods {', '.join(sorted(mapping.methods))}) is "
+                                  f"mapped by more than one mapping, of {' and '.join(map(repr, owners))}")
+            found[mapping.peft_type] = mapping
+            writers.update({m: mapping.peft_type for m in mapping.methods})
         return found
 
     def adapter_format(self, name: str) -> "AdapterFormat":

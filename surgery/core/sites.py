@@ -13,13 +13,21 @@ ROLES: tuple[str, ...] = (
     "mlp.gate",
     "mlp.up",
     "mlp.down",
+    "mlp.router",
     "embedding.input",
     "lm_head",
+    "pooler",
+    "head",
 )
-"""Every role a site can carry. Roles are read from dataflow, never from module names."""
+"""Every role a site can carry. Roles are read from dataflow, never from module names. `pooler`: a linear reading a
+pooled representation (BERT's pooler.dense); `head`: a task head whose output is the model's (a classifier, a
+score or projection head); neither is ever an MLP role. `mlp.router`: a linear whose output chooses the experts of a
+mixture of experts."""
 
-KINDS: tuple[str, ...] = ("linear", "conv1d", "quantized_linear", "embedding", "attention")
-"""Every kind of site. `conv1d` is GPT-2's transposed linear (weight [in, out])."""
+KINDS: tuple[str, ...] = ("linear", "conv1d", "quantized_linear", "embedding", "attention", "experts")
+"""Every kind of site. `conv1d` is GPT-2's transposed linear (weight [in, out]). `experts`: stacked MoE expert
+weights, one parameter [experts, out, in] (or [experts, in, out]) used by batched/grouped matmuls; the site's path
+names the parameter (module path + "." + parameter name), and its roles are per expert (mlp.gate/up/down)."""
 
 Slice = tuple[int, int]
 
@@ -38,13 +46,16 @@ class AttentionInfo:
     head_dim: int | None = None
     cross: bool = False  # keys/values come from another sequence (encoder-decoder cross-attention)
     causal: bool | None = None
+    # in_features of the key projection (the width of what it reads): derived from the sites, not compared
+    hidden_size: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
 class Site:
     """One adaptable module of the live model.
 
-    `path` is the module's name as in `model.named_modules()`. `slices` is set for fused projections:
+    `path` is the module's name as in `model.named_modules()` (for kind "experts", the parameter's name as in
+    `model.named_parameters()`). `slices` is set for fused projections:
     role -> output-channel ranges [(start, stop), ...] that carry that role; an unfused site has none.
     `input_group` is set on linear-like sites that read one tensor together (a method may share work between
     them); it names the first of them, so sites with equal `input_group` read the same input.
@@ -62,6 +73,7 @@ class Site:
     format: str | None = None  # quantized-linear format name, for kind == "quantized_linear"
     attention: AttentionInfo | None = None  # for kind == "attention"
     input_group: str | None = None  # path of the first site that reads the same input tensor (q/k/v, gate/up)
+    num_experts: int | None = None  # for kind == "experts": how many experts the parameter stacks
 
     def channels(self, role: str) -> tuple[Slice, ...]:
         """Output-channel ranges of `role` on this site: its slices, or the whole output if unfused."""

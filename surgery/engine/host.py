@@ -16,12 +16,16 @@ class Host(nn.Module):
 
     Branches run in attachment order: each active, unmerged branch may change the call's inputs
     (`adapt_call`), then the base runs (or the last running branch that `replaces_base`), then each may change
-    the output (`adapt_output`). Attribute reads the Host does not know fall through to the base
-    (`host.weight` is `base.weight`).
+    the output (`adapt_output`). Where exactly one branch runs, it is first offered the whole call
+    (`Branch.fused_call`) and may decline. Attribute reads the Host does not know fall through to the base
+    (`host.weight` is `base.weight`). `running` (the running branches' names) and `routing` are public state,
+    set by the ledger.
 
     Per-sample routing (`surgery.per_sample`): `routing` names one attachment (or None) per sample; each sample
-    then runs only its own branch. Branch classes that implement `prepare_routes`/`route_output` do the whole
-    batch at once (e.g. LoRA's gathered matmuls); others run once per group of samples.
+    then runs only its own branch. Where all the branches in use are of one class that implements
+    `prepare_routes`/`route_output`, the base runs once for the whole batch and the class applies each sample's
+    branch to it (LoRA, IA3, serial adapters); otherwise, or where `prepare_routes` declines, the base and each
+    group's branch run once per group of samples.
     """
 
     def __init__(self, base: nn.Module):
@@ -94,7 +98,7 @@ class Host(nn.Module):
         names, index = self._groups(x.shape[0], x.device)
         branches = [self.branches[n] for n in names]
         kind = type(branches[0]) if branches else None
-        if kind is not None and all(type(b) is kind for b in branches) and kind.route_output is not Branch.route_output:
+        if kind is not None and all(type(b) is kind for b in branches) and _batches_routes(kind):
             key = ("state", torch.is_grad_enabled())
             state = self._routes.get(key) if not torch.is_grad_enabled() else None
             if state is None:
@@ -136,3 +140,8 @@ class Host(nn.Module):
 
     def extra_repr(self) -> str:
         return f"running={list(self.running)}"
+
+
+def _batches_routes(kind: type[Branch]) -> bool:
+    """Whether a branch class implements batched per-sample routing (overrides `prepare_routes`)."""
+    return kind.prepare_routes.__func__ is not Branch.prepare_routes.__func__

@@ -57,6 +57,7 @@ def fold_conflict(form: str, other: str, branch: Branch, other_form: str, other_
     - diag(s) W (`scale_output`) is the same if every output step before it is also a channel scaling;
     - W diag(s) (`scale_input`) removes the scaling from the input every later step sees: it is the same only
       if no later input step depends on it and no output step reads the input (channel scalings do not);
+    - W T (`transform_input`, e.g. OFT's rotation) likewise, and it commutes with no later input step at all;
     - a fold of `unknown` form is refused beside any branch that changes the input or the output;
     - nothing folded into the base weights acts while a branch that replaces the base module runs.
     """
@@ -69,12 +70,13 @@ def fold_conflict(form: str, other: str, branch: Branch, other_form: str, other_
             return (f"{other!r} (attached earlier) changes the output there before this step, and it is not "
                     f"{kind}: folded into the weights this step would act before {other!r} instead of after it")
         return None
-    if form == "scale_input":
-        if changes_input and not other_first and other_form != "scale_input":
-            return (f"{other!r} (attached later) changes the input there after this scaling; folded into the "
-                    f"weights the scaling would act after {other!r} instead of before it")
+    if form in ("scale_input", "transform_input"):
+        commutes = form == "scale_input" and other_form == "scale_input"  # diagonal scalings commute
+        if changes_input and not other_first and not commutes:
+            return (f"{other!r} (attached later) changes the input there after this step; folded into the "
+                    f"weights this step would act after {other!r} instead of before it")
         if changes_output and other_form != "scale_output":
-            return f"{other!r} acts on the output there and may read the input, which the fold would no longer scale"
+            return f"{other!r} acts on the output there and may read the input, which the fold would no longer reach"
         return None
     if changes_input or changes_output:
         return f"{other!r} acts there too, and this method does not say what form its merge has (WeightEdit.form)"

@@ -48,6 +48,7 @@ def _install(model: nn.Module, ledger: Ledger, path: str, name: str, branch: Bra
         base = model.get_submodule(path)
         places = homes[id(base)]
         host = Host(base)
+        host.train(base.training)
 
         def unhost(host: Host = host) -> None:
             for parent, attribute in places:
@@ -60,6 +61,7 @@ def _install(model: nn.Module, ledger: Ledger, path: str, name: str, branch: Bra
         ledger.hosts[path], ledger.homes[path] = host, places
         for parent, attribute in places:
             _put(parent, attribute, host)
+    branch.train(host.base.training)  # a new branch takes the mode of the model around it (eval: no dropout)
     journal.record(f"branch {name!r} at {path!r}", lambda: host.remove(name) if name in host.branches else None)
     host.add(name, branch)
 

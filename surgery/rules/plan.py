@@ -8,11 +8,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from surgery.analysis.report import Report
-from surgery.core.method import MethodParams
+from surgery.core.method import Method, MethodParams
 from surgery.core.registry import manager
 from surgery.core.sites import Site
 from surgery.core.table import render
-from surgery.errors import PluginError, RuleFileError, SiteError
+from surgery.errors import PluginError, RuleFileError, SiteError, SurgeryError
 from surgery.rules.matcher import apply_role_overrides, selector_matches
 from surgery.rules.schema import RuleSet
 
@@ -100,6 +100,21 @@ def _check_size(ruleset: RuleSet, index: int, site: Site, method: str, trainable
                             "bottleneck, number of virtual tokens, hidden sizes)", rule=index, field="params")
 
 
+def _narrowed(ruleset: RuleSet, index: int, method: Method, hits: list[Site], params: MethodParams) -> list[Site]:
+    """The sites of `hits` that the method adapts (`Method.narrow`), checked to be a subset in order."""
+    if not hits:
+        return hits
+    try:
+        kept = list(method.narrow(list(hits), params))
+    except SurgeryError as err:
+        raise RuleFileError(ruleset.source, str(err), rule=index, field="params") from None
+    position = {s.path: i for i, s in enumerate(hits)}
+    order = [position.get(s.path) for s in kept]
+    if None in order or order != sorted(set(order)):
+        raise PluginError(f"method {method.name!r}: narrow() must return a subset of the sites it is given, in order")
+    return kept
+
+
 def plan_sites(ruleset: RuleSet, report: Report, total_parameters: int) -> Plan:
     """Match every rule of `ruleset` against `report`'s sites."""
     registry = manager()
@@ -116,6 +131,8 @@ def plan_sites(ruleset: RuleSet, report: Report, total_parameters: int) -> Plan:
             if site.kind not in method.kinds:
                 raise RuleFileError(ruleset.source, f"selects {site.path!r} of kind {site.kind!r}, which method "
                                     f"{method.name!r} does not accept (it takes {', '.join(sorted(method.kinds))})", rule=index)
+        hits = _narrowed(ruleset, index, method, hits, params)
+        for site in hits:
             roles = frozenset(site.roles.intersection(rule.select.roles)) if rule.select.roles else frozenset()
             key = (site.path, method.name)
             other = next((p for (path, m), p in chosen.items() if path == site.path and m != method.name), None)

@@ -1,0 +1,126 @@
+"""The fused LoRA linear: `x @ W.T + b + s · B(A(dropout(x)))` (formula.linear) as one autograd function.
+
+Against a plain module composition it saves kernels and memory: the LoRA update is accumulated into the base
+output in place (addmm), the input gradient of base and branch is one matmul plus one in-place addmm (or, for a
+layer wider in than out, one matmul over [dy | dh] and [W; A], which moves fewer bytes than updating dx), and
+no copy of the layer input is made for backward: with dropout the mask is drawn again in backward (by the
+kernels of kernels.py, or by replaying torch's dropout from the saved random state), and an input that is a
+product autograd keeps anyway is kept as its factors (saved_input.py). With `merged`, y and dx come through the
+merged weight W + s·B @ A built per call instead (merged_weight.py). Where autograd records nothing and there
+is no dropout, `inference` computes the same output by plain ops.
+
+dispatch.py decides when this runs and with which of kernels, merged weight and saved factors; nothing here
+checks a condition of its own (the one choice left, dx from one widened matmul for a layer wider in than out,
+is a layout of the same product).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from surgery_plugins.lora import kernels, merged_weight
+from surgery_plugins.lora.saved_input import restored
+
+
+def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverted dropout in one fused kernel: (dropped x, keep mask)."""
+    return torch.native_dropout(x, p, True)
+
+
+def rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def replay_dropout(x: torch.Tensor, p: float, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's dropout again, from the random-number state it started with (the live state is untouched)."""
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
+        if devices:
+            torch.cuda.set_rng_state(state, x.device)
+        else:
+            torch.set_rng_state(state)
+        return dropout(x, p)
+
+
+def inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+              s: float, merged: bool, one_pass: bool) -> torch.Tensor:
+    """`LoraLinear`'s output without autograd and dropout, by the same plain ops and without the autograd
+    function's per-call cost: through the merged weight (built by the kernel with `one_pass`), or with the
+    update added in place."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if merged:
+        y = F.linear(x2, merged_weight.merged(weight, a, b, s, one_pass), bias)
+    else:
+        y = F.linear(x2, weight, bias).addmm_(x2 @ a.t(), b.t(), alpha=s)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class LoraLinear(torch.autograd.Function):
+    """Forward and backward of a frozen-or-not linear plus its LoRA branch, sharing matmuls.
+
+    After the tensors and the scale s comes the dispatch's `path` (dispatch.Path): its `p` the dropout rate,
+    `saved` what to keep of x for backward ((x,) or its factors), `kernels` the Triton kernels for the passes
+    over x, `merged` the merged weight for y and dx (p = 0 only)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor, s: float, path: Any) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        p, saved, use_kernels, merged = path.p, path.saved, path.kernels, path.merged
+        ctx.kernels, ctx.merged = use_kernels, merged
+        ctx.seed = kernels.new_seed() if use_kernels and p > 0 else 0
+        ctx.rng = rng_state(x.device) if p > 0 and not use_kernels else None
+        if use_kernels and p > 0:
+            h = kernels.dropped_down(x2, a, 1, p, ctx.seed)
+        else:
+            h = (dropout(x2, p)[0] if p > 0 else x2) @ a.t()
+        if merged:
+            y = F.linear(x2, merged_weight.merged(weight, a, b, s, one_pass=False), bias)
+        else:
+            y = F.linear(x2, weight, bias).addmm_(h, b.t(), alpha=s)
+        ctx.save_for_backward(weight, a, b, h, *saved)
+        ctx.scale, ctx.p, ctx.has_bias, ctx.shape = s, p, bias is not None, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor):
+        weight, a, b, h, *saved = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        d_in = ctx.shape[-1]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dh = torch.addmm(h, dy2, b, beta=0, alpha=ctx.scale)  # dy @ B * s in one call (h: any [M, r], unread)
+        dx = dw = dbias = da = db = None
+        if need_b:
+            db = torch.addmm(b, dy2.t(), h, beta=0, alpha=ctx.scale)  # dy.T @ h * s (b unread)
+        if need_x and ctx.merged:
+            dx = dy2 @ merged_weight.merged(weight, a, b, ctx.scale, one_pass=False)
+        elif need_x and ctx.p == 0 and dy2.shape[0] * (d_in - dy2.shape[1]) > weight.numel():
+            dx = torch.cat([dy2, dh], dim=1) @ torch.cat([weight, a])  # wide in: one matmul beats updating dx
+        if ctx.kernels:  # dA (and the masked part of dx) in one pass over x, or over its two factors
+            factors = tuple(t.reshape(-1, d_in) for t in saved)
+            update = None
+            if need_x and dx is None:
+                dx = update = dy2 @ weight  # the kernel adds the (masked) LoRA term in place
+            if need_a or update is not None:
+                da = kernels.input_grads(factors, dh, a, 1, ctx.p, ctx.seed, update).to(a.dtype)
+            x2 = restored(factors) if need_w else None
+        else:
+            x2 = restored(saved).reshape(-1, d_in)
+            xd, mask = replay_dropout(x2, ctx.p, ctx.rng) if ctx.p > 0 else (x2, None)
+            if need_a:
+                da = dh.t() @ xd
+            del xd
+            if need_x and dx is None:
+                if mask is None:
+                    dx = (dy2 @ weight).addmm_(dh, a)
+                else:
+                    dx = torch.ops.aten.native_dropout_backward(dh @ a, mask, 1.0 / (1.0 - ctx.p)).addmm_(dy2, weight)
+        if dx is not None:
+            dx = dx.view(ctx.shape)
+        if need_w:
+            dw = dy2.t() @ x2
+        if need_bias and ctx.has_bias:
+            dbias = dy2.sum(0)
+        return dx, dw, dbias, (da if need_a else None), db, None, None

@@ -1,0 +1,437 @@
+"""Triton kernels for the two LoRA steps that read the whole layer input: h = drop(x) @ A.T in forward, and
+dA = dh.T @ drop(x) with dx += drop'(dh @ A) in backward, each in one pass over x; one for the backward step
+that reads the output gradient, dh = dy @ B with dB = dy.T @ h in one pass over dy (for the groups of
+shared.py); and one that builds merged weights W + s·B @ A in one pass over W (for merged_weight.py).
+
+With dropout, every member i of a group reading one x gets its own keep mask, a pure function of (seed + i,
+row, column): the forward kernel draws it, the backward kernel draws it again, so no mask and no dropped copy of
+x is ever stored. The mask uses 16-bit uniforms from Philox-4x32 (7 rounds; 8 uniforms per draw): an element is
+kept when its uniform is at least round(p * 65536), and kept values are scaled by 65536 / (65536 - that), the
+exact inverse of the keep probability, so the dropout stays unbiased (its drop rate is p to within 2**-17).
+
+The backward kernel can also read x as the product of two saved tensors (see saved_input.py), so a layer
+input such as an MLP's act(gate) * up need not be kept. The kernels run where dispatch.py sends them (CUDA,
+float16 and bfloat16: `KERNEL_DEVICES`, `KERNEL_DTYPES`); the functions here decide nothing. With
+TRITON_INTERPRET=1 they run on the CPU too (the tests check them so against float64). Each wrapper keeps its
+launch per shape (triton_launch.Launch), which launches the compiled kernel directly after the first call.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from surgery_plugins.lora.triton_launch import Launch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (CPU-only torch): the dispatch takes the plain-torch paths
+    triton = None
+
+AVAILABLE = triton is not None
+MAX_RANK = 128  # the largest LoRA rank the kernels take (tl.dot tiles of the padded rank)
+MAX_GROUP = 3  # members per launch (backward, merged weights); larger groups take several launches
+# Tile sizes and launch shapes, chosen by benchmarks/lora_kernel_configs.py on an H100 (the fastest summed over
+# one decoder layer's calls). "waves": programs per multiprocessor that the backward kernel's row ranges are
+# cut to.
+CONFIGS = {
+    "down": {"BM": 64, "BK": 128, "num_warps": 4, "num_stages": 3},
+    "grads": {"BM": 32, "BK": 128, "num_warps": 4, "num_stages": 3, "waves": 8},
+    "merged": {"BM": 64, "BN": 64, "num_warps": 4},
+    "up": {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3},
+}
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=64)
+def threshold(p: float) -> tuple[int, float]:
+    """(t, scale): keep where the 16-bit uniform is >= t; kept values are multiplied by scale."""
+    t = round(p * 65536)
+    return t, 65536.0 / (65536 - t)
+
+
+def new_seed() -> int:
+    """A seed for one call's masks, from torch's CPU generator (so torch.manual_seed makes runs repeatable)."""
+    return int(torch.randint(0, 2 ** 31 - 1, ()))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _keep(seed, rows, col0, K: tl.constexpr, T16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+        """[BM, BK] keep mask for rows `rows` and columns col0 .. col0 + BK (col0 a multiple of 8)."""
+        groups = col0 // 8 + tl.arange(0, BK // 8)
+        offsets = rows[:, None].to(tl.int64) * ((K + 7) // 8) + groups[None, :]
+        r0, r1, r2, r3 = tl.randint4x(seed, offsets, 7)
+        lo = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))
+        hi = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
+        return tl.reshape(tl.join(lo, hi), [BM, BK]) >= T16
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _mask_kernel(out_ptr, M, seed, K: tl.constexpr, T16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        col0 = tl.program_id(1) * BK
+        cols = col0 + tl.arange(0, BK)
+        keep = _keep(seed, rows, col0, K, T16, BM, BK)
+        inside = (rows[:, None] < M) & (cols[None, :] < K)
+        tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8), mask=inside)
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _down_kernel(x_ptr, a_ptr, h_ptr, M, seed, SX: tl.constexpr, SH: tl.constexpr, K: tl.constexpr,
+                     T16: tl.constexpr, SCALE: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
+                     BK: tl.constexpr, ACC: tl.constexpr):
+        """h[:, i*R:(i+1)*R] = (x * keep_i) @ A_i.T * SCALE for member i = program_id(0)."""
+        member = tl.program_id(0)
+        rows = tl.program_id(1) * BM + tl.arange(0, BM)
+        rr = tl.arange(0, RP)
+        acc = tl.zeros([BM, RP], ACC)
+        for col0 in range(0, K, BK):
+            cols = col0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + rows[:, None] * SX + cols[None, :],
+                        mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+            x = tl.where(_keep(seed + member, rows, col0, K, T16, BM, BK), x, 0.0)
+            a = tl.load(a_ptr + (member * R + rr[:, None]) * K + cols[None, :],
+                        mask=(rr[:, None] < R) & (cols[None, :] < K), other=0.0)
+            acc += tl.dot(x, tl.trans(a), out_dtype=ACC)
+        tl.store(h_ptr + rows[:, None] * SH + member * R + rr[None, :], (acc * SCALE).to(h_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < M) & (rr[None, :] < R))
+
+    @triton.jit
+    def _member_grads(acc, upd, x, member, rows, col0, cols, rr, dh_ptr, a_ptr, M, seed, SDH: tl.constexpr,
+                      K: tl.constexpr, T16: tl.constexpr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                      DROPOUT: tl.constexpr, UPDATE_DX: tl.constexpr, ACC: tl.constexpr):
+        dh = tl.load(dh_ptr + rows[:, None] * SDH + member * R + rr[None, :],
+                     mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0)
+        if DROPOUT:
+            keep = _keep(seed + member, rows, col0, K, T16, BM, BK)
+            acc += tl.dot(tl.trans(dh), tl.where(keep, x, 0.0), out_dtype=ACC)
+        else:
+            acc += tl.dot(tl.trans(dh), x, out_dtype=ACC)
+        if UPDATE_DX:
+            a = tl.load(a_ptr + (member * R + rr[:, None]) * K + cols[None, :],
+                        mask=(rr[:, None] < R) & (cols[None, :] < K), other=0.0)
+            d = tl.dot(dh, a, out_dtype=ACC)
+            if DROPOUT:
+                d = tl.where(keep, d, 0.0)
+            upd += d
+        return acc, upd
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _grads_kernel(x_ptr, y_ptr, dh_ptr, a_ptr, dx_ptr, part_ptr, M, rows_per_program, seed, SX: tl.constexpr,
+                      SDH: tl.constexpr, SDX: tl.constexpr, SP: tl.constexpr, K: tl.constexpr, T16: tl.constexpr,
+                      SCALE: tl.constexpr, FIRST: tl.constexpr, N: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr, PRODUCT: tl.constexpr, DROPOUT: tl.constexpr,
+                      UPDATE_DX: tl.constexpr, ACC: tl.constexpr):
+        """For columns col0 .. col0 + BK and one range of rows: partial dA_i of members FIRST .. FIRST + N - 1,
+        and dx updated with their terms."""
+        col0 = tl.program_id(0) * BK
+        group = tl.program_id(1)
+        cols = col0 + tl.arange(0, BK)
+        rr = tl.arange(0, RP)
+        acc0 = tl.zeros([RP, BK], ACC)
+        acc1 = tl.zeros([RP, BK], ACC)
+        acc2 = tl.zeros([RP, BK], ACC)
+        first_row = group * rows_per_program
+        for start in range(first_row, first_row + rows_per_program, BM):
+            rows = start + tl.arange(0, BM)
+            inside = (rows[:, None] < M) & (cols[None, :] < K)
+            x = tl.load(x_ptr + rows[:, None] * SX + cols[None, :], mask=inside, other=0.0)
+            if PRODUCT:  # x = x * y, rounded as torch.mul rounds it
+                y = tl.load(y_ptr + rows[:, None] * SX + cols[None, :], mask=inside, other=0.0)
+                if x.dtype == tl.float64:
+                    x = x * y
+                else:
+                    x = (x.to(tl.float32) * y.to(tl.float32)).to(x.dtype)
+            upd = tl.zeros([BM, BK], ACC)
+            acc0, upd = _member_grads(acc0, upd, x, FIRST, rows, col0, cols, rr, dh_ptr, a_ptr, M, seed, SDH, K,
+                                      T16, R, BM, BK, DROPOUT, UPDATE_DX, ACC)
+            if N > 1:
+                acc1, upd = _member_grads(acc1, upd, x, FIRST + 1, rows, col0, cols, rr, dh_ptr, a_ptr, M, seed, SDH,
+                                          K, T16, R, BM, BK, DROPOUT, UPDATE_DX, ACC)
+            if N > 2:
+                acc2, upd = _member_grads(acc2, upd, x, FIRST + 2, rows, col0, cols, rr, dh_ptr, a_ptr, M, seed, SDH,
+                                          K, T16, R, BM, BK, DROPOUT, UPDATE_DX, ACC)
+            if UPDATE_DX:
+                dx_ptrs = dx_ptr + rows[:, None] * SDX + cols[None, :]
+                dx = tl.load(dx_ptrs, mask=inside, other=0.0)
+                tl.store(dx_ptrs, (dx.to(ACC) + upd * SCALE).to(dx_ptr.dtype.element_ty), mask=inside)
+        out = part_ptr + group * SP + rr[:, None] * K + cols[None, :]
+        store_mask = (rr[:, None] < R) & (cols[None, :] < K)
+        tl.store(out, acc0 * SCALE, mask=store_mask)
+        if N > 1:
+            tl.store(out + R * K, acc1 * SCALE, mask=store_mask)
+        if N > 2:
+            tl.store(out + 2 * R * K, acc2 * SCALE, mask=store_mask)
+
+    @triton.jit
+    def _merged_tile(w_ptr, a_ptr, b_ptr, out_ptr, OUT: tl.constexpr, IN: tl.constexpr, SW: tl.constexpr,
+                     SCALE: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     ACC: tl.constexpr):
+        """One [BM, BN] tile of W + SCALE * B @ A (A, B contiguous), written to a contiguous [OUT, IN] output."""
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        if tl.program_id(0) * BM < OUT:  # the grid covers the group's widest member
+            cols = tl.program_id(1) * BN + tl.arange(0, BN)
+            rr = tl.arange(0, RP)
+            b = tl.load(b_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < OUT) & (rr[None, :] < R),
+                        other=0.0)
+            a = tl.load(a_ptr + rr[:, None] * IN + cols[None, :], mask=(rr[:, None] < R) & (cols[None, :] < IN),
+                        other=0.0)
+            inside = (rows[:, None] < OUT) & (cols[None, :] < IN)
+            w = tl.load(w_ptr + rows[:, None] * SW + cols[None, :], mask=inside, other=0.0)
+            out = w.to(ACC) + tl.dot(b, a, out_dtype=ACC) * SCALE
+            tl.store(out_ptr + rows[:, None] * IN + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _merged_kernel(w0, a0, b0, o0, w1, a1, b1, o1, w2, a2, b2, o2, IN: tl.constexpr,
+                       OUT0: tl.constexpr, SW0: tl.constexpr, S0: tl.constexpr, R0: tl.constexpr, RP0: tl.constexpr,
+                       OUT1: tl.constexpr, SW1: tl.constexpr, S1: tl.constexpr, R1: tl.constexpr, RP1: tl.constexpr,
+                       OUT2: tl.constexpr, SW2: tl.constexpr, S2: tl.constexpr, R2: tl.constexpr, RP2: tl.constexpr,
+                       N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr):
+        """W_i + S_i * B_i @ A_i for the N (1 to 3) members of a group that read one input, member program_id(2)."""
+        member = tl.program_id(2)
+        if member == 0:
+            _merged_tile(w0, a0, b0, o0, OUT0, IN, SW0, S0, R0, RP0, BM, BN, ACC)
+        if N > 1:
+            if member == 1:
+                _merged_tile(w1, a1, b1, o1, OUT1, IN, SW1, S1, R1, RP1, BM, BN, ACC)
+        if N > 2:
+            if member == 2:
+                _merged_tile(w2, a2, b2, o2, OUT2, IN, SW2, S2, R2, RP2, BM, BN, ACC)
+
+
+    @triton.jit
+    def _up_member(dy_ptr, b_ptr, h_ptr, dh_ptr, part_ptr, M, rows, rr, SH: tl.constexpr, SDH: tl.constexpr,
+                   SP: tl.constexpr, RP: tl.constexpr, OUT: tl.constexpr, SDY: tl.constexpr, COL: tl.constexpr,
+                   R: tl.constexpr, S_DH: tl.constexpr, S_DB: tl.constexpr, ROW0: tl.constexpr, BN: tl.constexpr,
+                   BM: tl.constexpr, ACC: tl.constexpr):
+        """One member's dh rows (S_DH * dy @ B) and its partial dB over those rows (S_DB * dy.T @ h), reading the
+        program's rows of dy once."""
+        inside_r = (rows[:, None] < M) & (rr[None, :] < R)
+        h = tl.load(h_ptr + rows[:, None] * SH + COL + rr[None, :], mask=inside_r, other=0.0)
+        dh = tl.zeros([BM, RP], ACC)
+        part = part_ptr + tl.program_id(0) * SP
+        for n0 in range(0, OUT, BN):
+            cols = n0 + tl.arange(0, BN)
+            dy = tl.load(dy_ptr + rows[:, None] * SDY + cols[None, :],
+                         mask=(rows[:, None] < M) & (cols[None, :] < OUT), other=0.0)
+            b = tl.load(b_ptr + cols[:, None] * R + rr[None, :], mask=(cols[:, None] < OUT) & (rr[None, :] < R),
+                        other=0.0)
+            dh += tl.dot(dy, b, out_dtype=ACC)
+            db = tl.dot(tl.trans(dy), h, out_dtype=ACC)
+            tl.store(part + (ROW0 + cols[:, None]) * RP + rr[None, :], db * S_DB, mask=cols[:, None] < OUT)
+        tl.store(dh_ptr + rows[:, None] * SDH + COL + rr[None, :], (dh * S_DH).to(dh_ptr.dtype.element_ty),
+                 mask=inside_r)
+
+    @triton.jit
+    def _up_kernel(dy0, b0, dy1, b1, dy2, b2, h_ptr, dh_ptr, part_ptr, M, SH: tl.constexpr, SDH: tl.constexpr,
+                   SP: tl.constexpr, RP: tl.constexpr,
+                   OUT0: tl.constexpr, SDY0: tl.constexpr, COL0: tl.constexpr, R0: tl.constexpr,
+                   S_DH0: tl.constexpr, S_DB0: tl.constexpr, ROW0: tl.constexpr,
+                   OUT1: tl.constexpr, SDY1: tl.constexpr, COL1: tl.constexpr, R1: tl.constexpr,
+                   S_DH1: tl.constexpr, S_DB1: tl.constexpr, ROW1: tl.constexpr,
+                   OUT2: tl.constexpr, SDY2: tl.constexpr, COL2: tl.constexpr, R2: tl.constexpr,
+                   S_DH2: tl.constexpr, S_DB2: tl.constexpr, ROW2: tl.constexpr,
+                   N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr):
+        """dh and partial dB of the N (1 to 3) members of a group, member program_id(1), rows of program_id(0)."""
+        member = tl.program_id(1)
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        rr = tl.arange(0, RP)
+        if member == 0:
+            _up_member(dy0, b0, h_ptr, dh_ptr, part_ptr, M, rows, rr, SH, SDH, SP, RP, OUT0, SDY0, COL0, R0, S_DH0,
+                       S_DB0, ROW0, BN, BM, ACC)
+        if N > 1:
+            if member == 1:
+                _up_member(dy1, b1, h_ptr, dh_ptr, part_ptr, M, rows, rr, SH, SDH, SP, RP, OUT1, SDY1, COL1, R1,
+                           S_DH1, S_DB1, ROW1, BN, BM, ACC)
+        if N > 2:
+            if member == 2:
+                _up_member(dy2, b2, h_ptr, dh_ptr, part_ptr, M, rows, rr, SH, SDH, SP, RP, OUT2, SDY2, COL2, R2,
+                           S_DH2, S_DB2, ROW2, BN, BM, ACC)
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _padded(rank: int) -> int:
+    """The rank padded for tl.dot: a power of two, at least 16."""
+    return max(16, 1 << (rank - 1).bit_length())
+
+
+def _grads_grid(m: int, k: int, device: torch.device, bm: int, bk: int, waves: int) -> tuple[int, int, int]:
+    """(column blocks, row ranges, rows per range) of the backward kernel's grid for an [m, k] input."""
+    col_blocks = _cdiv(k, bk)
+    wanted = max(1, waves * _processors(device) // col_blocks)
+    rows_per_program = _cdiv(_cdiv(m, wanted), bm) * bm
+    return col_blocks, _cdiv(m, rows_per_program), rows_per_program
+
+
+def keep_mask(rows: int, cols: int, seed: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The [rows, cols] keep mask (bool) of member 0 of a call with `seed` and dropout `p` (member i: seed + i)."""
+    out = torch.empty(rows, cols, dtype=torch.int8, device=device)
+    grid = (_cdiv(rows, 32), _cdiv(cols, 32))
+    _mask_kernel[grid](out, rows, seed, K=cols, T16=threshold(p)[0], BM=32, BK=32)
+    return out.bool()
+
+
+def dropped_down(x: torch.Tensor, a: torch.Tensor, members: int, p: float, seed: int) -> torch.Tensor:
+    """h = [drop_1(x) @ A_1.T | drop_2(x) @ A_2.T | ...] for x [M, K] and A = [A_1; A_2; ...] (equal ranks)."""
+    m, k = x.shape
+    x, a = _last_contiguous(x), a.contiguous()
+    h = x.new_empty(m, a.shape[0])
+    _down_launch(x.dtype, m, k, x.stride(0), members, a.shape[0] // members, p)(x, a, h, m, seed)
+    return h
+
+
+@functools.lru_cache(maxsize=256)
+def _down_launch(dtype: torch.dtype, m: int, k: int, sx: int, members: int, r: int, p: float) -> Launch:
+    """`_down_kernel`'s launch for an [m, k] input with row stride sx, cached per shape."""
+    c = CONFIGS["down"]
+    t16, scale = threshold(p)
+    return Launch(_down_kernel, (members, _cdiv(m, c["BM"])), dict(
+        SX=sx, SH=members * r, K=k, T16=t16, SCALE=scale, R=r, RP=_padded(r), BM=c["BM"], BK=c["BK"],
+        ACC=_acc_dtype(dtype), num_warps=c["num_warps"], num_stages=c["num_stages"]))
+
+
+def input_grads(x: tuple[torch.Tensor, ...], dh: torch.Tensor, a: torch.Tensor, members: int, p: float, seed: int,
+                dx: torch.Tensor | None) -> torch.Tensor:
+    """dA = [dh_i.T @ drop_i(x)]_i (float32, or float64 for float64 input), and, if dx is given, in place
+    dx += Σ_i drop_i'(dh_i @ A_i). `x` is (x,) or (u, v) for x = u * v; dh [M, members * r] may be a column
+    view, as may dx [M, K]. p = 0 means no dropout."""
+    first = x[0]
+    m, k = first.shape
+    r = a.shape[0] // members
+    x = tuple(_last_contiguous(t) for t in x)
+    if len(x) == 2 and x[0].stride() != x[1].stride():
+        x = tuple(t.contiguous() for t in x)
+    dh, a = _last_contiguous(dh), a.contiguous()
+    launches, groups, rows_per_program = _grads_launches(first.dtype, m, k, first.device, x[0].stride(0), dh.stride(0),
+                                                         dx.stride(0) if dx is not None else None, members, r, p,
+                                                         len(x) == 2)
+    part = torch.empty(groups, members * r, k, dtype=torch.float64 if first.dtype == torch.float64 else torch.float32,
+                       device=first.device)
+    for lo, launch in zip(range(0, members, MAX_GROUP), launches):
+        launch(x[0], x[-1], dh, a, dx if dx is not None else x[0], part[:, lo * r:] if lo else part, m,
+               rows_per_program, seed)
+    return part.sum(0)
+
+
+@functools.lru_cache(maxsize=256)
+def _grads_launches(dtype: torch.dtype, m: int, k: int, device: torch.device, sx: int, sdh: int, sdx: int | None,
+                    members: int, r: int, p: float, product: bool) -> tuple[list[Launch], int, int]:
+    """`_grads_kernel`'s launches (one per MAX_GROUP members), row ranges and rows per range, cached per shape."""
+    c = CONFIGS["grads"]
+    col_blocks, groups, rows_per_program = _grads_grid(m, k, device, c["BM"], c["BK"], c["waves"])
+    t16, scale = threshold(p)
+    launches = [Launch(_grads_kernel, (col_blocks, groups), dict(
+        SX=sx, SDH=sdh, SDX=sdx or 0, SP=members * r * k, K=k, T16=t16, SCALE=scale, FIRST=lo,
+        N=min(MAX_GROUP, members - lo), R=r, RP=_padded(r), BM=c["BM"], BK=c["BK"], PRODUCT=product, DROPOUT=p > 0,
+        UPDATE_DX=sdx is not None, ACC=_acc_dtype(dtype), num_warps=c["num_warps"], num_stages=c["num_stages"]))
+        for lo in range(0, members, MAX_GROUP)]
+    return launches, groups, rows_per_program
+
+
+def up_grads(dys: list[torch.Tensor], b_s: list[torch.Tensor], h: torch.Tensor, cols: list[int], dh: torch.Tensor,
+             dh_scales: list[float], db_scales: list[float]) -> list[torch.Tensor]:
+    """For members i reading one input, with h [M, Σ r_i] (member i's columns from cols[i]): writes
+    dh[:, cols_i:cols_i + r_i] = dh_scale_i * dy_i @ B_i in place and returns dB_i = db_scale_i * dy_i.T @ h_i,
+    reading each dy_i [M, out_i] once, where torch takes two skinny matmuls that each read it. Each program
+    takes BM rows of every dy_i and writes its part of dB, summed over the row bands in float32 (float64 for
+    float64) after the launch. On the H100 this pays for a group (q/k/v, gate/up: `benchmarks/lora_up_grads.py`),
+    not for a single linear, where the two cuBLAS calls cost the GPU as little and the host less."""
+    if len(dys) > MAX_GROUP:
+        return [db for lo in range(0, len(dys), MAX_GROUP) for db in
+                up_grads(dys[lo:lo + MAX_GROUP], b_s[lo:lo + MAX_GROUP], h, cols[lo:lo + MAX_GROUP], dh,
+                         dh_scales[lo:lo + MAX_GROUP], db_scales[lo:lo + MAX_GROUP])]
+    dys, b_s = [_last_contiguous(dy) for dy in dys], [b.contiguous() for b in b_s]
+    h = _last_contiguous(h)
+    m = h.shape[0]
+    members = [(dy.shape[1], dy.stride(0), col, b.shape[1]) for dy, b, col in zip(dys, b_s, cols)]
+    launch, rows = _up_launch(h.dtype, m, h.stride(0), dh.stride(0), tuple(dh_scales), tuple(db_scales), *members)
+    part = torch.empty(launch.grid[0], rows, launch.constants["RP"],
+                       dtype=torch.float64 if h.dtype == torch.float64 else torch.float32, device=h.device)
+    launch(*_slots(dys, b_s), h, dh, part, m)
+    d_b = part.sum(0).to(h.dtype).split([b.shape[0] for b in b_s])
+    return [db if db.shape[1] == b.shape[1] else db[:, :b.shape[1]] for db, b in zip(d_b, b_s)]
+
+
+@functools.lru_cache(maxsize=256)
+def _up_launch(dtype: torch.dtype, m: int, sh: int, sdh: int, dh_scales: tuple[float, ...],
+               db_scales: tuple[float, ...], *members: tuple) -> tuple[Launch, int]:
+    """`_up_kernel`'s launch and partial-dB rows for members (out, row stride of dy, column of h, rank), cached like
+    `_merged_launch`."""
+    c = CONFIGS["up"]
+    consts = {"SH": sh, "SDH": sdh, "RP": _padded(max(r for *_, r in members)), "N": len(members), "BM": c["BM"],
+              "BN": c["BN"], "ACC": _acc_dtype(dtype), "num_warps": c["num_warps"], "num_stages": c["num_stages"]}
+    row = 0
+    for i in range(MAX_GROUP):
+        j = min(i, len(members) - 1)
+        out, sdy, col, r = members[j]
+        consts.update({f"OUT{i}": out, f"SDY{i}": sdy, f"COL{i}": col, f"R{i}": r, f"S_DH{i}": dh_scales[j],
+                       f"S_DB{i}": db_scales[j], f"ROW{i}": row if i == j else consts[f"ROW{j}"]})
+        row += out if i == j else 0
+    consts["SP"] = row * consts["RP"]
+    return Launch(_up_kernel, (_cdiv(m, c["BM"]), len(members)), consts), row
+
+
+def merged_weights(ws: list[torch.Tensor], a_s: list[torch.Tensor], b_s: list[torch.Tensor],
+                   scales: list[float]) -> list[torch.Tensor]:
+    """[W_i + scale_i * B_i @ A_i] for weights W_i [out_i, in] (one in for all), A_i [r_i, in], B_i [out_i, r_i]:
+    one pass over each W_i, and one launch per MAX_GROUP members (torch.addmm would copy each W_i into its output
+    first, then read and write it again, in a launch of its own)."""
+    if len(ws) > MAX_GROUP:
+        return [out for lo in range(0, len(ws), MAX_GROUP) for out in
+                merged_weights(ws[lo:lo + MAX_GROUP], a_s[lo:lo + MAX_GROUP], b_s[lo:lo + MAX_GROUP],
+                               scales[lo:lo + MAX_GROUP])]
+    a_s, b_s = [a.contiguous() for a in a_s], [b.contiguous() for b in b_s]
+    ws = [_last_contiguous(w) for w in ws]
+    launch = _merged_launch(ws[0].dtype, tuple(scales), *[(w.shape, w.stride(0), a.shape[0]) for w, a in zip(ws, a_s)])
+    outs = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in ws]
+    launch(*_slots(ws, a_s, b_s, outs))
+    return outs
+
+
+@functools.lru_cache(maxsize=256)
+def _merged_launch(dtype: torch.dtype, scales: tuple[float, ...], *members: tuple) -> Launch:
+    """`_merged_kernel`'s launch for members (shape, row stride of W, rank), cached: this runs on every call, and
+    the host's time per call is what the eager step is short of."""
+    c = CONFIGS["merged"]
+    consts = {"IN": members[0][0][1], "N": len(members), "BM": c["BM"], "BN": c["BN"], "ACC": _acc_dtype(dtype),
+              "num_warps": c["num_warps"], "num_stages": 1}
+    for i in range(MAX_GROUP):
+        j = min(i, len(members) - 1)
+        (out_f, _), sw, r = members[j]
+        consts.update({f"OUT{i}": out_f, f"SW{i}": sw, f"S{i}": scales[j], f"R{i}": r, f"RP{i}": _padded(r)})
+    rows = max(shape[0] for shape, _, _ in members)
+    return Launch(_merged_kernel, (_cdiv(rows, c["BM"]), _cdiv(consts["IN"], c["BN"]), len(members)), consts)
+
+
+def clear_launches() -> None:
+    """Forget the cached launches (after a change to CONFIGS: the tile-size benchmarks do that)."""
+    for cached in (_down_launch, _grads_launches, _up_launch, _merged_launch):
+        cached.cache_clear()
+
+
+def _slots(*per_member: list) -> list:
+    """A group kernel's MAX_GROUP member slots as its argument list: each member's tensors in order, the unused
+    slots repeating the last member (the kernel's N says how many run)."""
+    slots = list(zip(*per_member))
+    slots += slots[-1:] * (MAX_GROUP - len(slots))
+    return [t for slot in slots for t in slot]
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _processors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4

@@ -1,0 +1,254 @@
+"""LoRA on linears that read one input (q/k/v of an attention, gate/up of an MLP), computed together.
+
+For members i with frozen-or-not weights W_i, biases b_i and LoRA pairs (A_i, B_i, scale s_i), one autograd
+function computes every y_i = formula.linear(x, W_i, b_i, A_i, B_i, s_i) at once:
+
+- forward: one matmul h = x @ [A_1; A_2; ...].T for all branches, scaled in place (hs_i = s_i h_i); then a
+  member wider out than in (an MLP's gate/up) takes its update inside the base matmul,
+  y_i = [x | hs] @ [W_i | 0 .. B_i .. 0].T, instead of a separate read and write of its wide y_i, and the
+  others (q/k/v) add it after, y_i = x @ W_i.T + hs_i @ B_i.T (see `_outputs`);
+- backward: dx = Σ_i dy_i @ W_i accumulated in place (only where x needs a gradient), and each member's
+  columns of dh, dh_i = s_i dy_i @ B_i; then dA = dh.T @ x and dx += dh @ [A_1; A_2; ...] once for all branches;
+  dB_i = dy_i.T @ hs_i. On CUDA one kernel computes every member's dh_i and dB_i in one pass over its dy_i
+  (kernels.up_grads), where torch takes two skinny matmuls per member that each read dy_i. (Widening the
+  dx matmuls to [dx | dh] instead cost the H100 more than the skinny dh matmuls: cuBLAS runs the widened shapes
+  slower, and the widened weights had to be copied again.)
+
+With `merged` (without dropout, from as many tokens as inputs on CUDA: merged_weight.py), the forward computes
+y_i = x @ (W_i + s_i B_i @ A_i).T from merged weights built per call, and h only in backward, where the
+gradients need it; the backward is the same. (dx there stays Σ dy_i @ W_i + dh @ A: building the merged
+weights again would cost the host more ops than the one update of dx it saves.)
+
+With dropout (CUDA, equal ranks: the kernels of kernels.py), every member keeps its own mask: h comes from
+one kernel that drops x per member on the fly, and dA with the masked dx update from one kernel in backward,
+which draws the masks again; elsewhere the dispatch does not send a group with dropout here, and its branches
+compute one by one.
+
+dispatch.py decides when a group computes together, which members take part, and with which of kernels and
+merged weights; `SharedInput` keeps the outputs computed for the members that are called next. The choices left here
+are layouts of the same products (`_update_inside`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from surgery_plugins.lora import kernels, merged_weight
+
+PER_MEMBER = 4  # weight, bias, A, B
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [rows, cols] block of zeros, made once per shape (read by torch.cat, never written)."""
+    return torch.zeros(rows, cols, dtype=dtype, device=device)
+
+
+def _scaled(h: torch.Tensor, scales: tuple[float, ...], ranks: list[int]) -> torch.Tensor:
+    """h with member i's columns times s_i, in place."""
+    if len(set(scales)) == 1:
+        return h.mul_(scales[0]) if scales[0] != 1 else h
+    col = 0
+    for s, r in zip(scales, ranks):
+        h[:, col:col + r].mul_(s)
+        col += r
+    return h
+
+
+def _update_inside(w: torch.Tensor) -> bool:
+    """Whether a member with weight `w` takes its LoRA term inside the base matmul (wider out than in)."""
+    return w.shape[0] > w.shape[1]
+
+
+def _outputs(x: torch.Tensor, hs: torch.Tensor, weights: tuple, biases: tuple, b_s: tuple) -> list[torch.Tensor]:
+    """y_i = x @ W_i.T + b_i + hs_i @ B_i.T for every member (hs: h with each member's scale).
+
+    A member wider out than in takes its LoRA term inside the base matmul, y_i = [x | hs] @ [W_i | 0 .. B_i .. 0].T,
+    instead of updating y_i after it: on the H100 that costs an MLP's gate/up pair 0.59 ms against 0.76 ms
+    (batch 8 x 1024, 2048 -> 5632), while for q/k/v the two cost the same and the update needs fewer ops."""
+    x2 = x.reshape(-1, x.shape[-1])
+    x_ext = torch.cat([x2, hs], dim=1) if any(map(_update_inside, weights)) else None
+    outs, col, width = [], 0, hs.shape[1]
+    for w, bias, b in zip(weights, biases, b_s):
+        out, r = b.shape
+        if _update_inside(w):
+            w_ext = torch.cat([w, _zeros(out, col, w.dtype, w.device), b,
+                               _zeros(out, width - col - r, w.dtype, w.device)], dim=1)  # the zero blocks are cached
+            y = F.linear(x_ext, w_ext, bias)
+        else:
+            y = F.linear(x2, w, bias).addmm_(hs[:, col:col + r], b.t())
+        outs.append(y.view(*x.shape[:-1], out))
+        col += r
+    return outs
+
+
+def inference(x: torch.Tensor, scales: tuple[float, ...], merged: bool, one_pass: bool, *members: torch.Tensor | None
+              ) -> tuple[torch.Tensor, ...]:
+    """`SharedInputLora`'s outputs without autograd and dropout, by the same plain ops and without the autograd
+    function's per-call cost (merged weights built by the kernel with `one_pass`)."""
+    weights, biases, a_s, b_s = (members[k::PER_MEMBER] for k in range(PER_MEMBER))
+    if merged:
+        return tuple(_merged_outputs(x, scales, weights, biases, a_s, b_s, one_pass))
+    hs = _scaled(x.reshape(-1, x.shape[-1]) @ torch.cat(a_s).t(), scales, [a.shape[0] for a in a_s])
+    return tuple(_outputs(x, hs, weights, biases, b_s))
+
+
+def _merged_outputs(x: torch.Tensor, scales: tuple[float, ...], weights: tuple, biases: tuple, a_s: tuple,
+                    b_s: tuple, one_pass: bool) -> list[torch.Tensor]:
+    """y_i = x @ (W_i + s_i B_i @ A_i).T + b_i for every member (see merged_weight.py)."""
+    built = merged_weight.merged_all(weights, a_s, b_s, scales, one_pass)
+    return [F.linear(x, w, bias) for w, bias in zip(built, biases)]
+
+
+class SharedInputLora(torch.autograd.Function):
+    """Outputs of several LoRA-adapted linears on one input; then the dispatch's `path` (dispatch.Path: its `p`
+    the dropout rate, > 0 with the kernels only; `merged` through merged weights, p = 0 only; `kernels` the
+    Triton kernels for dh and dB), and 4 tensors per member (weight, bias or None, A, B). See the module
+    docstring."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scales: tuple[float, ...], path: Any, *members: torch.Tensor | None
+                ) -> tuple[torch.Tensor, ...]:
+        p, merged, use_kernels = path.p, path.merged, path.kernels
+        weights, biases, a_s, b_s = (members[k::PER_MEMBER] for k in range(PER_MEMBER))
+        ctx.ranks = [a.shape[0] for a in a_s]
+        ctx.p, ctx.seed = p, kernels.new_seed() if p > 0 else 0
+        ctx.merged, ctx.kernels = merged, use_kernels
+        if merged:  # h is only needed for the gradients: computed in backward, off the forward's host time
+            outs = _merged_outputs(x, scales, weights, biases, a_s, b_s, one_pass=False)
+            ctx.save_for_backward(x, None, *weights, *b_s, *a_s)
+        else:
+            x2, a_cat = x.reshape(-1, x.shape[-1]), torch.cat(a_s)
+            h = kernels.dropped_down(x2, a_cat, len(a_s), p, ctx.seed) if p > 0 else x2 @ a_cat.t()
+            hs = _scaled(h, scales, ctx.ranks)
+            outs = _outputs(x, hs, weights, biases, b_s)
+            ctx.save_for_backward(x, hs, *weights, *b_s, a_cat)
+        ctx.scales = scales
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx: Any, *dys: torch.Tensor | None):
+        x, hs, *rest = ctx.saved_tensors
+        n = len(dys)
+        weights, b_s = rest[:n], rest[n:2 * n]
+        a_cat = torch.cat(rest[2 * n:]) if ctx.merged else rest[2 * n]
+        needs = ctx.needs_input_grad[:2] + ctx.needs_input_grad[3:]  # x, scales, then 4 per member
+        if all(dy is None for dy in dys):
+            return (None, None, None, *[None] * (PER_MEMBER * len(dys)))
+        x2 = x.reshape(-1, x.shape[-1])
+        if hs is None:  # merged forward
+            hs = _scaled(x2 @ a_cat.t(), ctx.scales, ctx.ranks)
+        grads: list[torch.Tensor | None] = [None] * (PER_MEMBER * len(dys))
+        dx = None
+        dh = hs.new_empty(hs.shape) if all(dy is not None for dy in dys) else hs.new_zeros(hs.shape)
+        one_pass = ctx.kernels  # dh_i and dB_i in one pass over each dy_i
+        cols = [sum(ctx.ranks[:i]) for i in range(n)]
+        present: list[tuple[int, torch.Tensor]] = []
+        for i, (dy, w, b, r, col) in enumerate(zip(dys, weights, b_s, ctx.ranks, cols)):
+            if dy is None:
+                continue
+            base, dy2 = PER_MEMBER * i, dy.reshape(-1, w.shape[0])
+            present.append((i, dy2))
+            if needs[0]:
+                dx = dy2 @ w if dx is None else dx.addmm_(dy2, w)
+            if not one_pass:
+                dh[:, col:col + r].addmm_(dy2, b, beta=0, alpha=ctx.scales[i])  # dh_i = s_i dy_i @ B_i
+                if needs[5 + base]:
+                    grads[base + 3] = dy2.t() @ hs[:, col:col + r]  # dB_i = s_i dy_i.T @ h_i
+            if needs[2 + base]:
+                grads[base] = dy2.t() @ x2
+            if needs[3 + base] and ctx.has_bias[i]:
+                grads[base + 1] = dy2.sum(0)
+        if one_pass:
+            d_b = kernels.up_grads([dy2 for _, dy2 in present], [b_s[i] for i, _ in present], hs,
+                                   [cols[i] for i, _ in present], dh, [ctx.scales[i] for i, _ in present],
+                                   [1.0] * len(present))
+            for (i, _), db in zip(present, d_b):
+                if needs[5 + PER_MEMBER * i]:
+                    grads[PER_MEMBER * i + 3] = db
+        if ctx.p > 0:  # dA and the masked dx update in one kernel, which draws the forward's masks again
+            da = kernels.input_grads((x2,), dh, a_cat, len(ctx.ranks), ctx.p, ctx.seed, dx).to(a_cat.dtype)
+            _split_a_grads(grads, da, ctx.ranks, needs, dys)
+        else:
+            if any(needs[4::PER_MEMBER]):
+                _split_a_grads(grads, dh.t() @ x2, ctx.ranks, needs, dys)
+            if dx is not None:
+                dx.addmm_(dh, a_cat)
+        return (None if dx is None else dx.view(x.shape), None, None, *grads)
+
+
+def _split_a_grads(grads: list, da: torch.Tensor, ranks: list[int], needs: tuple, dys: tuple) -> None:
+    """Hand each member that needs it its rows of dA (none to a member whose output had no gradient)."""
+    col = 0
+    for i, r in enumerate(ranks):
+        if needs[4 + PER_MEMBER * i] and dys[i] is not None:
+            grads[PER_MEMBER * i + 2] = da[col:col + r]
+        col += r
+
+
+def _versions(x: torch.Tensor, tensors: tuple) -> tuple:
+    """Grad mode and the version counters of `x` and `tensors` (None skipped): an output computed earlier is
+    still valid while these are equal, since counters only grow. Inference tensors have no counter (None)."""
+    try:
+        return (torch.is_grad_enabled(), x._version, *[t._version for t in tensors if t is not None])
+    except RuntimeError:
+        return (torch.is_grad_enabled(), *[None if t.is_inference() else t._version for t in (x, *tensors)
+                                           if t is not None])
+
+
+class SharedInput:
+    """The LoRA branches of one attachment at sites that read one input (`Site.input_group`), linked at attach.
+
+    Each member keeps its site's module (`base_module`) and the host at its site (`host`). When the dispatch
+    sends a member's call here (`compute`), every live member's output on that input is computed in one
+    `SharedInputLora` (or `inference`); each other live member takes its own when it is called next (`take`),
+    with that same tensor, unchanged (version counters of the input and of the member's weight, bias, A and B)
+    and in the same grad mode.
+    """
+
+    def __init__(self, members: list[Any]):
+        self.members = members  # LoraBranch objects
+        self._pending: dict[int, tuple[torch.Tensor, tuple, torch.Tensor]] = {}  # index -> (x, versions, output)
+
+    def tensors(self, index: int) -> tuple:
+        """Member `index`'s weight, bias (or None), A and B."""
+        branch = self.members[index]
+        base = branch.base_module
+        return base.weight, base.bias, branch.lora_A, branch.lora_B
+
+    def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Member `index`'s output on `x` if the group computed it on this very input, unchanged since; else None.
+        Either way the member's pending output is dropped."""
+        pending = self._pending.pop(index, None)
+        if pending is not None and pending[0] is x and pending[1] == _versions(x, self.tensors(index)):
+            return pending[2]
+        return None
+
+    def compute(self, index: int, x: torch.Tensor, path: Any, autograd: bool) -> torch.Tensor:
+        """Member `index`'s output, computing the outputs of every member in `path.live` ((index, tensors) pairs)
+        on `x` at once (by `SharedInputLora`, or by `inference` where the dispatch chose that) and keeping the
+        others' for their calls."""
+        live = path.live
+        scales = tuple(self.members[i].scale for i, _ in live)
+        flat = [t for _, tensors in live for t in tensors]
+        if autograd:
+            outs = SharedInputLora.apply(x, scales, path, *flat)
+        else:
+            outs = inference(x, scales, path.merged, path.kernels, *flat)
+        own = None
+        pending = {}
+        for (i, tensors), out in zip(live, outs):
+            if i == index:
+                own = out
+            else:
+                pending[i] = (x, _versions(x, tensors), out)
+        self._pending = pending
+        return own
+
+    def clear(self) -> None:
+        self._pending = {}

@@ -1,0 +1,612 @@
+"""An architecture zoo: every transformers architecture that builds from a small config, and a gradient oracle.
+
+`tiny_config(model_type)` shrinks a config class's defaults (widths, depths, heads, experts, image and audio sizes,
+vocabularies where the special token ids allow it), nested configs included. `build(model_type)` picks the
+model class (causal LM, seq2seq LM, masked LM, image-text-to-text, else the base model) and builds it with random
+weights. `oracle(model, args, kwargs)` runs the model once for real and says, for every attention computation,
+which output channels of which linear-like module reach its query, key and value operands: each linear-like
+module's output is cut from the graph before it (a new leaf), the attention's q, k, v are caught where they are
+used (`scaled_dot_product_attention`, or the matmul -> ... -> softmax -> matmul chain of eager attention), and
+one backward per operand reads the non-zero gradient channels. `compare(model, facts, seen)` puts surgery's
+roles and slices beside it.
+
+Run the whole zoo with `SURGERY_ZOO=1 python -m pytest tests/test_zoo.py`, or `python tests/zoo.py > zoo.jsonl`
+(a JSON line per architecture and variant) then `python tests/zoo.py --summary zoo.jsonl` (counts by status, the
+reasons, analysis times); the default suite runs a representative subset.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+QKV = ("attention.query", "attention.key", "attention.value")
+
+_WIDTH = ("hidden_size", "d_model", "n_embd", "embed_dim", "hidden_dim", "dim", "model_dim", "word_embed_proj_dim",
+          "embedding_size", "d_embed", "n_embed", "projection_dim", "text_embed_dim", "vision_embed_dim",
+          "encoder_hidden_size", "decoder_hidden_size", "qformer_hidden_size", "cross_attention_hidden_size",
+          "hidden_size_per_head_times_heads", "output_hidden_size", "proj_dim", "projection_size",
+          "classifier_proj_size", "conv_dim_last")
+_DEPTH = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers",
+          "n_layers", "num_encoder_layers", "decoder_num_layers", "num_text_layers", "num_vision_layers",
+          "text_num_layers", "num_blocks")
+_HEADS = ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads", "decoder_attention_heads",
+          "n_heads", "decoder_num_attention_heads", "num_attention_heads_text")
+_FFN = ("intermediate_size", "ffn_dim", "d_ff", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_hidden_size",
+        "decoder_intermediate_size", "hidden_act_dim", "mlp_dim", "ff_dim")
+_SMALL = {
+    "num_key_value_heads": 2, "head_dim": 16, "d_kv": 16, "d_head": 16, "attention_head_dim": 16,
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4, "num_experts_per_tok": 2,
+    "moe_topk": 2, "top_k": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+    "n_shared_experts": 1, "num_shared_experts": 1, "n_group": 1, "topk_group": 1,
+    "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+    "first_k_dense_replace": 1, "max_position_embeddings": 128, "max_source_positions": 64,
+    "max_target_positions": 64, "n_positions": 128, "n_ctx": 128, "num_mel_bins": 16, "image_size": 64,
+    "rotary_dim": 8,
+    "patch_size": 8, "num_query_tokens": 4, "image_seq_length": 16, "num_channels": 3, "n_routed_experts_top": 2,
+    "sliding_window": 64, "attention_window": 4, "num_buckets": 32, "relative_attention_num_buckets": 8,
+    "position_buckets": 16, "max_relative_positions": 16, "conv_dim": 32, "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 4, "vocab_size_per_layer_input": None,
+}
+_KEEP_LISTS = ("layer_types", "mlp_only_layers", "block_types", "attn_layer_indices", "full_attn_idxs")
+
+
+def _ids(config: Any) -> list[int]:
+    out = []
+    for name, value in vars(config).items():
+        if name.endswith(("token_id", "token_index", "_id")) and isinstance(value, int) and not isinstance(value, bool):
+            out.append(value)
+        elif name.endswith("token_ids") and isinstance(value, (list, tuple)):
+            out += [v for v in value if isinstance(v, int)]
+    return out
+
+
+def _shrunk(config: Any) -> dict[str, Any]:
+    """Overrides of `config`'s own values that make it tiny (nested configs as dicts, shrunk too)."""
+    from transformers import PreTrainedConfig
+
+    values: dict[str, Any] = {}
+    own = {**config.to_dict(), **vars(config)}  # to_dict has fields kept elsewhere (per_layer_config)
+    for name, value in own.items():
+        if isinstance(value, PreTrainedConfig):
+            sub = value.to_dict()
+            sub.update(_shrunk(value))
+            values[name] = sub
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if name in _WIDTH:
+            values[name] = 64
+        elif name in _DEPTH:
+            values[name] = 2 if value >= 2 else value
+        elif name in _HEADS:
+            values[name] = 4
+        elif name in _FFN:
+            values[name] = 96
+        elif name in _SMALL and _SMALL[name] is not None:
+            values[name] = min(value, _SMALL[name]) if name in ("first_k_dense_replace",) else _SMALL[name]
+    if "vocab_size" in own and isinstance(own["vocab_size"], int):
+        biggest = max(_ids(config), default=0)
+        values["vocab_size"] = max(256, biggest + 1) if biggest < 4096 else own["vocab_size"]
+    depth_name = next((d for d in _DEPTH if isinstance(own.get(d), int)), None)
+    depth = own.get(depth_name) if depth_name else None
+    layer_types = own.get("layer_types")
+    if isinstance(layer_types, (list, tuple)) and layer_types:  # one layer of each type, in order
+        firsts = {t: i for i, t in reversed(list(enumerate(layer_types)))}
+        reps = sorted(firsts.values())
+        reps = reps if len(reps) >= 2 else [reps[0], reps[0] + 1 if len(layer_types) > 1 else reps[0]]
+    elif depth:
+        reps = list(range(min(depth, 2)))
+    else:
+        reps = []
+    if depth and reps:
+        for name in _DEPTH:
+            if isinstance(own.get(name), int) and own.get(name) == depth:
+                values[name] = len(reps)
+        for name, value in own.items():  # per-layer lists and {layer index: ...} tables follow the kept layers
+            if isinstance(value, (list, tuple)) and len(value) == depth and name not in ("id2label", "label2id"):
+                values[name] = [value[j] for j in reps]
+            elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+                width = len(str(next(iter(value))))
+                kept = {f"{i:0{width}d}": _small_dict(value[k]) for i, j in enumerate(reps)
+                        for k in value if int(k) == j}
+                values[name] = kept
+    if "num_key_value_heads" in values and values.get("num_key_value_heads") and own.get("num_key_value_heads") \
+            and own.get("num_key_value_heads") == own.get("num_attention_heads"):
+        values["num_key_value_heads"] = 4  # an MHA model stays MHA
+    if "head_dim" in own and own.get("head_dim") is None:
+        values.pop("head_dim", None)
+    if "num_query_tokens" in own and own.get("image_token_index", 0) is None:
+        text = own.get("text_config")
+        vocab = getattr(text, "vocab_size", None) if text is not None else None
+        values["image_token_index"] = (values.get("text_config", {}).get("vocab_size") or vocab or 256) - 1
+    if "qk_rope_head_dim" in own:  # multi-head latent attention: rope on part of each head
+        if "head_dim" in own:
+            values["head_dim"] = values["qk_rope_head_dim"]
+        if "qk_head_dim" in own:
+            values["qk_head_dim"] = values["qk_rope_head_dim"] + values["qk_nope_head_dim"]
+    if "mlp_only_layers" in own:
+        values["mlp_only_layers"] = []
+    return values
+
+
+def _small_dict(value: Any) -> Any:
+    """A nested plain dict with its sizes shrunk like a config's (gemma4's per-layer head_dim)."""
+    if not isinstance(value, dict):
+        return value
+    out = {}
+    for k, v in value.items():
+        if isinstance(v, int) and not isinstance(v, bool) and k in _SMALL and _SMALL[k] is not None:
+            out[k] = _SMALL[k]
+        elif isinstance(v, int) and not isinstance(v, bool) and k in _WIDTH:
+            out[k] = 64
+        else:
+            out[k] = _small_dict(v)
+    return out
+
+
+def tiny_config(model_type: str):
+    """The config class's defaults, shrunk; raises on a config that will not take the small values."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    config = cls()
+    return cls(**{**config.to_dict(), **_shrunk(config)})
+
+
+_CLASS_MAPPINGS = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+                   "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+                   "MODEL_FOR_MASKED_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+                   "MODEL_MAPPING_NAMES")
+
+
+def model_types() -> list[str]:
+    """Model types with a model class in one of the auto mappings used here."""
+    from transformers.models.auto import modeling_auto
+
+    types: set[str] = set()
+    for mapping in _CLASS_MAPPINGS:
+        types |= set(getattr(modeling_auto, mapping))
+    from transformers import CONFIG_MAPPING
+
+    return sorted(t for t in types if t in CONFIG_MAPPING)
+
+
+def model_class(model_type: str):
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    for mapping in _CLASS_MAPPINGS:
+        name = getattr(modeling_auto, mapping).get(model_type)
+        if isinstance(name, (list, tuple)):
+            name = name[0]
+        if name and hasattr(transformers, name):
+            return getattr(transformers, name)
+    raise KeyError(f"no model class for {model_type}")
+
+
+def build(model_type: str, attn: str = "sdpa", seed: int = 0):
+    """A tiny random-weight model of `model_type`, in eval mode, with `attn` where the model supports it."""
+    config = tiny_config(model_type)
+    torch.manual_seed(seed)
+    cls = model_class(model_type)
+    try:
+        model = cls._from_config(config, attn_implementation=attn)
+    except (ValueError, ImportError):
+        model = cls._from_config(config, attn_implementation="eager")
+    return model.float().eval()
+
+
+def set_attention(model: nn.Module, attn: str) -> bool:
+    """Switch a built model to `attn` (all sub-models); False where it refuses."""
+    try:
+        model.set_attn_implementation(attn)
+    except Exception:
+        return False
+    return True
+
+
+def padded(kwargs: dict, args: tuple, model: nn.Module) -> tuple[tuple, dict]:
+    """The same inputs with a padded attention_mask (row 0 left-padded by 3 tokens), where the forward takes one."""
+    params = inspect.signature(model.forward).parameters
+    if "attention_mask" not in params:
+        return args, kwargs
+    ids = args[0] if args else None
+    if ids is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        main = kwargs.get("input_ids")
+        ids = main if isinstance(main, torch.Tensor) else None
+    if ids is None:
+        return args, kwargs
+    mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device)
+    mask[0, :3] = 0
+    extra = {}
+    decoder = kwargs.get("decoder_input_ids")
+    if isinstance(decoder, torch.Tensor) and "decoder_attention_mask" in params:  # as a user's batch has it
+        extra["decoder_attention_mask"] = torch.ones(decoder.shape, dtype=torch.long, device=decoder.device)
+    return args, {**kwargs, "attention_mask": mask, **extra}
+
+
+# ---------------------------------------------------------------------------------------------- the oracle
+
+
+def _linear_like(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, (nn.Linear, Conv1D)):
+        return True
+    if next(module.children(), None) is not None:
+        return False
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, torch.Tensor) and weight.dim() == 2 and not isinstance(module, nn.Embedding)
+            and "linear" in type(module).__name__.lower())
+
+
+_MATMULS = {torch.matmul, torch.bmm, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.bmm, torch.einsum,
+            torch.baddbmm, torch.Tensor.baddbmm}
+_SOFTMAX = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax, torch.nn.functional.log_softmax}
+
+
+_PASS = frozenset({
+    "mul", "div", "truediv", "add", "sub", "rsub", "radd", "rmul", "where", "masked_fill", "tanh", "to", "float",
+    "type_as", "clamp", "clamp_min", "max", "maximum", "cat", "concat", "dropout", "contiguous", "view", "reshape",
+    "transpose", "expand", "getitem", "softcap", "iadd", "imul", "itruediv", "neg", "exp", "amax", "clone", "half",
+    "bfloat16", "squeeze", "unsqueeze", "permute", "flatten", "unflatten", "narrow", "float32",
+})
+"""Ops an attention score passes between the q·k product and the softmax, and the probabilities on to ·v."""
+
+
+class _Catch(TorchFunctionMode):
+    """Records attention computations: SDPA calls, and eager score matmul -> ... -> softmax -> ... -> matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.scores: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # id(t) -> (q, k, t)
+        self.probs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.keep: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")])[:3]
+            self.calls.append((q, k, v))
+            return out
+        tensors = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, torch.Tensor)]
+        if func in _MATMULS:
+            operands = [t for t in tensors if t.dim() >= 2]
+            if func in (torch.baddbmm, torch.Tensor.baddbmm):
+                operands = operands[1:]
+            prob = next((self.probs[id(t)] for t in operands if id(t) in self.probs), None)
+            if prob is not None and len(operands) == 2:
+                other = operands[1] if id(operands[0]) in self.probs else operands[0]
+                self.calls.append((prob[0], prob[1], other))
+                return out
+            if len(operands) == 2 and isinstance(out, torch.Tensor):
+                self._track(self.scores, out, (operands[0], operands[1]))
+            return out
+        if func in _SOFTMAX:
+            src = next((self.scores[id(t)] for t in tensors if id(t) in self.scores), None)
+            if src is not None and isinstance(out, torch.Tensor):
+                self._track(self.probs, out, src[:2])
+            return out
+        if getattr(func, "__name__", "").strip("_").rstrip("_") not in _PASS:
+            return out
+        for table in (self.scores, self.probs):
+            src = next((table[id(t)] for t in tensors if id(t) in table), None)
+            if src is not None:
+                for o in _flat([out]):
+                    if isinstance(o, torch.Tensor):
+                        self._track(table, o, src[:2])
+        return out
+
+    def _track(self, table: dict, tensor: torch.Tensor, qk: tuple) -> None:
+        table[id(tensor)] = (qk[0], qk[1], tensor)
+        self.keep.append(tensor)
+
+
+def _flat(items: Any) -> list:
+    out = []
+    for item in items:
+        if isinstance(item, (list, tuple)):
+            out += _flat(item)
+        else:
+            out.append(item)
+    return out
+
+
+@dataclass
+class Seen:
+    """What the oracle saw: per attention computation, role -> {linear path: channels}."""
+
+    calls: list[dict[str, dict[str, frozenset[int]]]] = field(default_factory=list)
+
+    def union(self) -> dict[tuple[str, str], frozenset[int]]:
+        out: dict[tuple[str, str], set[int]] = {}
+        for call in self.calls:
+            for role, by_path in call.items():
+                for path, channels in by_path.items():
+                    out.setdefault((path, role), set()).update(channels)
+        return {k: frozenset(v) for k, v in out.items()}
+
+
+def oracle(model: nn.Module, args: tuple, kwargs: dict) -> Seen:
+    """Which output channels of which linear-like module reach each attention computation's q, k and v."""
+    paths: list[tuple[str, torch.Tensor]] = []
+    names = {id(m): n for n, m in model.named_modules()}
+    handles = []
+
+    def cut(module, _inputs, output):
+        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            return (cut(module, _inputs, output[0]), *output[1:])  # (output, scale) of quantized linears (ibert)
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return output
+        leaf = output.detach().requires_grad_(True)
+        paths.append((names[id(module)], leaf))
+        return leaf.clone()  # the model may write into its projections' outputs in place (falcon)
+
+    for name, module in model.named_modules():
+        if _linear_like(module):
+            handles.append(module.register_forward_hook(cut))
+    catch = _Catch()
+    try:
+        with torch.enable_grad(), catch:
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    seen = Seen()
+    generator = torch.Generator().manual_seed(0)
+    for q, k, v in catch.calls:
+        call: dict[str, dict[str, frozenset[int]]] = {}
+        for role, operand in zip(QKV, (q, k, v)):
+            by_path: dict[str, set[int]] = {}
+            if isinstance(operand, torch.Tensor) and operand.requires_grad:
+                tensors = [t for _, t in paths]
+                cot = torch.randn(operand.shape, generator=generator, dtype=operand.dtype)
+                grads = torch.autograd.grad(operand, tensors, cot, retain_graph=True, allow_unused=True)
+                for (path, _), grad in zip(paths, grads):
+                    if grad is None:
+                        continue
+                    hit = grad.reshape(-1, grad.shape[-1]).abs().sum(0) != 0
+                    if hit.any():
+                        by_path.setdefault(path, set()).update(hit.nonzero().flatten().tolist())
+            call[role] = {p: frozenset(c) for p, c in by_path.items()}
+        seen.calls.append(call)
+    return seen
+
+
+def surgery_view(facts) -> dict[tuple[str, str], frozenset[int]]:
+    """(path, q/k/v role) -> channels, from surgery's facts (a site's slices, or its whole output)."""
+    out: dict[tuple[str, str], frozenset[int]] = {}
+    for path, roles in facts.roles.items():
+        for role in roles:
+            if role not in QKV:
+                continue
+            ranges = facts.slices.get(path, {}).get(role)
+            if ranges is None:
+                lin = facts.linears.get(path)
+                width = lin.out_features if lin is not None else getattr(facts, "experts", {}).get(path, 0)
+                ranges = ((0, width),)
+            out[path, role] = frozenset(c for a, b in ranges for c in range(a, b))
+    return out
+
+
+def compare(facts, seen: Seen) -> tuple[str, str]:
+    """('agree' | 'differ', why) of surgery's q/k/v reading against the oracle's."""
+    want, got = seen.union(), surgery_view(facts)
+    if not seen.calls:
+        return ("differ", "oracle saw no attention") if facts.attention else ("agree", "no attention")
+    problems = []
+    for key in sorted(set(want) | set(got)):
+        if want.get(key) != got.get(key):
+            w, g = want.get(key, frozenset()), got.get(key, frozenset())
+            problems.append(f"{key[1].split('.')[1]}@{key[0]}: oracle {len(w)} ch, surgery {len(g)} ch")
+    if not problems:
+        return "agree", ""
+    return "differ", f"{len(problems)} mismatches: " + "; ".join(problems[:3])
+
+
+# ---------------------------------------------------------------------------------------------- one architecture
+
+
+@dataclass
+class Result:
+    model_type: str
+    variant: str
+    status: str  # agree | differ | error | skip
+    why: str = ""
+    seconds: float = 0.0
+    attention: int = 0
+    oracle_calls: int = 0
+
+    def line(self) -> str:
+        return json.dumps(self.__dict__)
+
+
+def check(model_type: str, variants=("sdpa", "eager", "sdpa+mask", "eager+mask")) -> list[Result]:
+    """Build `model_type` once, then per variant: surgery's facts against the oracle."""
+    from surgery.analysis import facts as facts_module
+    from surgery.analysis.report import sites_of
+    from surgery.analysis.tracing import input_candidates
+
+    try:
+        model = build(model_type)
+    except Exception as exc:
+        return [Result(model_type, "build", "skip", _why(exc))]
+    results = []
+    for variant in variants:
+        attn, _, mask = variant.partition("+")
+        if not set_attention(model, attn):
+            results.append(Result(model_type, variant, "skip", f"{attn} not supported"))
+            continue
+        try:
+            candidates = input_candidates(model)
+        except Exception as exc:
+            results.append(Result(model_type, variant, "error", "inputs: " + _why(exc)))
+            continue
+        try:
+            args, kwargs = runnable_inputs(model, candidates)
+            runnable = True
+        except Exception as exc:
+            args, kwargs, runnable, run_error = candidates[0][0], candidates[0][1], False, _why(exc)
+        if mask:
+            args2, kwargs2 = padded(kwargs, args, model)
+            if "attention_mask" not in kwargs2:
+                results.append(Result(model_type, variant, "skip", "no attention_mask input"))
+                continue
+            args, kwargs = args2, kwargs2
+        start = time.perf_counter()
+        try:
+            facts_module._CACHE.clear()  # surgery's own inputs unless the variant brings a mask; timed as inspect
+            given = (None, None) if not mask else (args, kwargs)
+            sites_of(model, *given)
+            facts = facts_module.analyze(model, *given)  # from the cache
+        except Exception as exc:
+            results.append(Result(model_type, variant, "error", "analyze: " + _why(exc),
+                                  time.perf_counter() - start))
+            continue
+        seconds = time.perf_counter() - start
+        if not runnable:
+            results.append(Result(model_type, variant, "skip", "oracle: no candidate input runs: " + run_error,
+                                  seconds, len(facts.attention)))
+            continue
+        if not mask and (args, kwargs) is not candidates[0] and _first_index(candidates, args, kwargs) != 0:
+            facts = facts_module.analyze(model, args, kwargs)  # compare on the inputs the model really runs on
+        try:
+            seen = oracle(model, args, kwargs)
+        except Exception as exc:
+            results.append(Result(model_type, variant, "skip", "oracle: " + _why(exc), seconds,
+                                  len(facts.attention)))
+            continue
+        status, why = compare(facts, seen)
+        results.append(Result(model_type, variant, status, why, seconds, len(facts.attention), len(seen.calls)))
+    return results
+
+
+def _first_index(candidates: list, args: tuple, kwargs: dict) -> int:
+    return next((i for i, (a, k) in enumerate(candidates) if a is args and k is kwargs), -1)
+
+
+def runnable_inputs(model: nn.Module, candidates: list) -> tuple[tuple, dict]:
+    """The first candidate inputs the model really runs on."""
+    error: Exception | None = None
+    for args, kwargs in candidates:
+        try:
+            with torch.no_grad():
+                model(*args, **kwargs)
+            return args, kwargs
+        except Exception as exc:
+            error = error or exc
+    raise error or RuntimeError("no candidate inputs")
+
+
+def _why(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+_ACCEPTED_SKIPS = ("sdpa not supported", "no attention_mask input", "eager not supported")
+
+
+def architecture_status(results: list[dict]) -> tuple[str, str]:
+    """One status per architecture from its variants' results: skip (does not build), error (some variant
+    fails), differ (some variant disagrees with the oracle), unverified (surgery's reading could not be checked:
+    the model does not run on the inputs, or the oracle failed), agree."""
+    first = results[0]
+    if first["variant"] == "build":
+        return "skip", first["why"]
+    if first["variant"] == "all":
+        return "error", first["why"]
+    for status in ("error", "differ"):
+        bad = [r for r in results if r["status"] == status]
+        if bad:
+            return status, f"{bad[0]['variant']}: {bad[0]['why']}"
+    odd = [r for r in results if r["status"] == "skip" and not r["why"].startswith(_ACCEPTED_SKIPS)]
+    if odd:
+        return "unverified", f"{odd[0]['variant']}: {odd[0]['why']}"
+    return ("agree", "") if any(r["status"] == "agree" for r in results) else ("skip", "no variant ran")
+
+
+def summary(path: str) -> None:
+    """The zoo's counts by status, the reasons, and the analysis times, from a file of `main`'s JSON lines."""
+    import collections
+    import statistics
+
+    by_type: dict[str, list[dict]] = {}
+    for line in open(path):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        by_type.setdefault(row["model_type"], []).append(row)
+    statuses = {t: architecture_status(rows) for t, rows in by_type.items()}
+    counts = collections.Counter(status for status, _ in statuses.values())
+    print(f"{len(by_type)} architectures: " + ", ".join(f"{counts[s]} {s}" for s in
+                                                       ("agree", "differ", "unverified", "error", "skip")))
+    variants = collections.Counter((r["variant"], r["status"]) for rows in by_type.values() for r in rows
+                                   if r["variant"] not in ("build", "all"))
+    print("variants: " + ", ".join(f"{v} {st} {n}" for (v, st), n in sorted(variants.items())))
+    for status in ("differ", "unverified", "error", "skip"):
+        reasons = collections.Counter()
+        for t, (st, why) in statuses.items():
+            if st == status:
+                reasons[why[:110]] += 1
+        print(f"\n{status} ({counts[status]}):")
+        if status in ("differ", "unverified", "error"):
+            for t, (st, why) in sorted(statuses.items()):
+                if st == status:
+                    print(f"  {t}: {why[:170]}")
+        else:
+            for why, n in reasons.most_common(12):
+                print(f"  {n:3d} x {why}")
+    times = [r["seconds"] for rows in by_type.values() for r in rows
+             if r["variant"] in ("sdpa", "eager") and r.get("seconds")]
+    if times:
+        slow = sorted(((r["seconds"], t, r["variant"]) for t, rows in by_type.items() for r in rows
+                       if r["variant"] in ("sdpa", "eager") and r.get("seconds")), reverse=True)[:5]
+        print(f"\ninspect with surgery's own inputs, cold (failures included), {len(times)} runs: median {statistics.median(times):.2f} s, "
+              f"max {max(times):.2f} s; slowest: " + ", ".join(f"{t} {v} {s:.1f} s" for s, t, v in slow))
+
+
+def main(argv: list[str]) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    torch.set_num_threads(1)
+    import signal
+
+    def alarm(*_):
+        raise TimeoutError("over 120 s")
+
+    signal.signal(signal.SIGALRM, alarm)
+    if argv[:1] == ["--summary"]:
+        summary(argv[1])
+        return
+    types = argv or model_types()
+    for model_type in types:
+        signal.alarm(120)
+        try:
+            for result in check(model_type):
+                print(result.line(), flush=True)
+        except BaseException:  # never stop the sweep
+            print(json.dumps({"model_type": model_type, "variant": "all", "status": "error",
+                              "why": traceback.format_exc().splitlines()[-1][:200]}), flush=True)
+        finally:
+            signal.alarm(0)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main(sys.argv[1:])
