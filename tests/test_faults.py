@@ -7,6 +7,7 @@ Host, a module swapped in or out, a weight edit applied, reverted or swapped for
 flags set, hosts refreshed) and the plugins' code that runs inside a pass (`attach_model` and its undo)."""
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import pytest
@@ -23,6 +24,8 @@ from surgery_plugins.prefix import PrefixTuning
 from surgery_plugins.prompt import PromptTuning
 from tests.conftest import ids
 from tests.fingerprint import assert_unchanged, fingerprint
+
+INJECTED = {"passes": 0, "faults": 0}
 
 
 class InjectedFault(RuntimeError):
@@ -93,7 +96,9 @@ def run_with_faults(monkeypatch, model, do: Callable[[], object], what: str) -> 
                 unwrap_undos(model)
         if completed:
             assert not faults.fired
+            INJECTED["passes"] += 1
             return k - 1
+        INJECTED["faults"] += 1
         assert faults.fired
         assert_unchanged(model, before, f"{what}: fault at step {k} ({faults.where})")
 
@@ -176,3 +181,8 @@ def test_every_step_of_a_load_rolls_back(monkeypatch, tmp_path, fmt):
     assert faults >= 3
     surgery.detach(model, "loaded")
     assert_unchanged(model, original)
+
+
+def teardown_module(module):
+    if os.environ.get("SURGERY_SM_REPORT"):
+        print(f"\nfault injection: {INJECTED['faults']} faults injected into {INJECTED['passes']} passes, each rolled back")

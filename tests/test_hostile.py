@@ -12,7 +12,7 @@ from typing import Callable
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import AdaptionPromptConfig, LoHaConfig, LoraConfig, OFTConfig, get_peft_model
 
 import surgery
 from surgery import tiny
@@ -45,6 +45,11 @@ def sources(tmp_path_factory):
     surgery.attach(model, "lora-qv", name="b")
     surgery.combine(model, {"a": 0.5, "b": 0.5}, name="ab")
     surgery.save(model, root / "combined", name="ab")
+    qv = ["q_proj", "v_proj"]
+    for name, config in {"peft-loha": LoHaConfig(r=4, alpha=8, target_modules=qv),
+                         "peft-oft": OFTConfig(oft_block_size=16, r=0, target_modules=qv),
+                         "peft-adaption": AdaptionPromptConfig(adapter_len=3, adapter_layers=1, task_type="CAUSAL_LM")}.items():
+        get_peft_model(tiny.build("llama"), config).save_pretrained(root / name)
     return root
 
 
@@ -172,6 +177,32 @@ ADAPTERS: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "peft: config -> /dev/zero": ("peft", lambda d: _link(d / P, "/dev/zero"), "neither a surgery adapter"),
     "peft: tensors -> /dev/zero": ("peft", lambda d: _link(d / T, "/dev/zero"), "not a regular file"),
     "peft: tensors holding NaN": ("peft", _nan_tensors, "NaN or infinite"),
+    "peft: target regex without tensors": ("peft", lambda d: _edit_json(d / P, lambda c: c.__setitem__(
+        "target_modules", r".*\.(q|k|v)_proj")), "target_modules selects 'model.layers.0.self_attn.k_proj'"),
+    "peft: exclude_modules a number": ("peft", lambda d: _edit_json(d / P, lambda c: c.__setitem__("exclude_modules", 3)),
+                                       "field 'exclude_modules'"),
+    "peft: peft_type a list": ("peft", lambda d: _edit_json(d / P, lambda c: c.__setitem__("peft_type", ["LORA"])),
+                               "cannot be mapped"),
+    "peft: config not an object": ("peft", lambda d: _raw(d / P, b"[1, 2]"), "not a JSON object"),
+    "peft: pickle only": ("peft", lambda d: ((d / T).rename(d / "adapter_model.bin")), "pickle files are never loaded"),
+    "peft loha: alpha a string": ("peft-loha", lambda d: _edit_json(d / P, lambda c: c.__setitem__("alpha", "x")), "field 'alpha'"),
+    "peft loha: r true": ("peft-loha", lambda d: _edit_json(d / P, lambda c: c.__setitem__("r", True)), "field 'r'"),
+    "peft loha: module_dropout 2": ("peft-loha", lambda d: _edit_json(d / P, lambda c: c.__setitem__("module_dropout", 2)),
+                                    "field 'module_dropout'"),
+    "peft loha: target k_proj without tensors": ("peft-loha", lambda d: _edit_json(d / P, lambda c: c.__setitem__(
+        "target_modules", ["q_proj", "k_proj", "v_proj"])), "target_modules selects 'model.layers.0.self_attn.k_proj'"),
+    "peft loha: catastrophic rank_pattern": ("peft-loha", lambda d: _edit_json(d / P, lambda c: c.__setitem__(
+        "rank_pattern", {"(a*)*\\1": 2})), "unsupported escape"),
+    "peft loha: NaN factor": ("peft-loha", _nan_tensors, "NaN or infinite"),
+    "peft oft: eps a string": ("peft-oft", lambda d: _edit_json(d / P, lambda c: c.__setitem__("eps", "x")), "field 'eps'"),
+    "peft oft: block size negative": ("peft-oft", lambda d: _edit_json(d / P, lambda c: c.__setitem__("oft_block_size", -1)),
+                                      "field 'oft_block_size'"),
+    "peft oft: terms 10**9": ("peft-oft", lambda d: _edit_json(d / P, lambda c: c.__setitem__("num_cayley_neumann_terms", 10**9)),
+                              "field 'num_cayley_neumann_terms'"),
+    "peft adaption: adapter_len a string": ("peft-adaption", lambda d: _edit_json(d / P, lambda c: c.__setitem__(
+        "adapter_len", "3")), "field 'adapter_len'"),
+    "peft adaption: adapter_layers 0": ("peft-adaption", lambda d: _edit_json(d / P, lambda c: c.__setitem__(
+        "adapter_layers", 0)), "field 'adapter_layers'"),
     "peft: huge rank in the header": ("peft", lambda d: _header(d / T, {
         "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": {"dtype": "F32", "shape": [10**6, 64], "data_offsets": [0, 256 * 10**6]},
         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": {"dtype": "F32", "shape": [64, 10**6], "data_offsets": [256 * 10**6, 512 * 10**6]},
@@ -250,6 +281,18 @@ RULE_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
                                                    + "    params: {num_virtual_tokens: 1000000000}\n"), "new parameters, more than"),
     "huge encoder": (lambda p: p.write_text(RULE.replace("lora", "p-tuning").replace("attention.query", "embedding.input")
                                             + "    params: {encoder_hidden: 1000000000}\n"), "new parameters, more than"),
+    "loha r: 10**9": (lambda p: p.write_text(RULE.replace("lora", "loha") + "    params: {r: 1000000000}\n"),
+                      "loha at .*r=1000000000 is more than min"),
+    "loha alpha: .inf": (lambda p: p.write_text(RULE.replace("lora", "loha") + "    params: {alpha: .inf}\n"), "finite"),
+    "lokr r: 'x'": (lambda p: p.write_text(RULE.replace("lora", "lokr") + "    params: {r: x}\n"), "field 'params.r'"),
+    "oft block_size -3": (lambda p: p.write_text(RULE.replace("lora", "oft") + "    params: {block_size: -3, r: 0}\n"),
+                          "field 'params.block_size'"),
+    "oft r and block_size": (lambda p: p.write_text(RULE.replace("lora", "oft") + "    params: {block_size: 8, r: 8}\n"),
+                             "give exactly one of r"),
+    "llama-adapter 10**9 tokens": (lambda p: p.write_text(RULE.replace("lora", "llama-adapter").replace(
+        "roles: [attention.query]", "kinds: [attention]") + "    params: {adapter_len: 1000000000}\n"), "new parameters, more than"),
+    "vera r: 10**9": (lambda p: p.write_text(RULE.replace("lora", "vera") + "    params: {r: 1000000000}\n"),
+                      "vera at .*r=1000000000 is more than 4 x max|no method 'vera'|unknown method"),
 }
 
 
@@ -298,3 +341,67 @@ def test_the_linear_time_matcher_agrees_with_re():
     started = time.monotonic()
     assert not Pattern(r"(?:.*\.)?(?:(.|.)*Q)").fullmatch("a" * 200 + "x")  # exponential for `re`
     assert time.monotonic() - started < 1.0
+
+
+# ---- random corruptions ------------------------------------------------------------------------------------------
+
+LONG = os.environ.get("SURGERY_LONG", "") not in ("", "0")
+CORRUPTIONS = int(os.environ.get("SURGERY_HOSTILE_CORRUPTIONS", "400" if LONG else "24"))
+HOSTILE_STATS: dict[str, int] = {"cases": 0, "refused": 0, "loaded": 0}
+
+
+def _corrupt(rng, data: bytes) -> bytes:
+    """One random corruption of a file's bytes: flipped bytes, a cut, an insertion, or a digit changed."""
+    how = rng.choice(["flip", "cut", "insert", "digit", "swap"])
+    data = bytearray(data)
+    if how == "flip":
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+    elif how == "cut":
+        del data[rng.randrange(len(data)):]
+    elif how == "insert":
+        at = rng.randrange(len(data) + 1)
+        data[at:at] = rng.choice([b"9" * rng.randint(1, 30), b"[" * 200, b"\xff", b'"', b"NaN", b"-1", b"1e999"])
+    elif how == "digit":
+        digits = [i for i, c in enumerate(data) if chr(c).isdigit()]
+        if digits:
+            data[rng.choice(digits)] = ord(rng.choice("0123456789"))
+    else:
+        i, j = rng.randrange(len(data)), rng.randrange(len(data))
+        data[i], data[j] = data[j], data[i]
+    return bytes(data)
+
+
+@pytest.mark.parametrize("source", ["surgery", "peft", "peft-loha", "peft-oft"])
+def test_random_corruptions_are_refused_clearly_or_load(sources, tmp_path, source):
+    """Random corruptions of an adapter's files (the config or the tensors): each load either succeeds with finite
+    outputs or raises a SurgeryError, in bounded time, and a refused load leaves the model unchanged."""
+    import random
+
+    rng = random.Random(f"{source}-{os.environ.get('SURGERY_HOSTILE_SEED', '0')}")
+    model = tiny.build("llama")
+    x = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(0))
+    for i in range(CORRUPTIONS // 4):
+        directory = _copy(sources / source, tmp_path / f"c{i}")
+        target = rng.choice(sorted(p for p in directory.iterdir() if p.is_file()))
+        target.write_bytes(_corrupt(rng, target.read_bytes()))
+        before = fingerprint(model)
+        started = time.monotonic()
+        HOSTILE_STATS["cases"] += 1
+        try:
+            surgery.load(model, directory, name="c")
+        except SurgeryError:
+            HOSTILE_STATS["refused"] += 1
+            assert_unchanged(model, before, f"{source} corruption {i} of {target.name}")
+        else:
+            HOSTILE_STATS["loaded"] += 1
+            with torch.no_grad():
+                assert torch.isfinite(model(x).logits).all()
+            surgery.detach(model, "c")
+        assert time.monotonic() - started < LIMIT_S
+
+
+def teardown_module(module):
+    if os.environ.get("SURGERY_SM_REPORT"):
+        print(f"\nhostile: {len(ADAPTERS)} adapter directories, {len(SLOW_REGEX)} slow patterns, {len(RULE_FILES)} rule "
+              f"files, random corruptions {HOSTILE_STATS}")

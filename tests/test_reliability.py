@@ -168,6 +168,59 @@ def test_nan_in_an_update_is_refused_by_merge_and_bake_naming_the_site():
         assert_unchanged(model, state)
 
 
+@pytest.mark.parametrize("method", ["loha", "lokr", "oft", "vera"])
+def test_every_merging_method_refuses_a_non_finite_update_naming_the_site(method):
+    if method not in surgery.plugin.manager().methods:
+        pytest.skip(f"{method} is not installed")
+    model = tiny.build("llama")
+    surgery.attach(model, method, name="a")
+    randomize(model)
+    with torch.no_grad():
+        branch = model.model.layers[1].self_attn.v_proj.branches["a"]
+        trained = [p for p in branch.parameters() if p.requires_grad and p.is_floating_point()]
+        trained[-1].view(-1)[0] = float("inf") if method == "oft" else float("nan")
+    state, x = fingerprint(model), ids()
+    with torch.no_grad():
+        surgery.set_active(model, [])
+        base = logits(model, x)
+        surgery.set_active(model, ["a"])
+    for merge in (lambda: surgery.merge(model, "a"), lambda: surgery.merge(model, "a", exact=False),
+                  lambda: surgery.bake(model, "a")):
+        with pytest.raises(NotMergeableError, match=r"merge at 'model\.layers\.1\.self_attn\.v_proj' refused"):
+            merge()
+        assert_unchanged(model, state)
+    surgery.detach(model, "a")
+    with torch.no_grad():
+        assert torch.equal(logits(model, x), base)
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr", "vera"])
+def test_additive_methods_merge_beside_ia3_as_lora_does(method):
+    """LoHa, LoKr and VeRA fold as additions: merged under an earlier IA3 output scaling they would act before it,
+    so the merge is refused; attached before IA3 they merge and keep the function."""
+    if method not in surgery.plugin.manager().methods:
+        pytest.skip(f"{method} is not installed")
+    x = ids()
+    model = tiny.build("llama")
+    surgery.attach(model, "ia3", name="i")
+    surgery.attach(model, method, name="a")
+    randomize(model, std=0.2)
+    state = fingerprint(model)
+    with pytest.raises(NotMergeableError, match="'i' \\(attached earlier\\) changes the output"):
+        surgery.merge(model, "a")
+    assert_unchanged(model, state)
+    model = tiny.build("llama")
+    surgery.attach(model, method, name="a")
+    surgery.attach(model, "ia3", name="i")
+    randomize(model, std=0.2)
+    with torch.no_grad():
+        before = logits(model, x)
+        surgery.merge(model, "a")
+        assert close(logits(model, x), before)
+        surgery.merge(model, "i")
+        assert close(logits(model, x), before)
+
+
 def test_overflow_is_refused_and_an_inexact_merge_that_would_lose_the_base_is_refused():
     model = tiny.build("llama", dtype=torch.float16)
     surgery.attach(model, "lora-qv", name="a")

@@ -11,10 +11,14 @@ pruned weights (zeros of both signs). After every step:
 - after the last detach the model holds its original module objects, hooks and flags, and its original tensor
   bits (unless an inexact merge or a bake changed the base weights on purpose: then the new bits are the base).
 
+Any pass may also run with a fault injected at its k-th step (the `fault` rule, with test_faults' injector): if the
+fault fires, nothing may have changed.
+
 Each of the 16 configurations is a test of its own, run for `SURGERY_SM_EXAMPLES` sequences of up to
-`SURGERY_SM_STEPS` steps (CI: 3 x 30, derandomized, about 1,000 steps in all). A long run, random, with the step
-counts printed: `SURGERY_SM_EXAMPLES=60 SURGERY_SM_STEPS=50 SURGERY_SM_RANDOM=1 SURGERY_SM_REPORT=1
-python -m pytest tests/test_state_machine.py -q -s` (`SURGERY_SM_NO_SHRINK=1` skips shrinking a failure).
+`SURGERY_SM_STEPS` steps (CI: 3 x 30, derandomized). The long run (`SURGERY_LONG=1`: 12 random sequences of up to
+50 steps per configuration), with the figures printed: `SURGERY_LONG=1 SURGERY_SM_REPORT=1 python -m pytest
+tests/test_state_machine.py tests/test_faults.py tests/test_hostile.py -q -s` (`SURGERY_SM_NO_SHRINK=1` skips
+shrinking a failure).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
@@ -35,10 +40,12 @@ from surgery.engine.host import Host
 from surgery.errors import SurgeryError
 from tests.conftest import ids, logits
 from tests.fingerprint import assert_unchanged, fingerprint, same_bits
+from tests.test_faults import Faults, InjectedFault, inject, unwrap_undos
 
-EXAMPLES = int(os.environ.get("SURGERY_SM_EXAMPLES", "3"))  # per configuration
-STEPS = int(os.environ.get("SURGERY_SM_STEPS", "30"))
-RANDOM = os.environ.get("SURGERY_SM_RANDOM", "") not in ("", "0")
+LONG = os.environ.get("SURGERY_LONG", "") not in ("", "0")
+EXAMPLES = int(os.environ.get("SURGERY_SM_EXAMPLES", "12" if LONG else "3"))  # per configuration
+STEPS = int(os.environ.get("SURGERY_SM_STEPS", "50" if LONG else "30"))
+RANDOM = LONG or os.environ.get("SURGERY_SM_RANDOM", "") not in ("", "0")
 
 CONFIGS = [(arch, dtype, pruned) for arch in ("llama", "gpt2", "bert", "t5")
            for dtype in (torch.float32, torch.bfloat16) for pruned in (False, True)]
@@ -57,7 +64,10 @@ def _lora_r4() -> surgery.RuleSet:
 
 
 RULES = {"lora-qv": "lora-qv", "lora-all": "lora-all-linear", "lora-r4": _lora_r4(), "ia3": "ia3",
-         "houlsby": "adapter-houlsby", "parallel": "adapter-parallel", "prefix": "prefix", "prompt": _prompt()}
+         "houlsby": "adapter-houlsby", "parallel": "adapter-parallel", "prefix": "prefix", "prompt": _prompt(),
+         "loha": "loha", "lokr": "lokr", "oft": "oft", "llama-adapter": "llama-adapter"}
+if "vera" in surgery.plugin.manager().methods:  # the separate surgery-vera package, when installed (CI installs it)
+    RULES["vera"] = "vera"
 LORA = {"lora-qv", "lora-all", "lora-r4"}
 STATS: Counter = Counter()
 
@@ -276,7 +286,7 @@ class SurgeryMachine(RuleBasedStateMachine):
         frozen = {k: v.clone() for k, v in self.model.state_dict().items() if not _trainable(self.model, k)}
         optimizer = torch.optim.Adam(params, lr=1e-2)
         for _ in range(steps):
-            kwargs = {"labels": self.x} if self.arch != "t5" else {"labels": self.x}
+            kwargs = {"labels": self.x}
             loss = self.model(input_ids=self.x, **kwargs).loss
             if not loss.requires_grad:  # nothing trainable runs (nothing active, or only merged attachments)
                 return
@@ -302,6 +312,36 @@ class SurgeryMachine(RuleBasedStateMachine):
                     p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.05)
         if name in self.merged():
             self.changed_while_merged.add(name)
+
+    @precondition(attached)
+    @rule(data=st.data(), k=st.integers(1, 24),
+          step=st.sampled_from(["merge", "attach", "detach", "unmerge", "bake", "combine", "set_active"]))
+    def fault(self, data, k, step):
+        """One of the passes with a fault injected at its k-th step (an engine primitive that changes the model or
+        the ledger, or a plugin's code run inside the pass): if it fires, nothing may have changed; if the pass
+        has fewer steps, it runs as the plain rule does, with the same checks."""
+        kwargs = {"data": data}
+        if step == "attach":
+            free = [n for n in NAMES if n not in self.rules] or list(NAMES)
+            kwargs = {"name": data.draw(st.sampled_from(free)), "rules": data.draw(st.sampled_from(sorted(RULES)))}
+        elif step == "merge":
+            kwargs["exact"] = data.draw(st.booleans())
+        elif step == "combine":
+            kwargs.update(name=data.draw(st.sampled_from(NAMES)), how=data.draw(st.sampled_from(["cat", "linear"])))
+        STATS["fault rules"] += 1
+        before = fingerprint(self.model)
+        faults = Faults(k)
+        with pytest.MonkeyPatch.context() as patch:
+            inject(patch, faults, self.model)
+            try:
+                getattr(self, step)(**kwargs)
+            except InjectedFault:
+                pass
+            finally:
+                unwrap_undos(self.model)
+        if faults.fired:
+            STATS["faults injected"] += 1
+            assert_unchanged(self.model, before, f"{step} with a fault at step {k} ({faults.where})")
 
     # ---- the invariants ---------------------------------------------------------------------------------------
     @invariant()
@@ -368,4 +408,6 @@ for _arch, _dtype, _pruned in CONFIGS:  # one test per configuration, each with 
 
 def teardown_module(module):
     if os.environ.get("SURGERY_SM_REPORT"):
-        print("\nstate machine:", dict(sorted(STATS.items())))
+        steps = sum(v for k, v in STATS.items() if k.startswith("step "))
+        print(f"\nstate machine: {STATS['examples']} sequences, {steps} steps, {STATS['faults injected']} faults "
+              f"injected;", dict(sorted(STATS.items())))

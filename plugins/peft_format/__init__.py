@@ -45,7 +45,6 @@ from surgery_plugins.peft_format.lokr import LokrMapping
 from surgery_plugins.peft_format.lora import LoraMapping
 from surgery_plugins.peft_format.oft import OftMapping
 
-
 MAX_ADAPTER_SHARE = 4
 """A PEFT adapter's tensors are read only if they hold at most this many times the model's parameters (8 bytes
 each, plus 1 MiB): the memory a load may take is bounded by the model's own, whatever the file's header says."""

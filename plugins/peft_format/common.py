@@ -6,9 +6,8 @@ from collections import Counter
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from torch import nn
 
 from surgery.plugin import AdapterFileError, MismatchError, Pattern, PatternError, Site, SurgeryError
 
@@ -90,6 +89,10 @@ class PeftConfig(BaseModel):
         return value
 
 
+_TYPE_TAG = re.compile(r"^(list|dict|str|int|float|bool|none|literal|function-[a-z]+)(\[.*\])?$")
+"""The member of a union that pydantic adds to an error's location (`target_modules.list[str]`): not a field."""
+
+
 def validate_config(config: dict[str, Any], path: Any) -> None:
     """Refuse (`AdapterFileError` naming the file and field) a config whose known fields have the wrong type, a
     non-finite or out-of-range number, or a pattern outside what `Pattern` matches in linear time."""
@@ -97,7 +100,7 @@ def validate_config(config: dict[str, Any], path: Any) -> None:
         PeftConfig.model_validate(config)
     except ValidationError as err:
         first = err.errors()[0]
-        field = ".".join(map(str, first["loc"]))
+        field = ".".join(str(part) for part in first["loc"] if not _TYPE_TAG.match(str(part)))
         got = repr(first.get("input"))[:80]
         raise AdapterFileError(f"{path}: field '{field}': {first['msg']} (got {got})") from None
     except PatternError as err:

@@ -314,8 +314,13 @@ def set_active(model: nn.Module, names: list[str] | str) -> None:
         if merged:
             raise LedgerError(f"{', '.join(map(repr, merged))} {'is' if len(merged) == 1 else 'are'} merged into the "
                               "weights and keep acting whatever is active; unmerge first to leave it out of set_active")
-        ledger.active = [n for n in ledger.attachments if n in names]
-        ledger.refresh()
+        previous, ledger.active = ledger.active, [n for n in ledger.attachments if n in names]
+        try:
+            ledger.refresh()
+        except BaseException:  # all or nothing: the previous choice, and every host told again
+            ledger.active = previous
+            ledger.refresh()
+            raise
 
 
 def active(model: nn.Module) -> list[str]:
