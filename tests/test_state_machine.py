@@ -15,7 +15,7 @@ Any pass may also run with a fault injected at its k-th step (the `fault` rule, 
 fault fires, nothing may have changed.
 
 Each of the 16 configurations is a test of its own, run for `SURGERY_SM_EXAMPLES` sequences of up to
-`SURGERY_SM_STEPS` steps (CI: 3 x 30, derandomized). The long run (`SURGERY_LONG=1`: 12 random sequences of up to
+`SURGERY_SM_STEPS` steps (CI: 3 x 30, derandomized). The long run (`SURGERY_LONG=1`: 8 random sequences of up to
 50 steps per configuration), with the figures printed: `SURGERY_LONG=1 SURGERY_SM_REPORT=1 python -m pytest
 tests/test_state_machine.py tests/test_faults.py tests/test_hostile.py -q -s` (`SURGERY_SM_NO_SHRINK=1` skips
 shrinking a failure).
@@ -43,7 +43,7 @@ from tests.fingerprint import assert_unchanged, fingerprint, same_bits
 from tests.test_faults import Faults, InjectedFault, inject, unwrap_undos
 
 LONG = os.environ.get("SURGERY_LONG", "") not in ("", "0")
-EXAMPLES = int(os.environ.get("SURGERY_SM_EXAMPLES", "12" if LONG else "3"))  # per configuration
+EXAMPLES = int(os.environ.get("SURGERY_SM_EXAMPLES", "8" if LONG else "3"))  # per configuration
 STEPS = int(os.environ.get("SURGERY_SM_STEPS", "50" if LONG else "30"))
 RANDOM = LONG or os.environ.get("SURGERY_SM_RANDOM", "") not in ("", "0")
 
