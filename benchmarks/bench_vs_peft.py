@@ -8,7 +8,8 @@ every figure written to benchmarks/results/bench_vs_peft-<device>.json (see docs
     python benchmarks/bench_vs_peft.py --device cuda --sections profile   # kernels and host time by kind
     PYTHONPATH=/tmp/old python benchmarks/bench_vs_peft.py --device cuda --sections rows --tag old  # A/B, see docs
 
-Sections: train (floor, PEFT default and bf16 adapters, surgery; dropout 0.05 and 0), compile (surgery under
+Sections: train (floor, PEFT default and bf16 adapters, surgery; dropout 0.05 and 0), dora (the same rows for DoRA:
+PEFT's `use_dora` against surgery's `dora` method, same r, alpha, dropout and sites), compile (surgery under
 torch.compile), fwd (inference forward), mixed (8 adapters in one batch), attach (7B-shaped attach on meta; on CUDA
 merge of real 7B weights), profile (kernel counts and time by kind, host issue time), accuracy (bf16 logits against
 float32), rows (the floor and surgery's two rows alone, for an A/B of two versions).
@@ -31,7 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import surgery
 
-SECTIONS = ["train", "compile", "fwd", "mixed", "attach", "profile", "accuracy", "rows"]
+SECTIONS = ["train", "dora", "compile", "fwd", "mixed", "attach", "profile", "accuracy", "rows"]
 
 
 class Bench(harness.Workload):
@@ -76,6 +77,16 @@ class Bench(harness.Workload):
                 self.measure_train(f"peft_default_drop{p}", lambda p=p: self.peft(p, autocast=True))
                 self.measure_train(f"peft_bf16_drop{p}", lambda p=p: self.peft(p, autocast=False))
                 self.measure_train(f"surgery_drop{p}", lambda p=p: self.ours(p))
+
+    def section_dora(self) -> None:
+        """DoRA training steps (every linear but the head, r 16, alpha 32), PEFT's and surgery's, beside the floor."""
+        for _ in range(self.repeat):
+            if "floor" not in self.results.get("train", {}):
+                self.floor()
+            for p in (0.05, 0.0):
+                self.measure_train(f"peft_dora_default_drop{p}", lambda p=p: self.peft(p, autocast=True, use_dora=True))
+                self.measure_train(f"peft_dora_bf16_drop{p}", lambda p=p: self.peft(p, autocast=False, use_dora=True))
+                self.measure_train(f"surgery_dora_drop{p}", lambda p=p: self.ours(p, method="dora"))
 
     def section_compile(self) -> None:
         for p in (0.05, 0.0):
@@ -326,6 +337,9 @@ def ratios(r: dict) -> list[tuple[str, float | None, str]]:
         rows.append((f"train drop {p}: surgery / PEFT bf16 adapters", ratio(f"surgery_drop{p}", f"peft_bf16_drop{p}"), "< 1"))
         rows.append((f"train drop {p}: peak memory surgery / floor", ratio(f"surgery_drop{p}", "floor", "peak_gib"), "<= 1.15"))
         rows.append((f"train drop {p}: compiled surgery / floor", ratio(f"surgery_compiled_drop{p}", "floor"), "<= 1.10"))
+        rows.append((f"DoRA train drop {p}: surgery / PEFT default", ratio(f"surgery_dora_drop{p}", f"peft_dora_default_drop{p}"), "<= 1"))
+        rows.append((f"DoRA train drop {p}: surgery / PEFT bf16 adapters", ratio(f"surgery_dora_drop{p}", f"peft_dora_bf16_drop{p}"), "<= 1"))
+        rows.append((f"DoRA train drop {p}: peak memory surgery / PEFT bf16 adapters", ratio(f"surgery_dora_drop{p}", f"peft_dora_bf16_drop{p}", "peak_gib"), "<= 1"))
     f = r.get("fwd_ms", {})
     if f:
         rows.append(("forward: surgery unmerged / base", round(f["surgery_unmerged"] / f["base"], 3), "<= 1.05"))
@@ -348,7 +362,7 @@ def ratios(r: dict) -> list[tuple[str, float | None, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--sections", nargs="*", default=["train", "fwd", "mixed", "attach"], choices=SECTIONS)
+    parser.add_argument("--sections", nargs="*", default=["train", "dora", "fwd", "mixed", "attach"], choices=SECTIONS)
     parser.add_argument("--repeat", type=int, default=1, help="measure each training row this many times")
     parser.add_argument("--tag", default="surgery", help="the rows section's label (e.g. old / new in an A/B)")
     parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/bench_vs_peft-<device>.json)")

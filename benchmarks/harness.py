@@ -134,11 +134,12 @@ def meta_llama(config: dict) -> LlamaForCausalLM:
 
 
 def lora_rules(targets: list[str] | None = None, r: int = 16, dropout: float = 0.0,
-               exclude_roles: tuple[str, ...] = ("lm_head",)) -> surgery.RuleSet:
-    """LoRA (alpha 2r) on the sites of `targets` (roles), or on every linear; the head excluded."""
+               exclude_roles: tuple[str, ...] = ("lm_head",), method: str = "lora") -> surgery.RuleSet:
+    """LoRA (alpha 2r; or `method` "dora" with the same params) on the sites of `targets` (roles), or on every
+    linear; the head excluded."""
     select = surgery.Selector(roles=targets) if targets else surgery.Selector(kinds=["linear"])
     return surgery.RuleSet(name="bench", rules=[surgery.Rule(
-        select=select, exclude=surgery.Selector(roles=list(exclude_roles)), method="lora",
+        select=select, exclude=surgery.Selector(roles=list(exclude_roles)), method=method,
         params={"r": r, "alpha": 2 * r, "dropout": dropout})])
 
 
@@ -179,18 +180,21 @@ class Workload:
     def base(self, **overrides) -> LlamaForCausalLM:
         return llama({**self.shape["config"], **overrides}, self.device, self.shape["dtype"])
 
-    def ours(self, dropout: float, r: int = 16, targets=None, name: str = "a", model=None):
-        """surgery's LoRA (r, alpha 2r) on every linear but the head, or on `targets` (roles)."""
+    def ours(self, dropout: float, r: int = 16, targets=None, name: str = "a", model=None, method: str = "lora"):
+        """surgery's LoRA (r, alpha 2r; or DoRA, `method="dora"`) on every linear but the head, or on `targets`
+        (roles)."""
         model = model or self.base()
-        surgery.attach(model, lora_rules(targets, r, dropout), name=name)
+        surgery.attach(model, lora_rules(targets, r, dropout, method=method), name=name)
         return model
 
-    def peft(self, dropout: float, autocast: bool, r: int = 16, targets="all-linear", model=None):
-        """HF PEFT's LoRA of the same shape; `autocast=True` is PEFT's default (fp32 adapters on a bf16 model)."""
+    def peft(self, dropout: float, autocast: bool, r: int = 16, targets="all-linear", model=None,
+             use_dora: bool = False):
+        """HF PEFT's LoRA (or DoRA) of the same shape; `autocast=True` is PEFT's default (fp32 adapters on a bf16
+        model)."""
         from peft import LoraConfig, get_peft_model
 
         return get_peft_model(model or self.base(), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
-                                                               target_modules=targets),
+                                                               target_modules=targets, use_dora=use_dora),
                               autocast_adapter_dtype=autocast)
 
     # steps
@@ -291,8 +295,8 @@ def write_results(name: str, device: str, results: dict, out: str | Path | None 
 
 def lora_internals() -> SimpleNamespace:
     """LoRA's private modules: the kernels, the fused and shared autograd paths, and the merged-weight switch."""
-    from surgery_plugins import lora_fused, lora_kernels, lora_merged_weight, lora_shared  # internal: path may move
-    return SimpleNamespace(fused=lora_fused, kernels=lora_kernels, merged_weight=lora_merged_weight, shared=lora_shared)
+    from surgery_plugins.lora import fused, kernels, merged_weight, shared, tiles  # internal: path may move
+    return SimpleNamespace(fused=fused, kernels=kernels, merged_weight=merged_weight, shared=shared, tiles=tiles)
 
 
 def analysis_cache() -> dict:

@@ -1,5 +1,6 @@
 """`copy`: train a full copy of a module in place of the frozen original (HF PEFT's `modules_to_save`, e.g. a
-classification head). The original stays untouched; detach brings it back."""
+classification head). The original stays untouched; detach and unmerge bring it back. Merging an attachment keeps
+the copy running (it has no weight edit); bake puts the copy in the original's place."""
 from __future__ import annotations
 
 import copy
@@ -19,6 +20,7 @@ class ModuleCopy(Branch):
     """A trainable deep copy of the base module, called instead of it."""
 
     replaces_base = True
+    kept_when_merged = True
 
     def __init__(self, base: nn.Module):
         super().__init__()
@@ -27,6 +29,9 @@ class ModuleCopy(Branch):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
+
+    def baked_module(self) -> nn.Module:
+        return self.module
 
 
 class Copy(Method):

@@ -252,12 +252,12 @@ class InputHook:
             return None
         call = _Call(self.signature, args, kwargs)
         mask, positions = call.get("attention_mask"), call.get("position_ids")
-        if mask is not None:
-            call.set("attention_mask", _ones_before(mask, n, branch.site))
         cache = next((c for c in map(call.get, CACHE_NAMES) if c is not None), None)
-        if getattr(cache, "is_compileable", False):
+        if getattr(cache, "is_compileable", False):  # before the mask: transformers < 5.14 pass it 4-D with these
             raise SurgeryError(f"prompt at site {branch.site!r}: static (compileable) caches are sized and masked for "
                                "the real tokens only; use a dynamic cache with virtual tokens")
+        if mask is not None:
+            call.set("attention_mask", _ones_before(mask, n, branch.site))
         if _cached(cache):  # continuing a cache that holds the virtual tokens already
             if positions is not None:
                 call.set("position_ids", positions + n)

@@ -52,8 +52,11 @@ from surgery.errors import (
 from surgery.io.adapter_files import fill_branches, read_tensors
 from surgery.io.atomic import write_directory
 from surgery.io.bounded import SafetensorsHeader, TensorInfo, read_json, read_safetensors_header
+from surgery.io.manifest import with_manifest
+from surgery.io.model_card import with_model_card
 from surgery.rules.patterns import Pattern
 from surgery.rules.schema import RuleSet, parse_ruleset
+from surgery.rules.tasks import task_of
 
 
 def attachments(model: nn.Module) -> dict[str, Attachment]:
@@ -66,6 +69,14 @@ def attachments(model: nn.Module) -> dict[str, Attachment]:
 def attachment(model: nn.Module, name: str) -> Attachment:
     """The attachment `name` on `model` (its plan, and its branches by site path); `LedgerError` if there is none."""
     return require_ledger(unwrap(model)).get(name)
+
+
+def weight_format(module: nn.Module) -> WeightFormat | None:
+    """The weight format that reads `module`'s weight (the first installed one that `matches` it, as the analysis
+    and merges pick it), or None. `weight_format(m).dense(m)` is its weight as dense [out, in]: a detached live
+    view for float layers, a dequantized copy for quantized ones. For methods whose forward reads the base weight
+    (DoRA's weight norm)."""
+    return manager().format_of(module)
 
 
 def peft_mappings() -> dict[str, PeftMapping]:
@@ -84,13 +95,13 @@ __all__ = [
     # sites: what the analysis found, and the vocabulary of roles and kinds
     "Site", "AttentionInfo", "ROLES", "KINDS", "Report", "inspect",
     # formats: weight formats (quantized layers) and adapter file formats
-    "WeightFormat", "TraceStandIn", "AdapterFormat", "read_tensors", "fill_branches", "write_directory",
+    "WeightFormat", "weight_format", "TraceStandIn", "AdapterFormat", "read_tensors", "fill_branches", "write_directory",
     "read_json", "read_safetensors_header", "SafetensorsHeader", "TensorInfo", "Pattern",
-    "PeftMapping", "peft_mappings",
+    "with_manifest", "with_model_card", "PeftMapping", "peft_mappings",
     # what is attached
     "Attachment", "attachments", "attachment", "base_module",
     # rule sets
-    "RuleSet", "parse_ruleset",
+    "RuleSet", "parse_ruleset", "task_of",
     # errors
     "SurgeryError", "SiteError", "NotMergeableError", "PluginError", "RuleFileError", "LedgerError", "AdapterFileError",
     "MismatchError", "PatternError",

@@ -41,9 +41,14 @@ def config(arch: str, **overrides: Any):
     return getattr(transformers, config_class)(**{**_COMMON, **values, **overrides})
 
 
-def build(arch: str, attn: str = "sdpa", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
-    """A tiny `arch` model with random weights (seeded), in eval mode."""
+def supports_sdpa(arch: str) -> bool:
+    """Whether the installed transformers has an sdpa attention for `arch` (T5's came in transformers 5.15)."""
+    return bool(getattr(transformers, _entry(arch)[1])._supports_sdpa)
+
+
+def build(arch: str, attn: str | None = None, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
+    """A tiny `arch` model with random weights (seeded), in eval mode; `attn` defaults to sdpa where it exists."""
     cfg = config(arch, **overrides)
-    cfg._attn_implementation = attn
+    cfg._attn_implementation = attn or ("sdpa" if supports_sdpa(arch) else "eager")
     torch.manual_seed(seed)
     return getattr(transformers, _entry(arch)[1])(cfg).to(dtype).eval()

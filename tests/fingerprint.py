@@ -44,7 +44,7 @@ def ledger_summary(model: nn.Module) -> Any:
     ledger = model.__dict__.get(LEDGER_ATTRIBUTE)
     if ledger is None:
         return None
-    hosts = {path: (list(h.branches), h.running, h.routing, id(h.base), id(h)) for path, h in ledger.hosts.items()}
+    hosts = {path: (list(h.branches), h.running, h.routing, id(getattr(h, "base", None)), id(h)) for path, h in ledger.hosts.items()}
     attachments = {n: (a.merged is not None, a.exact, len(a.undo), list(a.branches)) for n, a in ledger.attachments.items()}
     return (id(ledger), list(ledger.attachments), list(ledger.active), list(ledger.merge_order), ledger.disabled,
             ledger.routing, attachments, hosts)

@@ -29,7 +29,7 @@ def test_save_load_roundtrip(tmp_path):
     x = ids()
     expected = logits(model, x)
     surgery.save(model, tmp_path / "ad", name="a")
-    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == [TENSORS, CONFIG]
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["README.md", TENSORS, CONFIG]  # + the model card
     config = json.loads((tmp_path / "ad" / CONFIG).read_text())
     assert config["name"] == "a" and config["ruleset"]["name"] == "lora-qv"
     assert config["fingerprint"]["model_class"].endswith("GPT2LMHeadModel")
@@ -190,15 +190,15 @@ def test_peft_modules_to_save_and_embeddings(tmp_path):
 
 def test_peft_options_that_cannot_be_mapped_are_refused(tmp_path):
     base = tiny.build("llama")
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    peft_model.save_pretrained(tmp_path / "dora")
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True))
+    peft_model.save_pretrained(tmp_path / "bias")
     before = snapshot(base)
-    with pytest.raises(AdapterFileError, match="cannot map: use_dora=True"):
-        surgery.load(base, tmp_path / "dora")
+    with pytest.raises(AdapterFileError, match="cannot map: lora_bias=True"):  # DoRA (use_dora) maps: test_dora.py
+        surgery.load(base, tmp_path / "bias")
     assert_bit_identical(base, before)
     (tmp_path / "pickled").mkdir()
-    cfg = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
-    cfg["use_dora"] = False
+    cfg = json.loads((tmp_path / "bias" / "adapter_config.json").read_text())
+    cfg["lora_bias"] = False
     (tmp_path / "pickled" / "adapter_config.json").write_text(json.dumps(cfg))
     (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"\x80\x04not really")
     with pytest.raises(AdapterFileError, match="pickle files are never loaded"):

@@ -174,7 +174,7 @@ def test_merge_gives_the_adapted_models_logits(capsys, tmp_path, llama_dir, rand
     surgery.save(adapted, tmp_path / "adapter", name="task")
     code, out, err = run(capsys, "merge", str(llama_dir), str(tmp_path / "adapter"), "--out", str(tmp_path / "merged"))
     assert code == 0, err
-    assert "4/4" in err  # the progress bar went to stderr
+    assert "merging" not in err  # progress bars are drawn on a terminal only (tests/test_progress.py)
     assert "merged adapter 'task' (lora on 4 sites)" in out
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in k for k in merged.state_dict())

@@ -85,6 +85,8 @@ def test_the_zero_gate_starts_the_model_unchanged_and_merge_is_refused():
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "bert", "t5"])
 def test_other_architectures_through_the_attention_interface(arch):
+    if arch == "t5" and not tiny.supports_sdpa("t5"):
+        pytest.skip("T5's attention goes through transformers' attention interface from transformers 5.15 on")
     model, x = tiny.build(arch), ids()
     before = snapshot(model)
     with torch.no_grad():

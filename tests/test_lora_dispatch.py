@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import surgery
+import surgery.plugin
 from surgery import tiny
 from surgery_plugins.lora import dispatch, formula, kernels, routes
 from surgery_plugins.lora.dispatch import (
@@ -360,3 +361,37 @@ def test_plain_sliced_and_embedding_forms_equal_the_formula():
     i = ids(batch=2, seq=4, vocab=11)
     want = emb(i) + torch.stack([branch.lora_A.T[k] for k in i.flatten()]).view(2, 4, R) @ branch.lora_B.T * (2.0 / R)
     torch.testing.assert_close(branch.adapt_output((i,), {}, emb(i)), want, rtol=1e-12, atol=1e-12)
+
+
+
+def test_under_autocast_lora_takes_the_plain_path_and_matches_peft():
+    """HF Trainer's and TRL's `bf16` run the model under autocast: LoRA then computes by the plain ops (whose casts
+    autocast applies) and gives HF PEFT's loss and adapter gradients under the same autocast."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny.build("llama", seed=0)
+    theirs = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    surgery.attach(model, "lora-qv", name="a")
+    peft_params = dict(theirs.named_parameters())
+    pairs = {}  # our parameter -> PEFT's
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            path, key = name.split(".branches.a.")
+            pairs[name] = (p, peft_params[f"base_model.model.{path}.{key}.default.weight"])
+    g = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():  # the same non-zero pairs in both
+        for p, q in pairs.values():
+            q.copy_(p.copy_(torch.randn(p.shape, generator=g) * 0.1))
+    x = ids(batch=2, seq=8)
+    branch = next(iter(surgery.plugin.attachment(model, "a").branches.values()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert choose(branch, None, torch.ones(2, 4)).kind == PLAIN
+        loss = model(input_ids=x, labels=x).loss
+        expected = theirs(input_ids=x, labels=x).loss
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-2)
+    for name, (p, q) in pairs.items():
+        torch.testing.assert_close(p.grad, q.grad, rtol=5e-2, atol=5e-3, msg=name)

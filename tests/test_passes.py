@@ -60,11 +60,36 @@ def test_unmerge_is_bit_exact_in_bf16(randomize_lora):
     merged_q = model.model.layers[0].self_attn.q_proj.base.weight
     assert not torch.equal(merged_q, before["model.layers.0.self_attn.q_proj.weight"])
     records = [m.record for m in model._surgery_ledger.attachments["a"].merged]
-    # bf16 rounding makes (w + d) - d differ from w in places: the ledger keeps exactly those entries
-    assert sum(r.fix_index.numel() for r in records) > 0
+    # bf16 rounding makes (w + d) - d differ from w in places: the ledger keeps exactly those entries, or the
+    # whole original weight where that is smaller (most entries differ)
+    assert sum(r.fix_index.numel() if r.saved is None else r.saved["weight"].numel() for r in records) > 0
     surgery.unmerge(model, "a")
     surgery.detach(model, "a")
     assert_bit_identical(model, before)
+
+
+def test_an_exact_undo_compares_bytes_and_keeps_the_whole_weight_where_that_is_smaller():
+    from surgery.core.registry import manager
+    from surgery.engine.weight_edits import apply_edit, revert_edit
+
+    linear = torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        linear.weight.mul_(1e-3)
+        linear.weight[0, :2] = -0.0
+    before = linear.weight.detach().clone()
+    fmt = manager().format_of(linear)
+    shift = torch.zeros(8, 16)
+    shift[0, :2] = 1.0  # (-0.0 + 1) - 1 is +0.0: equal as numbers, not as bytes
+    edit = surgery.WeightEdit(apply=lambda w: w + shift, revert=lambda w: w - shift)
+    record = apply_edit(fmt, linear, edit)
+    assert record.fix_index.tolist() == [0, 1] and record.saved is None
+    revert_edit(fmt, linear, edit, record)
+    assert torch.equal(linear.weight.detach().view(torch.int32), before.view(torch.int32))
+    edit = surgery.WeightEdit(apply=lambda w: w + 0.3, revert=lambda w: w - 0.3)  # few entries round back
+    record = apply_edit(fmt, linear, edit)
+    assert record.saved is not None and record.fix_index is None
+    revert_edit(fmt, linear, edit, record)
+    assert torch.equal(linear.weight.detach().view(torch.int32), before.view(torch.int32))
 
 
 def test_two_attachments_merged_out_of_order_restore_exactly(randomize_lora):

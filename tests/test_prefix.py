@@ -17,6 +17,10 @@ from surgery_plugins.prefix import freeze_reparam
 from tests.conftest import assert_bit_identical, ids, snapshot
 from tests.custom_models import TinyGLM
 
+# before transformers 5.15, T5's attention had no sdpa and did not go through the attention interface
+# (q, k, v): prefix methods refuse it (SurgeryError), so their T5 tests run from 5.15 on
+OLD_T5 = not tiny.supports_sdpa("t5")
+
 
 def prefix_rules(method: str = "p-tuning-v2", n: int = 5, paths: list[str] | None = None, **params) -> surgery.RuleSet:
     select = surgery.Selector(kinds=["attention"], paths=paths)
@@ -92,6 +96,8 @@ def test_prefix_matches_peft(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
 def test_generate_with_and_without_cache_beam_and_padding(arch):
+    if arch == "t5" and OLD_T5:
+        pytest.skip("T5 of transformers < 5.15")
     model = tiny.build(arch)
     x = ids(2, 6)
     greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -120,6 +126,8 @@ def test_generate_with_and_without_cache_beam_and_padding(arch):
 def test_sdpa_and_eager_agree_with_a_prefix(arch):
     """Encoder self-attention (bidirectional, padding mask), T5's decoder self- and cross-attention and its
     position bias: the sdpa and eager paths widen their masks alike."""
+    if arch == "t5" and OLD_T5:
+        pytest.skip("T5 of transformers < 5.15")
     outs = []
     x = ids(2, 6)
     mask = torch.ones_like(x)

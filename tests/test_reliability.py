@@ -396,3 +396,111 @@ def test_detaching_a_deep_copy_leaves_the_original_alone(rules):
     assert torch.equal(logits(model, x), adapted)
     if rules == "lora-attention":
         assert model.model.layers[0].self_attn.q_proj.branches["a"].shared is not None
+
+
+# ---- the guarantees for what main added: parameter sites, plain save_pretrained, task-head copies on bake --------
+
+def _Once(real, k: int):
+    """`real` (a method), but raising at its k-th call (once)."""
+    calls = []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == k:
+            raise RuntimeError(f"injected at call {k}")
+        return real(*args, **kwargs)
+
+    return step
+
+
+EXPERT_RULES = surgery.RuleSet(name="experts", rules=[surgery.Rule(
+    select=surgery.Selector(kinds=["experts"]), method="lora", params={"r": 2, "alpha": 4})])
+
+
+@pytest.mark.parametrize("at", [1, 2])
+def test_a_failing_attach_on_expert_parameters_rolls_the_parametrizations_back(monkeypatch, at):
+    from surgery.engine.host import ParameterHost
+    from tests import zoo
+
+    torch.manual_seed(0)
+    model = zoo.build("mixtral")
+    before = fingerprint(model)
+    monkeypatch.setattr(ParameterHost, "add", _Once(ParameterHost.add, at))
+    with pytest.raises(RuntimeError, match="injected"):
+        surgery.attach(model, EXPERT_RULES, name="a")
+    monkeypatch.undo()
+    assert_unchanged(model, before)
+    surgery.attach(model, EXPERT_RULES, name="a")
+    surgery.detach(model, "a")
+    assert_unchanged(model, before)
+
+
+def test_a_failing_detach_on_expert_parameters_puts_the_same_parametrizations_back(monkeypatch):
+    from surgery.engine.host import ParameterHost
+    from tests import zoo
+
+    torch.manual_seed(0)
+    model = zoo.build("mixtral")
+    original = fingerprint(model)
+    surgery.attach(model, EXPERT_RULES, name="a")
+    randomize(model)
+    x = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x).logits
+    before = fingerprint(model)
+    monkeypatch.setattr(ParameterHost, "remove", _Once(ParameterHost.remove, 2))
+    with pytest.raises(RuntimeError, match="injected"):
+        surgery.detach(model, "a")
+    monkeypatch.undo()
+    assert_unchanged(model, before)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, expected)
+    surgery.merge(model, "a")
+    surgery.unmerge(model, "a")
+    surgery.detach(model, "a")
+    assert_unchanged(model, original)
+
+
+def test_a_failing_detach_puts_the_plain_save_pretrained_back(monkeypatch, tmp_path):
+    from surgery.engine.plain_save import PlainSave
+
+    model = tiny.build("llama")
+    surgery.attach(model, "lora-qv", name="a")
+    assert isinstance(model.__dict__.get("save_pretrained"), PlainSave)
+    before = fingerprint(model)
+    monkeypatch.setattr(surgery.engine.ledger.Ledger, "refresh", _Once(surgery.engine.ledger.Ledger.refresh, 1))
+    with pytest.raises(RuntimeError, match="injected"):
+        surgery.detach(model, "a")
+    monkeypatch.undo()
+    assert_unchanged(model, before)
+    assert isinstance(model.__dict__.get("save_pretrained"), PlainSave)
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "adapters" / "a" / "surgery_adapter.json").is_file()
+    surgery.detach(model, "a")
+    assert "save_pretrained" not in model.__dict__
+
+
+def test_a_failing_bake_leaves_the_task_head_copy_as_it_was(monkeypatch):
+    from surgery.engine import copies
+
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(tiny.config("bert", num_labels=3, pad_token_id=0)).eval()
+    surgery.attach(model, "lora-qv", name="a", task="sequence-classification")
+    randomize(model)
+    before = fingerprint(model)
+    real = copies.put_in_place
+
+    def fails_after(ledger, found, journal=None):
+        real(ledger, found, journal)
+        raise RuntimeError("injected after the copy was put in place")
+
+    monkeypatch.setattr(surgery.engine.passes, "put_in_place", fails_after)
+    with pytest.raises(RuntimeError, match="injected"):
+        surgery.bake(model, "a")
+    monkeypatch.undo()
+    assert_unchanged(model, before)
+    head = model.classifier.branches["a"].module
+    surgery.bake(model, "a")
+    assert model.classifier is head and not hasattr(model, "_surgery_ledger")

@@ -65,8 +65,9 @@ def test_save_leaves_the_rest_of_the_directory_alone(tmp_path, monkeypatch):
     assert (directory / "train.log").read_text() == "before\nafter\n"
     assert directory.stat().st_ino == inode and stat.S_IMODE(directory.stat().st_mode) == 0o755
     assert sorted(p.name for p in tmp_path.iterdir()) == parent  # no staging beside it
-    assert sorted(p.name for p in directory.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "notes",
-                                                           "surgery_adapter.json", "train.log"]
+    assert sorted(p.name for p in directory.iterdir()) == ["README.md", "adapter_config.json",
+                                                           "adapter_model.safetensors", "notes", "surgery_adapter.json",
+                                                           "surgery_manifest.json", "train.log"]
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE((directory / "surgery_adapter.json").stat().st_mode) == 0o666 & ~umask
@@ -91,7 +92,7 @@ def test_a_save_cut_between_its_renames_is_refused_clearly_on_load(tmp_path, mon
     with pytest.raises(AdapterFileError, match="No space left on device"):
         surgery.save(model, directory, name="a")
     monkeypatch.undo()
-    assert sorted(p.name for p in directory.iterdir()) == ["adapter_model.safetensors", "surgery_adapter.json"]
+    assert sorted(p.name for p in directory.iterdir()) == ["README.md", "adapter_model.safetensors", "surgery_adapter.json"]
     with pytest.raises(AdapterFileError, match="do not match the SHA-256"):
         surgery.load(tiny.build("llama"), directory)
     surgery.save(model, directory, name="a")
@@ -136,4 +137,4 @@ def test_two_processes_saving_to_one_directory_leave_a_loadable_adapter(tmp_path
     surgery.load(model, directory)
     values = {float(p.detach().flatten()[0]) for p in model.parameters() if p.requires_grad}
     assert values in ({0.25}, {0.5})  # one save's files, never a mix
-    assert sorted(p.name for p in directory.iterdir()) == ["adapter_model.safetensors", "surgery_adapter.json"]
+    assert sorted(p.name for p in directory.iterdir()) == ["README.md", "adapter_model.safetensors", "surgery_adapter.json"]

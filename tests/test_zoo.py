@@ -21,6 +21,7 @@ SUBSET = [
     "xglm", "gpt_oss", "prophetnet",  # eager score chains: clamp, sinks, einsum
     "vit", "clip", "whisper", "wav2vec2", "llava", "blip-2", "granitemoe",  # inputs surgery makes
     "deepseek_v3", "qwen3_next", "mixtral", "fsmt",  # latent and gated attention, MoE, a decoder mask needed
+    "siglip",  # nn.MultiheadAttention (the pooling head: a learned query against the encoder's output)
 ]
 """Chosen for coverage of the readings; the whole zoo is behind SURGERY_ZOO=1."""
 

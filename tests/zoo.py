@@ -7,7 +7,9 @@ weights. `oracle(model, args, kwargs)` runs the model once for real and says, fo
 which output channels of which linear-like module reach its query, key and value operands: each linear-like
 module's output is cut from the graph before it (a new leaf), the attention's q, k, v are caught where they are
 used (`scaled_dot_product_attention`, or the matmul -> ... -> softmax -> matmul chain of eager attention), and
-one backward per operand reads the non-zero gradient channels. `compare(model, facts, seen)` puts surgery's
+one backward per operand reads the non-zero gradient channels. nn.MultiheadAttention reads its projections' weights
+itself: its `F.linear` calls on them are cut the same way (credited to `<mha>.in_proj_weight`, from the row the
+slice starts at), and its functional forward is let run op by op under the recording mode. `compare(model, facts, seen)` puts surgery's
 roles and slices beside it.
 
 Run the whole zoo with `SURGERY_ZOO=1 python -m pytest tests/test_zoo.py`, or `python tests/zoo.py > zoo.jsonl`
@@ -268,8 +270,10 @@ _PASS = frozenset({
 class _Catch(TorchFunctionMode):
     """Records attention computations: SDPA calls, and eager score matmul -> ... -> softmax -> ... -> matmul."""
 
-    def __init__(self) -> None:
+    def __init__(self, weights: dict[int, tuple[str, torch.Tensor]] | None = None) -> None:
         super().__init__()
+        self.weights = weights or {}  # storage pointer -> (path, parameter) of weights a module reads itself
+        self.cuts: list[tuple[str, torch.Tensor, int]] = []  # (parameter path, cut output, first channel)
         self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.scores: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # id(t) -> (q, k, t)
         self.probs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -278,6 +282,8 @@ class _Catch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func is torch.nn.functional.linear and self.weights and isinstance(out, torch.Tensor):
+            return self._cut(args, kwargs, out)
         if func is torch.nn.functional.scaled_dot_product_attention:
             q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")])[:3]
             self.calls.append((q, k, v))
@@ -309,6 +315,18 @@ class _Catch(TorchFunctionMode):
                     if isinstance(o, torch.Tensor):
                         self._track(table, o, src[:2])
         return out
+
+    def _cut(self, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
+        """F.linear by (a row slice of) a weight a module reads itself (nn.MultiheadAttention's in_proj_weight,
+        out_proj.weight): its output is cut like a linear module's, with the slice's first channel."""
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        found = self.weights.get(weight.untyped_storage().data_ptr()) if isinstance(weight, torch.Tensor) else None
+        if found is None or not out.is_floating_point():
+            return out
+        path, param = found
+        leaf = out.detach().requires_grad_(True)
+        self.cuts.append((path, leaf, (weight.storage_offset() - param.storage_offset()) // param.stride(0)))
+        return leaf.clone()
 
     def _track(self, table: dict, tensor: torch.Tensor, qk: tuple) -> None:
         table[id(tensor)] = (qk[0], qk[1], tensor)
@@ -358,29 +376,44 @@ def oracle(model: nn.Module, args: tuple, kwargs: dict) -> Seen:
     for name, module in model.named_modules():
         if _linear_like(module):
             handles.append(module.register_forward_hook(cut))
-    catch = _Catch()
+    weights = {}  # nn.MultiheadAttention reads its projections' weights itself: cut its F.linear calls on them
+    for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
+            for pname, param in (("in_proj_weight", module.in_proj_weight), ("out_proj.weight", module.out_proj.weight)):
+                weights[param.untyped_storage().data_ptr()] = (f"{name}.{pname}", param)
+    catch = _Catch(weights)
+    functional = torch.nn.functional
+    dispatches = functional.has_torch_function  # F.multi_head_attention_forward would reach the mode as one call
+
+    def opened(ops: Any) -> bool:  # ... so let it run its own ops (linear, sdpa, bmm, softmax) under the mode
+        return False if any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in weights
+                            for t in ops) else dispatches(ops)
+
+    functional.has_torch_function = opened
     try:
         with torch.enable_grad(), catch:
             model(*args, **kwargs)
     finally:
+        functional.has_torch_function = dispatches
         for h in handles:
             h.remove()
     seen = Seen()
     generator = torch.Generator().manual_seed(0)
+    cuts = [(p, t, 0) for p, t in paths] + catch.cuts
     for q, k, v in catch.calls:
         call: dict[str, dict[str, frozenset[int]]] = {}
         for role, operand in zip(QKV, (q, k, v)):
             by_path: dict[str, set[int]] = {}
             if isinstance(operand, torch.Tensor) and operand.requires_grad:
-                tensors = [t for _, t in paths]
+                tensors = [t for _, t, _ in cuts]
                 cot = torch.randn(operand.shape, generator=generator, dtype=operand.dtype)
                 grads = torch.autograd.grad(operand, tensors, cot, retain_graph=True, allow_unused=True)
-                for (path, _), grad in zip(paths, grads):
+                for (path, _, first), grad in zip(cuts, grads):
                     if grad is None:
                         continue
                     hit = grad.reshape(-1, grad.shape[-1]).abs().sum(0) != 0
                     if hit.any():
-                        by_path.setdefault(path, set()).update(hit.nonzero().flatten().tolist())
+                        by_path.setdefault(path, set()).update((hit.nonzero().flatten() + first).tolist())
             call[role] = {p: frozenset(c) for p, c in by_path.items()}
         seen.calls.append(call)
     return seen

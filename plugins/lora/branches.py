@@ -58,6 +58,8 @@ class LoraBranch(Branch):
         return formula.update(x, self.lora_A, self.lora_B, self.scale, self.dropout)
 
     def adapt_output(self, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
+        if isinstance(out, tuple):  # (output, scaling factor): I-BERT's QuantLinear
+            return (self.adapt_output(args, kwargs, out[0]), *out[1:])
         return formula.output(out, input_of(args, kwargs), self.lora_A, self.lora_B, self.scale, self.dropout,
                               self.channels)
 
@@ -80,7 +82,32 @@ class LoraBranch(Branch):
     def route_output(cls, state: tuple[torch.Tensor, torch.Tensor], group: torch.Tensor, args: tuple, kwargs: dict,
                      out: torch.Tensor) -> torch.Tensor:
         """Every sample's own LoRA in two batched matmuls, whatever the number of adapters."""
+        if isinstance(out, tuple):  # (output, scaling factor): I-BERT's QuantLinear
+            return (cls.route_output(state, group, args, kwargs, out[0]), *out[1:])
         return routes.output(state, group, input_of(args, kwargs), out)
+
+
+class WeightLoraBranch(Branch):
+    """LoRA in weight space, at a site whose path names a parameter: the module reads W + ΔW. Stacked MoE experts
+    (`experts` = E) get one pair per expert, A [E, r, in] and B [E, out, r] (formula.expert_weight); a linear weight
+    its module reads itself (nn.MultiheadAttention's) one pair A [r, in], B [out, r] (formula.linear_weight). With
+    `channels`, on those output channels only (a role of a fused gate_up or in_proj)."""
+
+    def __init__(self, experts: int | None, in_features: int, out_features: int, params: Any, dtype: torch.dtype,
+                 device: torch.device, channels: torch.Tensor | None = None):
+        super().__init__()
+        self.scale = params.scale
+        stack = () if experts is None else (experts,)
+        self.lora_A = nn.Parameter(torch.empty(*stack, params.r, in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(*stack, out_features, params.r, dtype=dtype, device=device))
+        self.register_buffer("channels", channels, persistent=False)
+        pairs = zip(self.lora_A, self.lora_B) if experts is not None else [(self.lora_A, self.lora_B)]
+        for a, b in pairs:  # each expert's pair as a linear's (PEFT: kaiming on in)
+            init_pair(a, b, params.init, params.r)
+        self._update = formula.expert_weight if experts is not None else formula.linear_weight
+
+    def adapt_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return self._update(weight, self.lora_A, self.lora_B, self.scale, self.channels)
 
 
 class SlicedLoraBranch(SlicedBranch):

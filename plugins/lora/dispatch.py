@@ -5,7 +5,8 @@ PLAIN is formula.py's formula; every other path is a faster way to the same numb
 Paths (`Path.kind`), what computes the call, and when:
 
 - PLAIN: `formula.output`, through the Host's `adapt_output`. When x is not a tensor; under torch.compile (which
-  fuses the plain composition itself); for a role's channels of a fused projection; at a base that is not exactly
+  fuses the plain composition itself); under autocast (whose casts apply to the plain ops, as HF Trainer's and
+  TRL's `bf16`/`fp16` use it); for a role's channels of a fused projection; at a base that is not exactly
   nn.Linear (Conv1D, quantized, embedding, a subclass); for x, W and A of different dtypes. (And wherever the
   branch is not alone at its site: the Host then does not ask.)
 - TAKEN: the output its group computed when the group's first member was called: for a group member called with
@@ -101,7 +102,7 @@ def choose(branch: Any, base: nn.Module | None, x: Any, groups: list | None = No
     A group member's pending output is taken (or, stale, dropped) here."""
     if groups is not None:
         return _GROUPS if any(b.channels is not None or rate(b) > 0 for b in groups) else _ROUTED
-    if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling():
+    if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return _PLAIN
     group = branch.shared
     if group is not None:

@@ -14,6 +14,16 @@ output channels only: y[..., c] += s · B(A(dropout(x))) for the channels c of t
 An embedding (table E [num, dim], ids i) gets A [r, num] and B [dim, r], both read by id:
 y = E[i] + s · A.T[i] @ B.T (`embedding_output`), and ΔW = s · B @ A in the dense [dim, num] view.
 
+Stacked MoE experts (one weight W [E, out, in], token t routed to expert e computing x_t @ W[e].T) get one pair
+per expert, A [E, r, in] and B [E, out, r], applied in weight space as HF PEFT's `target_parameters` does: the
+module reads W + ΔW with ΔW[e] = s · B[e] @ A[e] (`expert_weight`), so each token routed to e gets
+x_t @ W[e].T + s · B[e](A[e](x_t)). Dropout has no place in it (x is not seen). On a fused gate_up a role's pair
+covers that role's output channels (dimension 1) only.
+
+A linear weight that its module reads itself instead of calling a linear (nn.MultiheadAttention's in_proj_weight
+and out_proj.weight: sites of kind `weight`) gets the same pair applied the same way: the module reads W + ΔW
+(`linear_weight`), so y = x @ (W + s · B @ A).T + b, the plain formula without dropout.
+
 Per-sample routing and combination use the pair with the scale folded into B: s · B (`folded_b`).
 
 The scale is `scale(...)`, kept by each branch as `branch.scale`. In plain torch it is applied here and nowhere
@@ -78,3 +88,21 @@ def embedding_output(out: torch.Tensor, ids: torch.Tensor, a: torch.Tensor, b: t
     """The embedding `out` of `ids` plus s · A.T[ids] @ B.T, in out's dtype."""
     after_a = F.embedding(ids, a.T, padding_idx=padding_idx)
     return out + (after_a @ b.T * s).to(out.dtype)
+
+
+def linear_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
+                  channels: torch.Tensor | None = None) -> torch.Tensor:
+    """W + ΔW for a linear weight W [out, in] that its module reads itself (nn.MultiheadAttention's in_proj), on
+    every output channel or on `channels` only (a new tensor, in W's dtype): merged LoRA, applied on each read."""
+    if channels is None:
+        return torch.addmm(weight, b.to(weight.dtype), a.to(weight.dtype), alpha=s)
+    return weight.index_add(0, channels, delta_weight(a, b, s).to(weight.dtype))
+
+
+def expert_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float,
+                  channels: torch.Tensor | None = None) -> torch.Tensor:
+    """W + ΔW for stacked experts, W [E, out, in], A [E, r, in], B [E, out, r]: ΔW[e] = s · B[e] @ A[e], added to
+    every output channel or to `channels` only (a new tensor, in W's dtype)."""
+    if channels is None:
+        return torch.baddbmm(weight, b.to(weight.dtype), a.to(weight.dtype), alpha=s)
+    return weight.index_add(1, channels, (torch.bmm(b, a) * s).to(weight.dtype))

@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from surgery_plugins.lora import tiles
 from surgery_plugins.lora.triton_launch import Launch
 
 try:
@@ -33,15 +34,11 @@ except ImportError:  # no Triton (CPU-only torch): the dispatch takes the plain-
 AVAILABLE = triton is not None
 MAX_RANK = 128  # the largest LoRA rank the kernels take (tl.dot tiles of the padded rank)
 MAX_GROUP = 3  # members per launch (backward, merged weights); larger groups take several launches
-# Tile sizes and launch shapes, chosen by benchmarks/lora_kernel_configs.py on an H100 (the fastest summed over
-# one decoder layer's calls). "waves": programs per multiprocessor that the backward kernel's row ranges are
-# cut to.
-CONFIGS = {
-    "down": {"BM": 64, "BK": 128, "num_warps": 4, "num_stages": 3},
-    "grads": {"BM": 32, "BK": 128, "num_warps": 4, "num_stages": 3, "waves": 8},
-    "merged": {"BM": 64, "BN": 64, "num_warps": 4},
-    "up": {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3},
-}
+# Default tile sizes and launch shapes (the H100's fastest at rank 16), taken where no tuning runs; on a GPU each
+# shape's tiles are timed once among tiles.CANDIDATES and kept. "waves": programs per multiprocessor that the
+# backward kernel's row ranges are cut to.
+CONFIGS = {**{kind: configs[0] for kind, configs in tiles.CANDIDATES.items()},
+           "merged": {"BM": 64, "BN": 64, "num_warps": 4}}
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -285,14 +282,35 @@ def dropped_down(x: torch.Tensor, a: torch.Tensor, members: int, p: float, seed:
     m, k = x.shape
     x, a = _last_contiguous(x), a.contiguous()
     h = x.new_empty(m, a.shape[0])
-    _down_launch(x.dtype, m, k, x.stride(0), members, a.shape[0] // members, p)(x, a, h, m, seed)
+    _down_launch(x.dtype, m, k, x.stride(0), members, a.shape[0] // members, p, x.device)(x, a, h, m, seed)
     return h
 
 
+def _config(kind: str, key: tuple, device: torch.device, trial) -> dict:
+    """The tiles of `kind` for a call of shape `key` on `device`: tuned there once (tiles.py), else the default."""
+    if not tiles.enabled(device):
+        return CONFIGS[kind]
+    return tiles.choose(kind, key, trial, tiles.cache_file(device))
+
+
+def _scratch(m: int, stride: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A random [m, cols] tensor with row stride `stride`, for timing a kernel on the shape of a call."""
+    return torch.randn(m, max(stride, cols), dtype=dtype, device=device)[:, :cols]
+
+
 @functools.lru_cache(maxsize=256)
-def _down_launch(dtype: torch.dtype, m: int, k: int, sx: int, members: int, r: int, p: float) -> Launch:
-    """`_down_kernel`'s launch for an [m, k] input with row stride sx, cached per shape."""
-    c = CONFIGS["down"]
+def _down_launch(dtype: torch.dtype, m: int, k: int, sx: int, members: int, r: int, p: float,
+                 device: torch.device) -> Launch:
+    """`_down_kernel`'s launch for an [m, k] input with row stride sx, its tiles chosen for the shape, cached."""
+    def trial(c: dict):
+        x, a = _scratch(m, sx, k, dtype, device), torch.randn(members * r, k, dtype=dtype, device=device)
+        h, launch = x.new_empty(m, members * r), _down_launch_with(c, dtype, m, k, sx, members, r, p)
+        return lambda: launch(x, a, h, m, 1)
+    c = _config("down", (dtype, m, k, sx, members, r, p), device, trial)
+    return _down_launch_with(c, dtype, m, k, sx, members, r, p)
+
+
+def _down_launch_with(c: dict, dtype: torch.dtype, m: int, k: int, sx: int, members: int, r: int, p: float) -> Launch:
     t16, scale = threshold(p)
     return Launch(_down_kernel, (members, _cdiv(m, c["BM"])), dict(
         SX=sx, SH=members * r, K=k, T16=t16, SCALE=scale, R=r, RP=_padded(r), BM=c["BM"], BK=c["BK"],
@@ -314,19 +332,42 @@ def input_grads(x: tuple[torch.Tensor, ...], dh: torch.Tensor, a: torch.Tensor, 
     launches, groups, rows_per_program = _grads_launches(first.dtype, m, k, first.device, x[0].stride(0), dh.stride(0),
                                                          dx.stride(0) if dx is not None else None, members, r, p,
                                                          len(x) == 2)
-    part = torch.empty(groups, members * r, k, dtype=torch.float64 if first.dtype == torch.float64 else torch.float32,
-                       device=first.device)
+    return _run_grads(launches, groups, rows_per_program, x, dh, a, dx, members, r, seed).sum(0)
+
+
+def _run_grads(launches: list[Launch], groups: int, rows_per_program: int, x: tuple[torch.Tensor, ...],
+               dh: torch.Tensor, a: torch.Tensor, dx: torch.Tensor | None, members: int, r: int,
+               seed: int) -> torch.Tensor:
+    """Runs `_grads_kernel`'s launches; returns the partial dA per row range [groups, members * r, k]."""
+    m, k = x[0].shape
+    part = torch.empty(groups, members * r, k, dtype=torch.float64 if x[0].dtype == torch.float64 else torch.float32,
+                       device=x[0].device)
     for lo, launch in zip(range(0, members, MAX_GROUP), launches):
         launch(x[0], x[-1], dh, a, dx if dx is not None else x[0], part[:, lo * r:] if lo else part, m,
                rows_per_program, seed)
-    return part.sum(0)
+    return part
 
 
 @functools.lru_cache(maxsize=256)
 def _grads_launches(dtype: torch.dtype, m: int, k: int, device: torch.device, sx: int, sdh: int, sdx: int | None,
                     members: int, r: int, p: float, product: bool) -> tuple[list[Launch], int, int]:
-    """`_grads_kernel`'s launches (one per MAX_GROUP members), row ranges and rows per range, cached per shape."""
-    c = CONFIGS["grads"]
+    """`_grads_kernel`'s launches (one per MAX_GROUP members), row ranges and rows per range, their tiles chosen
+    for the shape, cached."""
+    args = (dtype, m, k, device, sx, sdh, sdx, members, r, p, product)
+
+    def trial(c: dict):
+        x = tuple(_scratch(m, sx, k, dtype, device) for _ in range(2 if product else 1))
+        dh, a = _scratch(m, sdh, members * r, dtype, device), torch.randn(members * r, k, dtype=dtype, device=device)
+        dx = _scratch(m, sdx, k, dtype, device) if sdx is not None else None
+        launches, groups, rows = _grads_launches_with(c, *args)
+        return lambda: _run_grads(launches, groups, rows, x, dh, a, dx, members, r, 1)
+    c = _config("grads", (dtype, m, k, sx, sdh, sdx, members, r, p, product), device, trial)
+    return _grads_launches_with(c, *args)
+
+
+def _grads_launches_with(c: dict, dtype: torch.dtype, m: int, k: int, device: torch.device, sx: int, sdh: int,
+                         sdx: int | None, members: int, r: int, p: float,
+                         product: bool) -> tuple[list[Launch], int, int]:
     col_blocks, groups, rows_per_program = _grads_grid(m, k, device, c["BM"], c["BK"], c["waves"])
     t16, scale = threshold(p)
     launches = [Launch(_grads_kernel, (col_blocks, groups), dict(
@@ -353,20 +394,39 @@ def up_grads(dys: list[torch.Tensor], b_s: list[torch.Tensor], h: torch.Tensor, 
     h = _last_contiguous(h)
     m = h.shape[0]
     members = [(dy.shape[1], dy.stride(0), col, b.shape[1]) for dy, b, col in zip(dys, b_s, cols)]
-    launch, rows = _up_launch(h.dtype, m, h.stride(0), dh.stride(0), tuple(dh_scales), tuple(db_scales), *members)
-    part = torch.empty(launch.grid[0], rows, launch.constants["RP"],
-                       dtype=torch.float64 if h.dtype == torch.float64 else torch.float32, device=h.device)
-    launch(*_slots(dys, b_s), h, dh, part, m)
-    d_b = part.sum(0).to(h.dtype).split([b.shape[0] for b in b_s])
+    launch, rows = _up_launch(h.dtype, h.device, m, h.stride(0), dh.stride(0), tuple(dh_scales), tuple(db_scales),
+                              *members)
+    d_b = _run_up(launch, rows, dys, b_s, h, dh).sum(0).to(h.dtype).split([b.shape[0] for b in b_s])
     return [db if db.shape[1] == b.shape[1] else db[:, :b.shape[1]] for db, b in zip(d_b, b_s)]
 
 
+def _run_up(launch: Launch, rows: int, dys: list[torch.Tensor], b_s: list[torch.Tensor], h: torch.Tensor,
+            dh: torch.Tensor) -> torch.Tensor:
+    """Runs `_up_kernel`'s launch; returns the partial dB per row band [bands, rows, padded rank]."""
+    part = torch.empty(launch.grid[0], rows, launch.constants["RP"],
+                       dtype=torch.float64 if h.dtype == torch.float64 else torch.float32, device=h.device)
+    launch(*_slots(dys, b_s), h, dh, part, h.shape[0])
+    return part
+
+
 @functools.lru_cache(maxsize=256)
-def _up_launch(dtype: torch.dtype, m: int, sh: int, sdh: int, dh_scales: tuple[float, ...],
+def _up_launch(dtype: torch.dtype, device: torch.device, m: int, sh: int, sdh: int, dh_scales: tuple[float, ...],
                db_scales: tuple[float, ...], *members: tuple) -> tuple[Launch, int]:
-    """`_up_kernel`'s launch and partial-dB rows for members (out, row stride of dy, column of h, rank), cached like
-    `_merged_launch`."""
-    c = CONFIGS["up"]
+    """`_up_kernel`'s launch and partial-dB rows for members (out, row stride of dy, column of h, rank), its tiles
+    chosen for the shape, cached like `_merged_launch`."""
+    def trial(c: dict):
+        dys = [_scratch(m, sdy, out, dtype, device) for out, sdy, _, _ in members]
+        b_s = [torch.randn(out, r, dtype=dtype, device=device) for out, _, _, r in members]
+        width = max(col + r for _, _, col, r in members)
+        h, dh = _scratch(m, sh, width, dtype, device), _scratch(m, sdh, width, dtype, device)
+        launch, rows = _up_launch_with(c, dtype, m, sh, sdh, dh_scales, db_scales, *members)
+        return lambda: _run_up(launch, rows, dys, b_s, h, dh)
+    c = _config("up", (dtype, m, sh, sdh, *members), device, trial)
+    return _up_launch_with(c, dtype, m, sh, sdh, dh_scales, db_scales, *members)
+
+
+def _up_launch_with(c: dict, dtype: torch.dtype, m: int, sh: int, sdh: int, dh_scales: tuple[float, ...],
+                    db_scales: tuple[float, ...], *members: tuple) -> tuple[Launch, int]:
     consts = {"SH": sh, "SDH": sdh, "RP": _padded(max(r for *_, r in members)), "N": len(members), "BM": c["BM"],
               "BN": c["BN"], "ACC": _acc_dtype(dtype), "num_warps": c["num_warps"], "num_stages": c["num_stages"]}
     row = 0

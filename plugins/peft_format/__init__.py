@@ -2,9 +2,10 @@
 them (`peft.PeftModel.from_pretrained` loads the result with the same outputs).
 
 The format reads and writes the files (`adapter_config.json`, `adapter_model.safetensors`; never pickles) and
-`modules_to_save` (as `copy` placements). What a `peft_type` means is a mapping's business: one small module per
-type in this package, and any plugin may add one through the `surgery_peft_mappings` hook (the VeRA example
-package does).
+`modules_to_save` (as `copy` placements); what it writes carries a checksum manifest and a model card
+(`surgery.plugin.with_manifest`, `with_model_card`), and `surgery.load` checks the manifest where there is one.
+What a `peft_type` means is a mapping's business: one small module per type in this package, and any plugin may
+add one through the `surgery_peft_mappings` hook (the VeRA example package does).
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ from surgery.plugin import (
     peft_mappings,
     read_json,
     read_tensors,
+    task_of,
+    with_manifest,
+    with_model_card,
     write_directory,
 )
 from surgery_plugins.peft_format.adaption_prompt import AdaptionPromptMapping
@@ -120,20 +124,42 @@ class PeftFormat:
                 path = placement.site.path
                 copies.append(path)
                 tensors.update({f"{PREFIX}{path}.{k}": v for k, v in attachment.branches[path].module.state_dict().items()})
-        config = {"peft_type": types[0], "task_type": None,
+        config = {"peft_type": types[0], "task_type": task_of(attachment.plan.ruleset),
                   "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-                  **fields, **({"modules_to_save": copies} if copies else {}), "inference_mode": True}
+                  **fields, **({"modules_to_save": _whole_modules(model, copies)} if copies else {}),
+                  "inference_mode": True}
         blob = save_tensors({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, metadata={"format": "pt"})
-        return write_directory(directory, {TENSORS: blob, CONFIG: (json.dumps(config, indent=2) + "\n").encode()})
+        files = with_model_card(with_manifest({TENSORS: blob}), model, attachment, directory, "peft")
+        files[CONFIG] = (json.dumps(config, indent=2) + "\n").encode()  # renamed in last: the adapter's own files
+        return write_directory(directory, files)  # are all in place before a reader sees its config
+
+
+def _whole_modules(model: nn.Module, copies: list[str]) -> list[str]:
+    """`modules_to_save` for copied sites: where copies cover every parameter of their parent module (RoBERTa's
+    classifier.dense and classifier.out_proj), the parent, as PEFT names it (its SEQ_CLS adds `classifier` itself);
+    otherwise the sites. The tensor keys are the same either way."""
+    out: list[str] = []
+    for parent in dict.fromkeys(p.rpartition(".")[0] for p in copies):
+        kids = [p for p in copies if p.rpartition(".")[0] == parent]
+        names = [f"{parent}.{n}" for n, _ in model.get_submodule(parent).named_parameters()] if parent else []
+        whole = bool(names) and all(any(n.startswith(k + ".") for k in kids) for n in names)
+        out += [parent] if whole else kids
+    return out
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
 def _split_copies(config: dict[str, Any], tensors: dict[str, torch.Tensor],
                   paths: list[str]) -> tuple[list[str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The `modules_to_save` modules that the file holds tensors of (as `copy` placements), their branch tensors,
-    and the other tensors."""
+    """The sites in (or under) `modules_to_save` modules that the file holds tensors of (as `copy` placements),
+    their branch tensors, and the other tensors."""
     saved = config.get("modules_to_save") or []
     short = {k: unprefixed(k) for k in tensors}
-    copies = sorted({p for p in paths if matches_target(p, saved) and any(s.startswith(p + ".") for s in short.values())})
+    copies = sorted({p for p in paths if any(matches_target(a, saved) for a in _ancestors(p))
+                     and any(s.startswith(p + ".") for s in short.values())})
     copied, rest = {}, {}
     for key, tensor in tensors.items():
         owner = next((p for p in copies if short[key].startswith(p + ".")), None)

@@ -50,6 +50,7 @@ class PeftConfig(BaseModel):
     eps: float = Field(6e-5, ge=0.0)
     d_initial: float = 0.1
     use_rslora: bool = False
+    use_dora: bool = False
     fan_in_fan_out: bool = False
     coft: bool = False
     block_share: bool = False
@@ -65,6 +66,7 @@ class PeftConfig(BaseModel):
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
+    target_parameters: list[str] | None = None
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
 

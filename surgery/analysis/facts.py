@@ -25,6 +25,7 @@ from surgery.analysis.dataflow import (
 )
 from surgery.analysis.depth import Reduction, reduced_depth, sharing, structure
 from surgery.analysis.heads import lm_heads, poolers, task_heads, token_embeddings
+from surgery.analysis.mha import mha_stand_ins, parameter_paths, renamed
 from surgery.analysis.mlp import read_mlp, routers
 from surgery.analysis.probes import Slices
 from surgery.analysis.tracing import AnalysisTrace, canonical_names, export_for_analysis
@@ -222,15 +223,16 @@ def _analyze_uncached(model: nn.Module, args: tuple | None, kwargs: dict | None)
     reduction = Reduction({})
     failed = None
     try:
-        with reduced_depth(model) as reduction:
+        with reduced_depth(model) as reduction, mha_stand_ins(model) as mha:
             trace = export_for_analysis(model, args, kwargs)
-        return expand_facts(read_facts(trace), reduction, model)
+        return expand_facts(renamed(read_facts(trace), parameter_paths(mha)), reduction, model)
     except Exception as exc:
         if not reduction.groups:
             raise
         failed = getattr(exc, "tried", None)  # surgery's own inputs failed: at full depth, stop if alike
-    trace = export_for_analysis(model, args, kwargs, failed=failed)
-    return expand_facts(read_facts(trace), Reduction({}), model)
+    with mha_stand_ins(model) as mha:
+        trace = export_for_analysis(model, args, kwargs, failed=failed)
+    return expand_facts(renamed(read_facts(trace), parameter_paths(mha)), Reduction({}), model)
 
 
 def analyze(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> GraphFacts:

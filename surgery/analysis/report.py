@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from surgery.analysis.facts import analyze
+from surgery.analysis.facts import GraphFacts, analyze
+from surgery.core import progress
 from surgery.core.registry import manager
 from surgery.core.sites import Site
 from surgery.core.table import render
@@ -77,13 +78,38 @@ def _site_dtype(module: nn.Module, fmt, lin) -> torch.dtype | None:
     return _float_dtype(module)
 
 
+def _parameter_index(model: nn.Module, path: str) -> int | None:
+    """Where the parameter at `path` comes among its module's own parameters; None if `path` names no parameter."""
+    owner, _, name = path.rpartition(".")
+    try:
+        names = list(dict(model.get_submodule(owner).named_parameters(recurse=False)))
+    except AttributeError:
+        return None
+    return names.index(name) if name in names else None
+
+
 def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> Report:
     """Analyse `model` (never executing it) and return its sites."""
-    facts = analyze(model, args, kwargs)
+    with progress.task("analysing", unit="sites") as bar:
+        facts = analyze(model, args, kwargs)
+        bar.set_total(len(facts.linears) + len(facts.embeddings) + len(facts.experts) + len(facts.attention))
+        return _sites(model, facts, bar)
+
+
+def _sites(model: nn.Module, facts: GraphFacts, bar: progress.Task) -> Report:
     registry = manager()
     sites: list[Site] = []
     unknown: list[str] = []
+    weights: dict[str, int] = {}
     for path, lin in facts.linears.items():
+        bar.advance()
+        if _parameter_index(model, path) is not None:  # a weight its module reads itself (nn.MultiheadAttention)
+            owner = model.get_submodule(path.rpartition(".")[0])
+            weights[path] = _parameter_index(model, path)
+            sites.append(Site(path=path, kind="weight", module_class=_module_class(owner), in_features=lin.in_features,
+                              out_features=lin.out_features, dtype=model.get_parameter(path).dtype,
+                              roles=facts.roles.get(path, frozenset()), slices=facts.slices.get(path, {})))
+            continue
         module = model.get_submodule(path)
         fmt = registry.format_of(module)
         if fmt is None or fmt.kind == "embedding" or tuple(fmt.features(module)) != (lin.in_features, lin.out_features):
@@ -96,6 +122,7 @@ def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = 
                           format=fmt.name if fmt.kind == "quantized_linear" else None,
                           input_group=facts.input_groups.get(path)))
     for path, emb in facts.embeddings.items():
+        bar.advance()
         module = model.get_submodule(path)
         fmt = registry.format_of(module)
         if fmt is None or fmt.kind != "embedding":
@@ -103,17 +130,22 @@ def sites_of(model: nn.Module, args: tuple | None = None, kwargs: dict | None = 
         sites.append(Site(path=path, kind="embedding", module_class=_module_class(module), in_features=emb.num_embeddings,
                           out_features=emb.embedding_dim, dtype=_float_dtype(module), roles=facts.roles.get(path, frozenset())))
     for path, ex in facts.experts.items():  # stacked MoE experts: a site per parameter
+        bar.advance()
         module = model.get_submodule(ex.module)
         param = model.get_parameter(path)
         sites.append(Site(path=path, kind="experts", module_class=_module_class(module), in_features=ex.in_features,
                           out_features=ex.out_features, dtype=param.dtype, roles=facts.roles.get(path, frozenset()),
-                          slices=facts.slices.get(path, {}), num_experts=ex.num_experts))
+                          slices=facts.slices.get(path, {}), num_experts=ex.num_experts,
+                          transposed=ex.transposed))
     for path, info in facts.attention.items():
+        bar.advance()
         sites.append(Site(path=path, kind="attention", module_class=_module_class(model.get_submodule(path)), attention=info))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    for path, ex in facts.experts.items():  # a parameter sorts just after its module
-        order[path] = order.get(ex.module, len(order))
-    sites.sort(key=lambda s: (order.get(s.path, len(order)), s.kind, s.path))
+    within: dict[str, int] = {}
+    for path in [*facts.experts, *weights]:  # a parameter sorts just after its module, in registration order
+        order[path] = order.get(path.rpartition(".")[0], len(order))
+        within[path] = _parameter_index(model, path) + 1
+    sites.sort(key=lambda s: (order.get(s.path, len(order)), within.get(s.path, 0), s.kind, s.path))
     return Report(model_class=_module_class(model), sites=sites, unknown=unknown,
                   unknown_roles={p: facts.roles[p] for p in unknown if facts.roles.get(p)})
 

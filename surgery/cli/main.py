@@ -12,7 +12,8 @@ from typing import Any, Callable, Sequence
 import surgery
 from surgery.analysis.report import Report
 from surgery.cli.models import copy_tokenizer, load_model, quiet_hf_progress, tiny_names
-from surgery.cli.output import emit_json, emit_table, step_progress
+from surgery.cli.output import emit_json, emit_table, terminal_bar
+from surgery.core import progress
 from surgery.core.registry import manager
 from surgery.core.sites import Site
 from surgery.errors import SurgeryError
@@ -104,18 +105,18 @@ def _merge(args: argparse.Namespace) -> int:
         raise SurgeryError(f"{args.out}: is the base model directory; write the merged model somewhere else")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise SurgeryError(f"{args.out}: exists and is not an empty directory (--force writes into it)")
-    with quiet_hf_progress(), step_progress(["loading model", "loading adapter", "merging", "saving"]) as step:
-        step()
-        model = load_model(args.model, weights=True)
-        step()
-        attachment = surgery.load(model, adapter, name=args.name)
-        step()
+    with quiet_hf_progress():
+        with progress.task("loading model", 1) as bar:
+            model = load_model(args.model, weights=True)
+            bar.advance()
+        attachment = surgery.load(model, adapter, name=args.name)  # counts sites analysed, tensors loaded
         placements = list(attachment.plan.placements)
-        reports = surgery.bake(model, attachment.name)
-        step()
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        copied = copy_tokenizer(args.model, out)
+        reports = surgery.bake(model, attachment.name)  # counts sites merged
+        with progress.task("writing model", 1) as bar:
+            out.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(out)
+            copied = copy_tokenizer(args.model, out)
+            bar.advance()
     methods = ", ".join(sorted({p.method for p in placements}))
     print(f"merged adapter {attachment.name!r} ({methods} on {len(placements)} sites) into {args.model}; "
           f"wrote {out}" + (f" (with {', '.join(copied)})" if copied else ""))
@@ -185,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars (they are drawn on a terminal "
+                        "only, on stderr)")
 
     def command(name: str, handler: Callable[[argparse.Namespace], int], help: str, epilog: str,
                 json_help: str | None) -> argparse.ArgumentParser:
@@ -227,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:  # --help, --version and command-line errors
         return stop.code if isinstance(stop.code, int) else 2
     try:
-        return args.handler(args)
+        with progress.reporting(terminal_bar(args.quiet)):
+            return args.handler(args)
     except KeyboardInterrupt:
         print("surgery: interrupted", file=sys.stderr)
         return 130

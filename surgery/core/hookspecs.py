@@ -58,20 +58,24 @@ def surgery_methods() -> list["Method"]:
       a new `Branch` module holding the method's trainable tensors for one site. It must not modify `module` or
       the model (the engine installs the branch, and removes it again on detach or when an attach fails
       part-way). `roles` are the roles the rule selected on this site: on a fused projection act only on
-      `site.channels(role)`; empty means the whole module.
+      `site.channels(role)`; empty means the whole module. At a site of kind `experts` or `weight` (a parameter,
+      `site.path` names it) `module` is the module holding the parameter, and the branch implements
+      `adapt_weight` (the engine applies it to the parameter, see `surgery.plugin.Branch`).
     - `attach_model(model, branches) -> undo | None` on attach, once per method per attachment, after its branches
       are installed: a model-level change (a forward pre-hook extending the attention mask, linking branches
       that read one input, ...). The engine calls `undo()` on detach and when the attach fails later on.
     - `merge_edit(site, module, branch) -> WeightEdit` on `surgery.merge` (mergeable methods only): pure
-      functions on the site's dense weight [out, in] (and optionally its bias) that fold the branch in and take
-      it out again. The engine applies them through the site's weight format and keeps what makes unmerge
-      bit-exact. Raise `NotMergeableError` to refuse (e.g. a zero scale that would make unmerge lossy); nothing
+      functions on the site's dense weight [out, in] ([experts, out, in] at an `experts` site; and optionally
+      its bias) that fold the branch in and take it out again. The engine applies them through the site's
+      weight format and keeps what makes unmerge bit-exact. Raise `NotMergeableError` to refuse (e.g. a zero scale that would make unmerge lossy); nothing
       has changed then.
     - `combine(site, branches, weights, how) -> (params, state)` on `surgery.combine` (optional).
 
     The `Branch` runs inside the engine's host module at its site. `adapt_call(args, kwargs)` may change the base
     module's inputs, `adapt_output(args, kwargs, out)` its output; with `replaces_base = True` the branch is
-    called instead of the base. `branch.running` (set by the engine) says whether it runs now. Optional fast
+    called instead of the base; a branch that also sets `kept_when_merged = True` (a trained module copy) has no
+    weight edit: merge leaves it running and bake puts its `baked_module()` in the base module's place.
+    `branch.running` (set by the engine) says whether it runs now. Optional fast
     paths, each with the contract in its docstring in `surgery.plugin.Branch`: `fused_call` (base and branch in
     one go while the branch runs alone at its site) and `prepare_routes`/`route_output` (every sample of a
     per-sample-routed batch at once, `surgery.per_sample`). All state worth saving lives in the branch's
@@ -111,10 +115,12 @@ def surgery_adapter_formats() -> list["AdapterFormat"]:
     - `detect(directory) -> bool`: whether `directory` holds an adapter of this format;
     - `load(model, directory, name) -> Attachment`: attach it (through `surgery.attach` and
       `surgery.plugin.fill_branches`, so the model is left unchanged if it does not fit);
-    - `save(model, attachment, directory) -> Path`: write it (through `surgery.plugin.write_directory`).
+    - `save(model, attachment, directory) -> Path`: write it (through `surgery.plugin.write_directory`; pass the
+      files through `with_manifest` where the format has no checksum of its own, and `with_model_card`).
 
     Called: `surgery.load` asks each format's `detect` in pluggy's call order when the directory is not a
-    surgery adapter; `surgery.save(format=...)` calls that format's `save`. Two formats of one name are a
+    surgery adapter, and checks the directory's `surgery_manifest.json` (if any) before the format's `load`;
+    `surgery.save(format=...)` calls that format's `save`. Two formats of one name are a
     `PluginError`.
     """
 

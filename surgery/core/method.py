@@ -54,6 +54,8 @@ class Branch(nn.Module):
     - `adapt_call(args, kwargs) -> (args, kwargs)`: change the base module's inputs (runs before it);
     - `adapt_output(args, kwargs, out) -> out`: change its output (`args`/`kwargs` are the inputs the base saw).
     A branch with `replaces_base = True` is called (`branch(*args, **kwargs)`) instead of the base module.
+    At a site whose path names a parameter (kinds `experts`, `weight`) the branch changes the weight instead:
+    `adapt_weight(weight) -> weight`, see there.
 
     Two optional fast paths, each offered by the Host in one situation and each free to decline, so that a branch
     is correct with the two methods above alone:
@@ -66,6 +68,13 @@ class Branch(nn.Module):
     """
 
     replaces_base: bool = False
+    kept_when_merged: bool = False
+    """A branch that stands in for its base module whole (`replaces_base`, e.g. a trained module copy) and has no
+    weight edit: merging its attachment leaves it running, so the merged model computes the same function, and
+    `surgery.bake` puts `baked_module()` in the base module's place. Its method need not be `mergeable`."""
+    reads_base_weight: bool = False
+    """A branch whose output reads the base module's weight itself (DoRA's row norms): a merge of another attachment
+    into that weight would change what this branch computes, so the engine refuses it while this branch runs."""
     running: bool = False
     """Set by the engine: True while this branch runs at its site (its attachment active and unmerged, adapters
     not disabled). Model-level hooks of a method (`attach_model`) read it to act only while their branch runs."""
@@ -96,11 +105,22 @@ class Branch(nn.Module):
         `args`/`kwargs`, at once. The result must equal running each sample alone through its branch."""
         raise NotImplementedError
 
+    def baked_module(self) -> nn.Module:
+        """With `kept_when_merged`: the module that takes the base module's place for good on `surgery.bake`."""
+        raise NotImplementedError(f"{type(self).__name__} sets kept_when_merged but has no baked_module()")
+
     def adapt_call(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, kwargs
 
     def adapt_output(self, args: tuple, kwargs: dict, out: Any) -> Any:
         return out
+
+    def adapt_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """At a site whose path names a parameter (kinds `experts`, `weight`): the weight to use, from `weight` as
+        [experts, out, in] or [out, in] (a view, whatever the stored layout; do not write to it). Called each time the model reads the parameter while
+        this branch runs (once per call of the module holding it); the result keeps the shape and dtype and
+        carries the branch's gradients. `adapt_call`/`adapt_output` are not called at such sites."""
+        raise NotImplementedError(f"{type(self).__name__} cannot adapt stacked expert weights")
 
 
 class SlicedBranch(Branch):
@@ -116,11 +136,16 @@ class SlicedBranch(Branch):
             out = part.adapt_output(args, kwargs, out)
         return out
 
+    def adapt_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        for part in self.parts.values():
+            weight = part.adapt_weight(weight)
+        return weight
+
 
 @dataclass(frozen=True)
 class WeightEdit:
-    """A merge as two pure functions of the dense weight [out, in]: `apply` folds a branch in, `revert` takes it
-    out. Both return new tensors in the weight's dtype; the engine writes them back and makes unmerge exact.
+    """A merge as two pure functions of the dense weight [out, in] ([experts, out, in] at an `experts` site):
+    `apply` folds a branch in, `revert` takes it out. Both return new tensors in the weight's dtype; the engine writes them back and makes unmerge exact.
 
     `apply_bias` (optional) folds the branch into the module's bias [out] too, where it has one; the engine
     keeps the original bias (it is small) and puts it back on unmerge. A module without a bias keeps none, so

@@ -145,3 +145,141 @@ class Host(nn.Module):
 def _batches_routes(kind: type[Branch]) -> bool:
     """Whether a branch class implements batched per-sample routing (overrides `prepare_routes`)."""
     return kind.prepare_routes.__func__ is not Branch.prepare_routes.__func__
+
+
+class ParameterHost(nn.Module):
+    """What the engine puts at a site whose path names a parameter (kinds `experts`, `weight`): a parametrization
+    of the parameter
+    (`torch.nn.utils.parametrize`), so that every read of `module.<name>` gives the stored weight with the running
+    branches' `adapt_weight` applied, in attachment order. The stored parameter object is kept untouched (at
+    `module.parametrizations.<name>.original`) and put back, in its place among the module's parameters, on
+    detach. Within one call of the module the adapted weight is computed once (an eager MoE reads it per expert).
+    Branches see the weight as [out, in] ([experts, out, in]), whatever the stored layout (`transposed`).
+
+    Same public state as `Host` (`branches`, `running`, `routing`), set by the ledger. Per-sample routing cannot
+    act on a weight shared by the whole batch: a routed call whose names include one of these branches is refused.
+    """
+
+    def __init__(self, module: nn.Module, name: str, transposed: bool):
+        super().__init__()
+        self.branches = nn.ModuleDict()
+        self.running = ()
+        self.routing: tuple[str | None, ...] | None = None
+        self.transposed = transposed
+        self.name = name
+        self._cached: torch.Tensor | None = None
+        self._calls = 0
+        object.__setattr__(self, "module", module)  # the module holding the parameter: not a submodule of this
+
+    @property
+    def running(self) -> tuple[str, ...]:
+        return self._running
+
+    @running.setter
+    def running(self, names: tuple[str, ...]) -> None:
+        self._running = tuple(names)
+        self._running_branches = tuple(self.branches[n] for n in self._running)
+        self._cached = None
+
+    def add(self, name: str, branch: Branch) -> None:
+        self.branches[name] = branch
+        self.running = self.running
+
+    def remove(self, name: str) -> Branch:
+        self.running = tuple(n for n in self.running if n != name)
+        return self.branches.pop(name)
+
+    def set_routing(self, routing: tuple[str | None, ...] | None, usable: set[str]) -> None:
+        self.routing = None if routing is None else tuple(n if n in usable else None for n in routing)
+        self._cached = None
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.routing is not None:
+            if any(n is not None for n in self.routing):
+                raise SurgeryError(f"per-sample adapters: the branches at stacked expert weights "
+                                   f"{type(self.module).__name__}.{self.name} change one weight for the whole batch; "
+                                   "they cannot be routed per sample")
+            return weight
+        if not self._running_branches:
+            return weight
+        if self._cached is not None:
+            return self._cached
+        dense = weight.transpose(-1, -2) if self.transposed else weight
+        for branch in self._running_branches:
+            dense = branch.adapt_weight(dense)
+        out = dense.transpose(-1, -2) if self.transposed else dense
+        if self._calls:
+            self._cached = out
+        return out
+
+    def enter_call(self, *_: Any) -> None:
+        """Forward pre-hook of the module holding the parameter: keep the adapted weight for this call."""
+        self._calls += 1
+
+    def leave_call(self, *_: Any) -> None:
+        self._calls = max(self._calls - 1, 0)
+        if not self._calls:
+            self._cached = None
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, running={list(self.running)}"
+
+
+def install_parameter_host(module: nn.Module, name: str, transposed: bool) -> ParameterHost:
+    """Parametrize `module.<name>` with a new ParameterHost (undone by `remove_parameter_host`)."""
+    from torch.nn.utils import parametrize
+
+    host = ParameterHost(module, name, transposed)
+    host.order = list(module._parameters)  # to put the parameter back in its place
+    parametrize.register_parametrization(module, name, host, unsafe=True)
+    host.hooks = (module.register_forward_pre_hook(host.enter_call),
+                  module.register_forward_hook(host.leave_call, always_call=True))
+    return host
+
+
+def reinstall_parameter_host(host: ParameterHost) -> None:
+    """Parametrize the parameter again with `host` itself, after `remove_parameter_host` (a pass rolled back): the
+    same parametrization objects, class and hooks as before, so the model is exactly as it was."""
+    from torch.nn.utils import parametrize
+
+    module = host.module
+    cls, table, plist, keys = host.stored
+    module._parameters.pop(host.name)  # the original parameter, held again by `plist.original`
+    if "parametrizations" not in module._modules:
+        module._modules["parametrizations"] = table
+    table[host.name] = plist
+    for key in keys:  # the parametrizations in their old order
+        if key in table._modules:
+            table._modules[key] = table._modules.pop(key)
+    module.__class__ = cls
+    parametrize._inject_property(module, host.name)
+    for hook_table, key, hook in host.stored_hooks:  # the same hooks under their old ids
+        hook_table[key] = hook
+
+
+def remove_parameter_host(host: ParameterHost) -> None:
+    """Take the parametrization off: the module holds its original parameter object again, in its place."""
+    from torch.nn.utils import parametrize
+
+    module = host.module
+    host.stored = (module.__class__, module.parametrizations, module.parametrizations[host.name],
+                   list(module.parametrizations.keys()))
+    host.stored_hooks = [(table, hook.id, table[hook.id]) for hook in host.hooks
+                         for table in (ref() for ref in (hook.hooks_dict_ref, *hook.extra_dict_ref))
+                         if table is not None and hook.id in table]
+    for hook in host.hooks:
+        hook.remove()
+    parametrize.remove_parametrizations(module, host.name, leave_parametrized=False)
+    params = module._parameters
+    reordered = {k: params[k] for k in host.order if k in params}
+    reordered.update({k: v for k, v in params.items() if k not in reordered})
+    params.clear()
+    params.update(reordered)
+
+
+def stored_parameter(module: nn.Module, name: str) -> torch.Tensor:
+    """The parameter `name` as stored, whether or not a ParameterHost parametrizes it now."""
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and name in parametrizations:
+        return parametrizations[name].original
+    return module._parameters[name]

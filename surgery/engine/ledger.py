@@ -12,7 +12,7 @@ from torch import nn
 from surgery.analysis.report import Report
 from surgery.core.formats import WeightFormat
 from surgery.core.method import Branch, WeightEdit
-from surgery.engine.host import Host
+from surgery.engine.host import Host, ParameterHost
 from surgery.engine.weight_edits import EditRecord
 from surgery.errors import LedgerError
 from surgery.rules.plan import Plan
@@ -85,13 +85,14 @@ class Ledger:
     """Everything surgery has changed on one model.
 
     `report` holds the sites of the model as it was before the first attach; `hosts` the Host swapped in at
-    each adapted path and `homes` every (parent, attribute) that held the original module (a shared module has
-    several); `requires_grad` the parameters' flags before the first attach.
+    each adapted path (a ParameterHost at a parameter's path: kinds experts, weight) and `homes` every (parent,
+    attribute) that held the original module (a shared module has several); `requires_grad` the parameters'
+    flags before the first attach.
     """
 
     report: Report
     attachments: dict[str, Attachment] = field(default_factory=dict)
-    hosts: dict[str, Host] = field(default_factory=dict)
+    hosts: dict[str, Host | ParameterHost] = field(default_factory=dict)
     homes: dict[str, list[tuple[nn.Module, str]]] = field(default_factory=dict)
     requires_grad: dict[str, bool] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
@@ -109,7 +110,7 @@ class Ledger:
         """Tell every host which of its branches run: active, not merged, not disabled; or, while routing per
         sample, which branch each sample takes."""
         for host in self.hosts.values():
-            unmerged = [n for n in host.branches if self.attachments[n].merged is None]
+            unmerged = [n for n, b in host.branches.items() if self.attachments[n].merged is None or b.kept_when_merged]
             host.running = () if self.disabled else tuple(n for n in unmerged if n in self.active)
             host.set_routing(None if self.disabled else self.routing, set(unmerged))
             alone = host.running[0] if len(host.running) == 1 and host.routing is None else None
@@ -139,6 +140,15 @@ def require_ledger(model: nn.Module) -> Ledger:
 
 
 def base_module(model: nn.Module, path: str) -> nn.Module:
-    """The original module at `path`, whether or not a Host stands there now."""
-    module = model.get_submodule(path)
+    """The original module at `path`, whether or not a Host stands there now. For the path of a parameter (a site
+    of kind `experts`), the module holding it."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        parent, _, name = path.rpartition(".")
+        module = model.get_submodule(parent) if parent else model
+        module = module.base if isinstance(module, Host) else module
+        if name not in module._parameters and name not in getattr(module, "parametrizations", {}):
+            raise
+        return module
     return module.base if isinstance(module, Host) else module

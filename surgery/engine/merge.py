@@ -17,17 +17,28 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from surgery.core import progress
+from surgery.core.formats import WeightFormat
 from surgery.core.method import Branch, WeightEdit
 from surgery.core.registry import manager
+from surgery.core.sites import PARAMETER_KINDS, Site
 from surgery.engine.ledger import Attachment, Ledger, MergedSite, base_module, require_ledger, unwrap
 from surgery.engine.transaction import Journal, model_lock, transaction
-from surgery.engine.weight_edits import apply_edit, bits, merged_float_linear, redo_edit, revert_edit
+from surgery.engine.weight_edits import ParameterFormat, apply_edit, bits, merged_float_linear, redo_edit, revert_edit
 from surgery.errors import LedgerError, NotMergeableError
 
 MERGE_TARGETS = ("weights", "float")
 
 
 # ---- which folds keep the function ----------------------------------------------------------------------------
+
+def site_format(site: Site, module: nn.Module) -> WeightFormat | None:
+    """The weight format a merge at `site` reads and writes through: the registered one of its module, or the
+    parameter's for a site whose path names one (kinds `experts`, `weight`)."""
+    if site.kind in PARAMETER_KINDS:
+        return ParameterFormat(site.path.rpartition(".")[2], site.transposed)
+    return manager().format_of(module)
+
 
 def _overrides(branch: Branch, hook: str) -> bool:
     return getattr(type(branch), hook, None) is not getattr(Branch, hook)
@@ -63,6 +74,8 @@ def fold_conflict(form: str, other: str, branch: Branch, other_form: str, other_
     """
     if branch.replaces_base:
         return f"{other!r} replaces the base module there, so folded weights would not be used"
+    if branch.reads_base_weight:
+        return f"{other!r} reads the base weight there itself, so the fold would change what {other!r} computes"
     changes_output, changes_input = _overrides(branch, "adapt_output"), _overrides(branch, "adapt_call")
     if form in ("add", "scale_output"):
         if other_first and changes_output and other_form != form:
@@ -91,9 +104,11 @@ def check_folds(model: nn.Module, ledger: Ledger, folded: Attachment, paths: set
     order = list(ledger.attachments)
     position = order.index(folded.name) if folded.name in order else len(order)
     for path in sorted(paths if paths is not None else folded.branches):
+        if path in folded.branches and folded.branches[path].kept_when_merged:  # not folded: it runs on
+            continue
         host = ledger.hosts.get(path)
         others = [(n, b, None) for n, b in (host.branches.items() if host is not None else ())
-                  if n != folded.name and ledger.attachments[n].merged is None]
+                  if n != folded.name and (ledger.attachments[n].merged is None or b.kept_when_merged)]
         others += (extra or {}).get(path, [])
         if not others:
             continue
@@ -117,8 +132,10 @@ def _edits(model: nn.Module, attachment: Attachment) -> list[tuple[str, nn.Modul
     edits = []
     for placement in attachment.plan.placements:
         path = placement.site.path
+        if attachment.branches[path].kept_when_merged:  # runs on, merged or not: nothing to edit
+            continue
         module = base_module(model, path)
-        fmt = registry.format_of(module)
+        fmt = site_format(placement.site, module)
         if fmt is None:
             raise NotMergeableError(f"{attachment.name!r} at {path!r}: no weight format recognises "
                                     f"{type(module).__name__}, so nothing can be folded into it")
@@ -133,18 +150,22 @@ def _merge(model: nn.Module, ledger: Ledger, attachment: Attachment, exact: bool
     weight back bit for bit. The records that make unmerge exact are kept; `exact=False` drops them at the end
     of the whole pass (see `forget_records`)."""
     done: list[MergedSite] = []
-    for path, module, fmt, edit, placement in _edits(model, attachment):
-        if into == "float" and not fmt.is_view:  # a copy format (quantized): swap in a float linear instead
-            linear, record = merged_float_linear(fmt, module, edit, placement.site.dtype, path=path)
-            host = ledger.hosts[path]
-            journal.record(f"merge {attachment.name!r} at {path!r}", lambda h=host, m=module: setattr(h, "base", m))
-            host.base = linear
-            done.append(MergedSite(path, manager().format_of(linear), edit, record, replaced=module))
-        else:
-            site = MergedSite(path, fmt, edit, apply_edit(fmt, module, edit, path=path, keep_rows=keep_rows))
-            journal.record(f"merge {attachment.name!r} at {path!r}", lambda s=site: _revert(model, ledger, s))
-            done.append(site)
-        done[-1].branch, done[-1].branch_state = attachment.branches[path], _tensors(attachment.branches[path])
+    edits = _edits(model, attachment)
+    with progress.task("merging", len(edits), "sites") as bar:
+        for path, module, fmt, edit, placement in edits:
+            if into == "float" and not fmt.is_view:  # a copy format (quantized): swap in a float linear instead
+                linear, record = merged_float_linear(fmt, module, edit, placement.site.dtype, path=path)
+                host = ledger.hosts[path]
+                journal.record(f"merge {attachment.name!r} at {path!r}",
+                               lambda h=host, m=module: setattr(h, "base", m))
+                host.base = linear
+                done.append(MergedSite(path, manager().format_of(linear), edit, record, replaced=module))
+            else:
+                site = MergedSite(path, fmt, edit, apply_edit(fmt, module, edit, path=path, keep_rows=keep_rows))
+                journal.record(f"merge {attachment.name!r} at {path!r}", lambda s=site: _revert(model, ledger, s))
+                done.append(site)
+            done[-1].branch, done[-1].branch_state = attachment.branches[path], _tensors(attachment.branches[path])
+            bar.advance()
     _set_merged(ledger, attachment, done, journal)
     journal.record(f"exactness of {attachment.name!r}", lambda e=attachment.exact: setattr(attachment, "exact", e))
     attachment.exact = exact
@@ -235,7 +256,7 @@ def _check_can_merge(model: nn.Module, ledger: Ledger, attachment: Attachment, d
     registry = manager()
     for placement in attachment.plan.placements:
         method = registry.method(placement.method)
-        if not method.mergeable:
+        if not method.mergeable and not attachment.branches[placement.site.path].kept_when_merged:
             raise NotMergeableError(f"attachment {attachment.name!r} cannot be merged: method {method.name!r} at "
                                     f"{placement.site.path!r} has no merge (it stays a separate branch)")
     if ledger.disabled or ledger.routing is not None:
@@ -255,10 +276,10 @@ def merge_in(model: nn.Module, ledger: Ledger, attachment: Attachment, exact: bo
 
 
 def merge(model: nn.Module, name: str, *, exact: bool = True, into: str = "weights") -> dict[str, dict[str, float]]:
-    """Fold attachment `name` into the base weights in place; its branches stop running, and it counts as
-    active (it acts). With `exact`, the ledger keeps what makes `unmerge` restore the weights bit for bit.
-    Returns per-site reports (e.g. the requantization error of quantized sites, see
-    `surgery.engine.weight_edits.merge_error`).
+    """Fold attachment `name` into the base weights in place; its branches stop running, except those
+    `kept_when_merged` (module copies), which have no weight edit and run on; it counts as active (it acts).
+    With `exact`, the ledger keeps what makes `unmerge` restore the weights bit for bit. Returns per-site reports
+    (e.g. the requantization error of quantized sites, see `surgery.engine.weight_edits.merge_error`).
 
     Refused (NotMergeableError, nothing changed) where the merged weights would not compute what the branches
     do: a NaN/inf or overflowing update, or another attachment's branch at the same site that does not commute

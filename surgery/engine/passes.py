@@ -14,13 +14,26 @@ from torch import nn
 from surgery.analysis.report import sites_of
 from surgery.core.method import Branch, base_parameter_count
 from surgery.core.registry import manager
-from surgery.engine.host import Host
+from surgery.core.sites import PARAMETER_KINDS, Site
+from surgery.engine.copies import put_in_place, stand_ins
+from surgery.engine.foreign import refuse_peft
+from surgery.engine.host import (
+    Host,
+    ParameterHost,
+    install_parameter_host,
+    reinstall_parameter_host,
+    remove_parameter_host,
+)
 from surgery.engine.ledger import LEDGER_ATTRIBUTE, Attachment, Ledger, base_module, find_ledger, require_ledger, unwrap
 from surgery.engine.merge import _set_merged, check_folds, forget_records, merge_in, unmerge_out
+from surgery.engine.plain_save import install as install_plain_save
+from surgery.engine.plain_save import reinstall as reinstall_plain_save
+from surgery.engine.plain_save import uninstall as uninstall_plain_save
 from surgery.engine.transaction import TRACE_LOCK, Journal, check_name, current_journal, model_lock, transaction
 from surgery.errors import LedgerError, NotMergeableError, SurgeryError
 from surgery.rules.plan import Plan, plan_sites
 from surgery.rules.schema import RuleSource, resolve_ruleset
+from surgery.rules.tasks import with_task
 
 
 def _homes(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -39,12 +52,29 @@ def _put(parent: nn.Module, attribute: str, module: nn.Module) -> None:
     setattr(parent, attribute, module)
 
 
-def _install(model: nn.Module, ledger: Ledger, path: str, name: str, branch: Branch,
+def _install(model: nn.Module, ledger: Ledger, site: Site, name: str, branch: Branch,
              homes: dict[int, list[tuple[nn.Module, str]]]) -> None:
-    """Put `branch` at `path` (swapping a Host in where none stands yet), recorded in the pass's journal."""
+    """Put `branch` at `site` (swapping a Host in, or parametrizing a parameter site, where none stands yet),
+    recorded in the pass's journal."""
     journal = current_journal()
+    path = site.path
     host = ledger.hosts.get(path)
-    if host is None:
+    if host is None and site.kind in PARAMETER_KINDS:  # a parameter: parametrized, not swapped
+        module = base_module(model, path)
+        made: list[ParameterHost] = []
+
+        def unparametrize() -> None:
+            for host in made:
+                if ledger.hosts.get(path) is host:
+                    del ledger.hosts[path]
+                remove_parameter_host(host)
+
+        journal.record(f"parameter host at {path!r}", unparametrize)
+        host = install_parameter_host(module, path.rpartition(".")[2], site.transposed)
+        made.append(host)
+        host.train(module.training)
+        ledger.hosts[path] = host
+    elif host is None:
         base = model.get_submodule(path)
         places = homes[id(base)]
         host = Host(base)
@@ -61,7 +91,7 @@ def _install(model: nn.Module, ledger: Ledger, path: str, name: str, branch: Bra
         ledger.hosts[path], ledger.homes[path] = host, places
         for parent, attribute in places:
             _put(parent, attribute, host)
-    branch.train(host.base.training)  # a new branch takes the mode of the model around it (eval: no dropout)
+    branch.train(host.training)  # a new branch takes the mode of the model around it (eval: no dropout)
     journal.record(f"branch {name!r} at {path!r}", lambda: host.remove(name) if name in host.branches else None)
     host.add(name, branch)
 
@@ -84,7 +114,16 @@ def _uninstall(ledger: Ledger, path: str, name: str, journal: Journal) -> None:
     branch, position = host.branches[name], list(host.branches).index(name)
     journal.record(f"branch {name!r} at {path!r}", lambda: _readd(host, name, branch, position))
     host.remove(name)
-    if not len(host.branches):
+    if not len(host.branches) and isinstance(host, ParameterHost):
+
+        def reparametrize() -> None:
+            reinstall_parameter_host(host)
+            ledger.hosts[path] = host
+
+        journal.record(f"parameter host at {path!r}", reparametrize)
+        remove_parameter_host(host)
+        del ledger.hosts[path]
+    elif not len(host.branches):
         places = ledger.homes[path]
 
         def rehost() -> None:
@@ -152,12 +191,15 @@ def _check_beside_merged(model: nn.Module, ledger: Ledger, name: str, plan: Plan
 
 
 def attach(model: nn.Module, rules: RuleSource, name: str = "default", *, freeze: bool = True,
-           active: bool = True, args: tuple | None = None, kwargs: dict | None = None) -> Attachment:
+           active: bool = True, args: tuple | None = None, kwargs: dict | None = None,
+           task: str | None = None) -> Attachment:
     """Apply a rule set to `model` in place under `name` (see `check_name` for valid names). With `freeze`,
-    every base parameter stops requiring grad (restored by the last detach). If anything fails, the model is
-    left exactly as it was."""
+    every base parameter stops requiring grad (restored by the last detach). `task` ("sequence-classification",
+    "token-classification", or PEFT's SEQ_CLS/TOKEN_CLS) adds a trainable copy of the task head, found by its
+    role (see `surgery.rules.tasks`). If anything fails, the model is left exactly as it was."""
     model = unwrap(model)
     check_name(name)
+    refuse_peft(model)
     with model_lock(model):
         ruleset = resolve_ruleset(rules)
         ledger = find_ledger(model)
@@ -168,6 +210,8 @@ def attach(model: nn.Module, rules: RuleSource, name: str = "default", *, freeze
         else:
             with TRACE_LOCK:
                 report = sites_of(model, args, kwargs)
+        if task is not None:
+            ruleset = with_task(ruleset, task, report)
         plan = plan_sites(ruleset, report, base_parameter_count(model))
         branches = _build(model, name, plan)  # build everything first: plugins never touch the model
         if ledger is not None:
@@ -181,9 +225,12 @@ def attach(model: nn.Module, rules: RuleSource, name: str = "default", *, freeze
             if fresh:
                 journal.record("the ledger", lambda: model.__dict__.pop(LEDGER_ATTRIBUTE, None))
                 model.__dict__[LEDGER_ATTRIBUTE] = ledger
+                journal.record("plain save_pretrained", lambda: uninstall_plain_save(model))
+                install_plain_save(model)  # save_pretrained writes the plain model's keys, the adapters beside
             homes = _homes(model)
+            sites = {p.site.path: p.site for p in plan.placements}
             for path, branch in branches.items():
-                _install(model, ledger, path, name, branch, homes)
+                _install(model, ledger, sites[path], name, branch, homes)
             attachment = Attachment(name=name, plan=plan, branches=branches)
             journal.record(f"attachment {name!r}", lambda: ledger.attachments.pop(name, None))
             ledger.attachments[name] = attachment
@@ -244,6 +291,9 @@ def _remove(model: nn.Module, ledger: Ledger, attachment: Attachment, journal: J
         _set_requires_grad(model, ledger.requires_grad)
         journal.record("the ledger", lambda: model.__dict__.__setitem__(LEDGER_ATTRIBUTE, ledger))
         del model.__dict__[LEDGER_ATTRIBUTE]
+        plain = model.__dict__.get("save_pretrained")
+        journal.record("plain save_pretrained", lambda: reinstall_plain_save(model, plain))
+        uninstall_plain_save(model)
     ledger.refresh()
     registry = manager()
     methods = attachment.undo_methods + [None] * (len(attachment.undo) - len(attachment.undo_methods))
@@ -280,9 +330,10 @@ def detach(model: nn.Module, name: str) -> None:
 
 def bake(model: nn.Module, name: str) -> dict[str, dict[str, float]]:
     """Merge attachment `name` into the base weights for good and remove its branches: the ledger forgets it,
-    so it cannot be unmerged. After the last attachment is baked the model is a plain model again (ready for
-    `save_pretrained`). Other attachments merged on the same sites must be unmerged first. Refused, with
-    nothing changed, where `merge` would be."""
+    so it cannot be unmerged. A trained module copy (`kept_when_merged`) takes the original module's place.
+    After the last attachment is baked the model is a plain model again (ready for `save_pretrained`). Other
+    attachments merged on the same sites must be unmerged first. Refused, with nothing changed, where `merge`
+    would be."""
     model = unwrap(model)
     with model_lock(model):
         ledger = require_ledger(model)
@@ -296,8 +347,10 @@ def bake(model: nn.Module, name: str) -> dict[str, dict[str, float]]:
             if attachment.merged is None:
                 merge_in(model, ledger, attachment, False, "weights", journal, keep_rows=False)
             report = {m.path: m.record.report for m in attachment.merged if m.record.report}
+            kept = stand_ins(model, ledger, attachment)
             _set_merged(ledger, attachment, None, journal)  # the weights keep the merge; nothing is left to undo it
             _remove(model, ledger, attachment, journal)
+            put_in_place(ledger, kept, journal)
         return report
 
 
@@ -389,6 +442,17 @@ class TrainableCount(NamedTuple):
     def __str__(self) -> str:
         share = 100.0 * self.trainable / max(self.total, 1)
         return f"trainable {share:.2f}% ({self.trainable:,} / {self.total:,})"
+
+
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The trainable parameters of attachment `name` (its branches' parameters that require grad), each once: what
+    its optimizer takes."""
+    seen: dict[int, nn.Parameter] = {}
+    for branch in require_ledger(unwrap(model)).get(name).branches.values():
+        for p in branch.parameters():
+            if p.requires_grad:
+                seen.setdefault(id(p), p)
+    return list(seen.values())
 
 
 def trainable_parameters(model: nn.Module) -> TrainableCount:

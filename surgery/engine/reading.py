@@ -10,6 +10,7 @@ from surgery.engine.ledger import find_ledger
 from surgery.engine.transaction import TRACE_LOCK
 from surgery.rules.plan import Plan, plan_sites
 from surgery.rules.schema import RuleSource, resolve_ruleset
+from surgery.rules.tasks import with_task
 
 
 def inspect(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> Report:
@@ -22,7 +23,12 @@ def inspect(model: nn.Module, args: tuple | None = None, kwargs: dict | None = N
         return sites_of(model, args, kwargs)
 
 
-def plan(model: nn.Module, rules: RuleSource, args: tuple | None = None, kwargs: dict | None = None) -> Plan:
-    """What `rules` (a rule-set name, a YAML path or a RuleSet) would do to `model`. Changes nothing."""
+def plan(model: nn.Module, rules: RuleSource, args: tuple | None = None, kwargs: dict | None = None,
+         task: str | None = None) -> Plan:
+    """What `rules` (a rule-set name, a YAML path or a RuleSet) would do to `model`, with `task` as `attach` takes
+    it. Changes nothing."""
     ruleset = resolve_ruleset(rules)
-    return plan_sites(ruleset, inspect(model, args, kwargs), base_parameter_count(model))
+    report = inspect(model, args, kwargs)
+    if task is not None:
+        ruleset = with_task(ruleset, task, report)
+    return plan_sites(ruleset, report, base_parameter_count(model))

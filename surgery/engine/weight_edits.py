@@ -14,6 +14,7 @@ from torch import nn
 
 from surgery.core.formats import WeightFormat
 from surgery.core.method import WeightEdit
+from surgery.engine.host import stored_parameter
 from surgery.errors import NotMergeableError
 
 _SAME_SIZE_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -31,6 +32,11 @@ def differs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return bits(a) != bits(b)
 
 
+differing_bits = differs
+"""Where two tensors of one float dtype differ in their bytes (so -0.0 differs from 0.0, and a NaN equals
+itself): the mask an exact undo must restore."""
+
+
 @dataclass
 class EditRecord:
     """What undoing one applied edit needs: the stored tensors (copy formats), or for a live view the entries
@@ -41,6 +47,7 @@ class EditRecord:
     fix_value: torch.Tensor | None = None
     bias: torch.Tensor | None = None  # the original bias, where the edit changed it
     report: dict[str, float] = field(default_factory=dict)
+    whole: bool = False  # a live view whose original was kept whole in `saved` (smaller than the entries' fix)
 
     @property
     def exact(self) -> bool:
@@ -50,6 +57,8 @@ class EditRecord:
     def forget(self) -> None:
         """Drop what makes the undo exact (`merge(..., exact=False)` once the merge has completed)."""
         self.fix_index = self.fix_value = None
+        if self.whole:
+            self.saved, self.whole = None, False
 
     def nbytes(self) -> int:
         tensors = list((self.saved or {}).values()) + [t for t in (self.fix_index, self.fix_value, self.bias)
@@ -144,13 +153,13 @@ def merged_float_linear(fmt: WeightFormat, module: nn.Module, edit: WeightEdit,
 
 
 def _flat_write(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
-    """target.flatten()[index] = values, for a contiguous tensor or a strided view (GPT-2 Conv1D, embeddings)."""
+    """target.flatten()[index] = values, for a contiguous tensor or a strided view (GPT-2 Conv1D, embeddings,
+    stacked experts)."""
     index = index.long()
     if target.is_contiguous():
         target.view(-1)[index] = values
-    else:
-        rows, cols = index // target.shape[1], index % target.shape[1]
-        target[rows, cols] = values
+    else:  # a transposed view (GPT-2 Conv1D, embeddings, experts): write through its own strides
+        target[torch.unravel_index(index, target.shape)] = values
 
 
 def _fix_of(wrong: torch.Tensor, like: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,12 +196,19 @@ def apply_edit(fmt: WeightFormat, module: nn.Module, edit: WeightEdit, *, path: 
         weight = fmt.dense(module)
         new = edit.apply(weight)
         check_finite(path, "weight", weight, new)
-        back = edit.revert(new)
+        back = edit.revert(new).to(weight.dtype)
         if keep_rows:
             _lost_rows(path, weight, back)
-        fix_index, fix_value = _fix_of(differs(back, weight), weight, weight)
+        wrong = differs(back, weight)
         del back
-        record = EditRecord(fix_index=fix_index, fix_value=fix_value)
+        index_size = 4 if weight.numel() < 2**31 else 8
+        if int(wrong.sum()) * (index_size + weight.element_size()) >= weight.numel() * weight.element_size():
+            # most entries do not round back: keep the original whole (smaller than their indices and values)
+            record = EditRecord(saved=fmt.snapshot(module), whole=True)
+        else:
+            fix_index, fix_value = _fix_of(wrong, weight, weight)
+            record = EditRecord(fix_index=fix_index, fix_value=fix_value)
+        del wrong
         weight.copy_(new)
         if new_bias is not None:
             try:
@@ -202,6 +218,36 @@ def apply_edit(fmt: WeightFormat, module: nn.Module, edit: WeightEdit, *, path: 
                 raise
     record.bias = original_bias
     return record
+
+
+class ParameterFormat:
+    """The weight format of a site whose path names a parameter (kinds `experts`, `weight`): the parameter `name`
+    of a module as a live [experts, out, in] or [out, in] view (through a ParameterHost's parametrization, if
+    there is one)."""
+
+    kind, priority, is_view = "parameter", 0, True
+
+    def __init__(self, name: str, transposed: bool):
+        self.name, self.transposed = name, transposed
+
+    def matches(self, module: nn.Module) -> bool:
+        return isinstance(getattr(module, self.name, None), torch.Tensor)
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        return int(self.dense(module).shape[-1]), int(self.dense(module).shape[-2])
+
+    def dense(self, module: nn.Module) -> torch.Tensor:
+        weight = stored_parameter(module, self.name).detach()
+        return weight.transpose(-1, -2) if self.transposed else weight
+
+    def store(self, module: nn.Module, weight: torch.Tensor) -> None:
+        self.dense(module).copy_(weight)
+
+    def snapshot(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {"weight": self.dense(module).clone()}
+
+    def restore(self, module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+        self.dense(module).copy_(saved["weight"])
 
 
 @torch.no_grad()
@@ -215,10 +261,10 @@ def revert_edit(fmt: WeightFormat, module: nn.Module, edit: WeightEdit, record: 
         fmt.restore(module, record.saved)
     else:
         weight = fmt.dense(module)
-        old = edit.revert(weight)
+        old = edit.revert(weight).to(weight.dtype)
         if record.fix_index is not None and record.fix_index.numel():
             _flat_write(old, record.fix_index, record.fix_value)
-        again = edit.apply(old)
+        again = edit.apply(old).to(weight.dtype)
         redo.fix_index, redo.fix_value = _fix_of(differs(again, weight), weight, weight)
         del again
         weight.copy_(old)

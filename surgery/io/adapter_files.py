@@ -2,13 +2,16 @@
 
 A surgery adapter directory holds `adapter_model.safetensors` (the branches' tensors, keyed `<site path>.<name>`)
 and `surgery_adapter.json` (the rule set, each placement's method and params, the package version, a
-fingerprint of the base model and the SHA-256 of the tensor file). Other formats (HF PEFT) come from plugins
-through the `surgery_adapter_formats` hook.
+fingerprint of the base model and the SHA-256 of the tensor file), with a model card (`README.md`, see
+`model_card.py`). Other formats (HF PEFT) come from plugins through the `surgery_adapter_formats` hook; where such a
+directory holds a `surgery_manifest.json` (`manifest.py`), its checksums are checked before the format reads it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from safetensors.torch import save as save_tensors
 from torch import nn
 
+from surgery.core import progress
 from surgery.core.method import base_parameter_count
 from surgery.core.registry import manager
 from surgery.core.version import __version__
@@ -27,6 +31,8 @@ from surgery.engine.transaction import check_name, model_lock
 from surgery.errors import AdapterFileError, LedgerError, MismatchError, RuleFileError
 from surgery.io.atomic import directory_lock, write_directory
 from surgery.io.bounded import read_json, read_safetensors
+from surgery.io.manifest import check_manifest
+from surgery.io.model_card import with_model_card
 from surgery.rules.plan import Placement, Plan, plan_sites
 from surgery.rules.schema import RuleSet, parse_ruleset
 
@@ -102,30 +108,77 @@ def _saved_placement(p: Placement) -> SavedPlacement:
 
 def branch_tensors(attachment: Attachment) -> dict[str, torch.Tensor]:
     """Every branch tensor of an attachment, keyed `<site path>.<state_dict key>`, as standalone CPU tensors."""
-    return {f"{path}.{key}": t.detach().to("cpu").clone().contiguous()
-            for path, branch in attachment.branches.items() for key, t in branch.state_dict().items()}
+    items = [(f"{path}.{key}", t) for path, branch in attachment.branches.items()
+             for key, t in branch.state_dict().items()]
+    tensors = {}
+    with progress.task("saving adapter", len(items), "tensors") as bar:
+        for key, t in items:
+            tensors[key] = t.detach().to("cpu").clone().contiguous()
+            bar.advance()
+    return tensors
 
 
-def save(model: nn.Module, directory: str | Path, name: str = "default", format: str = "surgery") -> Path:
+@contextmanager
+def whole_tensors(attachment: Attachment) -> Iterator[bool]:
+    """Within the block, every sharded branch tensor (a `DTensor`, as FSDP2's `fully_shard` leaves them) is replaced
+    by the whole tensor, gathered from every rank, and put back afterwards. Yields True if anything was gathered: a
+    collective, so every rank of the group must enter the block."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        yield False
+        return
+    from torch.distributed.tensor import DTensor
+    swapped: list[tuple[dict[str, Any], str, Any]] = []
+    try:
+        for branch in attachment.branches.values():
+            for module in branch.modules():
+                for table in (module._parameters, module._buffers):
+                    for key, t in table.items():
+                        if isinstance(t, DTensor):
+                            whole = t.full_tensor().detach()
+                            table[key] = nn.Parameter(whole, t.requires_grad) if isinstance(t, nn.Parameter) else whole
+                            swapped.append((table, key, t))
+        yield bool(swapped)
+    finally:
+        for table, key, t in reversed(swapped):
+            table[key] = t
+
+
+def save(model: nn.Module, directory: str | Path, name: str = "default", format: str = "surgery") -> Path | None:
     """Write attachment `name` (only the adapter) to `directory`. `format`: "surgery" (this package's own) or
     an adapter format that a plugin provides, e.g. "peft" (loadable by HF PEFT). Only the adapter's own files
-    are written, each atomically, the config last; anything else in the directory is left alone (see
-    `surgery.io.atomic`)."""
+    are written (the tensors, the config, the model card `README.md` and, for PEFT, the manifest), each
+    atomically, the config last; anything else in the directory is left alone (see `surgery.io.atomic`).
+
+    Distributed: with plain tensors on each rank (DDP), call it from one rank. With sharded tensors (FSDP2), call it
+    from every rank: the shards are gathered and rank 0 writes the directory; the other ranks return None."""
     model = unwrap(model)
+    directory = Path(directory)
     with model_lock(model):
         attachment = require_ledger(model).get(name)
-        if format != "surgery":
-            return manager().adapter_format(format).save(model, attachment, Path(directory))
-        tensors = branch_tensors(attachment)
-        blob = save_tensors(tensors, metadata={"format": "pt", "producer": "surgery"})
-        config = AdapterConfig(surgery_version=__version__, name=name,
-                               ruleset=attachment.plan.ruleset.model_dump(mode="json"),
-                               fingerprint=Fingerprint(model_class=require_ledger(model).report.model_class,
-                                                       config_hash=config_hash(model)),
-                               placements=[_saved_placement(p) for p in attachment.plan.placements],
-                               tensors_sha256=hashlib.sha256(blob).hexdigest())
-        text = json.dumps(config.model_dump(mode="json"), indent=1) + "\n"
-    return write_directory(directory, {TENSORS: blob, CONFIG: text.encode()})
+        with whole_tensors(attachment) as gathered:
+            if gathered and torch.distributed.get_rank() != 0:
+                return None
+            if format != "surgery":
+                return manager().adapter_format(format).save(model, attachment, directory)
+            files = _files(model, attachment, directory, name)
+    return write_directory(directory, files)
+
+
+def _files(model: nn.Module, attachment: Attachment, directory: Path, name: str) -> dict[str, bytes]:
+    """The files of a surgery-format save, in the order they are renamed in: the config last (it names the
+    tensor file's checksum)."""
+    tensors = branch_tensors(attachment)
+    blob = save_tensors(tensors, metadata={"format": "pt", "producer": "surgery"})
+    config = AdapterConfig(surgery_version=__version__, name=name,
+                           ruleset=attachment.plan.ruleset.model_dump(mode="json"),
+                           fingerprint=Fingerprint(model_class=require_ledger(model).report.model_class,
+                                                   config_hash=config_hash(model)),
+                           placements=[_saved_placement(p) for p in attachment.plan.placements],
+                           tensors_sha256=hashlib.sha256(blob).hexdigest())
+    text = json.dumps(config.model_dump(mode="json"), indent=1) + "\n"
+    files = with_model_card({TENSORS: blob}, model, attachment, directory, "surgery")
+    files[CONFIG] = text.encode()
+    return files
 
 
 def read_config(directory: Path) -> AdapterConfig:
@@ -191,6 +244,7 @@ def load(model: nn.Module, directory: str | Path, name: str | None = None, *, st
         if not (directory / CONFIG).exists() and not (directory / CONFIG).is_symlink():
             for fmt in manager().adapter_formats.values():
                 if fmt.detect(directory):
+                    check_manifest(directory)
                     return fmt.load(model, directory, name or "default")
             raise AdapterFileError(f"{directory}: neither a surgery adapter ({CONFIG}) nor a format any plugin reads")
         config = read_config(directory)
@@ -236,6 +290,7 @@ def fill_branches(attachment: Attachment, tensors: dict[str, torch.Tensor], sour
     if bad:
         raise AdapterFileError(f"{source}: tensor {bad[0]!r}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} "
                                "holds NaN or infinite values; refused")
-    with torch.no_grad():
+    with torch.no_grad(), progress.task("loading adapter", len(expected), "tensors") as bar:
         for key, target in expected.items():
             target.copy_(tensors[key])
+            bar.advance()

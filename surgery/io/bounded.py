@@ -80,6 +80,18 @@ def read_bytes(path: Path, limit: int, what: str = "file") -> bytes:
         return reader.read(reader.size)
 
 
+def sha256_of(path: Path, what: str = "file") -> str:
+    """The SHA-256 of a regular file, read in chunks (bounded memory; a device or FIFO is refused unread)."""
+    digest = hashlib.sha256()
+    with _Reader(path, what) as reader:
+        left = reader.size
+        while left > 0:
+            chunk = reader.read(min(left, 1 << 24))
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
 def _depth(value: Any) -> int:
     """Nesting depth of lists and dicts, without recursion."""
     deepest, stack = 0, [(value, 1)]

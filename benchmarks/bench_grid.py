@@ -1,0 +1,137 @@
+"""LoRA training steps over a grid of shapes, surgery against HF PEFT in one process: every row against the floor
+(the frozen base, gradients to its input only), PEFT's default (fp32 adapters) and PEFT with adapters in the
+model's dtype; peak memory of each; and the unmerged no-grad forward against the base's.
+
+    python benchmarks/bench_grid.py --device cuda                 # every row of GRID
+    python benchmarks/bench_grid.py --device cuda --rows 0 3 7    # some rows
+    python benchmarks/bench_grid.py                               # CPU: tiny versions of the rows, a smoke run
+
+Deep models are measured as a slice of a few layers (`layers`), which keeps every row on one GPU and within a
+call; the per-layer work is the full model's. The rows are spread over the grid's axes (hidden 1024-8192,
+r 8-128, MHA and GQA, with and without attention bias, dropout 0-0.1, sequence 512-4096, bf16 and fp16), not its
+full product. On a GPU, the first steps of each shape tune the LoRA kernels' tiles (plugins/lora/tiles.py), before
+the timed steps. Results: benchmarks/results/bench_grid-<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import harness
+import torch
+
+import surgery
+
+# name, model config, batch x sequence, LoRA rank, dropout, dtype
+GRID = [
+    ("h1024 MHA r8 p0 s512 bf16", dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16,
+                                       num_key_value_heads=16, num_hidden_layers=8), 8, 512, 8, 0.0, "bf16"),
+    ("h2048 GQA r16 p.05 s2048 bf16", dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+                                           num_key_value_heads=8, num_hidden_layers=4), 4, 2048, 16, 0.05, "bf16"),
+    ("qwen2-1.5b r64 p.05 s2048 bf16", dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
+                                            num_key_value_heads=2, num_hidden_layers=6, attention_bias=True,
+                                            vocab_size=151936, tie_word_embeddings=True), 4, 2048, 64, 0.05, "bf16"),
+    ("qwen2-1.5b r64 p0 s2048 bf16", dict(hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
+                                          num_key_value_heads=2, num_hidden_layers=6, attention_bias=True,
+                                          vocab_size=151936, tie_word_embeddings=True), 4, 2048, 64, 0.0, "bf16"),
+    ("h4096 MHA r128 p.1 s2048 bf16", dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                                           num_key_value_heads=32, num_hidden_layers=2), 2, 2048, 128, 0.1, "bf16"),
+    ("h4096 GQA r16 p.1 s4096 fp16", dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                          num_key_value_heads=8, num_hidden_layers=2), 1, 4096, 16, 0.1, "fp16"),
+    ("h8192 GQA r64 p.05 s2048 bf16", dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+                                           num_key_value_heads=8, num_hidden_layers=2), 1, 2048, 64, 0.05, "bf16"),
+    ("h3072 GQA bias r128 p0 s1024 fp16", dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=24,
+                                               num_key_value_heads=8, num_hidden_layers=3, attention_bias=True),
+     2, 1024, 128, 0.0, "fp16"),
+    ("h2048 MHA bias r8 p.1 s512 fp16", dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=16,
+                                             num_key_value_heads=16, num_hidden_layers=4, attention_bias=True),
+     8, 512, 8, 0.1, "fp16"),
+    ("h5120 MHA r16 p0 s4096 bf16", dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
+                                         num_key_value_heads=40, num_hidden_layers=2), 1, 4096, 16, 0.0, "bf16"),
+]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+BASE = {"vocab_size": 32000, "max_position_embeddings": 4096}
+
+
+def cpu_version(config: dict) -> dict:
+    """The row's structure at a width the CPU runs in seconds (same heads ratio, bias, tying)."""
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    small = {"hidden_size": 16 * min(heads, 8), "intermediate_size": 48 * min(heads, 8),
+             "num_attention_heads": min(heads, 8), "num_key_value_heads": max(1, min(heads, 8) * kv // heads),
+             "num_hidden_layers": 2, "vocab_size": 512}
+    return {**config, **small}
+
+
+def measure(work: harness.Workload, build, step_of) -> tuple[float, float | None]:
+    work.fresh()
+    model = build()
+    model.train()
+    ms = work.time_ms(step_of(model))
+    peak = work.peak_gib()
+    del model
+    work.fresh()
+    return ms, peak
+
+
+def row(device: str, name: str, config: dict, batch: int, seq: int, r: int, p: float, dtype: str,
+        steps: int, warm: int) -> dict:
+    cuda = device.startswith("cuda")
+    config = {**BASE, **config} if cuda else cpu_version({**BASE, **config})
+    batch, seq = (batch, seq) if cuda else (2, 64)
+    work = harness.Workload(device, {"config": config, "batch": batch, "seq": seq, "mixed_batch": 1, "mixed_seq": 8,
+                                     "dtype": DTYPES[dtype] if cuda else torch.float32, "steps": steps,
+                                     "warm": warm})
+    out: dict = {"config": config, "batch": batch, "seq": seq, "r": r, "dropout": p, "dtype": dtype}
+    out["floor_ms"], out["floor_gib"] = measure(work, work.base, work.floor_step)
+    out["peft_default_ms"], out["peft_default_gib"] = measure(
+        work, lambda: work.peft(p, autocast=True, r=r), work.train_step)
+    out["peft_dtype_ms"], out["peft_dtype_gib"] = measure(
+        work, lambda: work.peft(p, autocast=False, r=r), work.train_step)
+    out["surgery_ms"], out["surgery_gib"] = measure(work, lambda: work.ours(p, r=r), work.train_step)
+    with torch.no_grad():  # unmerged inference forward against the base's
+        model = work.base().eval()
+        ids = work.ids
+        out["fwd_base_ms"] = work.time_ms(lambda: model(input_ids=ids, use_cache=False))
+        surgery.attach(model, harness.lora_rules(r=r), name="a")
+        out["fwd_unmerged_ms"] = work.time_ms(lambda: model(input_ids=ids, use_cache=False))
+        del model
+    work.fresh()
+    for k in list(out):
+        if k.endswith("_ms"):
+            out[k] = round(out[k], 2)
+    out["x_floor"] = round(out["surgery_ms"] / out["floor_ms"], 3)
+    out["x_peft_dtype"] = round(out["surgery_ms"] / out["peft_dtype_ms"], 3)
+    out["x_peft_default"] = round(out["surgery_ms"] / out["peft_default_ms"], 3)
+    out["mem_x_floor"] = round(out["surgery_gib"] / out["floor_gib"], 3) if out["floor_gib"] else None
+    out["fwd_x_base"] = round(out["fwd_unmerged_ms"] / out["fwd_base_ms"], 3)
+    print(f"| {name} | {out['floor_ms']} | {out['peft_default_ms']} | {out['peft_dtype_ms']} | {out['surgery_ms']} "
+          f"| {out['x_floor']} | {out['x_peft_dtype']} | {out['mem_x_floor']} | {out['fwd_x_base']} |", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", nargs="*", type=int, default=list(range(len(GRID))))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warm", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    print("| row | floor ms | PEFT default | PEFT dtype adapters | surgery | × floor | × PEFT dtype | mem × floor "
+          "| fwd × base |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+    rows = {}
+    for i in args.rows:
+        name, config, batch, seq, r, p, dtype = GRID[i]
+        rows[name] = row(args.device, name, config, batch, seq, r, p, dtype, args.steps, args.warm)
+    summary = {k: statistics.median(v[k] for v in rows.values()) for k in ("x_floor", "x_peft_dtype", "fwd_x_base")}
+    summary |= {f"worst_{k}": max(v[k] for v in rows.values()) for k in ("x_floor", "x_peft_dtype", "fwd_x_base")}
+    print("median and worst:", summary)
+    path = harness.write_results("bench_grid", args.device, {"rows": rows, "summary": summary}, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Several LoRA training jobs on one base (surgery.jobs) against one adapter on the same tokens and against the jobs
+run one after another, in one process.
+
+    python benchmarks/bench_jobs.py --device cuda      # 0.85 B Llama shape, bf16, 4 jobs of 1 x 512 and of 2 x 1024
+    python benchmarks/bench_jobs.py                    # CPU: a small model, a smoke run
+
+Rows per job size: `one` (a single adapter trained on all jobs' samples as one batch), `joint` (the 4 jobs in one
+step: one forward and backward, each job's optimizer stepped), `sequential` (each job's step alone, one after
+another). LoRA r 16 on every linear but the head, no dropout, AdamW. Results: benchmarks/results/bench_jobs-<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+
+import harness
+import torch
+
+import surgery
+
+JOBS = 4
+
+
+def rows(work: harness.Workload, per_job: tuple[int, int]) -> dict:
+    batch, seq = per_job
+    vocab = work.shape["config"]["vocab_size"]
+    g = torch.Generator().manual_seed(1)
+    data = {f"j{i}": {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g).to(work.device)}
+            for i in range(JOBS)}
+    work.fresh()
+    model = work.base()
+    for name in data:
+        surgery.attach(model, harness.lora_rules(r=16), name=name)
+    model.train()
+    opts = {n: torch.optim.AdamW(surgery.adapter_parameters(model, n), lr=1e-4, fused=work.cuda) for n in data}
+    jobs = surgery.jobs(model, opts)
+    out = {"joint_ms": work.time_ms(lambda: jobs.step(data))}
+    out["joint_gib"] = work.peak_gib()
+
+    def sequential():
+        for name, batch in data.items():
+            jobs.step({name: batch})
+    out["sequential_ms"] = work.time_ms(sequential)
+    model = jobs = opts = None  # freed before the next model
+    work.fresh()
+    model = work.base()
+    surgery.attach(model, harness.lora_rules(r=16), name="one")
+    model.train()
+    ids = torch.cat([b["input_ids"] for b in data.values()])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=work.cuda)
+
+    def one():
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    out["one_ms"] = work.time_ms(one)
+    out["one_gib"] = work.peak_gib()
+    model = opt = None
+    work.fresh()
+    out = {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
+    out["joint_x_one"] = round(out["joint_ms"] / out["one_ms"], 3)
+    out["throughput_x_sequential"] = round(out["sequential_ms"] / out["joint_ms"], 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    work = harness.Workload(args.device)
+    sizes = [(1, 512), (2, 1024)] if work.cuda else [(1, 32), (2, 64)]
+    results = {}
+    for size in sizes:
+        key = f"{JOBS} jobs x ({size[0]} x {size[1]})"
+        results[key] = rows(work, size)
+        print(key, results[key], flush=True)
+    print(f"wrote {harness.write_results('bench_jobs', args.device, {'jobs': results}, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Several jobs trained at once on one base (surgery.jobs): each job's loss and gradients equal training it alone,
+its optimizer steps only its attachment, and batches of different lengths are padded without changing a result."""
+import pytest
+import torch
+
+import surgery
+from surgery import tiny
+
+
+def model_with(names, arch="llama"):
+    model = tiny.build(arch)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(3)
+    for name in names:
+        surgery.attach(model, "lora-qv", name=name)
+    with torch.no_grad():  # non-zero B, so every branch acts and has gradients to A
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def params_of(model, name):
+    """Attachment `name`'s trainable parameters by qualified name (checked against surgery.adapter_parameters)."""
+    by_name = {n: p for n, p in model.named_parameters() if f".branches.{name}." in n}
+    assert {id(p) for p in by_name.values()} == {id(p) for p in surgery.adapter_parameters(model, name)}
+    return by_name
+
+
+def batches(vocab=100):
+    g = torch.Generator().manual_seed(7)
+    short = torch.randint(1, vocab, (2, 5), generator=g)
+    mask = torch.ones_like(short)
+    mask[1, 4:] = 0  # a job's own padding
+    return {"a": {"input_ids": torch.randint(1, vocab, (1, 9), generator=g)},
+            "b": {"input_ids": short, "attention_mask": mask},
+            "c": {"input_ids": torch.randint(1, vocab, (3, 7), generator=g)}}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_each_job_steps_as_if_trained_alone(arch):
+    names = ["a", "b", "c"]
+    joint, alone = model_with(names, arch), model_with(names, arch)
+    data = batches()
+    opts = {n: torch.optim.SGD(params_of(joint, n).values(), lr=1.0) for n in names}  # the update is the gradient
+    before = {n: {k: v.detach().clone() for k, v in params_of(joint, n).items()} for n in names}
+    losses = surgery.jobs(joint, opts).step(data)
+    for n in names:
+        surgery.set_active(alone, [n])
+        batch = data[n]
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+        labels = batch["input_ids"].masked_fill(mask == 0, -100)
+        opt = torch.optim.SGD(params_of(alone, n).values(), lr=1.0)
+        loss = alone(input_ids=batch["input_ids"], attention_mask=mask, labels=labels, use_cache=False).loss
+        loss.backward()
+        assert abs(losses[n] - loss.item()) < 1e-5
+        grads = {k: p.grad.clone() for k, p in params_of(alone, n).items()}
+        opt.step()
+        for k, p in params_of(joint, n).items():
+            assert not torch.equal(p, before[n][k])  # the job moved
+            torch.testing.assert_close(p, params_of(alone, n)[k], rtol=1e-5, atol=1e-6)
+        assert all(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_a_step_over_some_jobs_leaves_the_others_untouched():
+    model = model_with(["a", "b"])
+    opts = {n: torch.optim.SGD(params_of(model, n).values(), lr=0.1) for n in "ab"}
+    before = {k: v.detach().clone() for k, v in params_of(model, "b").items()}
+    surgery.jobs(model, opts).step({"a": batches()["a"]})
+    assert all(torch.equal(p, before[k]) for k, p in params_of(model, "b").items())
+    assert all(p.grad is None for p in params_of(model, "b").values())
+
+
+def test_unknown_jobs_are_refused_by_name():
+    model = model_with(["a"])
+    with pytest.raises(surgery.SurgeryError, match="zzz"):
+        surgery.jobs(model, {"zzz": torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1)})
+    jobs = surgery.jobs(model, {"a": torch.optim.SGD(params_of(model, "a").values(), lr=1)})
+    with pytest.raises(surgery.SurgeryError, match="'q'"):
+        jobs.step({"q": batches()["a"]})
