@@ -74,8 +74,10 @@ class AdapterParams(MethodParams):
         return self
 
     def width(self, features: int) -> int:
-        """The bottleneck width m for a d = `features` wide stream."""
+        """The bottleneck width m for a d = `features` wide stream (at most d: a wider one is no bottleneck)."""
         if self.bottleneck is not None:
+            if self.bottleneck > features:
+                raise SiteError(f"bottleneck={self.bottleneck} is wider than the {features} features it adapts")
             return self.bottleneck
         return max(1, int(features // (self.reduction_factor or 16.0)))
 

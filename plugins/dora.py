@@ -114,6 +114,8 @@ class DoraPart(Branch):
     """A, B and m of one weight (or of one role's output channels of a fused one). The base module is read for W
     (through its weight format) and its bias: the module given at build, or, once attached, the Host's base."""
 
+    reads_base_weight = True
+
     def __init__(self, module: nn.Module, in_features: int, out_features: int, params: DoraParams,
                  dtype: torch.dtype, device: torch.device, channels: torch.Tensor | None = None):
         super().__init__()
@@ -179,6 +181,8 @@ class DoraPart(Branch):
 
 class SlicedDoraPart(SlicedBranch):
     """One DoraPart per selected role of a fused projection (e.g. only q and v of GPT-2's c_attn)."""
+
+    reads_base_weight = True
 
     def fused_call(self, base: nn.Module, args: tuple, kwargs: dict) -> Any:
         if any(part.dropping() for part in self.parts.values()):
@@ -264,7 +268,9 @@ class Dora(Method):
                 out = rows if channels is None else out.index_copy(0, channels, rows)
             return out.to(w.dtype)
 
-        return WeightEdit(apply=lambda w: fold(w, True), revert=lambda w: fold(w, False))
+        # W' = W + ((g - 1) W + g ΔW): the branch adds a term linear in the site's input (it reads W, not the
+        # base output), so the fold is an addition
+        return WeightEdit(apply=lambda w: fold(w, True), revert=lambda w: fold(w, False), form="add")
 
 
 @surgery.hookimpl

@@ -166,9 +166,10 @@ class IA3(Method):
                 f"{'entry' if len(where) == 1 else 'entries'} (index {where[0]}{', ...' if len(where) > 1 else ''}); "
                 "a merge there could not be undone. Nothing was changed.")
         if branch.side == "input":  # columns; the bias is untouched
-            return WeightEdit(apply=lambda w: _scaled(w, vector, 1, False), revert=lambda w: _scaled(w, vector, 1, True))
+            return WeightEdit(apply=lambda w: _scaled(w, vector, 1, False), revert=lambda w: _scaled(w, vector, 1, True),
+                              form="scale_input")
         return WeightEdit(apply=lambda w: _scaled(w, vector, 0, False), revert=lambda w: _scaled(w, vector, 0, True),
-                          apply_bias=lambda b: _scaled(b, vector, 0, False))
+                          apply_bias=lambda b: _scaled(b, vector, 0, False), form="scale_output")
 
 
 @surgery.hookimpl

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import surgery
-from surgery.plugin import Method
+from surgery.plugin import Method, Site, check_rank
 from surgery_plugins.weight_delta import DeltaBranch, DeltaMethod, LycorisParams
 
 
@@ -65,6 +65,11 @@ class Loha(DeltaMethod):
 
     def part_count(self, in_features: int, out_features: int, params: Any) -> int:
         return 2 * params.r * (in_features + out_features)
+
+    def count(self, site: Site, params: Any, roles: frozenset[str]) -> int:
+        widths = [len(c) for c in self.channel_lists(site, roles)] or [site.out_features]
+        check_rank(self.name, site, params.r, min([site.in_features, *widths]))  # at plan time, before allocating
+        return super().count(site, params, roles)
 
 
 @surgery.hookimpl

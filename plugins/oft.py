@@ -206,7 +206,7 @@ class Oft(Method):
         with torch.no_grad():
             r = branch.rotations().detach().to(torch.float64)
             inverse = torch.linalg.inv(r)
-        return WeightEdit(apply=lambda w: _rotated(w, r), revert=lambda w: _rotated(w, inverse))
+        return WeightEdit(apply=lambda w: _rotated(w, r), revert=lambda w: _rotated(w, inverse), form="transform_input")
 
 
 @surgery.hookimpl

@@ -89,7 +89,8 @@ def prompt_encoder(kind: str, dim: int, hidden: int, dtype: torch.dtype, device:
 
 class PromptBranch(Branch):
     """The virtual-token embeddings of one model input: a plain [N, dim] prompt, or a prompt encoder over learned
-    inputs. While `pending` > 0 the next embedding call has N placeholder positions in front, which it overwrites."""
+    inputs. While `pending` > 0 the next embedding call has N placeholder positions at `offset` (0 unless another
+    prompt attachment's placeholders were put in front of them), which it overwrites."""
 
     def __init__(self, site: str, prompt: torch.Tensor, encoder: nn.Module | None, strip: bool):
         super().__init__()
@@ -100,6 +101,7 @@ class PromptBranch(Branch):
         else:
             self.prompt, self.inputs = None, nn.Parameter(prompt)
         self.pending = 0
+        self.offset = 0
 
     def embeddings(self) -> torch.Tensor:
         """The virtual tokens' embeddings, [N, dim]."""
@@ -120,13 +122,15 @@ class PromptBranch(Branch):
         if not self.pending:
             return out
         self.pending -= 1
+        offset, self.offset = self.offset, 0
         seq = input_of(args, kwargs).dim() - 1
-        if out.shape[seq] < self.length:
+        if out.shape[seq] < offset + self.length:
             raise SurgeryError(f"prompt at site {self.site!r}: the embedding call has {out.shape[seq]} positions, "
-                               f"fewer than the {self.length} virtual tokens")
+                               f"fewer than the {offset + self.length} virtual tokens")
         prompt = self.embeddings().to(out.dtype)
         prompt = prompt.view((1,) * seq + prompt.shape).expand(*out.shape[:seq], -1, -1)
-        return torch.cat([prompt, out.narrow(seq, self.length, out.shape[seq] - self.length)], dim=seq)
+        end = offset + self.length
+        return torch.cat([out.narrow(seq, 0, offset), prompt, out.narrow(seq, end, out.shape[seq] - end)], dim=seq)
 
 
 # -- the model-level hook ------------------------------------------------------------------------------------------
@@ -189,34 +193,61 @@ def _ones_before(mask: torch.Tensor, n: int, site: str) -> torch.Tensor:
     return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
 
 
-def _strip(out: Any, n: int) -> Any:
-    """Drop the first n positions of the per-token outputs."""
+def _strip(out: Any, n: int, real: int) -> Any:
+    """Drop the n virtual positions in front of the `real` ones from the per-token outputs. An output that keeps
+    only its last k positions (`logits_to_keep`, as `generate()` asks) holds max(0, k - real) of them."""
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return t[:, max(0, min(n, t.shape[1] - real)):] if t.dim() >= 2 else t
+
     if isinstance(out, torch.Tensor):
-        return out[:, n:]
+        return cut(out)
     for field in ("logits", "last_hidden_state"):
         if isinstance(getattr(out, field, None), torch.Tensor):
-            out[field] = out[field][:, n:]
+            out[field] = cut(out[field])
     if isinstance(getattr(out, "hidden_states", None), tuple):
-        out["hidden_states"] = tuple(h[:, n:] for h in out["hidden_states"])
+        out["hidden_states"] = tuple(cut(h) for h in out["hidden_states"])
     return out
 
 
 class InputHook:
     """Prepends one branch's virtual tokens to the calls of `stack` (the model, or its encoder)."""
 
-    def __init__(self, branch: PromptBranch, stack: nn.Module, labels: bool):
-        self.branch, self.labels = branch, labels
+    def __init__(self, branch: PromptBranch, stack: nn.Module, labels: bool, model: nn.Module):
+        self.branch, self.labels, self.model = branch, labels, model
         self.signature = inspect.signature(stack.forward)
         names = list(self.signature.parameters)
         self.ids_name = "input_ids" if "input_ids" in names else names[0]
-        self.calls: list[tuple[bool, int]] = []  # per running call: (virtual tokens added, pending before)
+        self.calls: list[tuple[bool, int, int]] = []  # per call: (virtual tokens added, pending before, real length)
+
+    def _host(self) -> nn.Module:
+        return self.model.get_submodule(self.branch.site)
 
     def running(self) -> bool:
-        return self.branch.running
+        """Whether this call gets the virtual tokens: the branch runs; or, while samples are routed to
+        attachments (`surgery.per_sample`), every sample takes this one. The tokens lengthen the whole batch, so
+        routing only some samples to a prompt attachment is refused."""
+        host = self._host()
+        routing = getattr(host, "routing", None)
+        if routing is None:
+            return self.branch.running
+        mine = next((n for n, b in getattr(host, "branches", {}).items() if b is self.branch), None)
+        takes = {n == mine for n in routing}
+        if takes == {True, False}:
+            raise SurgeryError(f"prompt attachment {mine!r} at site {self.branch.site!r} is routed to some samples "
+                               "only: its virtual tokens lengthen every sample of the batch. Route it to all samples "
+                               "or to none (run the others in another batch)")
+        return takes == {True}
+
+    def _shift_others(self, n: int) -> None:
+        """Placeholders of prompt attachments whose hooks ran before this one's now start n positions later."""
+        for other in getattr(self._host(), "branches", {}).values():
+            if other is not self.branch and isinstance(other, PromptBranch) and other.pending:
+                other.offset += n
 
     def before(self, module: nn.Module, args: tuple, kwargs: dict):
         branch, n = self.branch, self.branch.length
-        self.calls.append((False, branch.pending))  # one record per call; `after` pops it even if this raises
+        self.calls.append((False, branch.pending, 0))  # one record per call; `after` pops it even if this raises
         if not self.running():
             return None
         call = _Call(self.signature, args, kwargs)
@@ -250,15 +281,18 @@ class InputHook:
         labels = call.get("labels")
         if self.labels and isinstance(labels, torch.Tensor) and labels.shape == shape:
             call.set("labels", torch.cat([labels.new_full((*labels.shape[:-1], n), -100), labels], dim=-1))
-        self.calls[-1] = (True, branch.pending)
+        self.calls[-1] = (True, branch.pending, shape[-1])
         if isinstance(ids, torch.Tensor):
+            self._shift_others(n)
             branch.pending += 1
         return call.result()
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-        added, pending = self.calls.pop()
+        added, pending, real = self.calls.pop()
         self.branch.pending = min(self.branch.pending, pending)  # disarm if the embedding never ran
-        return _strip(out, self.branch.length) if added and self.branch.strip else out
+        if not self.branch.pending:
+            self.branch.offset = 0
+        return _strip(out, self.branch.length, real) if added and self.branch.strip else out
 
 
 def _pad_encoder_mask(host: nn.Module, hook: InputHook) -> Callable:
@@ -305,7 +339,7 @@ def _install_hooks(model: nn.Module, branches: dict[str, Branch]) -> "RemoveHook
                 raise SurgeryError(f"prompt sites {stacks[id(stack)]!r} and {path!r} feed the same model input; "
                                    "select one embedding.input site")
             stacks[id(stack)] = path
-            hook = InputHook(branch, stack, labels=stack is model)
+            hook = InputHook(branch, stack, labels=stack is model, model=model)
             handles.append(stack.register_forward_pre_hook(hook.before, with_kwargs=True))
             handles.append(stack.register_forward_hook(hook.after, with_kwargs=True, always_call=True))
             if encoder_decoder:
@@ -330,7 +364,7 @@ class RemoveHooks:
         for handle in self.handles:
             handle.remove()
         for branch in self.branches:
-            branch.pending = 0
+            branch.pending = branch.offset = 0
 
 
 def _embedding_sample(module: nn.Module, site: Site, ids: list[int] | None, count: int) -> torch.Tensor:

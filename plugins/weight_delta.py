@@ -113,6 +113,10 @@ class DeltaMethod(Method):
             parts[role.rsplit(".", 1)[-1]] = self.part(site.in_features, channels.numel(), params, dtype, device, channels)
         return SlicedDeltaBranch(parts)
 
+    def channel_lists(self, site: Site, roles: frozenset[str]) -> list[list[int]]:
+        """The output channels of each selected role slice ([] for the whole module)."""
+        return [role_channels(site, r) for r in sliced_roles(site, roles)]
+
     def count(self, site: Site, params: Any, roles: frozenset[str]) -> int:
         sliced = sliced_roles(site, roles)
         if not sliced:
@@ -131,4 +135,4 @@ class DeltaMethod(Method):
                 wide = wide + delta if channels is None else wide.index_add(0, channels, delta)
             return wide.to(weight.dtype)
 
-        return WeightEdit(apply=lambda w: shift(w, 1.0), revert=lambda w: shift(w, -1.0))
+        return WeightEdit(apply=lambda w: shift(w, 1.0), revert=lambda w: shift(w, -1.0), form="add")

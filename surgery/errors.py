@@ -50,3 +50,8 @@ class MismatchError(SurgeryError):
         self.mismatches = mismatches
         listing = "\n  - ".join(mismatches)
         super().__init__(f"adapter {directory} does not fit this model ({len(mismatches)} mismatches):\n  - {listing}")
+
+
+class PatternError(SurgeryError):
+    """A regular expression (from a file: e.g. HF PEFT's `alpha_pattern`) outside the subset that can be matched in
+    linear time (`surgery.rules.patterns`), or too large to match in bounded time."""

@@ -29,6 +29,7 @@ from surgery.core.method import (
     SlicedBranch,
     WeightEdit,
     branch_dtype,
+    check_rank,
     first_float_dtype,
     input_of,
     module_device,
@@ -42,6 +43,7 @@ from surgery.errors import (
     LedgerError,
     MismatchError,
     NotMergeableError,
+    PatternError,
     PluginError,
     RuleFileError,
     SiteError,
@@ -49,8 +51,10 @@ from surgery.errors import (
 )
 from surgery.io.adapter_files import fill_branches, read_tensors
 from surgery.io.atomic import write_directory
+from surgery.io.bounded import SafetensorsHeader, TensorInfo, read_json, read_safetensors_header
 from surgery.io.manifest import with_manifest
 from surgery.io.model_card import with_model_card
+from surgery.rules.patterns import Pattern
 from surgery.rules.schema import RuleSet, parse_ruleset
 from surgery.rules.tasks import task_of
 
@@ -86,12 +90,13 @@ __all__ = [
     # hooks
     "hookimpl", "hookspec",
     # methods: what a method plugin implements, and helpers for building branches
-    "Method", "MethodParams", "Branch", "SlicedBranch", "WeightEdit", "DTYPES", "branch_dtype", "first_float_dtype",
+    "Method", "MethodParams", "Branch", "SlicedBranch", "WeightEdit", "DTYPES", "branch_dtype", "check_rank", "first_float_dtype",
     "module_device", "input_of",
     # sites: what the analysis found, and the vocabulary of roles and kinds
     "Site", "AttentionInfo", "ROLES", "KINDS", "Report", "inspect",
     # formats: weight formats (quantized layers) and adapter file formats
     "WeightFormat", "weight_format", "TraceStandIn", "AdapterFormat", "read_tensors", "fill_branches", "write_directory",
+    "read_json", "read_safetensors_header", "SafetensorsHeader", "TensorInfo", "Pattern",
     "with_manifest", "with_model_card", "PeftMapping", "peft_mappings",
     # what is attached
     "Attachment", "attachments", "attachment", "base_module",
@@ -99,5 +104,5 @@ __all__ = [
     "RuleSet", "parse_ruleset", "task_of",
     # errors
     "SurgeryError", "SiteError", "NotMergeableError", "PluginError", "RuleFileError", "LedgerError", "AdapterFileError",
-    "MismatchError",
+    "MismatchError", "PatternError",
 ]

@@ -5,6 +5,7 @@ import torch
 
 import surgery
 from surgery import tiny
+from surgery.errors import NotMergeableError
 from tests.conftest import assert_bit_identical, ids, logits, snapshot
 from tests.method_checks import nudge
 
@@ -51,18 +52,26 @@ def test_several_methods_on_one_model(tmp_path):
             fresh = tiny.build("llama")
             surgery.load(fresh, tmp_path / name)
             torch.testing.assert_close(logits(fresh, x), expected, rtol=0, atol=0)
+        # OFT rotates the input that LoHa's and LoRA's branches read at the same sites: folded into the weights,
+        # the rotation would no longer reach them, so the merge is refused while they run unmerged (issue 22, item 2)
+        with pytest.raises(NotMergeableError, match="no longer reach"):
+            surgery.merge(model, "o")
+        surgery.detach(model, "l")
+        surgery.set_active(model, ["h", "o", "p", "x"])
+        unmerged = logits(model, x)
         surgery.merge(model, "h")
-        surgery.merge(model, "o")  # on the same sites: unmerging h unmerges o first and merges it again
-        surgery.unmerge(model, "h")
-        surgery.set_active(model, ["o", "p", "x"])
-        merged = logits(model, x)
+        surgery.merge(model, "o")  # on the same sites, after h: the composed function is kept
+        torch.testing.assert_close(logits(model, x), unmerged, rtol=1e-4, atol=1e-4)
+        with pytest.raises(NotMergeableError, match="'h'"):  # o would stay folded, no longer rotating h's input
+            surgery.unmerge(model, "h")
         surgery.unmerge(model, "o")
-        torch.testing.assert_close(logits(model, x), merged, rtol=1e-4, atol=1e-4)
+        surgery.unmerge(model, "h")
+        torch.testing.assert_close(logits(model, x), unmerged, rtol=0, atol=0)  # unmerges are bit-exact
         surgery.detach(model, "x")  # the llama-adapter still runs through the registered attention function
         assert model.config._attn_implementation == "surgery_prefix_sdpa"
         surgery.set_active(model, ["p"])
         torch.testing.assert_close(logits(model, x), alone["p"], rtol=0, atol=0)
-        for name in ["p", "o", "l", "h", "k"]:
+        for name in ["p", "o", "h", "k"]:
             surgery.detach(model, name)
     assert model.config._attn_implementation == "sdpa"
     assert_bit_identical(model, before)

@@ -196,3 +196,74 @@ def test_bad_input_is_refused_and_the_model_untouched():
         llama(ids(), attention_mask=torch.ones(2, 1, 8, 8, dtype=torch.bool))
     with pytest.raises(SurgeryError, match="static"):
         llama.generate(ids(), attention_mask=torch.ones(2, 8), cache_implementation="static", max_new_tokens=2)
+
+
+# ---- issue 22: routing and exact cached generation ------------------------------------------------------------------
+
+def _random_prompt(model, name="a", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in branch(model, name).parameters():
+            p.copy_(torch.randn(p.shape, generator=g).to(p.dtype))
+
+
+def test_per_sample_routes_prompt_attachments():
+    model = tiny.build("llama")
+    x = ids(2, 6)
+    base = model(x).logits
+    surgery.attach(model, prompt_rules(), name="p")
+    _random_prompt(model, "p")
+    prompted = model(x).logits
+    greedy = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    generated = model.generate(x, **greedy)
+    with surgery.per_sample(model, [None, None]):  # no sample takes the prompt: no virtual tokens at all
+        assert torch.equal(model(x).logits, base)
+    surgery.set_active(model, [])
+    with surgery.per_sample(model, ["p", "p"]):  # every sample takes it, active or not
+        assert torch.equal(model(x).logits, prompted)
+        assert torch.equal(model.generate(x, **greedy), generated)
+    with pytest.raises(SurgeryError, match="'p' at site 'model.embed_tokens' is routed to some samples only"):
+        with surgery.per_sample(model, ["p", None]):
+            model(x)
+    assert surgery.active(model) == []
+    assert torch.equal(model(x).logits, base)
+
+
+def test_two_prompt_attachments_stack_in_front_of_the_input():
+    model = tiny.build("gpt2")
+    c1, c2, x = ids(1, N, seed=3, vocab=90), ids(1, N, seed=5, vocab=90), ids(2, 6, seed=4, vocab=90)
+    with torch.no_grad():
+        reference = model(torch.cat([c2.expand(2, -1), c1.expand(2, -1), x], 1)).logits
+    surgery.attach(model, prompt_rules(init="ids", init_ids=c1[0].tolist()), name="p")
+    surgery.attach(model, prompt_rules(init="ids", init_ids=c2[0].tolist()), name="q")
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reference)  # the later attachment's tokens come first
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method,params", [("prompt-tuning", {}), ("prompt-tuning", {"strip": True}),
+                                           ("p-tuning", {"encoder": "lstm", "encoder_hidden": 16})])
+def test_cached_generation_equals_full_forwards(arch, method, params):
+    """generate() with a cache computes, step by step, what one forward over the whole sequence computes (with
+    generate's own position convention), with and without left padding; a padded row generates what it does alone."""
+    model = tiny.build(arch)
+    surgery.attach(model, prompt_rules(method, **params), name="a")
+    _random_prompt(model)
+    x, mask = ids(2, 6, seed=7), torch.ones(2, 6, dtype=torch.long)
+    x[0, :2], mask[0, :2] = 0, 0
+    greedy = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    cached = model.generate(x, attention_mask=mask, use_cache=True, **greedy)
+    uncached = model.generate(x, attention_mask=mask, use_cache=False, **greedy)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), rtol=1e-5, atol=1e-5)
+    sequence = cached.sequences
+    full_mask = torch.cat([mask, torch.ones(2, sequence.shape[1] - 6, dtype=mask.dtype)], 1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        full = model(sequence, attention_mask=full_mask, position_ids=positions).logits
+    offset = full.shape[1] - sequence.shape[1]  # the virtual positions, unless stripped
+    for step, step_logits in enumerate(cached.logits):
+        torch.testing.assert_close(step_logits, full[:, offset + 5 + step], rtol=1e-5, atol=1e-5)
+    alone = model.generate(x[:1, 2:], use_cache=True, **greedy)
+    assert torch.equal(alone.sequences[0], cached.sequences[0, 2:])
+    torch.testing.assert_close(torch.stack(alone.logits)[:, 0], torch.stack(cached.logits)[:, 0], rtol=1e-5, atol=1e-5)

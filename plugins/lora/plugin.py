@@ -12,7 +12,9 @@ from pydantic import Field
 from torch import nn
 
 import surgery
-from surgery.plugin import Branch, Method, MethodParams, Site, SiteError, WeightEdit, branch_dtype, module_device
+from surgery.plugin import (
+    Branch, Method, MethodParams, Site, SiteError, WeightEdit, branch_dtype, check_rank, module_device,
+)
 from surgery_plugins.lora import formula
 from surgery_plugins.lora.branches import LoraBranch, LoraEmbeddingBranch, SlicedLoraBranch, WeightLoraBranch
 from surgery_plugins.lora.shared import SharedInput
@@ -104,10 +106,10 @@ class Lora(Method):
 
     def count(self, site: Site, params: Any, roles: frozenset[str]) -> int:
         sliced = _sliced_roles(site, roles)
+        widths = [sum(b - a for a, b in site.channels(r)) for r in sliced] or [site.out_features]
+        check_rank("lora", site, params.r, min([site.in_features, *widths]))  # at plan time, before allocating
         per = site.num_experts if site.kind == "experts" else 1  # one pair per expert
-        if not sliced:
-            return per * params.r * (site.in_features + site.out_features)
-        return per * sum(params.r * (site.in_features + sum(b - a for a, b in site.channels(r))) for r in sliced)
+        return per * sum(params.r * (site.in_features + w) for w in widths)
 
     def merge_edit(self, site: Site, module: nn.Module, branch: Branch) -> WeightEdit:
         parts = list(branch.parts.values()) if isinstance(branch, SlicedLoraBranch) else [branch]
@@ -131,7 +133,7 @@ class Lora(Method):
                                .to(weight.dtype))
             return out
 
-        return WeightEdit(apply=lambda w: shift(w, 1.0), revert=lambda w: shift(w, -1.0))
+        return WeightEdit(apply=lambda w: shift(w, 1.0), revert=lambda w: shift(w, -1.0), form="add")
 
     def combine(self, site: Site, branches: list[Branch], weights: list[float], how: str) -> tuple[dict, dict]:
         keys = list(branches[0].parts) if isinstance(branches[0], SlicedLoraBranch) else [None]

@@ -27,6 +27,7 @@ from surgery.plugin import (
     inspect,
     parse_ruleset,
     peft_mappings,
+    read_json,
     read_tensors,
     task_of,
     with_manifest,
@@ -34,11 +35,23 @@ from surgery.plugin import (
     write_directory,
 )
 from surgery_plugins.peft_format.adaption_prompt import AdaptionPromptMapping
-from surgery_plugins.peft_format.common import CONFIG, PREFIX, TENSORS, matches_target, unprefixed
+from surgery_plugins.peft_format.common import (
+    CONFIG,
+    PREFIX,
+    TENSORS,
+    glob_literal,
+    matches_target,
+    unprefixed,
+    validate_config,
+)
 from surgery_plugins.peft_format.loha import LohaMapping
 from surgery_plugins.peft_format.lokr import LokrMapping
 from surgery_plugins.peft_format.lora import LoraMapping
 from surgery_plugins.peft_format.oft import OftMapping
+
+MAX_ADAPTER_SHARE = 4
+"""A PEFT adapter's tensors are read only if they hold at most this many times the model's parameters (8 bytes
+each, plus 1 MiB): the memory a load may take is bounded by the model's own, whatever the file's header says."""
 
 
 class PeftFormat:
@@ -52,17 +65,16 @@ class PeftFormat:
     # ---- reading -------------------------------------------------------------------------------------------
     def _read_config(self, directory: Path) -> tuple[dict[str, Any], PeftMapping]:
         path = directory / CONFIG
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise AdapterFileError(f"{path}: not readable JSON ({err})") from None
+        config = read_json(path)  # a regular file, bounded in size and depth, no duplicate keys or NaN
         if not isinstance(config, dict):
             raise AdapterFileError(f"{path}: not a JSON object")
         mappings = peft_mappings()
-        mapping = mappings.get(config.get("peft_type"))
+        peft_type = config.get("peft_type")
+        mapping = mappings.get(peft_type) if isinstance(peft_type, str) else None
         if mapping is None:
-            raise AdapterFileError(f"{path}: peft_type {config.get('peft_type')!r} cannot be mapped "
+            raise AdapterFileError(f"{path}: peft_type {peft_type!r:.80} cannot be mapped "
                                    f"(mapped: {', '.join(sorted(mappings))})")
+        validate_config(config, path)
         return config, mapping
 
     def load(self, model: nn.Module, directory: Path, name: str) -> Attachment:
@@ -70,12 +82,14 @@ class PeftFormat:
         tensor_path = directory / TENSORS
         if not tensor_path.exists() and (directory / "adapter_model.bin").exists():
             raise AdapterFileError(f"{directory / 'adapter_model.bin'}: pickle files are never loaded; convert it to safetensors")
-        tensors = read_tensors(tensor_path)
+        # the header is checked against the file's size, and the data's size against the bound, before any data
+        bound = MAX_ADAPTER_SHARE * 8 * sum(p.numel() for p in model.parameters()) + (1 << 20)
+        tensors = read_tensors(tensor_path, max_bytes=bound)
         report = inspect(model)
         copies, copied, rest = _split_copies(config, tensors, [s.path for s in report.sites if s.kind != "attention"])
         rules, ours = mapping.read(config, rest, report, str(directory))
         if copies:
-            rules.append({"select": {"paths": copies}, "method": "copy"})
+            rules.append({"select": {"paths": [glob_literal(p) for p in copies]}, "method": "copy"})
             ours.update(copied)
         if not rules:
             raise AdapterFileError(f"{directory / CONFIG}: the adapter holds no {mapping.peft_type} tensors")
@@ -115,8 +129,9 @@ class PeftFormat:
                   **fields, **({"modules_to_save": _whole_modules(model, copies)} if copies else {}),
                   "inference_mode": True}
         blob = save_tensors({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, metadata={"format": "pt"})
-        files = with_manifest({TENSORS: blob, CONFIG: (json.dumps(config, indent=2) + "\n").encode()})
-        return write_directory(directory, with_model_card(files, model, attachment, directory, "peft"))
+        files = with_model_card(with_manifest({TENSORS: blob}), model, attachment, directory, "peft")
+        files[CONFIG] = (json.dumps(config, indent=2) + "\n").encode()  # renamed in last: the adapter's own files
+        return write_directory(directory, files)  # are all in place before a reader sees its config
 
 
 def _whole_modules(model: nn.Module, copies: list[str]) -> list[str]:

@@ -6,9 +6,10 @@ from collections import Counter
 from typing import Any, ClassVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
-from surgery.plugin import AdapterFileError, MismatchError, Site, SurgeryError
+from surgery.plugin import AdapterFileError, MismatchError, Pattern, PatternError, Site, SurgeryError
 
 PREFIX = "base_model.model."
 """What PEFT puts before a module path in its tensor keys."""
@@ -27,10 +28,96 @@ def refuse(config: dict[str, Any], unsupported: dict[str, Any], source: str) -> 
         raise AdapterFileError(f"{source}/{CONFIG}: PEFT options surgery cannot map: {', '.join(refused)}")
 
 
-def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module path as a regex anchored at a dotted suffix."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
+MAX_PATTERNS = 10_000
+"""Most keys a `rank_pattern` or `alpha_pattern` may have."""
+
+
+class PeftConfig(BaseModel):
+    """The fields of a PEFT `adapter_config.json` that the mappings read, validated strictly whatever the type (no
+    coercion: an integer is a valid float, nothing else; finite numbers; patterns that `Pattern` can match in
+    linear time). Other fields are allowed; each mapping refuses the options it cannot express by name."""
+
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+    peft_type: str
+    r: int = Field(8, ge=0)
+    lora_alpha: float = 8.0
+    alpha: float = 8.0
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    rank_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    vera_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    eps: float = Field(6e-5, ge=0.0)
+    d_initial: float = 0.1
+    use_rslora: bool = False
+    use_dora: bool = False
+    fan_in_fan_out: bool = False
+    coft: bool = False
+    block_share: bool = False
+    use_cayley_neumann: bool = True
+    num_cayley_neumann_terms: int = Field(5, ge=0, le=1000)
+    oft_block_size: int = Field(0, ge=0)
+    adapter_len: int = Field(1, gt=0)
+    adapter_layers: int = Field(1, gt=0)
+    projection_prng_key: int = Field(0, ge=0, lt=1 << 63)
+    save_projection: bool = True
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    target_parameters: list[str] | None = None
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _patterns(cls, value: dict | None, info: Any) -> dict | None:
+        if value is None:
+            return value
+        if len(value) > MAX_PATTERNS:
+            raise ValueError(f"more than {MAX_PATTERNS:,} keys")
+        for key, number in value.items():
+            if info.field_name == "rank_pattern" and number <= 0:
+                raise ValueError(f"rank {number} for {key!r} is not positive")
+            Pattern(rf"(?:.*\.)?(?:{key})")  # refused now if it cannot be matched in linear time
+        return value
+
+    @field_validator("target_modules", "exclude_modules")
+    @classmethod
+    def _targets(cls, value: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(value, str) and value != "all-linear":
+            Pattern(value)
+        return value
+
+
+_TYPE_TAG = re.compile(r"^(list|dict|str|int|float|bool|none|literal|function-[a-z]+)(\[.*\])?$")
+"""The member of a union that pydantic adds to an error's location (`target_modules.list[str]`): not a field."""
+
+
+def validate_config(config: dict[str, Any], path: Any) -> None:
+    """Refuse (`AdapterFileError` naming the file and field) a config whose known fields have the wrong type, a
+    non-finite or out-of-range number, or a pattern outside what `Pattern` matches in linear time."""
+    try:
+        PeftConfig.model_validate(config)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"] if not _TYPE_TAG.match(str(part)))
+        got = repr(first.get("input"))[:80]
+        raise AdapterFileError(f"{path}: field '{field}': {first['msg']} (got {got})") from None
+    except PatternError as err:
+        raise AdapterFileError(f"{path}: {err}") from None
+
+
+def pattern_value(patterns: dict[str, Any] | None, path: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module path as a regex anchored at a dotted suffix
+    (`re.match(rf"(.*\\.)?({key})$", path)`), matched here in linear time (`Pattern`)."""
+    for key, value in (patterns or {}).items():
+        literal = Pattern(key).literal
+        if literal is not None:
+            if path == literal or path.endswith("." + literal):
+                return value
+        elif Pattern(rf"(?:.*\.)?(?:{key})").fullmatch(path):
             return value
     return default
 
@@ -38,6 +125,41 @@ def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
 def matches_target(path: str, targets: list[str]) -> bool:
     """PEFT's list form of `target_modules`: the path itself or a dotted suffix of it."""
     return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def selected(path: str, targets: list[str] | str | None) -> bool:
+    """Whether PEFT's `target_modules` (or `exclude_modules`) names module `path`: a list names modules or dotted
+    suffixes, a string is a regular expression over the whole path (matched in linear time)."""
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return Pattern(targets).fullmatch(path)
+    return matches_target(path, targets)
+
+
+def target_problems(config: dict[str, Any], found: Any, sites: dict[str, Site], what: str,
+                    kinds: frozenset[str] | None = None) -> list[str]:
+    """`target_modules` (less `exclude_modules`) must name exactly the modules the file has `what` tensors for
+    (of the site kinds the type adapts): a config naming k_proj beside tensors for q and v only is a mismatch."""
+    targets = config.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return []
+    exclude, saved = config.get("exclude_modules"), config.get("modules_to_save") or []
+
+    def targeted(path: str) -> bool:
+        return selected(path, targets) and not selected(path, exclude)
+
+    problems = [f"target_modules selects {p!r}, but {TENSORS} has no {what} tensors for it"
+                for p in sorted(sites) if targeted(p) and p not in found and sites[p].kind != "attention"
+                and (kinds is None or sites[p].kind in kinds) and not matches_target(p, saved)]
+    problems += [f"{TENSORS} has {what} tensors for {p!r}, which target_modules does not select"
+                 for p in sorted(found) if not targeted(p)]
+    return problems
+
+
+def glob_literal(path: str) -> str:
+    """A glob that matches exactly `path` (module paths may hold glob characters)."""
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in path)
 
 
 def unprefixed(key: str) -> str:
@@ -76,7 +198,8 @@ def grouped_rules(params: dict[str, dict[str, Any]], method: str) -> list[dict[s
     for path in sorted(params):
         key = repr(sorted(params[path].items()))
         groups.setdefault(key, (params[path], []))[1].append(path)
-    return [{"select": {"paths": paths}, "method": method, "params": p} for p, paths in groups.values()]
+    return [{"select": {"paths": [glob_literal(x) for x in paths]}, "method": method, "params": p}
+            for p, paths in groups.values()]
 
 
 def dtype_name(tensor: torch.Tensor) -> str:
@@ -148,6 +271,7 @@ class FactorMapping:
         sites = {s.path: s for s in report.sites if s.kind != "attention"}
         found, rest = by_site(tensors, self.names)
         problems = site_problems(found, sites, self.what, frozenset({"linear"}), rest)
+        problems += target_problems(config, found, sites, self.what, frozenset({"linear"}))
         if problems:
             raise MismatchError(source, problems)
         params = {path: self.site_params(config, path, parts) for path, parts in found.items()}

@@ -26,11 +26,13 @@ from surgery_plugins.peft_format.common import (
     PREFIX,
     TENSORS,
     dtype_name,
+    glob_literal,
     matches_target,
     most_common,
     pattern,
     pattern_value,
     refuse,
+    target_problems,
 )
 
 UNSUPPORTED = {"bias": "none", "lora_bias": False, "layers_to_transform": None, "layers_pattern": None,
@@ -43,6 +45,8 @@ _EMBEDDING_KEY = re.compile(r"^(?P<path>.+)\.lora_embedding_(?P<part>A|B)$")
 _MAGNITUDE_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<part>magnitude)_vector(\.weight)?$")
 MAGNITUDE = "lora_magnitude_vector"
 """PEFT's name of DoRA's magnitude, after the module path."""
+_PARAMETER_KINDS = frozenset({"experts", "weight"})
+"""Site kinds whose path names a parameter (PEFT's `target_parameters`, not `target_modules`)."""
 
 
 class LoraMapping:
@@ -56,17 +60,23 @@ class LoraMapping:
         nested = _nested_parameters(config.get("target_parameters") or [], report)
         lora: dict[str, dict[str, torch.Tensor]] = {}
         rest: list[str] = []
+        bad: list[str] = []
         for key, tensor in tensors.items():
             short = key.removeprefix(PREFIX)
             m = _LORA_KEY.match(short) or _EMBEDDING_KEY.match(short) or _MAGNITUDE_KEY.match(short)
             if m:
                 path = nested.get(m["path"], m["path"])
                 if path in sites and sites[path].kind == "experts" and m["part"] != "magnitude":
-                    tensor = _from_peft_experts(tensor, m["part"][-1], sites[path].num_experts)
+                    converted = _from_peft_experts(tensor, m["part"][-1], sites[path].num_experts)
+                    if converted is None:
+                        bad.append(f"site {path!r}: LoRA {m['part']} {list(tensor.shape)} is not a 2-D tensor whose "
+                                   f"rank dimension splits into {sites[path].num_experts} experts")
+                        continue
+                    tensor = converted
                 lora.setdefault(path, {})["m" if m["part"] == "magnitude" else m["part"][-1]] = tensor
             else:
                 rest.append(short)
-        problems = [f"missing site {p!r} (LoRA in the adapter)" for p in lora if p not in sites]
+        problems = bad + [f"missing site {p!r} (LoRA in the adapter)" for p in lora if p not in sites]
         dora = bool(config.get("use_dora"))
         wanted, what = ({"A", "B", "m"}, "LoRA A, B or DoRA magnitude") if dora else ({"A", "B"}, "LoRA A or B")
         problems += [f"site {p!r}: {what} missing from {source}/{TENSORS}" for p, ab in lora.items() if not wanted <= set(ab)]
@@ -78,6 +88,10 @@ class LoraMapping:
         if config.get("fan_in_fan_out"):
             problems += [f"site {p!r}: fan_in_fan_out is set but the module is not a transposed (Conv1D) layer"
                          for p in lora if p in sites and sites[p].kind != "conv1d"]
+        problems += _shape_problems(config, lora, sites)
+        modules = {p: s for p, s in sites.items() if s.kind not in _PARAMETER_KINDS}  # target_parameters: read above
+        problems += target_problems(config, {p: ab for p, ab in lora.items() if p not in sites or p in modules},
+                                    modules, "LoRA")
         problems += [f"tensor {PREFIX}{k!r} belongs to no LoRA site and no module in modules_to_save" for k in rest]
         if problems:
             raise MismatchError(source, problems)
@@ -86,7 +100,7 @@ class LoraMapping:
             r = ab["A"].shape[-2]
             alpha = pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
             groups.setdefault((r, float(alpha), dtype_name(ab["A"])), []).append(path)
-        rules = [{"select": {"paths": paths}, "method": "dora" if dora else "lora",
+        rules = [{"select": {"paths": [glob_literal(p) for p in paths]}, "method": "dora" if dora else "lora",
                   "params": {"r": r, "alpha": alpha, "dropout": float(config.get("lora_dropout") or 0.0),
                              "rslora": bool(config.get("use_rslora")), "dtype": dtype}}
                  for (r, alpha, dtype), paths in groups.items()]
@@ -149,6 +163,31 @@ class LoraMapping:
         return config, tensors
 
 
+def _shape_problems(config: dict[str, Any], lora: dict[str, dict[str, torch.Tensor]], sites: dict) -> list[str]:
+    """Each LoRA pair's shapes and dtypes (per expert on stacked experts: A [E, r, in], B [E, out, r]), DoRA's
+    magnitude [out], and the rank against the one `r` / `rank_pattern` gives it."""
+    problems = []
+    for path, ab in lora.items():
+        if not {"A", "B"} <= set(ab) or path not in sites:
+            continue
+        a, b = ab["A"], ab["B"]
+        experts = sites[path].kind == "experts"
+        dims = 3 if experts else 2
+        if a.dim() != dims or b.dim() != dims or a.shape[-2] != b.shape[-1] or (experts and a.shape[0] != b.shape[0]):
+            problems.append(f"site {path!r}: LoRA A {list(a.shape)} and B {list(b.shape)} are not a low-rank pair")
+            continue
+        if not (a.is_floating_point() and b.is_floating_point()):
+            problems.append(f"site {path!r}: LoRA tensors of dtype {dtype_name(a)}/{dtype_name(b)} (float ones only)")
+        if "m" in ab and (ab["m"].dim() != 1 or ab["m"].shape[0] != b.shape[-2] or not ab["m"].is_floating_point()):
+            problems.append(f"site {path!r}: DoRA magnitude {list(ab['m'].shape)} ({dtype_name(ab['m'])}) is not a "
+                            f"float vector of B's {b.shape[-2]} rows")
+        expected = pattern_value(config.get("rank_pattern"), path, config.get("r", 8))
+        if a.shape[-2] != expected:
+            problems.append(f"site {path!r}: LoRA of rank {a.shape[-2]} in the tensors, {expected} in the config "
+                            "(r / rank_pattern)")
+    return problems
+
+
 def _dense_magnitude(branch: nn.Module, out_features: int) -> torch.Tensor:
     """DoRA's magnitude [out] of the whole module: each part's on its channels, elsewhere the row norm of the
     weight (the branch's parts add nothing to those rows, so PEFT computes the same norm there: g = 1)."""
@@ -198,8 +237,11 @@ def _nested_parameters(targets: list[str], report: Report) -> dict[str, str]:
     return {path.rpartition(".")[0] + ".base_layer" * level: path for path, level in _nesting(targeted).items()}
 
 
-def _from_peft_experts(tensor: torch.Tensor, part: str, experts: int) -> torch.Tensor:
-    """PEFT's 2-D lora_A [r*E, in] / lora_B [out, r*E] of a stacked parameter as ours: [E, r, in] / [E, out, r]."""
+def _from_peft_experts(tensor: torch.Tensor, part: str, experts: int) -> torch.Tensor | None:
+    """PEFT's 2-D lora_A [r*E, in] / lora_B [out, r*E] of a stacked parameter as ours: [E, r, in] / [E, out, r]
+    (None where the tensor has no such shape)."""
+    if tensor.dim() != 2 or experts < 1 or tensor.shape[0 if part == "A" else 1] % experts:
+        return None
     if part == "A":
         return tensor.reshape(experts, -1, tensor.shape[-1])
     return tensor.reshape(tensor.shape[0], -1, experts).permute(2, 0, 1).contiguous()

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from surgery.core.sites import Site
-from surgery.errors import NotMergeableError
+from surgery.errors import NotMergeableError, SiteError
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                                    "float64": torch.float64}
@@ -21,6 +21,14 @@ def branch_dtype(choice: str | None, default: torch.dtype | None) -> torch.dtype
     if choice is not None:
         return DTYPES[choice]
     return default or torch.float32
+
+
+def check_rank(method: str, site: Site, r: int, limit: int, why: str = "min(in, out)") -> None:
+    """Refuse (`SiteError`, naming the method, site and limit) a rank `r` above `limit` at `site`: called from a
+    method's `count`, so a size param is checked when the plan is made, before anything is allocated."""
+    if r > limit:
+        raise SiteError(f"{method} at {site.path!r}: r={r} is more than {why} = {limit} of the site; a larger rank "
+                        "adds parameters but nothing the site can express")
 
 
 def first_float_dtype(module: nn.Module) -> torch.dtype | None:
@@ -64,6 +72,9 @@ class Branch(nn.Module):
     """A branch that stands in for its base module whole (`replaces_base`, e.g. a trained module copy) and has no
     weight edit: merging its attachment leaves it running, so the merged model computes the same function, and
     `surgery.bake` puts `baked_module()` in the base module's place. Its method need not be `mergeable`."""
+    reads_base_weight: bool = False
+    """A branch whose output reads the base module's weight itself (DoRA's row norms): a merge of another attachment
+    into that weight would change what this branch computes, so the engine refuses it while this branch runs."""
     running: bool = False
     """Set by the engine: True while this branch runs at its site (its attachment active and unmerged, adapters
     not disabled). Model-level hooks of a method (`attach_model`) read it to act only while their branch runs."""
@@ -139,11 +150,24 @@ class WeightEdit:
     `apply_bias` (optional) folds the branch into the module's bias [out] too, where it has one; the engine
     keeps the original bias (it is small) and puts it back on unmerge. A module without a bias keeps none, so
     it suits edits that map a zero bias to zero (e.g. scaling output channels).
+
+    `form` (optional) says what the branch does at its site, so the engine can tell whether folding it into the
+    weights keeps the site's function while other attachments' branches run there too (see `EDIT_FORMS`):
+    `"add"` (the branch adds a term linear in the input the base module receives: W -> W + D, e.g. LoRA),
+    `"scale_output"` (it multiplies the output channels: W -> diag(s) W, bias too), `"scale_input"` (it
+    multiplies the input before the base module: W -> W diag(s)), `"transform_input"` (it applies a matrix T to the
+    input before the base module: W -> W T, e.g. OFT's rotation), or `"unknown"` (the default: such a merge is
+    refused where another unmerged branch acts at the same site).
     """
 
     apply: Callable[[torch.Tensor], torch.Tensor]
     revert: Callable[[torch.Tensor], torch.Tensor]
     apply_bias: Callable[[torch.Tensor], torch.Tensor] | None = None
+    form: str = "unknown"
+
+
+EDIT_FORMS = ("add", "scale_output", "scale_input", "transform_input", "unknown")
+"""The values `WeightEdit.form` takes."""
 
 
 def input_of(args: tuple, kwargs: dict) -> torch.Tensor:

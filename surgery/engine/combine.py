@@ -2,11 +2,14 @@
 maths, e.g. LoRA's linear and rank-concatenating combinations)."""
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from surgery.core.registry import manager
 from surgery.engine.ledger import Attachment, require_ledger, unwrap
 from surgery.engine.passes import attach, detach, set_active
+from surgery.engine.transaction import check_name, model_lock
 from surgery.errors import LedgerError
 from surgery.rules.schema import Rule, RuleSet, Selector
 
@@ -19,9 +22,19 @@ def combine(model: nn.Module, weights: dict[str, float], name: str, how: str = "
     The result becomes the only active attachment, so the update does not act twice: the sources (and any other
     attachment) stay attached but idle until `set_active` says otherwise. Sources must not be merged."""
     model = unwrap(model)
+    check_name(name)
+    with model_lock(model):
+        return _combine(model, weights, name, how)
+
+
+def _combine(model: nn.Module, weights: dict[str, float], name: str, how: str) -> Attachment:
     ledger = require_ledger(model)
     if not weights:
         raise LedgerError("combine needs at least one attachment")
+    bad = {n: w for n, w in weights.items()
+           if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)}
+    if bad:
+        raise LedgerError(f"combine: weights must be finite numbers; got {bad}")
     sources = [ledger.get(n) for n in weights]
     merged = [a.name for a in sources if a.merged is not None]
     if merged:
@@ -45,8 +58,8 @@ def combine(model: nn.Module, weights: dict[str, float], name: str, how: str = "
     try:
         for path, branch in attachment.branches.items():
             branch.load_state_dict(states[path])
+        set_active(model, [name])  # all-or-nothing itself; if it refuses, the new attachment goes again
     except BaseException:
         detach(model, name)
         raise
-    set_active(model, [name])
     return attachment

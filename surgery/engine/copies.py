@@ -3,11 +3,13 @@ bake, the branch's `baked_module()` takes the original module's place for good."
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 
 from surgery.core.method import Branch
 from surgery.engine.ledger import Attachment, Ledger, base_module
+from surgery.engine.transaction import Journal
 
 
 @dataclass
@@ -26,11 +28,14 @@ def stand_ins(model: nn.Module, ledger: Ledger, attachment: Attachment) -> list[
             for path, branch in attachment.branches.items() if branch.kept_when_merged]
 
 
-def put_in_place(ledger: Ledger, found: list[StandIn]) -> None:
+def put_in_place(ledger: Ledger, found: list[StandIn], journal: Journal | None = None) -> None:
     """After the attachment's detach: each kept branch's module replaces the original, taking the requires_grad
-    flags the original has now. Where a Host of another attachment still stands, it becomes that Host's base."""
+    flags the original has now. Where a Host of another attachment still stands, it becomes that Host's base.
+    With `journal` (a pass in progress), each change is recorded so that a rollback puts the original back."""
     for s in found:
         module = s.branch.baked_module()
+        if journal is not None:
+            journal.record(f"module copy at {s.path!r}", _undo_of(ledger, s, module))
         flags = {n: p.requires_grad for n, p in s.original.named_parameters()}
         for n, p in module.named_parameters():
             p.requires_grad_(flags.get(n, False))
@@ -41,3 +46,25 @@ def put_in_place(ledger: Ledger, found: list[StandIn]) -> None:
         else:
             for parent, attr in s.homes:
                 setattr(parent, attr, module)
+
+
+def _undo_of(ledger: Ledger, s: StandIn, module: nn.Module) -> Callable[[], None]:
+    """How to take the baked `module` out again: the original back where it was, the module's flags and mode."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    modes = [(m, m.training) for m in module.modules()]
+    host = ledger.hosts.get(s.path)
+
+    def undo() -> None:
+        if host is not None:
+            if host.base is module:
+                host.base = s.original
+        else:
+            for parent, attr in s.homes:
+                if parent._modules.get(attr) is module:
+                    setattr(parent, attr, s.original)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+    return undo

@@ -237,11 +237,36 @@ def install_parameter_host(module: nn.Module, name: str, transposed: bool) -> Pa
     return host
 
 
+def reinstall_parameter_host(host: ParameterHost) -> None:
+    """Parametrize the parameter again with `host` itself, after `remove_parameter_host` (a pass rolled back): the
+    same parametrization objects, class and hooks as before, so the model is exactly as it was."""
+    from torch.nn.utils import parametrize
+
+    module = host.module
+    cls, table, plist, keys = host.stored
+    module._parameters.pop(host.name)  # the original parameter, held again by `plist.original`
+    if "parametrizations" not in module._modules:
+        module._modules["parametrizations"] = table
+    table[host.name] = plist
+    for key in keys:  # the parametrizations in their old order
+        if key in table._modules:
+            table._modules[key] = table._modules.pop(key)
+    module.__class__ = cls
+    parametrize._inject_property(module, host.name)
+    for hook_table, key, hook in host.stored_hooks:  # the same hooks under their old ids
+        hook_table[key] = hook
+
+
 def remove_parameter_host(host: ParameterHost) -> None:
     """Take the parametrization off: the module holds its original parameter object again, in its place."""
     from torch.nn.utils import parametrize
 
     module = host.module
+    host.stored = (module.__class__, module.parametrizations, module.parametrizations[host.name],
+                   list(module.parametrizations.keys()))
+    host.stored_hooks = [(table, hook.id, table[hook.id]) for hook in host.hooks
+                         for table in (ref() for ref in (hook.hooks_dict_ref, *hook.extra_dict_ref))
+                         if table is not None and hook.id in table]
     for hook in host.hooks:
         hook.remove()
     parametrize.remove_parametrizations(module, host.name, leave_parametrized=False)

@@ -1,9 +1,12 @@
 """The ledger: what has been done to a model, kept on the model so every pass can be undone."""
 from __future__ import annotations
 
+import copy
+import types
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 from surgery.analysis.report import Report
@@ -20,13 +23,17 @@ LEDGER_ATTRIBUTE = "_surgery_ledger"
 @dataclass
 class MergedSite:
     """One site's applied merge: how to undo it exactly. `replaced` is the original base module where the merge
-    swapped in a float copy instead of rewriting it (`merge(..., into="float")`); unmerge puts it back."""
+    swapped in a float copy instead of rewriting it (`merge(..., into="float")`); unmerge puts it back.
+    `branch_state` holds the branch's tensors as they were merged: the edit is undone with those values even if
+    the branch was changed while merged (e.g. a state dict loaded into it)."""
 
     path: str
     fmt: WeightFormat
     edit: WeightEdit
     record: EditRecord
     replaced: nn.Module | None = None
+    branch: Branch | None = None
+    branch_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -38,6 +45,39 @@ class Attachment:
     branches: dict[str, Branch]
     merged: list[MergedSite] | None = None
     undo: list[Callable[[], None]] = field(default_factory=list)  # model-level changes, undone in reverse
+    undo_methods: list[str] = field(default_factory=list)  # the method whose `attach_model` gave each undo
+    exact: bool = True  # whether the merge keeps what makes unmerge bit-exact
+
+    def __deepcopy__(self, memo: dict) -> "Attachment":
+        """A copy for a copied model: the undo functions a plugin returned as closures get copies of what they
+        close over (the copied model's branches and hooks), so detaching the copy leaves the original alone."""
+        copied = Attachment.__new__(Attachment)
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            copied.__dict__[name] = [_copy_callable(u, memo) for u in value] if name == "undo" else \
+                copy.deepcopy(value, memo)
+        return copied
+
+
+def _copy_callable(function: Callable, memo: dict) -> Callable:
+    """`function` with its closure deep-copied (through `memo`); objects and plain functions by deepcopy."""
+    if not isinstance(function, types.FunctionType):
+        return copy.deepcopy(function, memo)
+    if not function.__closure__:
+        return function
+    cells = []
+    for cell in function.__closure__:
+        try:
+            contents = cell.cell_contents
+        except ValueError:  # an empty cell
+            cells.append(types.CellType())
+            continue
+        cells.append(types.CellType(_copy_callable(contents, memo) if isinstance(contents, types.FunctionType)
+                                    else copy.deepcopy(contents, memo)))
+    twin = types.FunctionType(function.__code__, function.__globals__, function.__name__, function.__defaults__,
+                              tuple(cells))
+    twin.__kwdefaults__, twin.__dict__ = function.__kwdefaults__, dict(function.__dict__)
+    return twin
 
 
 @dataclass

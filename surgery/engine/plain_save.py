@@ -102,5 +102,17 @@ def install(model: nn.Module) -> None:
 def uninstall(model: nn.Module) -> None:
     plain = model.__dict__.get("save_pretrained")
     if isinstance(plain, PlainSave):
+        hooks = model._load_state_dict_pre_hooks
+        plain.stored_hook = hooks.get(plain.load_hook.id)  # for `reinstall`: the same hook under the same id
         plain.load_hook.remove()
         del model.__dict__["save_pretrained"]
+
+
+def reinstall(model: nn.Module, plain: PlainSave | None) -> None:
+    """Put back a PlainSave that `uninstall` took off (a pass rolled back), with its hook under its old id."""
+    if plain is None or model.__dict__.get("save_pretrained") is plain:
+        return
+    stored = getattr(plain, "stored_hook", None)
+    if stored is not None:
+        model._load_state_dict_pre_hooks[plain.load_hook.id] = stored
+    model.__dict__["save_pretrained"] = plain

@@ -7,6 +7,7 @@ from torch import nn
 from surgery.analysis.report import Report, sites_of
 from surgery.core.method import base_parameter_count
 from surgery.engine.ledger import find_ledger
+from surgery.engine.transaction import TRACE_LOCK
 from surgery.rules.plan import Plan, plan_sites
 from surgery.rules.schema import RuleSource, resolve_ruleset
 from surgery.rules.tasks import with_task
@@ -18,7 +19,8 @@ def inspect(model: nn.Module, args: tuple | None = None, kwargs: dict | None = N
     ledger = find_ledger(model)
     if ledger is not None:
         return ledger.report
-    return sites_of(model, args, kwargs)
+    with TRACE_LOCK:
+        return sites_of(model, args, kwargs)
 
 
 def plan(model: nn.Module, rules: RuleSource, args: tuple | None = None, kwargs: dict | None = None,

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
-from safetensors.torch import load as load_tensors
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from safetensors.torch import save as save_tensors
 from torch import nn
 
@@ -28,12 +27,14 @@ from surgery.core.version import __version__
 from surgery.engine.ledger import Attachment, require_ledger, unwrap
 from surgery.engine.passes import attach, detach
 from surgery.engine.reading import inspect
-from surgery.errors import AdapterFileError, MismatchError
-from surgery.io.atomic import write_directory
+from surgery.engine.transaction import check_name, model_lock
+from surgery.errors import AdapterFileError, LedgerError, MismatchError, RuleFileError
+from surgery.io.atomic import directory_lock, write_directory
+from surgery.io.bounded import read_json, read_safetensors
 from surgery.io.manifest import check_manifest
 from surgery.io.model_card import with_model_card
-from surgery.rules.plan import Placement, plan_sites
-from surgery.rules.schema import parse_ruleset
+from surgery.rules.plan import Placement, Plan, plan_sites
+from surgery.rules.schema import RuleSet, parse_ruleset
 
 TENSORS = "adapter_model.safetensors"
 CONFIG = "surgery_adapter.json"
@@ -71,6 +72,14 @@ class AdapterConfig(_Strict):
     surgery_version: str
     name: str
     ruleset: dict[str, Any]
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        try:
+            return check_name(name)
+        except LedgerError as err:
+            raise ValueError(str(err)) from None
     fingerprint: Fingerprint
     placements: list[SavedPlacement]
     tensors_sha256: str
@@ -135,22 +144,29 @@ def whole_tensors(attachment: Attachment) -> Iterator[bool]:
 
 
 def save(model: nn.Module, directory: str | Path, name: str = "default", format: str = "surgery") -> Path | None:
-    """Write attachment `name` (only the adapter) to `directory`, atomically. `format`: "surgery" (this
-    package's own) or an adapter format that a plugin provides, e.g. "peft" (loadable by HF PEFT).
+    """Write attachment `name` (only the adapter) to `directory`. `format`: "surgery" (this package's own) or
+    an adapter format that a plugin provides, e.g. "peft" (loadable by HF PEFT). Only the adapter's own files
+    are written (the tensors, the config, the model card `README.md` and, for PEFT, the manifest), each
+    atomically, the config last; anything else in the directory is left alone (see `surgery.io.atomic`).
 
     Distributed: with plain tensors on each rank (DDP), call it from one rank. With sharded tensors (FSDP2), call it
     from every rank: the shards are gathered and rank 0 writes the directory; the other ranks return None."""
     model = unwrap(model)
-    attachment = require_ledger(model).get(name)
-    with whole_tensors(attachment) as gathered:
-        if gathered and torch.distributed.get_rank() != 0:
-            return None
-        return _write(model, attachment, Path(directory), name, format)
+    directory = Path(directory)
+    with model_lock(model):
+        attachment = require_ledger(model).get(name)
+        with whole_tensors(attachment) as gathered:
+            if gathered and torch.distributed.get_rank() != 0:
+                return None
+            if format != "surgery":
+                return manager().adapter_format(format).save(model, attachment, directory)
+            files = _files(model, attachment, directory, name)
+    return write_directory(directory, files)
 
 
-def _write(model: nn.Module, attachment: Attachment, directory: Path, name: str, format: str) -> Path:
-    if format != "surgery":
-        return manager().adapter_format(format).save(model, attachment, Path(directory))
+def _files(model: nn.Module, attachment: Attachment, directory: Path, name: str) -> dict[str, bytes]:
+    """The files of a surgery-format save, in the order they are renamed in: the config last (it names the
+    tensor file's checksum)."""
     tensors = branch_tensors(attachment)
     blob = save_tensors(tensors, metadata={"format": "pt", "producer": "surgery"})
     config = AdapterConfig(surgery_version=__version__, name=name,
@@ -160,18 +176,14 @@ def _write(model: nn.Module, attachment: Attachment, directory: Path, name: str,
                            placements=[_saved_placement(p) for p in attachment.plan.placements],
                            tensors_sha256=hashlib.sha256(blob).hexdigest())
     text = json.dumps(config.model_dump(mode="json"), indent=1) + "\n"
-    return write_directory(directory, with_model_card({TENSORS: blob, CONFIG: text.encode()}, model, attachment,
-                                                      directory, "surgery"))
+    files = with_model_card({TENSORS: blob}, model, attachment, directory, "surgery")
+    files[CONFIG] = text.encode()
+    return files
 
 
 def read_config(directory: Path) -> AdapterConfig:
     path = directory / CONFIG
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AdapterFileError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterFileError(f"{path}: not readable JSON ({err})") from None
+    data = read_json(path)
     try:
         return AdapterConfig.model_validate(data)
     except ValidationError as err:
@@ -179,18 +191,15 @@ def read_config(directory: Path) -> AdapterConfig:
         raise AdapterFileError(f"{path}: field '{'.'.join(map(str, first['loc']))}': {first['msg']}") from None
 
 
-def read_tensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Read a safetensors file, checking its SHA-256 if given. Truncated or altered files are refused."""
-    try:
-        blob = path.read_bytes()
-    except FileNotFoundError:
-        raise AdapterFileError(f"{path}: no such file") from None
-    if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
-        raise AdapterFileError(f"{path}: contents do not match the SHA-256 recorded in {CONFIG} (truncated or altered)")
-    try:
-        return load_tensors(blob)
-    except Exception as err:  # safetensors raises its own error types for malformed headers and short files
-        raise AdapterFileError(f"{path}: not a valid safetensors file ({err})") from None
+def read_tensors(path: Path, sha256: str | None = None, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, checking its SHA-256 if given. Truncated or altered files are refused, and so
+    is anything that is not a regular file, or that holds more than `max_bytes` of tensor data (if given)."""
+    return read_safetensors(path, sha256, max_bytes, checksum_source=CONFIG)
+
+
+def max_adapter_bytes(plan: Plan) -> int:
+    """The most tensor data an adapter with this plan can hold: 8 bytes for each of its parameters, plus 1 MiB."""
+    return 8 * plan.trainable + (1 << 20)
 
 
 def _site_mismatches(saved: list[SavedPlacement], planned: list[Placement], strict_dtype: bool) -> list[str]:
@@ -212,39 +221,55 @@ def _site_mismatches(saved: list[SavedPlacement], planned: list[Placement], stri
     return problems
 
 
+def _all_optional(ruleset: RuleSet) -> RuleSet:
+    """The rule set with every rule optional: to list every site that is missing instead of stopping at the first
+    rule that matches nothing."""
+    copy = ruleset.model_copy(update={"rules": [r.model_copy(update={"optional": True}) for r in ruleset.rules]})
+    copy._source = ruleset.source
+    return copy
+
+
 def load(model: nn.Module, directory: str | Path, name: str | None = None, *, strict_dtype: bool = True) -> Attachment:
     """Attach the adapter saved in `directory` (a surgery adapter, or a format a plugin reads, e.g. HF PEFT)
     under `name` (default: the saved name). A model that does not fit is refused with every mismatch listed,
-    and the model is left as it was. With `strict_dtype=False`, tensors are cast to the model's dtypes."""
+    and the model is left as it was. With `strict_dtype=False`, tensors are cast to the model's dtypes. Files
+    are read in bounded time and memory, and only regular ones (see `surgery.io.bounded`)."""
     model = unwrap(model)
     directory = Path(directory)
+    if name is not None:
+        check_name(name)
     if not directory.is_dir():
         raise AdapterFileError(f"{directory}: no such adapter directory")
-    if not (directory / CONFIG).exists():
-        for fmt in manager().adapter_formats.values():
-            if fmt.detect(directory):
-                check_manifest(directory)
-                return fmt.load(model, directory, name or "default")
-        raise AdapterFileError(f"{directory}: neither a surgery adapter ({CONFIG}) nor a format any plugin reads")
-    config = read_config(directory)
-    tensors = read_tensors(directory / TENSORS, config.tensors_sha256)
-    ruleset = parse_ruleset(config.ruleset, str(directory / CONFIG))
-    name = name or config.name
-    report = inspect(model)
-    mismatches = []
-    if report.model_class != config.fingerprint.model_class:
-        mismatches.append(f"model class is {report.model_class}, the adapter was made for {config.fingerprint.model_class}")
-    planned = plan_sites(ruleset, report, base_parameter_count(model)).placements
-    mismatches += _site_mismatches(config.placements, planned, strict_dtype)
-    if mismatches:
-        raise MismatchError(str(directory), mismatches)
-    attachment = attach(model, ruleset, name=name)
-    try:
-        fill_branches(attachment, tensors, str(directory / TENSORS), strict_dtype)
-    except BaseException:
-        detach(model, name)
-        raise
-    return attachment
+    with model_lock(model), directory_lock(directory, exclusive=False):
+        if not (directory / CONFIG).exists() and not (directory / CONFIG).is_symlink():
+            for fmt in manager().adapter_formats.values():
+                if fmt.detect(directory):
+                    check_manifest(directory)
+                    return fmt.load(model, directory, name or "default")
+            raise AdapterFileError(f"{directory}: neither a surgery adapter ({CONFIG}) nor a format any plugin reads")
+        config = read_config(directory)
+        ruleset = parse_ruleset(config.ruleset, str(directory / CONFIG))
+        name = name or config.name
+        report = inspect(model)
+        mismatches = []
+        if report.model_class != config.fingerprint.model_class:
+            mismatches.append(f"model class is {report.model_class}, the adapter was made for {config.fingerprint.model_class}")
+        try:
+            plan = plan_sites(_all_optional(ruleset), report, base_parameter_count(model))
+        except RuleFileError as err:
+            mismatches.append(str(err))
+            raise MismatchError(str(directory), mismatches) from None
+        mismatches += _site_mismatches(config.placements, plan.placements, strict_dtype)
+        if mismatches:
+            raise MismatchError(str(directory), mismatches)
+        tensors = read_tensors(directory / TENSORS, config.tensors_sha256, max_adapter_bytes(plan))
+        attachment = attach(model, ruleset, name=name)
+        try:
+            fill_branches(attachment, tensors, str(directory / TENSORS), strict_dtype)
+        except BaseException:
+            detach(model, name)
+            raise
+        return attachment
 
 
 def fill_branches(attachment: Attachment, tensors: dict[str, torch.Tensor], source: str, strict_dtype: bool = True) -> None:
@@ -261,6 +286,10 @@ def fill_branches(attachment: Attachment, tensors: dict[str, torch.Tensor], sour
                 problems.append(f"tensor {key!r}: dtype {_dtype_name(t.dtype)} in the file, {_dtype_name(target.dtype)} here")
     if problems:
         raise MismatchError(source, problems)
+    bad = [k for k in expected if tensors[k].is_floating_point() and not bool(torch.isfinite(tensors[k]).all())]
+    if bad:
+        raise AdapterFileError(f"{source}: tensor {bad[0]!r}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} "
+                               "holds NaN or infinite values; refused")
     with torch.no_grad(), progress.task("loading adapter", len(expected), "tensors") as bar:
         for key, target in expected.items():
             target.copy_(tensors[key])

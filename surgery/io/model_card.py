@@ -3,6 +3,8 @@ versions and trainable parameter count. A README.md that surgery did not write (
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections import Counter
 from importlib import metadata
 from pathlib import Path
@@ -26,13 +28,23 @@ def installed_version(package: str) -> str:
 
 
 def ours(path: Path) -> bool:
-    """Whether the README.md at `path` is missing or was written by surgery (its front matter holds the mark)."""
+    """Whether the README.md at `path` is missing or was written by surgery (its front matter holds the mark).
+    Only its first bytes are read, and only from a regular file: a symlink, FIFO or device there is not ours."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        head = path.read_text(encoding="utf-8", errors="replace").splitlines()[:3]
+        fd = os.open(path, flags)
     except FileNotFoundError:
         return True
     except OSError:
         return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        head = os.read(fd, 4096).decode("utf-8", errors="replace").splitlines()[:3]
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
     return MARK in head
 
 

@@ -1,7 +1,9 @@
 """Plans: which method goes on which site with which params, from a rule set and a report. Touches nothing."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -10,7 +12,7 @@ from surgery.core.method import Method, MethodParams
 from surgery.core.registry import manager
 from surgery.core.sites import Site
 from surgery.core.table import render
-from surgery.errors import PluginError, RuleFileError, SurgeryError
+from surgery.errors import PluginError, RuleFileError, SiteError, SurgeryError
 from surgery.rules.matcher import apply_role_overrides, selector_matches
 from surgery.rules.schema import RuleSet
 
@@ -52,17 +54,50 @@ class Plan:
         return render(["site", "kind", "roles", "method", "params", "trainable"], rows, footer)
 
 
+def _non_finite(raw: Any) -> str | None:
+    """The dotted path of the first NaN or infinite number in `raw` (iteratively: any depth), or None."""
+    stack: list[tuple[str, Any]] = [("", raw)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return where
+        if isinstance(value, dict):
+            stack.extend((f"{where}.{k}" if where else str(k), v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{where}.{i}" if where else str(i), v) for i, v in enumerate(value))
+    return None
+
+
 def _validate_params(ruleset: RuleSet, index: int, method_name: str, raw: dict) -> MethodParams:
+    """The rule's params, validated strictly by the method's model: no coercion (`r: yes` or `r: "8"` is an
+    error, an int is still a valid float) and no NaN or infinite number anywhere."""
     try:
         method = manager().method(method_name)
     except PluginError as err:
         raise RuleFileError(ruleset.source, str(err), rule=index, field="method") from None
+    bad = _non_finite(raw)
+    if bad is not None:
+        raise RuleFileError(ruleset.source, "must be a finite number", rule=index, field=f"params.{bad}")
     try:
-        return method.params.model_validate(raw)
+        return method.params.model_validate(raw, strict=True)
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(["params", *map(str, first["loc"])])
         raise RuleFileError(ruleset.source, first["msg"], rule=index, field=field) from None
+
+
+MAX_PLACEMENT_SHARE = 2
+"""A placement may add at most this many times the parameters of the base model (or of its site's module, if
+larger): a size bound checked before any branch is built, so `r: 1000000000` is refused, not allocated."""
+
+
+def _check_size(ruleset: RuleSet, index: int, site: Site, method: str, trainable: int, total: int) -> None:
+    own = (site.in_features or 0) * (site.out_features or 0) + (site.out_features or 0) * site.bias
+    base = max(total, own)
+    if base > 0 and trainable > MAX_PLACEMENT_SHARE * base:
+        raise RuleFileError(ruleset.source, f"puts {method!r} on {site.path!r} with {trainable:,} new parameters, "
+                            f"more than {MAX_PLACEMENT_SHARE} x the model's {base:,}: check its size params (rank, "
+                            "bottleneck, number of virtual tokens, hidden sizes)", rule=index, field="params")
 
 
 def _narrowed(ruleset: RuleSet, index: int, method: Method, hits: list[Site], params: MethodParams) -> list[Site]:
@@ -110,8 +145,13 @@ def plan_sites(ruleset: RuleSet, report: Report, total_parameters: int) -> Plan:
                 if before.params != params:
                     raise RuleFileError(ruleset.source, f"puts {method.name!r} on {site.path!r} with other params than rule {before.rule}", rule=index)
                 roles = frozenset() if not roles or not before.roles else roles | before.roles
+            try:
+                trainable = method.count(site, params, roles)
+            except SiteError as err:
+                raise SiteError(f"{ruleset.source}, rule {index}, site {site.path!r}: {err}") from None
+            _check_size(ruleset, index, site, method.name, trainable, total_parameters)
             chosen[key] = Placement(site, method.name, params, roles, chosen[key].rule if key in chosen else index,
-                                    method.count(site, params, roles))
+                                    trainable)
     order = {s.path: i for i, s in enumerate(sites)}
     placements = sorted(chosen.values(), key=lambda p: (order[p.site.path], p.rule))
     return Plan(ruleset=ruleset, placements=placements, total_parameters=total_parameters)

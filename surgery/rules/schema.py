@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -113,18 +115,96 @@ def parse_ruleset(data: Any, source: str) -> RuleSet:
     return ruleset
 
 
+RULE_FILE_LIMIT = 1 << 20
+"""Largest rule file read (bytes)."""
+YAML_NODES = 100_000
+"""Most YAML nodes a rule file may expand to (aliases counted each time they are used)."""
+
+
+class _RuleFileLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key that is not a plain value",
+                                                        key_node.start_mark) from None
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})", key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """How many nodes the document expands to, aliases counted every time (memoised: linear in the graph)."""
+    sizes: dict[int, int] = {}
+    order, stack, seen = [], [root], set()
+    while stack:  # post-order without recursion
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        order.append(node)
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(n for pair in node.value for n in pair)
+    for node in reversed(order):
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        sizes[id(node)] = min(limit + 1, 1 + sum(sizes.get(id(c), limit + 1) for c in children))
+    return sizes[id(root)]
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """YAML of a rule file, bounded: no duplicate keys, at most YAML_NODES nodes after alias expansion, and
+    nesting the parser can take (deeper is refused, not a crash)."""
+    loader = _RuleFileLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        if _expanded_size(root, YAML_NODES) > YAML_NODES:
+            raise RuleFileError(source, f"too large: more than {YAML_NODES:,} YAML nodes once aliases are expanded")
+        return loader.construct_document(root)
+    except yaml.YAMLError as err:
+        raise RuleFileError(source, f"not valid YAML: {err}") from None
+    except RecursionError:
+        raise RuleFileError(source, "not valid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def read_ruleset(path: str | Path) -> RuleSet:
-    """Load and validate one rule file."""
+    """Load and validate one rule file (UTF-8 YAML of at most RULE_FILE_LIMIT bytes, a regular file)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | getattr(os, "O_NONBLOCK", 0))) as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise RuleFileError(str(path), "not a regular file")
+            if info.st_size > RULE_FILE_LIMIT:
+                raise RuleFileError(str(path), f"{info.st_size:,} bytes, more than the {RULE_FILE_LIMIT:,} a rule file may have")
+            raw = f.read(RULE_FILE_LIMIT + 1)
     except OSError as err:
         raise RuleFileError(str(path), f"cannot read: {err.strerror or err}") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise RuleFileError(str(path), f"not valid YAML: {err}") from None
-    return parse_ruleset(data, str(path))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RuleFileError(str(path), f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return parse_ruleset(load_yaml(text, str(path)), str(path))
 
 
 def builtin_rulesets() -> dict[str, RuleSet]:

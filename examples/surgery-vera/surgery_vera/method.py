@@ -17,6 +17,7 @@ from surgery.plugin import (
     SurgeryError,
     WeightEdit,
     branch_dtype,
+    check_rank,
     input_of,
     module_device,
 )
@@ -114,6 +115,11 @@ class Unshare:
                 delattr(owner, name)
 
 
+RANK_FACTOR = 4
+"""VeRA's r may be at most this many times the widest side of a site (PEFT's default 256 on a 64-wide model): the
+shared random projections are r x in and out x r, so r is what their memory grows with."""
+
+
 class Vera(Method):
     name = "vera"
     params = VeraParams
@@ -130,6 +136,9 @@ class Vera(Method):
     def count(self, site: Site, params: Any, roles: frozenset[str]) -> int:
         sliced = [r for r in roles if r in site.slices]
         width = sum(b - a for r in sliced for a, b in site.channels(r)) if sliced else site.out_features
+        # A and B (frozen, r x in and out x r) are drawn at attach: r is bounded before they are allocated
+        check_rank(self.name, site, params.r, RANK_FACTOR * max(site.in_features, site.out_features),
+                   f"{RANK_FACTOR} x max(in, out)")
         return width + params.r
 
     def attach_model(self, model: nn.Module, branches: dict[str, Branch]) -> Unshare:
@@ -160,4 +169,4 @@ class Vera(Method):
             step = delta.to(wide.dtype) * sign
             return (wide + step if channels is None else wide.index_add(0, channels, step)).to(weight.dtype)
 
-        return WeightEdit(apply=lambda w: shift(w, 1.0), revert=lambda w: shift(w, -1.0))
+        return WeightEdit(apply=lambda w: shift(w, 1.0), revert=lambda w: shift(w, -1.0), form="add")
