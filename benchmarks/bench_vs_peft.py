@@ -292,7 +292,9 @@ class Bench(harness.Workload):
 
         out = {}
         for key, build in (("floor", None), ("peft_bf16_drop0.05", lambda: self.peft(0.05, autocast=False)),
-                           ("surgery_drop0.05", lambda: self.ours(0.05)), ("surgery_drop0.0", lambda: self.ours(0.0))):
+                           ("surgery_drop0.05", lambda: self.ours(0.05)), ("surgery_drop0.0", lambda: self.ours(0.0)),
+                           ("peft_dora_bf16_drop0.0", lambda: self.peft(0.0, autocast=False, use_dora=True)),
+                           ("surgery_dora_drop0.0", lambda: self.ours(0.0, method="dora"))):
             self.fresh()
             model = (build or self.base)().train()
             step = self.train_step(model) if build else self.floor_step(model)

@@ -70,11 +70,17 @@ def row_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -
 
 @torch.no_grad()
 def row_norm_by_parts(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
-    """`row_norm` without building W + ΔW: ‖W_i‖² + 2s · B_i · (W Aᵀ)_i + s² · B_i · (B A Aᵀ)_i per row i, so W is
-    read once (in W Aᵀ and its squares) and nothing of size [out, in] is written."""
+    """`row_norm` without building W + ΔW: ‖W_i‖² + B_i · (2s · W Aᵀ + s² · B A Aᵀ)_i per row i, so W is read
+    twice (its row norms, W Aᵀ) and nothing of size [out, in] is written. A bf16/fp16 weight is not widened: W Aᵀ
+    runs in its dtype (wide accumulation) and its row norms accumulate wide."""
     dtype = wide(weight.dtype)
-    w, a, b = weight.to(dtype), a.to(dtype), b.to(dtype)
-    squared = w.square().sum(1) + 2 * s * (b * (w @ a.T)).sum(1) + s * s * (b * (b @ (a @ a.T))).sum(1)
+    a_wide, b_wide = a.to(dtype), b.to(dtype)
+    if weight.dtype == dtype:
+        wa = weight @ a_wide.T
+    else:
+        wa = (weight @ a.to(weight.dtype).T).to(dtype)
+    cross = torch.addmm(wa, b_wide, a_wide @ a_wide.T, beta=2 * s, alpha=s * s)
+    squared = torch.linalg.vector_norm(weight, dim=1, dtype=dtype).square() + torch.linalg.vecdot(b_wide, cross)
     return squared.clamp_min(0).sqrt()
 
 
@@ -93,9 +99,14 @@ def output(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, a: torch.Te
     if dropout is not None:
         x = dropout(x)
     g = scale_by_row(magnitude, norm(weight, a, b, s))
-    delta = (g - 1) * F.linear(x, weight.to(a.dtype)) + g * formula.update(x, a, b, s)
-    delta = delta.to(out.dtype)
+    delta = change(F.linear(x, weight.to(a.dtype)), F.linear(F.linear(x, a), b), g, s).to(out.dtype)
     return out + delta if channels is None else out.index_add(-1, channels, delta)
+
+
+def change(wx: torch.Tensor, bax: torch.Tensor, g: torch.Tensor, s: float) -> torch.Tensor:
+    """(g - 1) ⊙ W x + g · s ⊙ B A x, from W x and the unscaled B A x: the scale rides on g (a vector) and the
+    sum is one `addcmul`, two element-wise ops on [tokens, out] where the term-by-term sum takes four."""
+    return torch.addcmul((g - 1) * wx, g * s, bax)
 
 
 def rescaled(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
@@ -105,7 +116,7 @@ def rescaled(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, a: t
     wx = (out if channels is None else out.index_select(-1, channels)).to(a.dtype)
     if bias is not None:
         wx = wx - (bias if channels is None else bias.index_select(0, channels)).to(a.dtype)
-    delta = ((g - 1) * wx + g * formula.update(x, a, b, s)).to(out.dtype)
+    delta = change(wx, F.linear(F.linear(x.to(a.dtype), a), b), g, s).to(out.dtype)
     return out + delta if channels is None else out.index_add(-1, channels, delta)
 
 

@@ -116,6 +116,11 @@ def test_the_formula_and_its_cheaper_forms_against_float64():
     dora.output(base_out, x, w, a, bb, s, mm).sum().backward()
     torch.testing.assert_close(mm.grad, ((x @ w.T + s * x @ a.T @ b.T) / norm).sum((0, 1)))
     torch.testing.assert_close(bb.grad, (m / norm)[:, None] * s * (x @ a.T).sum((0, 1))[None, :])
+    # the same gradients from the base's output alone (the path a site takes without dropout)
+    mm, bb = m.clone().requires_grad_(), b.clone().requires_grad_()
+    dora.rescaled(base_out, x, bias, a, bb, s, mm / norm).sum().backward()
+    torch.testing.assert_close(mm.grad, ((x @ w.T + s * x @ a.T @ b.T) / norm).sum((0, 1)))
+    torch.testing.assert_close(bb.grad, (m / norm)[:, None] * s * (x @ a.T).sum((0, 1))[None, :])
 
 
 @pytest.mark.parametrize("arch, site", [("llama", "model.layers.0.self_attn.q_proj"),
@@ -429,3 +434,15 @@ def test_per_sample_routing_runs_each_sample_through_its_own_adapter():
             routed = logits(model, x)
     for i, name in enumerate(["d", None, "l"]):
         torch.testing.assert_close(routed[i], alone[name][i], rtol=1e-5, atol=1e-5)
+
+
+def test_the_norm_of_a_bf16_weight_is_read_without_widening_it_and_stays_accurate():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 128, generator=g).bfloat16()
+    a, b = (torch.randn(*shape, generator=g) * 0.1 for shape in [(16, 128), (256, 16)])
+    for a_, b_ in ((a.bfloat16(), b.bfloat16()), (a, b)):  # adapters in the model's dtype, and in float32
+        exact = torch.linalg.norm(w.double() + 2.0 * b_.double() @ a_.double(), dim=1)
+        n = dora.row_norm_by_parts(w, a_, b_, 2.0)
+        assert n.dtype == torch.float32
+        # bf16 itself resolves 3.9e-3: the norm (then g = m / n) is far inside one of its steps
+        assert ((n.double() - exact).abs() / exact).max() < 2e-4
