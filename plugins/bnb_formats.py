@@ -3,12 +3,16 @@
 `torch.export` cannot trace their weights (tensor subclasses), so each format gives the graph analysis a
 `TraceStandIn` of the same features to trace in the layer's place.
 
-Import-guarded: without bitsandbytes this plugin offers no format. Requantizing after a merge writes the new
+Without bitsandbytes installed this plugin offers no format; with it, bitsandbytes is never imported here (a
+model holding its layers has imported it already). Requantizing after a merge writes the new
 bytes into the existing tensors in place (the packed weight and, for 4 bits, the quant state's absmax, offset and
 nested absmax; for 8 bits the int8 rows and their SCB), so `snapshot`/`restore` can put the exact bytes back and
 no object that bitsandbytes holds a reference to is swapped.
 """
 from __future__ import annotations
+
+import importlib.util
+import sys
 
 import torch
 from torch import nn
@@ -16,10 +20,15 @@ from torch import nn
 import surgery
 from surgery.plugin import TraceStandIn
 
-try:
-    import bitsandbytes as bnb
-except ImportError:  # CPU CI: no bitsandbytes, no formats
-    bnb = None
+def installed() -> bool:
+    """Whether bitsandbytes can be imported (found, not imported: importing it costs seconds)."""
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _bnb():
+    """bitsandbytes if something has imported it, else None: a model holding its layers has imported it, so a
+    model that has not cannot hold them, and `surgery` never pays for the import itself."""
+    return sys.modules.get("bitsandbytes")
 
 
 def _quant_state_tensors(state) -> dict[str, torch.Tensor]:
@@ -37,7 +46,8 @@ class Bnb4bitFormat:
     name, kind, priority, is_view = "bnb_4bit", "quantized_linear", 10, False
 
     def matches(self, module: nn.Module) -> bool:
-        return (isinstance(module, bnb.nn.Linear4bit)
+        bnb = _bnb()
+        return (bnb is not None and isinstance(module, bnb.nn.Linear4bit)
                 and getattr(module.weight, "quant_state", None) is not None)
 
     def features(self, module: nn.Module) -> tuple[int, int]:
@@ -48,11 +58,11 @@ class Bnb4bitFormat:
 
     def dense(self, module: nn.Module) -> torch.Tensor:
         weight = module.weight
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+        return _bnb().functional.dequantize_4bit(weight.data, weight.quant_state).float()
 
     def store(self, module: nn.Module, weight: torch.Tensor) -> None:
         param, state = module.weight, module.weight.quant_state
-        packed, new_state = bnb.functional.quantize_4bit(
+        packed, new_state = _bnb().functional.quantize_4bit(
             weight.to(state.dtype).contiguous(), blocksize=state.blocksize, compress_statistics=state.nested,
             quant_type=state.quant_type, quant_storage=param.data.dtype)
         old, new = _quant_state_tensors(state), _quant_state_tensors(new_state)
@@ -87,7 +97,8 @@ class Bnb8bitFormat:
     name, kind, priority, is_view = "bnb_int8", "quantized_linear", 10, False
 
     def matches(self, module: nn.Module) -> bool:
-        return (isinstance(module, bnb.nn.Linear8bitLt) and module.weight.dtype == torch.int8
+        bnb = _bnb()
+        return (bnb is not None and isinstance(module, bnb.nn.Linear8bitLt) and module.weight.dtype == torch.int8
                 and not module.state.has_fp16_weights and _row_scales(module) is not None)
 
     def features(self, module: nn.Module) -> tuple[int, int]:
@@ -100,7 +111,7 @@ class Bnb8bitFormat:
         return module.weight.data.float() * (_row_scales(module).float()[:, None] / 127.0)
 
     def store(self, module: nn.Module, weight: torch.Tensor) -> None:
-        rows, scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+        rows, scales, _ = _bnb().functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
         with torch.no_grad():
             module.weight.data.copy_(rows)
             _row_scales(module).copy_(scales)
@@ -116,6 +127,6 @@ class Bnb8bitFormat:
 
 @surgery.hookimpl
 def surgery_weight_formats() -> list:
-    if bnb is None:
+    if not installed():
         return []
     return [Bnb4bitFormat(), Bnb8bitFormat()]

@@ -1,6 +1,8 @@
 """Quantized linear layers: the ChatGLM INT4/INT8 format, LoRA on it, merge with requantization, exact unmerge,
 a float merge, several adapters, a third-party quantized format, the ChatGLM rule file, bitsandbytes."""
 import copy
+import subprocess
+import sys
 import dataclasses
 
 import pytest
@@ -539,6 +541,18 @@ def test_chatglm_rule_file_declares_what_the_graph_reads_on_chatglm2_6b_shapes()
 # ------------------------------------------------------------------------------------------ bitsandbytes
 
 def test_bitsandbytes_plugin_is_empty_without_bitsandbytes():
-    if bnb_formats.bnb is not None:
+    if bnb_formats.installed():
         pytest.skip("bitsandbytes is installed")
     assert bnb_formats.surgery_weight_formats() == []
+
+
+def test_surgery_never_imports_bitsandbytes_itself():
+    """Importing bitsandbytes takes seconds: a model without its layers must not pay for it."""
+    if not bnb_formats.installed():
+        pytest.skip("bitsandbytes is not installed, so nothing could import it")
+    script = ("import sys, surgery; from surgery import tiny; m = tiny.build('llama'); surgery.attach(m, 'lora-qv'); "
+              "surgery.merge(m, 'default'); print('bitsandbytes' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "False"
+    assert {f.name for f in bnb_formats.surgery_weight_formats()} == {"bnb_4bit", "bnb_int8"}
