@@ -133,11 +133,39 @@ def meta_llama(config: dict) -> LlamaForCausalLM:
         return LlamaForCausalLM(LlamaConfig(**config))
 
 
+def nf4(model: torch.nn.Module, compute_dtype: torch.dtype, double_quant: bool = True) -> int:
+    """Replace, in place, every nn.Linear of `model` but its output head by bitsandbytes' NF4 `Linear4bit` of the
+    same weights, quantized on the layer's device (uint8 storage, blocks of 64, `double_quant`: QLoRA's usual
+    `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+    bnb_4bit_compute_dtype=compute_dtype)`), and mark the model as transformers marks a 4-bit load, so that HF PEFT
+    wraps the layers with its bitsandbytes classes. Returns how many layers were replaced."""
+    import bitsandbytes as bnb
+
+    head, replaced = model.get_output_embeddings(), 0
+    for parent in list(model.modules()):
+        for name, linear in list(parent.named_children()):
+            if type(linear) is not torch.nn.Linear or linear is head:
+                continue
+            layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4",
+                                      quant_storage=torch.uint8, device="meta")
+            layer.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=double_quant,
+                                             quant_type="nf4", quant_storage=torch.uint8,
+                                             module=layer).to(linear.weight.device)
+            if linear.bias is not None:
+                layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+            setattr(parent, name, layer)
+            replaced += 1
+    model.is_loaded_in_4bit = True
+    return replaced
+
+
 def lora_rules(targets: list[str] | None = None, r: int = 16, dropout: float = 0.0,
-               exclude_roles: tuple[str, ...] = ("lm_head",), method: str = "lora") -> surgery.RuleSet:
+               exclude_roles: tuple[str, ...] = ("lm_head",), method: str = "lora",
+               kinds: tuple[str, ...] = ("linear",)) -> surgery.RuleSet:
     """LoRA (alpha 2r; or `method` "dora" with the same params) on the sites of `targets` (roles), or on every
-    linear; the head excluded."""
-    select = surgery.Selector(roles=targets) if targets else surgery.Selector(kinds=["linear"])
+    site of `kinds` (every linear); the head excluded."""
+    select = surgery.Selector(roles=targets) if targets else surgery.Selector(kinds=list(kinds))
     return surgery.RuleSet(name="bench", rules=[surgery.Rule(
         select=select, exclude=surgery.Selector(roles=list(exclude_roles)), method=method,
         params={"r": r, "alpha": 2 * r, "dropout": dropout})])

@@ -1,7 +1,8 @@
 """bitsandbytes' `Linear4bit` (NF4/FP4, blockwise) and `Linear8bitLt` (LLM.int8(), per-row) as weight formats.
 
 `torch.export` cannot trace their weights (tensor subclasses), so each format gives the graph analysis a
-`TraceStandIn` of the same features to trace in the layer's place.
+`TraceStandIn` of the same features to trace in the layer's place. The 4-bit format also dequantizes per call
+(`compute_weight`), for LoRA's fused training path.
 
 Without bitsandbytes installed this plugin offers no format; with it, bitsandbytes is never imported here (a
 model holding its layers has imported it already). Requantizing after a merge writes the new
@@ -59,6 +60,20 @@ class Bnb4bitFormat:
     def dense(self, module: nn.Module) -> torch.Tensor:
         weight = module.weight
         return _bnb().functional.dequantize_4bit(weight.data, weight.quant_state).float()
+
+    def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
+        """The layer's compute dtype (else its weight's, which it computes in for inputs of that dtype); None
+        for a weight repacked for bitsandbytes' CPU inference kernel, or a bias of another dtype."""
+        state = module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            return None
+        dtype = module.compute_dtype or state.dtype
+        return dtype if module.bias is None or module.bias.dtype == dtype else None
+
+    def compute_weight(self, module: nn.Module) -> torch.Tensor:
+        """The weight dequantized, [out, in], in the compute dtype: what the layer's matmul multiplies by."""
+        weight = module.weight
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(self.compute_dtype(module))
 
     def store(self, module: nn.Module, weight: torch.Tensor) -> None:
         param, state = module.weight, module.weight.quant_state

@@ -225,7 +225,7 @@ def test_lora_on_quantized_glm_trains_merges_and_unmerges_exactly(bits):
     assert all(model.get_submodule(n) is m for n, m in modules.items())
 
 
-def test_lora_on_quantized_matches_peft_on_the_dequantized_float_model():
+def test_lora_on_quantized_matches_peft_on_the_dequantized_float_model(tmp_path):
     """HF PEFT refuses the quantized layer; on a float copy holding the dequantized weights it must agree."""
     model, x = glm(4), glm_ids()
     reference = copy.deepcopy(model)
@@ -258,6 +258,9 @@ def test_lora_on_quantized_matches_peft_on_the_dequantized_float_model():
     for branch, layer in pairs:
         torch.testing.assert_close(branch.lora_A.grad, layer.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(branch.lora_B.grad, layer.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(surgery.SurgeryError, match="float and bitsandbytes layers only.*format chatglm_int"):
+        surgery.save(model, tmp_path / "peft", name="a", format="peft")  # PEFT cannot wrap these layers
+    assert not (tmp_path / "peft" / "adapter_config.json").exists()
 
 
 def test_branch_runs_in_the_activation_dtype():

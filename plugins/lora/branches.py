@@ -11,6 +11,7 @@ from torch import nn
 
 from surgery.plugin import Branch, SlicedBranch, input_of
 from surgery_plugins.lora import dispatch, formula, routes
+from surgery_plugins.lora.quantized_base import QuantizedWeight
 from surgery_plugins.lora.shared import SharedInput
 
 
@@ -38,6 +39,7 @@ class LoraBranch(Branch):
         self.input_group: str | None = None  # Site.input_group, for linking with the branches that share x
         self.shared: SharedInput | None = None  # the group of them, while linked (Lora.attach_model)
         self.shared_index = 0
+        self.quantized = None  # a quantized base's weight for the fused path (quantized_base.py), set by `over`
         init_pair(self.lora_A, self.lora_B, params.init, params.r)
 
     def reads_with(self, input_group: str, base: nn.Module) -> None:
@@ -45,6 +47,11 @@ class LoraBranch(Branch):
         plain reference (not a submodule: it belongs to the model) so the group can compute this output."""
         self.input_group = input_group
         object.__setattr__(self, "base_module", base)
+
+    def over(self, quantized: QuantizedWeight | None) -> None:
+        """Mark this branch's site as a quantized layer whose weight `quantized` the fused path can read (None:
+        the layer's own call only)."""
+        self.quantized = quantized
 
     def link(self, shared: SharedInput | None, index: int = 0, host: nn.Module | None = None) -> None:
         """Join the group `shared` as its member `index` (None: leave it); `host` is the engine's host at this

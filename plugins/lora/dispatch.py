@@ -7,8 +7,9 @@ Paths (`Path.kind`), what computes the call, and when:
 - PLAIN: `formula.output`, through the Host's `adapt_output`. When x is not a tensor; under torch.compile (which
   fuses the plain composition itself); under autocast (whose casts apply to the plain ops, as HF Trainer's and
   TRL's `bf16`/`fp16` use it); for a role's channels of a fused projection; at a base that is not exactly
-  nn.Linear (Conv1D, quantized, embedding, a subclass); for x, W and A of different dtypes. (And wherever the
-  branch is not alone at its site: the Host then does not ask.)
+  nn.Linear (Conv1D, embedding, a subclass; a quantized layer, except in training where its weight format
+  dequantizes per call: quantized_base.py); for x, W (a quantized layer's compute dtype) and A of different
+  dtypes. (And wherever the branch is not alone at its site: the Host then does not ask.)
 - TAKEN: the output its group computed when the group's first member was called: for a group member called with
   that very input, unchanged since, in the same grad mode (`shared.SharedInput.take`).
 - SHARED: `shared.SharedInputLora` over the group's live members. For a member of a group (sites reading one
@@ -16,7 +17,8 @@ Paths (`Path.kind`), what computes the call, and when:
   nn.Linear reading x's width, in x's dtype; one dropout rate for all, and with dropout equal ranks and the
   kernels serving.
 - SHARED_INFERENCE: `shared.inference`, the same by plain ops: as SHARED, without autograd and without dropout.
-- FUSED: `fused.LoraLinear`, otherwise at a plain nn.Linear, with autograd recording or dropout (training).
+- FUSED: `fused.LoraLinear`, otherwise at a plain nn.Linear, with autograd recording or dropout (training); at a
+  quantized layer (in training only, see PLAIN), its weight dequantized in forward and again in backward.
 - INFERENCE: `fused.inference`, the same by plain ops, otherwise (no autograd, no dropout).
 - ROUTED: `routes.output`, every sample's own pair at once: per-sample routing, no branch with channels or with
   dropout in training.
@@ -132,7 +134,8 @@ def choose(branch: Any, base: nn.Module | None, x: Any, groups: list | None = No
                 merged = p == 0 and all(merged_pays(tokens, tensors[0]) for _, tensors in live)
                 kind = SHARED if p > 0 or torch.is_grad_enabled() else SHARED_INFERENCE
                 return _path(Path, (kind, p, merged, serve, (), (), tuple(live), None))
-    a, weight, dropout = branch.lora_A, base.weight if type(base) is nn.Linear else None, branch.dropout
+    a, dropout = branch.lora_A, branch.dropout
+    weight = base.weight if type(base) is nn.Linear else branch.quantized if torch.is_grad_enabled() else None
     if branch.channels is not None or weight is None or not x.dtype == a.dtype == weight.dtype:
         return _PLAIN
     p = dropout.p if branch.training and isinstance(dropout, nn.Dropout) else 0.0  # rate(branch)

@@ -62,7 +62,8 @@ class LoraLinear(torch.autograd.Function):
 
     After the tensors and the scale s comes the dispatch's `path` (dispatch.Path): its `p` the dropout rate,
     `saved` what to keep of x for backward ((x,) or its factors), `kernels` the Triton kernels for the passes
-    over x, `merged` the merged weight for y and dx (p = 0 only)."""
+    over x, `merged` the merged weight for y and dx (p = 0 only). `weight` is a tensor, or a quantized layer's
+    (quantized_base.QuantizedWeight), dequantized here in forward and again in backward where dx is needed."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
@@ -70,6 +71,9 @@ class LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         p, saved, use_kernels, merged = path.p, path.saved, path.kernels, path.merged
         ctx.kernels, ctx.merged = use_kernels, merged
+        ctx.quantized = None if isinstance(weight, torch.Tensor) else weight
+        if ctx.quantized is not None:
+            weight = ctx.quantized()  # dense for this call only: backward dequantizes again
         ctx.seed = kernels.new_seed() if use_kernels and p > 0 else 0
         ctx.rng = rng_state(x.device) if p > 0 and not use_kernels else None
         if use_kernels and p > 0:
@@ -80,7 +84,7 @@ class LoraLinear(torch.autograd.Function):
             y = F.linear(x2, merged_weight.merged(weight, a, b, s, one_pass=False), bias)
         else:
             y = F.linear(x2, weight, bias).addmm_(h, b.t(), alpha=s)
-        ctx.save_for_backward(weight, a, b, h, *saved)
+        ctx.save_for_backward(weight if ctx.quantized is None else None, a, b, h, *saved)
         ctx.scale, ctx.p, ctx.has_bias, ctx.shape = s, p, bias is not None, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -88,6 +92,8 @@ class LoraLinear(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor):
         weight, a, b, h, *saved = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        if need_x and ctx.quantized is not None:
+            weight = ctx.quantized()
         d_in = ctx.shape[-1]
         dy2 = dy.reshape(-1, dy.shape[-1])
         dh = torch.addmm(h, dy2, b, beta=0, alpha=ctx.scale)  # dy @ B * s in one call (h: any [M, r], unread)

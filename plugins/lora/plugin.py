@@ -17,6 +17,7 @@ from surgery.plugin import (
 )
 from surgery_plugins.lora import formula
 from surgery_plugins.lora.branches import LoraBranch, LoraEmbeddingBranch, SlicedLoraBranch, WeightLoraBranch
+from surgery_plugins.lora.quantized_base import quantized_weight
 from surgery_plugins.lora.shared import SharedInput
 
 
@@ -63,6 +64,8 @@ class Lora(Method):
             branch = LoraBranch(site.in_features, site.out_features, params, dtype, device)
             if site.input_group is not None and site.kind == "linear":
                 branch.reads_with(site.input_group, module)
+            if site.kind == "quantized_linear":
+                branch.over(quantized_weight(module))
             return branch
         parts = {}
         for role in sliced:

@@ -5,7 +5,8 @@
 the slices of a fused projection (e.g. q and v of GPT-2's c_attn) is written exactly as one LoRA of rank n*r with
 a block-structured B. `use_dora: true` maps to method `dora` (the magnitude under `<path>.lora_magnitude_vector`);
 a DoRA on slices is written as one whole-module DoRA whose other rows keep B = 0 and m = ‖W_row‖ (so g = 1
-there). LoRA bias, layer replication and the other options are refused by name.
+there). LoRA bias, layer replication and the other options are refused by name. Of quantized layers, only those PEFT
+wraps itself (bitsandbytes' 4- and 8-bit, `PEFT_QUANTIZED`) are written: their files are a float layer's.
 
 Stacked MoE experts are PEFT's `target_parameters` (its ParamWrapper): per parameter `lora_A.weight` [r*E, in]
 (expert-major: [E, r, in]) and `lora_B.weight` [out, r*E] (expert-minor: [out, r, E]), under the key of the module
@@ -47,6 +48,8 @@ MAGNITUDE = "lora_magnitude_vector"
 """PEFT's name of DoRA's magnitude, after the module path."""
 _PARAMETER_KINDS = frozenset({"experts", "weight"})
 """Site kinds whose path names a parameter (PEFT's `target_parameters`, not `target_modules`)."""
+PEFT_QUANTIZED = frozenset({"bnb_4bit", "bnb_int8"})
+"""Quantized weight formats whose layers PEFT adapts itself (bitsandbytes'), so their LoRA can be written."""
 
 
 class LoraMapping:
@@ -136,9 +139,10 @@ class LoraMapping:
                 raise SurgeryError(f"PEFT format: LoRA on the weight {path!r} (a linear weight its module reads "
                                    "itself, as nn.MultiheadAttention's) cannot be written: PEFT's MultiheadAttention "
                                    "layer adapts in_proj and out_proj whole, together; save it in surgery's format")
-            if placement.site.kind == "quantized_linear":
-                raise SurgeryError(f"PEFT format holds LoRA on float layers only: {placement.method} on "
-                                   f"quantized_linear site {path!r} cannot be written")
+            if placement.site.kind == "quantized_linear" and placement.site.format not in PEFT_QUANTIZED:
+                raise SurgeryError(f"PEFT format holds LoRA on float and bitsandbytes layers only: {placement.method} "
+                                   f"on quantized_linear site {path!r} (format {placement.site.format}) cannot be "
+                                   "written")
             a, b, scale = _dense_lora(branch, placement.site.out_features)
             if dora:
                 tensors[f"{PREFIX}{path}.{MAGNITUDE}"] = _dense_magnitude(branch, placement.site.out_features)

@@ -24,6 +24,12 @@ class WeightFormat(Protocol):
     Optional: `analysis_stand_in(module) -> nn.Module` for a layer that `torch.export` may not trace (weights that
     are tensor subclasses, a custom CUDA kernel): if the model as it is cannot be traced, the graph analysis
     traces again with the stand-ins in those layers' places (see `TraceStandIn`).
+
+    Optional, together: `compute_dtype(module) -> torch.dtype | None` and `compute_weight(module) -> Tensor` for
+    a quantized layer whose call is `F.linear(x, compute_weight(module), module.bias)` for x of `compute_dtype`
+    (None: not now). `compute_weight` dequantizes anew on each call, cheaply enough to be called in every
+    forward and backward; methods then compute the layer's map themselves (LoRA's fused path) and keep nothing
+    dense between calls.
     """
 
     name: str

@@ -88,7 +88,8 @@ def surgery_weight_formats() -> list["WeightFormat"]:
     """Weight formats: how to recognise a module kind and read or write its weight as dense [out, in].
 
     Returns: a list of objects satisfying `surgery.plugin.WeightFormat` (`name`, `kind`, `priority`, `is_view`,
-    `matches`, `features`, `dense`, `store`, `snapshot`, `restore`; optionally `analysis_stand_in`).
+    `matches`, `features`, `dense`, `store`, `snapshot`, `restore`; optionally `analysis_stand_in`, and
+    `compute_dtype` with `compute_weight`).
 
     Called: when a model is analysed (`inspect`, `plan`, `attach`: each linear-like or embedding module gets the
     first format that `matches` it), and on merge/unmerge (to read and write the weight).
@@ -102,6 +103,8 @@ def surgery_weight_formats() -> list["WeightFormat"]:
     whose `dense()`/`store()` dequantize and requantize. Sites it claims get kind `quantized_linear` and
     `site.format = format.name`. `analysis_stand_in(module)` returns a module `torch.export` can trace in its
     place (see `surgery.plugin.TraceStandIn`), used only when the model as it is cannot be traced.
+    `compute_dtype(module)` and `compute_weight(module)` (dequantized per call, in that dtype) let a method
+    compute a quantized layer's linear map itself, fused with its own (LoRA in training does).
     """
 
 
