@@ -73,7 +73,7 @@ class Bnb4bitFormat:
     def compute_weight(self, module: nn.Module) -> torch.Tensor:
         """The weight dequantized, [out, in], in the compute dtype: what the layer's matmul multiplies by."""
         weight = module.weight
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(self.compute_dtype(module))
+        return _bnb().functional.dequantize_4bit(weight.data, weight.quant_state).to(self.compute_dtype(module))
 
     def store(self, module: nn.Module, weight: torch.Tensor) -> None:
         param, state = module.weight, module.weight.quant_state
