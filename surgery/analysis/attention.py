@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from surgery.analysis.dataflow import (
     ELEMENTWISE_OPS,
@@ -76,7 +77,7 @@ def _sdpa(node: fx.Node, index: GraphIndex) -> AttentionOp:
         val = tensor_val(mask)
         masks = ((mask, "keep" if val is not None and val.dtype == torch.bool else "additive"),)
     q, k = tensor_val(node.args[0]), tensor_val(node.args[1])
-    lengths = (int(q.shape[-2]), int(k.shape[-2])) if q is not None and k is not None else None
+    lengths = _lengths(q.shape[-2], k.shape[-2]) if q is not None and k is not None else None
     return AttentionOp("sdpa", index.owner[node], node.args[0], node.args[1], node.args[2], node, masks, causal,
                        lengths)
 
@@ -199,9 +200,17 @@ def _eager(softmax: fx.Node, index: GraphIndex, scores: _Scores) -> AttentionOp 
     if probs is None:
         return None
     val = tensor_val(product)
-    lengths = (int(val.shape[-2]), int(val.shape[-1])) if val is not None and val.dim() >= 2 else None
+    lengths = _lengths(val.shape[-2], val.shape[-1]) if val is not None and val.dim() >= 2 else None
     owner = _common_owner([index.owner[product], index.owner[softmax], index.owner[probs]])
     return AttentionOp("eager", owner, q, k, value, probs, tuple(masks), False, lengths)
+
+
+def _lengths(queries: int | torch.SymInt, keys: int | torch.SymInt) -> tuple[int, int] | None:
+    """(query length, key length) as ints, or None where a length depends on the data (an unbacked size)."""
+    try:
+        return int(queries), int(keys)
+    except GuardOnDataDependentSymNode:
+        return None
 
 
 def _common_owner(paths: list[str]) -> str:
