@@ -616,3 +616,12 @@ def test_einsum_with_a_3d_weight_is_experts_only_when_batched_over_its_first_dim
     assert list(facts.experts) == ["experts"]
     assert (facts.experts["experts"].num_experts, facts.experts["experts"].in_features,
             facts.experts["experts"].out_features) == (4, 8, 16)
+
+
+def test_an_attention_length_that_depends_on_the_data_is_unknown_not_a_crash():
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from surgery.analysis import attention
+    unbacked = ShapeEnv().create_unbacked_symint()  # a size computed from the data (Mimi's conv strides on a mask)
+    assert attention._lengths(unbacked, 3) is None
+    assert attention._lengths(4, 3) == (4, 3)
