@@ -506,8 +506,14 @@ def check(model_type: str, variants=("sdpa", "eager", "sdpa+mask", "eager+mask")
             sites_of(model, *given)
             facts = facts_module.analyze(model, *given)  # from the cache
         except Exception as exc:
-            results.append(Result(model_type, variant, "error", "analyze: " + _why(exc),
-                                  time.perf_counter() - start))
+            seconds = time.perf_counter() - start
+            try:  # a tiny build that does not run on the inputs is no finding about surgery
+                runnable_inputs(model, [(args, kwargs)])
+            except Exception as run_exc:
+                results.append(Result(model_type, variant, "skip", "the tiny build does not run: " + _why(run_exc),
+                                      seconds))
+                continue
+            results.append(Result(model_type, variant, "error", "analyze: " + _why(exc), seconds))
             continue
         seconds = time.perf_counter() - start
         if not runnable:
