@@ -39,6 +39,11 @@ class TraceError(SurgeryError):
     """The model could not be traced for analysis."""
 
 
+class AnalysisWarning(UserWarning):
+    """Something the analysis could not read exactly (it names the module and why); the reading falls back to what
+    the graph's structure alone says."""
+
+
 class AdapterFileError(SurgeryError):
     """An adapter directory that cannot be read: missing, truncated, tampered or malformed. Names the file."""
 

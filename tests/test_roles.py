@@ -579,22 +579,51 @@ def test_moe_experts_interleaved_gate_up():
     assert facts.roles["model.layers.0.mlp.router"] == {"mlp.router"}
 
 
-def test_token_ids_through_a_where_before_the_lookup():
-    """Gemma 4 replaces multimodal placeholder ids before the lookup: still the input embedding and LM head."""
+def _shifted_right(ids: torch.Tensor) -> torch.Tensor:
+    shifted = ids.new_zeros(ids.shape)
+    shifted[:, 1:] = ids[:, :-1]
+    shifted[:, 0] = 2
+    return shifted
+
+
+def _placeholders_zeroed(ids: torch.Tensor) -> torch.Tensor:
+    kept = ids.clone()
+    kept[ids >= 30] = 0
+    return kept
+
+
+_ID_SUBSTITUTIONS = {
+    "where": lambda ids: torch.where(ids >= 30, torch.zeros_like(ids), ids),  # Gemma 4
+    "index_put": _placeholders_zeroed,  # PaliGemma, Gemma 3: ids[mask] = 0 on a clone
+    "masked_fill": lambda ids: ids.masked_fill(ids >= 30, 0),
+    "keep_mask": lambda ids: ids * (ids < 30),
+    "clamp_offset": lambda ids: (ids - 2).clamp(min=0) % 30,
+    "cat": lambda ids: torch.cat([torch.full_like(ids[:, :1], 2), ids[:, 1:]], dim=1),
+    "shifted_right": _shifted_right,  # decoder ids made from the ids, as shift_tokens_right does
+}
+
+
+@pytest.mark.parametrize("substitute", list(_ID_SUBSTITUTIONS))
+def test_token_ids_through_substitutions_before_the_lookup(substitute):
+    """Multimodal models replace placeholder ids before the lookup: still the input embedding and LM head; a
+    position lookup computed from the ids (RoBERTa's cumulative sum of the non-padding mask) is neither."""
+    from surgery.analysis.facts import _CACHE
 
     class Substituted(nn.Module):
         def __init__(self):
             super().__init__()
             self.embed = nn.Embedding(32, 16)
-            self.positions = nn.Embedding(8, 16)
+            self.positions = nn.Embedding(10, 16)
             self.out = nn.Linear(16, 32, bias=False)
 
         def forward(self, ids):
-            text_ids = torch.where(ids >= 30, torch.zeros_like(ids), ids)
-            positions = torch.arange(ids.shape[1]).expand_as(ids)
-            return self.out(self.embed(text_ids) + self.positions(positions))
+            keep = ids.ne(1).int()
+            positions = (torch.cumsum(keep, dim=1) * keep).long() + 1
+            return self.out(self.embed(_ID_SUBSTITUTIONS[substitute](ids)) + self.positions(positions))
 
+    _CACHE.clear()  # one class name and structure for every substitution
     facts = analyze(Substituted(), TOKENS)
+    _CACHE.clear()
     assert facts.roles == {"embed": {EMBED}, "out": {HEAD}}
 
 

@@ -23,6 +23,7 @@ from surgery.analysis.dataflow import (
     alias_writes,
     backward_closure,
     is_block,
+    learned_tokens,
     module_input,
     op_name,
     parent_path,
@@ -96,24 +97,9 @@ def matmul_operands(node: fx.Node) -> tuple[Any, Any] | None:
 
 
 def _activation(node: fx.Node, index: GraphIndex) -> bool:
-    """A value computed from user inputs, or from parameters (learned query tokens, latents), not from constants
-    or buffers alone (rotary tables)."""
-    if node in index.from_user:
-        return True
-    if node not in index.from_state:
-        return False
-    seen, stack = {node}, [node]
-    while stack and len(seen) < 256:
-        current = stack.pop()
-        if current.op == "placeholder":
-            if index.trace.input_kinds.get(current.name) == "parameter":
-                return True
-            continue
-        for i in current.all_input_nodes:
-            if i in index.from_state and i not in seen:
-                seen.add(i)
-                stack.append(i)
-    return False
+    """A value computed from user inputs, or learned tokens (`dataflow.learned_tokens`: query tokens, latents), not
+    from constants or buffers alone (rotary tables)."""
+    return node in index.from_user or learned_tokens(node, index)
 
 
 class _Scores:

@@ -199,11 +199,52 @@ def _stacked(weight: object, index: GraphIndex) -> bool:
     return root.op == "placeholder" and val is not None and val.dim() >= 3
 
 
-def _learned(node: fx.Node, index: GraphIndex) -> bool:
-    """A value computed from parameters alone (learned query tokens), not from user inputs or buffers only."""
-    return node in index.from_state and node not in index.from_user and any(
-        index.trace.input_kinds.get(p.name) == "parameter"
-        for p in backward_closure([node], lambda n: n in index.from_state) if p.op == "placeholder")
+def _numel(node: fx.Node) -> int | None:
+    val = tensor_val(node)
+    try:
+        return int(val.numel()) if val is not None else None
+    except Exception:  # a data-dependent size
+        return None
+
+
+def _data_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs a node's result is data of: a matmul's first operand (not its weight), a norm's input (not its
+    gain and bias), an element-wise op's full-size operands (not a broadcast scale or bias), else every input."""
+    name = op_name(node)
+    if name in MATMUL_OPS or name in NORM_OPS:
+        first = _operands(node)[0] if name in MATMUL_OPS else node.args[0] if node.args else None
+        return [first] if isinstance(first, fx.Node) else []
+    inputs = list(node.all_input_nodes)
+    if name in ELEMENTWISE_OPS | ACTIVATION_OPS and _numel(node) is not None:
+        full = [i for i in inputs if _numel(i) == _numel(node)]
+        return full or inputs
+    return inputs
+
+
+def learned_tokens(node: fx.Node, index: GraphIndex) -> bool:
+    """Whether a value of no user input carries learned tokens, which a linear reading it makes a site.
+
+    The rule: walking back from the value through its data inputs (`_data_inputs`: not a matmul's weight, not a
+    norm's gain or bias, not a scale or bias broadcast onto the data), a parameter is reached: the tokens are
+    that parameter's values, as BLIP-2's query tokens [1, n, d] through a layer norm and dropout, Perceiver's
+    latents, a learned query vector [d] expanded over positions (Inkling 2's attention residuals). A value whose
+    data are buffers or constants (Swin v2's relative-coordinate table, even through a linear, a ReLU or a norm
+    with parameters of their own) carries none: a linear applied to it computes a table from constants and is no
+    site."""
+    if node not in index.from_state or node in index.from_user:
+        return False
+    seen, stack = {node}, [node]
+    while stack:
+        current = stack.pop()
+        if current.op == "placeholder":
+            if index.trace.input_kinds.get(current.name) == "parameter":
+                return True
+            continue
+        for i in _data_inputs(current):
+            if i in index.from_state and i not in seen:
+                seen.add(i)
+                stack.append(i)
+    return False
 
 
 def _own_parameter(weight: object, path: str, index: GraphIndex) -> bool:
@@ -217,7 +258,8 @@ def _own_parameter(weight: object, path: str, index: GraphIndex) -> bool:
 
 
 def linear_sites(index: GraphIndex) -> dict[str, LinearSite]:
-    """Leaf modules owning a matmul-type op with one user-dependent operand and one parameter-only operand."""
+    """Leaf modules owning a matmul-type op with one user-dependent operand and one parameter-only operand, or with
+    learned tokens (`learned_tokens`) multiplied by a 2-D parameter of the module itself."""
     sites: dict[str, LinearSite] = {}
     for node in index.nodes:
         if op_name(node) not in MATMUL_OPS:
@@ -230,7 +272,7 @@ def linear_sites(index: GraphIndex) -> dict[str, LinearSite]:
             x, weight, reversed_ = a, b, False
         elif op_name(node) != "linear" and isinstance(b, fx.Node) and b in index.from_user and _state_only(a, index):
             x, weight, reversed_ = b, a, True
-        elif isinstance(a, fx.Node) and _learned(a, index) and _own_parameter(b, path, index):
+        elif isinstance(a, fx.Node) and learned_tokens(a, index) and _own_parameter(b, path, index):
             x, weight, reversed_ = a, b, False  # a projection of learned tokens (Q-Former queries, latents)
         else:
             continue

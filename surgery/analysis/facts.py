@@ -7,6 +7,7 @@ fused projections for their exact channel ranges, and maps everything back to ev
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,6 +212,23 @@ def architecture_key(model: nn.Module, args: tuple | None = None, kwargs: dict |
 
 _CACHE: dict[tuple, GraphFacts] = {}
 _CACHE_SIZE = 32
+_ON_VALUES: dict[tuple, str] = {}
+"""Keys whose facts were traced on the inputs' values (a branch on the data): the digest of those values."""
+
+
+def values_digest(args: tuple | None, kwargs: dict | None) -> str:
+    """A digest of the input tensors' values (and of everything else the inputs hold)."""
+    digest = hashlib.sha256()
+    for leaf in pytree.tree_leaves((tuple(args or ()), dict(kwargs or {}))):
+        if isinstance(leaf, torch.Tensor) and leaf.device.type == "meta":
+            digest.update(f"meta{leaf.dtype}{tuple(leaf.shape)}".encode())  # no values
+        elif isinstance(leaf, torch.Tensor):
+            flat = leaf.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"{flat.dtype}{tuple(leaf.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        else:
+            digest.update(repr(leaf).encode())
+    return digest.hexdigest()
 
 
 def _copy(facts: GraphFacts) -> GraphFacts:
@@ -219,30 +237,40 @@ def _copy(facts: GraphFacts) -> GraphFacts:
                       dict(facts.experts))
 
 
-def _analyze_uncached(model: nn.Module, args: tuple | None, kwargs: dict | None) -> GraphFacts:
+def _analyze_uncached(model: nn.Module, args: tuple | None, kwargs: dict | None) -> tuple[GraphFacts, bool]:
+    """The facts, and whether the trace took a branch on the inputs' values (`AnalysisTrace.on_values`)."""
     reduction = Reduction({})
     failed = None
     try:
         with reduced_depth(model) as reduction, mha_stand_ins(model) as mha:
             trace = export_for_analysis(model, args, kwargs)
-        return expand_facts(renamed(read_facts(trace), parameter_paths(mha)), reduction, model)
+        return expand_facts(renamed(read_facts(trace), parameter_paths(mha)), reduction, model), trace.on_values
     except Exception as exc:
         if not reduction.groups:
             raise
         failed = getattr(exc, "tried", None)  # surgery's own inputs failed: at full depth, stop if alike
     with mha_stand_ins(model) as mha:
         trace = export_for_analysis(model, args, kwargs, failed=failed)
-    return expand_facts(renamed(read_facts(trace), parameter_paths(mha)), Reduction({}), model)
+    return expand_facts(renamed(read_facts(trace), parameter_paths(mha)), Reduction({}), model), trace.on_values
 
 
 def analyze(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> GraphFacts:
     """Trace `model` (inputs from `tracing.example_inputs` if none given) and read its sites and roles.
 
-    Results are cached by architecture key; every call returns a fresh copy of the dicts.
+    Results are cached by architecture key (and by the inputs' values where the trace branched on them); every
+    call returns a fresh copy of the dicts.
     """
     key = architecture_key(model, args, kwargs)
-    if key not in _CACHE:
+    stale = key in _CACHE and key in _ON_VALUES and _ON_VALUES[key] != values_digest(args, kwargs)
+    if key not in _CACHE or stale:
+        _CACHE.pop(key, None)
         if len(_CACHE) >= _CACHE_SIZE:
+            _ON_VALUES.pop(next(iter(_CACHE)), None)
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = _analyze_uncached(model, args, kwargs)
+        facts, on_values = _analyze_uncached(model, args, kwargs)
+        _CACHE[key] = facts
+        if on_values:
+            _ON_VALUES[key] = values_digest(args, kwargs)
+        else:
+            _ON_VALUES.pop(key, None)
     return _copy(_CACHE[key])

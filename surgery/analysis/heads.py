@@ -13,18 +13,47 @@ from surgery.analysis.dataflow import (
     WALK_OPS,
     GraphIndex,
     LinearSite,
+    alias_writes,
     op_name,
     tensor_val,
 )
 
-_ID_OPS = frozenset({"where", "masked_fill", "masked_fill_", "clamp", "clamp_min", "clamp_max", "remainder", "sub",
-                     "add"})
-"""Ops token ids may pass before the lookup: gemma4 replaces multimodal placeholder ids with `where`."""
+_ID_SUBSTITUTIONS = frozenset({"masked_fill", "masked_fill_", "clamp", "clamp_", "clamp_min", "clamp_max",
+                                "index_put", "index_put_", "index_fill", "index_fill_", "masked_scatter",
+                                "masked_scatter_", "scatter", "scatter_"})
+"""Ops that replace some ids and keep the others (their first operand): placeholders of image tokens set to 0 by
+`ids[mask] = 0` (PaliGemma, Gemma 3), a clamp into the vocabulary."""
+_ID_ARITHMETIC = frozenset({"add", "add_", "sub", "sub_", "remainder", "mul", "mul_"})
+"""Ops that offset or wrap ids, or zero some (`ids * keep`): every operand is followed."""
+_ID_CONTAINERS = frozenset({"new_zeros", "new_full", "new_empty", "new_ones", "zeros_like", "full_like",
+                            "empty_like"})
+"""A fresh tensor the ids are written into (`shifted[:, 1:] = ids[:, :-1]`): its data are the writes only."""
+
+
+def _id_sources(node: fx.Node) -> list[fx.Node]:
+    """The operands whose values a node's ids are, or are written from (comparisons, counts and cumulative sums
+    make masks and positions of ids, and are no sources)."""
+    name = op_name(node)
+    if name == "where":  # the ids come from the chosen values, not from the condition
+        sources = list(node.args[1:3])
+    elif name in LAYOUT_OPS or name in _ID_SUBSTITUTIONS:
+        first = node.args[0] if node.args else None
+        sources = list(first) if isinstance(first, (list, tuple)) else [first]  # cat/stack take a list
+    elif name in _ID_ARITHMETIC:
+        sources = list(node.args)
+    elif name in _ID_CONTAINERS:
+        sources = []
+    else:
+        return []
+    for write in alias_writes(node):  # data written in place into the tensor or a view of it
+        sources += list(write.args[1:])
+    return [s for s in sources if isinstance(s, fx.Node)]
 
 
 def _from_tokens(ids: fx.Node, index: GraphIndex, tokens: frozenset[str]) -> bool:
-    """Whether lookup indices are the user's token ids, possibly through layout ops and id substitutions
-    (where, masked_fill, clamp) but no arithmetic that makes them positions (cumsum, arange)."""
+    """Whether lookup indices are the user's token ids, possibly through layout ops, id substitutions (where,
+    masked_fill, clamp, `ids[mask] = 0`), offsets and writes into a fresh tensor, but no arithmetic that makes
+    them positions (cumsum, arange) or masks (comparisons)."""
     seen, stack = {ids}, [ids]
     while stack:
         node = stack.pop()
@@ -32,16 +61,9 @@ def _from_tokens(ids: fx.Node, index: GraphIndex, tokens: frozenset[str]) -> boo
             if node.name in tokens:
                 return True
             continue
-        name = op_name(node)
-        if node.op != "call_function" or name not in LAYOUT_OPS | _ID_OPS:
+        if node.op != "call_function":
             continue
-        if name == "where":  # the ids come from the chosen values, not from the condition
-            data = [a for a in node.args[1:3] if isinstance(a, fx.Node)]
-        elif name in LAYOUT_OPS or name in ("masked_fill", "masked_fill_", "clamp", "clamp_min", "clamp_max"):
-            data = [node.args[0]] if node.args and isinstance(node.args[0], fx.Node) else []
-        else:  # an id offset (add, sub, remainder)
-            data = [a for a in node.args if isinstance(a, fx.Node)]
-        for i in data:
+        for i in _id_sources(node):
             if i in index.from_user and i not in seen:
                 seen.add(i)
                 stack.append(i)

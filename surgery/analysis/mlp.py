@@ -82,9 +82,9 @@ def read_mlp(down: LinearSite | ExpertSite, index: GraphIndex, linears: dict[str
     acts, source = reached[gate]
     if acts == {True}:
         return MlpReading({**down_roles, gate: frozenset({"mlp.up"})}, {})
-    probe = channel_probe(index, source, {"gate": act_inputs, "all": [down.x]})
-    gate_set = _channel_set(probe.get("gate", ()))
-    up_set = _channel_set(probe.get("all", ())) - gate_set
+    probe = channel_probe(index, source, {"mlp.gate": act_inputs, "mlp.down": [down.x]})
+    gate_set = _channel_set(probe.get("mlp.gate", ()))
+    up_set = _channel_set(probe.get("mlp.down", ())) - gate_set  # what reaches the down projection, ungated
     if not gate_set or not up_set:
         return MlpReading({**down_roles, gate: frozenset({"mlp.up"})}, {})
     return MlpReading({**down_roles, gate: frozenset({"mlp.gate", "mlp.up"})},

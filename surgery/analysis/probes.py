@@ -2,49 +2,123 @@
 
 Only the nodes of a region are executed, on tensors of the shapes the trace recorded. Region inputs that depend
 only on constants are computed exactly; those that depend on parameters, buffers or user inputs are filled with
-seeded random floats (integers: zeros, booleans: ones). No weights and no model are needed.
+seeded random floats (integers: zeros, booleans: ones). Sizes computed from the data (tokens routed to each
+expert) are computed from random router logits, consistently (`symbol_values`). No weights and no model are
+needed. A region that still cannot run gives nothing, with an `AnalysisWarning` naming the module.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import warnings
+from typing import Any, Iterable, Mapping, Sequence
 
+import sympy
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
-from surgery.analysis.dataflow import GraphIndex, alias_writes, backward_closure, tensor_val
+from surgery.analysis.dataflow import GraphIndex, alias_writes, backward_closure, op_name, tensor_val
+from surgery.errors import AnalysisWarning
 
 Slices = tuple[tuple[int, int], ...]
 _CPU = torch.device("cpu")
 
 
 UNBACKED_SIZE = 3
-"""The size a probe gives a data-dependent dimension with no hint (tokens routed to one expert): any positive
-size reads the same channels, since channels are the last dimension."""
+"""The size a probe gives a data-dependent dimension whose value it could not compute (`symbol_values`) and that
+has no hint: any positive size reads the same channels, since channels are the last dimension."""
+
+Symbols = Mapping[sympy.Symbol, int]
 
 
-def concrete_shape(val: torch.Tensor) -> tuple[int, ...]:
-    """The shape as integers; a data-dependent (unbacked) size takes its hint, else UNBACKED_SIZE."""
-    out = []
-    for size in val.shape:
-        try:
-            out.append(int(size))
-        except Exception:  # an unbacked symbolic size (MoE routing: how many tokens an expert got)
-            hint = getattr(getattr(size, "node", None), "hint", None)
-            out.append(int(hint) if isinstance(hint, int) else UNBACKED_SIZE)
-    return tuple(out)
+def unbacked(val: Any) -> set[sympy.Symbol]:
+    """The data-dependent (unbacked) size symbols a node's value uses: in a tensor's shape, or a symbolic int."""
+    if isinstance(val, (torch.Tensor, torch.SymInt)):
+        return set(free_unbacked_symbols(val))
+    if isinstance(val, (list, tuple)):
+        return set().union(*(unbacked(v) for v in val)) if val else set()
+    return set()
 
 
-def _filled(val: Any, generator: torch.Generator) -> Any:
+def size_value(size: Any, symbols: Symbols) -> int:
+    """One size as an integer: a plain int, a symbolic size evaluated on `symbols`, else its hint, else
+    UNBACKED_SIZE."""
+    try:
+        return int(size)
+    except Exception:  # a data-dependent (unbacked) size: how many tokens an expert got
+        expr = getattr(getattr(size, "node", None), "expr", None)
+        if expr is not None and symbols:
+            value = expr.xreplace({s: sympy.Integer(v) for s, v in symbols.items()})
+            if value.is_number:
+                return int(value)
+        hint = getattr(getattr(size, "node", None), "hint", None)
+        return int(hint) if isinstance(hint, int) else UNBACKED_SIZE
+
+
+def concrete_shape(val: torch.Tensor, symbols: Symbols | None = None) -> tuple[int, ...]:
+    """The shape as integers, data-dependent sizes evaluated on `symbols` (see `size_value`)."""
+    return tuple(size_value(size, symbols or {}) for size in val.shape)
+
+
+def _filled(val: Any, generator: torch.Generator, symbols: Symbols | None = None) -> Any:
     if isinstance(val, torch.Tensor):
-        shape = concrete_shape(val)
+        shape = concrete_shape(val, symbols)
         if val.is_floating_point() or val.is_complex():
             return torch.randn(shape, generator=generator)
         if val.dtype == torch.bool:
             return torch.ones(shape, dtype=torch.bool)
         return torch.zeros(shape, dtype=val.dtype)
+    if isinstance(val, torch.SymInt):
+        return size_value(val, symbols or {})
     if isinstance(val, (list, tuple)):
-        return type(val)(_filled(v, generator) for v in val)
+        return type(val)(_filled(v, generator, symbols) for v in val)
     return val
+
+
+_RANDOM_FROM = frozenset({"linear", "addmm", "mm", "matmul", "bmm", "einsum", "embedding", "grouped_mm",
+                          "_grouped_mm", "grouped_mm_fallback"})
+"""Ops whose floating-point outputs a symbol computation starts from, at random: the projections (a router's
+logits) that the data-dependent sizes are computed from."""
+
+
+def _defined(node: fx.Node, wanted: set[sympy.Symbol]) -> dict[sympy.Symbol, Any]:
+    """The wanted symbols a node's value defines: a symbolic int that is one symbol (`.item()`, `.tolist()`), or a
+    tensor dimension that is one (`nonzero`); each with how to read it from the node's real value."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.SymInt) and val.node.expr in wanted:
+        return {val.node.expr: int}
+    if isinstance(val, torch.Tensor):
+        return {size.node.expr: (lambda t, d=d: int(t.shape[d])) for d, size in enumerate(val.shape)
+                if isinstance(size, torch.SymInt) and size.node.expr in wanted}
+    return {}
+
+
+def symbol_values(index: GraphIndex, nodes: Iterable[fx.Node], generator: torch.Generator) -> dict[sympy.Symbol, int]:
+    """Values for the data-dependent sizes (unbacked symbols) in the values of `nodes`, consistent with each other.
+
+    The graph nodes that define them (an expert's token count read with `.tolist()`) are run from the nearest
+    matmul or lookup outputs, filled at random (a router's logits), so the counts add up to the tokens routed,
+    as the shapes built from them require. Raises where those nodes cannot run."""
+    wanted: set[sympy.Symbol] = set()
+    for node in nodes:
+        wanted |= unbacked(node.meta.get("val"))
+    if not wanted:
+        return {}
+    readers: dict[sympy.Symbol, tuple[fx.Node, Any]] = {}
+    for node in index.nodes:
+        if wanted - readers.keys():
+            for symbol, read in _defined(node, wanted - readers.keys()).items():
+                readers[symbol] = (node, read)
+    if not readers:
+        return {}
+    definers = {node for node, _ in readers.values()}
+
+    def computed(node: fx.Node) -> bool:  # run, rather than filled at random
+        val = node.meta.get("val")
+        random = isinstance(val, torch.Tensor) and val.is_floating_point() and op_name(node) in _RANDOM_FROM
+        return node.op != "placeholder" and not random
+
+    env = run_region(index, backward_closure(definers, computed), {}, generator)
+    return {symbol: read(env[node]) for symbol, (node, read) in readers.items()}
 
 
 def _on_cpu(value: Any) -> Any:
@@ -73,8 +147,9 @@ def _execute(node: fx.Node, env: Mapping[fx.Node, Any], index: GraphIndex) -> An
 
 
 def run_region(index: GraphIndex, region: set[fx.Node], seed: Mapping[fx.Node, Any],
-               generator: torch.Generator) -> dict[fx.Node, Any]:
-    """Execute `region` in graph order; `seed` gives values of some nodes, other inputs are computed or filled."""
+               generator: torch.Generator, symbols: Symbols | None = None) -> dict[fx.Node, Any]:
+    """Execute `region` in graph order; `seed` gives values of some nodes, other inputs are computed or filled
+    (data-dependent sizes from `symbols`)."""
     env: dict[fx.Node, Any] = dict(seed)
     external = {i for n in region for i in n.all_input_nodes if i not in region and i not in env}
     exact = backward_closure([e for e in external if e not in index.from_runtime],
@@ -83,12 +158,16 @@ def run_region(index: GraphIndex, region: set[fx.Node], seed: Mapping[fx.Node, A
         try:
             env[node] = _execute(node, env, index)
         except Exception:  # not computable here (e.g. a higher-order op): stand in a random value
-            env[node] = _filled(node.meta.get("val"), generator)
+            env[node] = _filled(node.meta.get("val"), generator, symbols)
     for node in sorted(external - exact, key=index.order.__getitem__):
-        env[node] = _filled(node.meta.get("val"), generator)
+        env[node] = _filled(node.meta.get("val"), generator, symbols)
     for node in sorted(region - env.keys(), key=index.order.__getitem__):
         env[node] = _execute(node, env, index)
     return env
+
+
+def _inputs_of(region: set[fx.Node]) -> set[fx.Node]:
+    return {i for n in region for i in n.all_input_nodes if i not in region}
 
 
 def forward_closure(start: fx.Node, limit: int, index: GraphIndex) -> set[fx.Node]:
@@ -165,9 +244,14 @@ def channel_probe(index: GraphIndex, source: fx.Node, targets: Mapping[str, Sequ
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
         try:
-            leaf = torch.randn(concrete_shape(val), generator=generator, requires_grad=True)
-            env = run_region(index, region, {source: leaf * 1.0}, generator)
-        except Exception:  # a region that cannot run on stand-in values (data-dependent sizes): nothing read
+            symbols = symbol_values(index, [source, *region, *_inputs_of(region)], generator)
+            leaf = torch.randn(concrete_shape(val, symbols), generator=generator, requires_grad=True)
+            env = run_region(index, region, {source: leaf * 1.0}, generator, symbols)
+        except Exception as exc:  # a region that cannot run on stand-in values: nothing read, and said so
+            reason = (str(exc).strip().splitlines() or [""])[0][:200]
+            warnings.warn(f"surgery could not probe which output channels of {index.owner[source] or 'the model'} "
+                          f"reach {', '.join(targets)} ({type(exc).__name__}: {reason}): its roles are read from "
+                          "the graph's structure alone, without exact channel slices", AnalysisWarning, stacklevel=2)
             return {}
         found: dict[str, Slices] = {}
         for role, group in targets.items():

@@ -1,19 +1,25 @@
 """Tracing a model for analysis: example inputs and a non-strict pre-dispatch `torch.export` graph.
 
 The graph is read, never executed as the model: it is traced on fake tensors (a meta model is fine), and the
-model is left exactly as it was (modes restored, also on exceptions).
+model is left exactly as it was (modes restored, also on exceptions). Where the model's code branches on a value
+of the data (LED: `if mask.any():`), the branch is taken on the inputs' real values, every op then also running on
+copies of the real tensors (`torch.export.draft_export`): that needs real weights, and costs one forward pass.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import inspect
+import io
+import logging
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from surgery.analysis.stand_ins import analysis_stand_ins
 from surgery.errors import TraceError
@@ -43,6 +49,7 @@ class AnalysisTrace:
     token_inputs: frozenset[str]
     constants: dict[str, torch.Tensor]
     parameters: dict[str, str] = dataclasses.field(default_factory=dict)  # placeholder name -> parameter path
+    on_values: bool = False  # a branch on the data was taken on the inputs' real values: the graph is theirs alone
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -275,15 +282,83 @@ def _describe(args: tuple, kwargs: dict, names: list[str]) -> str:
     return ", ".join(positional + [f"{k}={one(v)}" for k, v in kwargs.items()])
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
-    with eval_mode(model), _no_stack_traces():
+def data_dependent(exc: BaseException) -> bool:
+    """Whether an export stopped on a guard over a value of the data (an `if` on `tensor.any().item()`)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return "GuardOnDataDependent" in text or "data-dependent" in text or "data dependent" in text
+
+
+def all_real(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether every parameter, buffer and input tensor holds real values (none on the meta device)."""
+    tensors = [*model.parameters(), *model.buffers(),
+               *(t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))]
+    return all(t.device.type != "meta" for t in tensors)
+
+
+def _export_once(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.export.ExportedProgram, bool]:
+    """Export on fake tensors; where the model's own code branches on a value of the data (LED: whether any token
+    has global attention), export again with every op also run on copies of the real tensors
+    (`torch.export.draft_export`), so that the branch the given inputs take is the one traced (then True: the
+    graph holds for these input values). That needs real weights and inputs: on the meta device the
+    data-dependent error stands."""
+    try:
+        with _partial_graph_unprinted():
+            return torch.export.export(model, args, kwargs, strict=False), False
+    except Exception as exc:
+        if not data_dependent(exc) or not all_real(model, args, kwargs):
+            raise
         try:
-            return torch.export.export(model, args, kwargs, strict=False)
+            with _partial_graph_unprinted():
+                return torch.export.draft_export(model, args, kwargs, strict=False), True
+        except Exception:
+            raise exc from None
+
+
+@contextlib.contextmanager
+def _partial_graph_unprinted() -> Iterator[None]:
+    """torch.export prints the partial graph of a failed export to stderr (thousands of lines for a model that
+    branches on data, before surgery retries it): keep everything else export writes there, drop that graph."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    except BaseException as exc:
+        text = captured.getvalue()
+        partial = getattr(exc, "partial_fx_graph", None)
+        if partial is not None:
+            text = text.replace(f"{partial}\n", "")  # printed once per nested export call
+        sys.stderr.write(text)
+        raise
+    sys.stderr.write(captured.getvalue())
+
+
+_GUARD_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch.export._draft_export")
+
+
+@contextlib.contextmanager
+def _quiet_guard_logs() -> Iterator[None]:
+    """torch logs warnings on data-dependent guards (the symbol's source not found, the branch taken on real
+    values): the analysis handles those itself, so they are kept below the user's eyes."""
+    loggers = [logging.getLogger(name) for name in _GUARD_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.export.ExportedProgram, bool]:
+    with eval_mode(model), _no_stack_traces(), _quiet_guard_logs():
+        try:
+            return _export_once(model, args, kwargs)
         except Exception:  # retry with the stand-ins weight formats offer for layers export cannot trace
             with analysis_stand_ins(model) as swapped:
                 if not swapped:
                     raise
-                return torch.export.export(model, args, kwargs, strict=False)
+                return _export_once(model, args, kwargs)
 
 
 _CAUSED_BY = re.compile(r"Caused by: \((\S+\.py:\d+) in (\w+)\)")
@@ -296,6 +371,14 @@ def _first_line(exc: BaseException) -> str:
     where = _CAUSED_BY.search(text)
     at = f" (at {where.group(1)} in {where.group(2)})" if where else ""
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}{at}"
+
+
+def _branch_advice(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> str:
+    """What to do about a data-dependent branch that export could not take."""
+    if not all_real(model, args, kwargs or {}):
+        return ("; surgery takes such a branch on the real values of the inputs, but the model (or an input) is on "
+                "the meta device: load real weights, or pass inputs for which that branch is fixed")
+    return "; it could not be taken on the inputs' real values either: pass inputs for which that branch is fixed"
 
 
 def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None,
@@ -314,7 +397,7 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
         program = None
         for cand_args, cand_kwargs in candidates:
             try:
-                program = _export(model, cand_args, cand_kwargs)
+                program, on_values = _export(model, cand_args, cand_kwargs)
                 break
             except Exception as exc:  # try the next inputs
                 errors.append(f"({_describe(cand_args, cand_kwargs, names)}): {_first_line(exc)}")
@@ -324,10 +407,10 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
         if program is None:
             params = names
             main = getattr(model, "main_input_name", None)
-            data_dependent = any("data-dependent" in e or "GuardOnDataDependent" in e for e in errors)
+            branched = any("data-dependent" in e or "GuardOnDataDependent" in e for e in errors)
             hint = (" The trace stopped on a data-dependent branch of the model's own code (a value of an input "
-                    "decides the control flow): pass inputs for which that branch is fixed, e.g. "
-                    "surgery.inspect(model, kwargs={...})." if data_dependent else
+                    f"decides the control flow){_branch_advice(model)}, e.g. surgery.inspect(model, kwargs={{...}})."
+                    if branched else
                     " Pass example inputs as surgery.inspect(model, args=..., kwargs={...}) (or plan/attach).")
             error = TraceError(
                 f"cannot trace {type(model).__qualname__} for analysis with the inputs surgery makes for it "
@@ -339,7 +422,7 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
         try:
-            program = _export(model, args, kwargs)
+            program, on_values = _export(model, args, kwargs)
         except Exception as exc:
             line = _first_line(exc)
             if "data-dependent" not in line and "GuardOnDataDependent" not in line:
@@ -347,9 +430,9 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
             names = list(inspect.signature(model.forward).parameters)
             raise TraceError(
                 f"cannot trace {type(model).__qualname__} for analysis with the inputs given: the trace stopped on "
-                "a data-dependent branch of the model's own code (a value of an input decides the control flow); "
-                "pass inputs for which that branch is fixed (often a mask the model otherwise computes from the "
-                f"ids, e.g. decoder_attention_mask). Inputs ({_describe(args, kwargs, names)}): {line}") from exc
+                "a data-dependent branch of the model's own code (a value of an input decides the control flow)"
+                f"{_branch_advice(model, args, kwargs)} (often a mask the model otherwise computes from the ids, e.g. "
+                f"decoder_attention_mask). Inputs ({_describe(args, kwargs, names)}): {line}") from exc
     graph_module = program.graph_module
     graph = graph_module.graph
     kinds: dict[str, str] = {}
@@ -371,4 +454,5 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
     return AnalysisTrace(graph_module=graph_module, graph=graph, module_paths=module_paths, module_classes=classes,
                          leaves=leaves, input_kinds=kinds, token_inputs=_token_inputs(graph, kinds),
                          constants=constants,
-                         parameters={n: t for n, t in targets.items() if kinds.get(n) == "parameter"})
+                         parameters={n: t for n, t in targets.items() if kinds.get(n) == "parameter"},
+                         on_values=on_values)
