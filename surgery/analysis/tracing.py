@@ -3,7 +3,7 @@
 The graph is read, never executed as the model: it is traced on fake tensors (a meta model is fine), and the
 model is left exactly as it was (modes restored, also on exceptions). Where the model's code branches on a value
 of the data (LED: `if mask.any():`), the branch is taken on the inputs' real values, every op then also running on
-copies of the real tensors (`torch.export.draft_export`): that needs real weights, and costs one forward pass.
+copies of the real tensors (fake tensors that carry real values, the mode of `torch.export.draft_export`): that needs real weights, and costs one forward pass.
 """
 from __future__ import annotations
 
@@ -298,7 +298,7 @@ def all_real(model: nn.Module, args: tuple, kwargs: dict) -> bool:
 def _export_once(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.export.ExportedProgram, bool]:
     """Export on fake tensors; where the model's own code branches on a value of the data (LED: whether any token
     has global attention), export again with every op also run on copies of the real tensors
-    (`torch.export.draft_export`), so that the branch the given inputs take is the one traced (then True: the
+    (`_real_values`), so that the branch the given inputs take is the one traced (then True: the
     graph holds for these input values). That needs real weights and inputs: on the meta device the
     data-dependent error stands."""
     try:
@@ -308,10 +308,20 @@ def _export_once(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.exp
         if not data_dependent(exc) or not all_real(model, args, kwargs):
             raise
         try:
-            with _partial_graph_unprinted():
-                return torch.export.draft_export(model, args, kwargs, strict=False), True
+            with _partial_graph_unprinted(), _real_values():
+                return torch.export.export(model, args, kwargs, strict=False), True
         except Exception:
             raise exc from None
+
+
+def _real_values() -> contextlib.AbstractContextManager:
+    """Fake tensors that also carry their real values, so a branch on the data is decided as the real inputs
+    decide it: the mode `torch.export.draft_export` runs in, without the report it writes (formatting every
+    guard's expression, which took 10-40 s on audio codecs)."""
+    config = torch._functorch.config
+    if hasattr(config, "fake_tensor_propagate_real_tensors"):
+        return config.patch(fake_tensor_propagate_real_tensors=True)
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
