@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Container, Iterable
 
 import torch
 from torch import fx
@@ -233,15 +233,23 @@ def learned_tokens(node: fx.Node, index: GraphIndex) -> bool:
     site."""
     if node not in index.from_state or node in index.from_user:
         return False
-    seen, stack = {node}, [node]
+    return reaches_back(node, _data_inputs, index.from_state,
+                        lambda placeholder: index.trace.input_kinds.get(placeholder.name) == "parameter")
+
+
+def reaches_back(start: fx.Node, inputs: Callable[[fx.Node], Iterable[fx.Node]], within: Container[fx.Node],
+            target: Callable[[fx.Node], bool]) -> bool:
+    """Whether walking back from `start` along `inputs`, among the nodes `within`, reaches a placeholder that
+    is a `target`."""
+    seen, stack = {start}, [start]
     while stack:
         current = stack.pop()
         if current.op == "placeholder":
-            if index.trace.input_kinds.get(current.name) == "parameter":
+            if target(current):
                 return True
             continue
-        for i in _data_inputs(current):
-            if i in index.from_state and i not in seen:
+        for i in inputs(current):
+            if i in within and i not in seen:
                 seen.add(i)
                 stack.append(i)
     return False

@@ -15,6 +15,7 @@ from surgery.analysis.dataflow import (
     LinearSite,
     alias_writes,
     op_name,
+    reaches_back,
     tensor_val,
 )
 
@@ -54,20 +55,8 @@ def _from_tokens(ids: fx.Node, index: GraphIndex, tokens: frozenset[str]) -> boo
     """Whether lookup indices are the user's token ids, possibly through layout ops, id substitutions (where,
     masked_fill, clamp, `ids[mask] = 0`), offsets and writes into a fresh tensor, but no arithmetic that makes
     them positions (cumsum, arange) or masks (comparisons)."""
-    seen, stack = {ids}, [ids]
-    while stack:
-        node = stack.pop()
-        if node.op == "placeholder":
-            if node.name in tokens:
-                return True
-            continue
-        if node.op != "call_function":
-            continue
-        for i in _id_sources(node):
-            if i in index.from_user and i not in seen:
-                seen.add(i)
-                stack.append(i)
-    return False
+    return reaches_back(ids, lambda node: _id_sources(node) if node.op == "call_function" else [], index.from_user,
+                        lambda placeholder: placeholder.name in tokens)
 
 
 def token_embeddings(index: GraphIndex, embeddings: Iterable) -> list[str]:
