@@ -21,6 +21,7 @@ from torch import nn
 import surgery
 from surgery.plugin import TraceStandIn
 
+
 def installed() -> bool:
     """Whether bitsandbytes can be imported (found, not imported: importing it costs seconds)."""
     return importlib.util.find_spec("bitsandbytes") is not None
@@ -57,9 +58,13 @@ class Bnb4bitFormat:
     def analysis_stand_in(self, module: nn.Module) -> nn.Module:
         return TraceStandIn(*self.features(module), module.bias is not None, module.weight.device)
 
-    def dense(self, module: nn.Module) -> torch.Tensor:
+    @staticmethod
+    def _dequantized(module: nn.Module) -> torch.Tensor:
         weight = module.weight
-        return _bnb().functional.dequantize_4bit(weight.data, weight.quant_state).float()
+        return _bnb().functional.dequantize_4bit(weight.data, weight.quant_state)
+
+    def dense(self, module: nn.Module) -> torch.Tensor:
+        return self._dequantized(module).float()
 
     def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
         """The layer's compute dtype (else its weight's, which it computes in for inputs of that dtype); None
@@ -72,8 +77,7 @@ class Bnb4bitFormat:
 
     def compute_weight(self, module: nn.Module) -> torch.Tensor:
         """The weight dequantized, [out, in], in the compute dtype: what the layer's matmul multiplies by."""
-        weight = module.weight
-        return _bnb().functional.dequantize_4bit(weight.data, weight.quant_state).to(self.compute_dtype(module))
+        return self._dequantized(module).to(self.compute_dtype(module))
 
     def store(self, module: nn.Module, weight: torch.Tensor) -> None:
         param, state = module.weight, module.weight.quant_state

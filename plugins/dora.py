@@ -70,8 +70,8 @@ def row_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -
 
 @torch.no_grad()
 def row_norm_by_parts(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
-    """`row_norm` without building W + ΔW: ‖W_i‖² + B_i · (2s · W Aᵀ + s² · B A Aᵀ)_i per row i, so W is read
-    twice (its row norms, W Aᵀ) and nothing of size [out, in] is written. A bf16/fp16 weight is not widened: W Aᵀ
+    """`row_norm` without building W + ΔW: ‖W_i‖² + B_i · (2s · W Aᵀ + s² · B A Aᵀ)_i per row i, so W is
+    read twice (its row norms, W Aᵀ) and nothing of size [out, in] is written. A bf16/fp16 weight is not widened: W Aᵀ
     runs in its dtype (wide accumulation) and its row norms accumulate wide."""
     dtype = wide(weight.dtype)
     a_wide, b_wide = a.to(dtype), b.to(dtype)

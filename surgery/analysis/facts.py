@@ -261,7 +261,8 @@ def analyze(model: nn.Module, args: tuple | None = None, kwargs: dict | None = N
     call returns a fresh copy of the dicts.
     """
     key = architecture_key(model, args, kwargs)
-    stale = key in _CACHE and key in _ON_VALUES and _ON_VALUES[key] != values_digest(args, kwargs)
+    digest = values_digest(args, kwargs) if key in _ON_VALUES else None
+    stale = key in _CACHE and digest is not None and _ON_VALUES[key] != digest
     if key not in _CACHE or stale:
         _CACHE.pop(key, None)
         if len(_CACHE) >= _CACHE_SIZE:
@@ -270,7 +271,7 @@ def analyze(model: nn.Module, args: tuple | None = None, kwargs: dict | None = N
         facts, on_values = _analyze_uncached(model, args, kwargs)
         _CACHE[key] = facts
         if on_values:
-            _ON_VALUES[key] = values_digest(args, kwargs)
+            _ON_VALUES[key] = digest if digest is not None else values_digest(args, kwargs)
         else:
             _ON_VALUES.pop(key, None)
     return _copy(_CACHE[key])

@@ -151,7 +151,7 @@ def run_region(index: GraphIndex, region: set[fx.Node], seed: Mapping[fx.Node, A
     """Execute `region` in graph order; `seed` gives values of some nodes, other inputs are computed or filled
     (data-dependent sizes from `symbols`)."""
     env: dict[fx.Node, Any] = dict(seed)
-    external = {i for n in region for i in n.all_input_nodes if i not in region and i not in env}
+    external = _inputs_of(region) - env.keys()
     exact = backward_closure([e for e in external if e not in index.from_runtime],
                              lambda n: n not in index.from_runtime and n not in env)
     for node in sorted(exact, key=index.order.__getitem__):

@@ -3,7 +3,8 @@
 The graph is read, never executed as the model: it is traced on fake tensors (a meta model is fine), and the
 model is left exactly as it was (modes restored, also on exceptions). Where the model's code branches on a value
 of the data (LED: `if mask.any():`), the branch is taken on the inputs' real values, every op then also running on
-copies of the real tensors (fake tensors that carry real values, the mode of `torch.export.draft_export`): that needs real weights, and costs one forward pass.
+copies of the real tensors (fake tensors that carry real values, the mode of `torch.export.draft_export`): that
+needs real weights, and costs one forward pass.
 """
 from __future__ import annotations
 
@@ -305,23 +306,24 @@ def _export_once(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.exp
         with _partial_graph_unprinted():
             return torch.export.export(model, args, kwargs, strict=False), False
     except Exception as exc:
-        if not data_dependent(exc) or not all_real(model, args, kwargs):
+        real_values = _real_values()
+        if not data_dependent(exc) or not all_real(model, args, kwargs) or real_values is None:
             raise
         try:
-            with _partial_graph_unprinted(), _real_values():
+            with _partial_graph_unprinted(), real_values:
                 return torch.export.export(model, args, kwargs, strict=False), True
         except Exception:
             raise exc from None
 
 
-def _real_values() -> contextlib.AbstractContextManager:
+def _real_values() -> contextlib.AbstractContextManager | None:
     """Fake tensors that also carry their real values, so a branch on the data is decided as the real inputs
     decide it: the mode `torch.export.draft_export` runs in, without the report it writes (formatting every
-    guard's expression, which took 10-40 s on audio codecs)."""
+    guard's expression, which took 10-40 s on audio codecs). None where this torch has no such mode."""
     config = torch._functorch.config
     if hasattr(config, "fake_tensor_propagate_real_tensors"):
         return config.patch(fake_tensor_propagate_real_tensors=True)
-    return contextlib.nullcontext()
+    return None
 
 
 @contextlib.contextmanager
