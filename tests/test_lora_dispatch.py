@@ -212,7 +212,8 @@ def test_a_group_member_takes_the_output_computed_for_it_on_the_same_unchanged_i
 @pytest.mark.parametrize("situation, make, kind", [
     ("plain pairs", lambda: [single()[0], single(r=5)[0]], ROUTED),
     ("dropout in eval", lambda: [single(p=0.3, training=False)[0]] * 2, ROUTED),
-    ("dropout in training", lambda: [single()[0], single(p=0.3)[0]], GROUPS),
+    ("one dropout rate in training", lambda: [single(p=0.3)[0], single(p=0.3, r=5)[0]], ROUTED),
+    ("dropout rates that differ", lambda: [single()[0], single(p=0.3)[0]], GROUPS),
     ("a role's channels", lambda: [single(channels=torch.arange(OUT))[0]], GROUPS),
 ])
 def test_dispatch_picks_the_routed_path(situation, make, kind):
@@ -323,17 +324,36 @@ def test_every_group_path_equals_the_formula(monkeypatch, path, p):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
-def test_routed_path_equals_the_formula_per_sample():
+@pytest.mark.parametrize("form", ["joined", "gathered"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_routed_path_equals_the_formula_per_sample(monkeypatch, form, p):
+    """Both forms of the routed path (forced through the cost model), mixed ranks and scales, a sample with no
+    pair, with and without dropout (one mask drawn on x, as the formula's dropout would on each sample)."""
+    monkeypatch.setattr(routes, "joined_pays", lambda *shape: form == "joined")
     g = torch.Generator().manual_seed(6)
     pairs = [(rand(r, IN, g=g, grad=True), rand(OUT, r, g=g, grad=True), s) for r, s in ((R, 0.5), (1, 2.0), (5, 1.0))]
-    branches = [branch_of(a, b, s) for a, b, s in pairs]
+    branches = [branch_of(a, b, s, p) for a, b, s in pairs]
     x = rand(4, 5, IN, g=g, grad=True)
     base_out = rand(4, 5, OUT, g=g)
     group = torch.tensor([2, 0, 3, 1])  # 3: no pair
-    got = routes.output(routes.stacked(branches), group, x, base_out)
-    want = torch.stack([base_out[i] if k == 3 else base_out[i] + formula.update(x[i], *pairs[k])
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        got = routes.output(routes.Stack(branches), group, x, base_out)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        dropped = torch.nn.functional.dropout(x, p, True) if p else x
+    want = torch.stack([base_out[i] if k == 3 else base_out[i] + formula.update(dropped[i], *pairs[k])
                         for i, k in enumerate(group.tolist())])
     assert_same(got, want, leaves_of(x, *[t for a, b, _ in pairs for t in (a, b)]), g)
+
+
+def test_routed_cost_model_joins_small_batches_and_gathers_long_prompts_of_many_adapters():
+    """The joined form where its extra columns cost less than the copies and launches of the gathered one: decoding
+    (one token per sample) with 64 adapters, several training jobs; gathered for long prompts of 64 adapters."""
+    width = 2048 + 2048
+    assert routes.joined_pays(tokens=32, samples=32, total_rank=64 * 16, rank=16, width=width)  # decode step
+    assert routes.joined_pays(tokens=4 * 512, samples=4, total_rank=4 * 16, rank=16, width=width)  # 4 jobs
+    assert not routes.joined_pays(tokens=32 * 2048, samples=32, total_rank=64 * 16, rank=16, width=width)
 
 
 def test_plain_sliced_and_embedding_forms_equal_the_formula():

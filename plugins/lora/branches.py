@@ -79,16 +79,16 @@ class LoraBranch(Branch):
     fused_call = dispatch.forward
 
     @classmethod
-    def prepare_routes(cls, branches: list["LoraBranch"]) -> tuple[torch.Tensor, torch.Tensor]:
-        """All groups' A and s·B stacked (routes.py), where dispatch.py routes the batch at once."""
+    def prepare_routes(cls, branches: list["LoraBranch"]) -> routes.Stack:
+        """All groups' pairs (routes.Stack), where dispatch.py routes the batch at once."""
         if dispatch.choose(None, None, None, groups=branches).kind is dispatch.GROUPS:
             raise NotImplementedError
-        return routes.stacked(branches)
+        return routes.Stack(branches)
 
     @classmethod
-    def route_output(cls, state: tuple[torch.Tensor, torch.Tensor], group: torch.Tensor, args: tuple, kwargs: dict,
+    def route_output(cls, state: routes.Stack, group: torch.Tensor, args: tuple, kwargs: dict,
                      out: torch.Tensor) -> torch.Tensor:
-        """Every sample's own LoRA in two batched matmuls, whatever the number of adapters."""
+        """Every sample's own LoRA at once, whatever the number of adapters (routes.py)."""
         if isinstance(out, tuple):  # (output, scaling factor): I-BERT's QuantLinear
             return (cls.route_output(state, group, args, kwargs, out[0]), *out[1:])
         return routes.output(state, group, input_of(args, kwargs), out)

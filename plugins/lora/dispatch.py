@@ -14,14 +14,14 @@ Paths (`Path.kind`), what computes the call, and when:
   that very input, unchanged since, in the same grad mode (`shared.SharedInput.take`).
 - SHARED: `shared.SharedInputLora` over the group's live members. For a member of a group (sites reading one
   input: q/k/v, gate/up) whose live members are two or more and include it: each alone at its site, at an
-  nn.Linear reading x's width, in x's dtype; one dropout rate for all, and with dropout equal ranks and the
+  nn.Linear (in training also a quantized layer, as FUSED) reading x's width, in x's dtype; one dropout rate for all, and with dropout equal ranks and the
   kernels serving.
 - SHARED_INFERENCE: `shared.inference`, the same by plain ops: as SHARED, without autograd and without dropout.
 - FUSED: `fused.LoraLinear`, otherwise at a plain nn.Linear, with autograd recording or dropout (training); at a
   quantized layer (in training only, see PLAIN), its weight dequantized in forward and again in backward.
 - INFERENCE: `fused.inference`, the same by plain ops, otherwise (no autograd, no dropout).
-- ROUTED: `routes.output`, every sample's own pair at once: per-sample routing, no branch with channels or with
-  dropout in training.
+- ROUTED: `routes.output`, every sample's own pair at once: per-sample routing, no branch with channels, one
+  dropout rate for all.
 - GROUPS: the Host runs each group of samples alone: per-sample routing otherwise.
 
 Within FUSED, SHARED and their inference forms:
@@ -103,7 +103,8 @@ def choose(branch: Any, base: nn.Module | None, x: Any, groups: list | None = No
     group of samples, under per-sample routing; `branch`, `base` and `x` unused), the routed path or GROUPS.
     A group member's pending output is taken (or, stale, dropped) here."""
     if groups is not None:
-        return _GROUPS if any(b.channels is not None or rate(b) > 0 for b in groups) else _ROUTED
+        return _GROUPS if any(b.channels is not None for b in groups) or len({rate(b) for b in groups}) > 1 \
+            else _ROUTED
     if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return _PLAIN
     group = branch.shared
@@ -112,14 +113,17 @@ def choose(branch: Any, base: nn.Module | None, x: Any, groups: list | None = No
         done = group.take(index, x)
         if done is not None:
             return _path(Path, (TAKEN, 0.0, False, False, (), (), (), done))
-        width, live, rates, caller_live = x.shape[-1], [], set(), False
+        width, live, rates, caller_live, grad = x.shape[-1], [], set(), False, torch.is_grad_enabled()
         for i, m in enumerate(group.members):
             # alone at its site: the only branch running there, samples not routed (the public state of the
-            # engine's host at its site, kept at attach as `m.host`)
+            # engine's host at its site, kept at attach as `m.host`); at an nn.Linear, or in training at a
+            # quantized layer whose format dequantizes per call
             host, base_i = m.host, m.base_module
-            if m.running and len(host.running) == 1 and host.routing is None and type(base_i) is nn.Linear \
-                    and base_i.in_features == width:
-                tensors = group.tensors(i)  # weight, bias, A, B
+            if m.running and len(host.running) == 1 and host.routing is None \
+                    and (type(base_i) is nn.Linear or grad and m.quantized is not None):
+                tensors = group.tensors(i)  # weight (a QuantizedWeight at a quantized layer), bias, A, B
+                if tensors[0].shape[1] != width:
+                    continue
                 if tensors[0].dtype == x.dtype == tensors[2].dtype == tensors[3].dtype:
                     live.append((i, tensors))
                     caller_live = caller_live or i == index
@@ -132,7 +136,7 @@ def choose(branch: Any, base: nn.Module | None, x: Any, groups: list | None = No
             if p == 0 or serve and len(ranks) == 1:
                 tokens = x.numel() // width
                 merged = p == 0 and all(merged_pays(tokens, tensors[0]) for _, tensors in live)
-                kind = SHARED if p > 0 or torch.is_grad_enabled() else SHARED_INFERENCE
+                kind = SHARED if p > 0 or grad else SHARED_INFERENCE
                 return _path(Path, (kind, p, merged, serve, (), (), tuple(live), None))
     a, dropout = branch.lora_A, branch.dropout
     weight = base.weight if type(base) is nn.Linear else branch.quantized if torch.is_grad_enabled() else None

@@ -62,7 +62,7 @@ class Lora(Method):
             return _weight_branch(site, params, sliced, dtype, device)
         if not sliced:
             branch = LoraBranch(site.in_features, site.out_features, params, dtype, device)
-            if site.input_group is not None and site.kind == "linear":
+            if site.input_group is not None and site.kind in ("linear", "quantized_linear"):
                 branch.reads_with(site.input_group, module)
             if site.kind == "quantized_linear":
                 branch.over(quantized_weight(module))

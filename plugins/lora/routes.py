@@ -1,34 +1,122 @@
 """Per-sample routing (`surgery.per_sample`) for LoRA: every sample's own pair applied to the whole batch at once,
-in two batched matmuls whatever the number of adapters, instead of the base running once per group of samples.
+whatever the number of adapters, instead of the base running once per group of samples.
 
-The pairs of the groups are stacked, ranks zero-padded to the largest and the scale folded into B
-(formula.folded_b), with one zero pair last for the samples that take no adapter; each sample gathers its own.
-dispatch.py decides when (no fused-projection channels, no dropout in training).
+Two forms of the same sum, out + s_g · B_g(A_g(dropout(x))) for each sample of group g (none: out):
+
+- joined: the groups' pairs side by side, A [R, in] and B [out, R] (R: the sum of the ranks). h = x @ Aᵀ gives
+  every pair's h at once; a [samples, R] mask holding each sample's own scale on its pair's columns and zero on
+  the others' selects it; out + (h · mask) @ Bᵀ. Three matmul-sized kernels and nothing copied per sample, but
+  every token computes all R columns.
+- gathered: the pairs stacked, ranks zero-padded and the scale folded into B (formula.folded_b), one zero pair
+  last for the samples that take none; each sample gathers its own pair and two batched matmuls apply them. Each
+  token computes one pair, but every sample copies its pair and the batched matmuls are more kernels.
+
+`joined_pays` chooses per call, by a model of the two costs. Dropout (one rate for every group) is drawn once on
+x, before A, in either form; dispatch.py sends the rest (a branch with channels, rates that differ) to the Host's
+per-group path.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
 
 from surgery_plugins.lora import formula
 
-
-def stacked(branches: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, s·B) of every group stacked, [groups + 1, r, in] and [groups + 1, out, r], the last group zero."""
-    r = max(b.lora_A.shape[0] for b in branches)
-    first = branches[0]
-    dtype, in_features, out_features = first.lora_A.dtype, first.lora_A.shape[1], first.lora_B.shape[0]
-    a = torch.stack([F.pad(b.lora_A.to(dtype), (0, 0, 0, r - b.lora_A.shape[0])) for b in branches]
-                    + [first.lora_A.new_zeros((r, in_features))])
-    b = torch.stack([F.pad(formula.folded_b(b.lora_B.to(dtype), b.scale), (0, r - b.lora_B.shape[1])) for b in branches]
-                    + [first.lora_B.new_zeros((out_features, r))])
-    return a, b
+# The cost model of `joined_pays`, in units of one element read from memory: a multiply-add costs 1 / INTENSITY
+# (a GPU's matmul throughput over its memory bandwidth, in elements: about 400 for bf16 on an H100 or H200), and
+# each kernel launch the gathered form adds (the copies and batched matmuls) LAUNCH (a few microseconds of
+# host issue time, spent while the GPU idles on the small calls where routing matters most).
+INTENSITY = 400.0
+LAUNCH = 4 * 12e6
 
 
-def output(state: tuple[torch.Tensor, torch.Tensor], group: torch.Tensor, x: torch.Tensor,
-           out: torch.Tensor) -> torch.Tensor:
-    """The base output `out` plus each sample's update (group[i]: sample i's index into the stack)."""
-    a, b = state
-    flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
-    delta = torch.bmm(torch.bmm(flat, a[group].transpose(1, 2)), b[group].transpose(1, 2))
-    return out + delta.reshape(*out.shape).to(out.dtype)
+def joined_pays(tokens: int, samples: int, total_rank: int, rank: int, width: int) -> bool:
+    """Whether the joined form is cheaper for `tokens` rows of `samples` samples: pairs of ranks summing to
+    `total_rank` (the largest `rank`) between `width` = in + out features. Joined: read every pair once and
+    compute all of them for every token; gathered: copy, then read, a pair per sample, compute one per token,
+    and launch more kernels."""
+    joined = total_rank * width * (1 + 2 * tokens / INTENSITY)
+    gathered = rank * width * (3 * samples + 2 * tokens / INTENSITY) + LAUNCH
+    return joined <= gathered
+
+
+class Stack:
+    """The groups' branches (all LoRA, one per group, none with channels), in the form each call needs, built on
+    first use: kept across calls in inference (the Host keeps it until the routing changes), rebuilt per call
+    while autograd records (the pairs change every step)."""
+
+    def __init__(self, branches: list) -> None:
+        self.branches = branches
+        self.ranks = tuple(b.lora_A.shape[0] for b in branches)
+        self.scales = tuple(float(b.scale) for b in branches)
+        first = branches[0]
+        self.dtype, self.in_features, self.out_features = first.lora_A.dtype, first.lora_A.shape[1], first.lora_B.shape[0]
+        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._joined: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, s·B) of every group stacked, [groups + 1, r, in] and [groups + 1, out, r], the last group zero."""
+        if self._gathered is None:
+            r, dtype, first = max(self.ranks), self.dtype, self.branches[0]
+            a = torch.stack([F.pad(b.lora_A.to(dtype), (0, 0, 0, r - b.lora_A.shape[0])) for b in self.branches]
+                            + [first.lora_A.new_zeros((r, self.in_features))])
+            b = torch.stack([F.pad(formula.folded_b(b.lora_B.to(dtype), b.scale), (0, r - b.lora_B.shape[1]))
+                             for b in self.branches] + [first.lora_B.new_zeros((self.out_features, r))])
+            self._gathered = a, b
+        return self._gathered
+
+    def joined(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every group's A and B side by side, [R, in] and [out, R] (scales are in the mask)."""
+        if self._joined is None:
+            dtype = self.dtype
+            self._joined = (torch.cat([b.lora_A.to(dtype) for b in self.branches]),
+                            torch.cat([b.lora_B.to(dtype) for b in self.branches], dim=1))
+        return self._joined
+
+    def rate(self) -> float:
+        """The dropout rate of this call (dispatch.py routes here only when every group's is the same)."""
+        branch = self.branches[0]
+        dropout = branch.dropout
+        return dropout.p if branch.training and isinstance(dropout, torch.nn.Dropout) else 0.0
+
+
+_masks: dict[int, dict] = {}  # id(group) -> {(ranks, scales, dtype): mask}, dropped when the group tensor dies
+
+
+def mask(stack: Stack, group: torch.Tensor) -> torch.Tensor:
+    """[samples, R]: sample i's scale on the columns of its group's pair, zero elsewhere (and on every column for
+    the group that takes none). Kept for as long as the `group` tensor lives (the Host keeps one per routing)."""
+    masks = _masks.get(id(group))
+    if masks is None:
+        masks = _masks[id(group)] = {}
+        weakref.finalize(group, _masks.pop, id(group), None)
+    key = (stack.ranks, stack.scales, stack.dtype)
+    found = masks.get(key)
+    if found is None:
+        owner = torch.repeat_interleave(torch.arange(len(stack.ranks)), torch.tensor(stack.ranks))
+        scale = torch.tensor(stack.scales, dtype=torch.float64)[owner]
+        found = torch.where(group.cpu()[:, None] == owner[None, :], scale, 0.0).to(group.device, stack.dtype)
+        masks[key] = found
+    return found
+
+
+def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The base output `out` plus each sample's update (group[i]: sample i's group; len(branches): none)."""
+    samples, width = x.shape[0], x.shape[-1]
+    flat = x.reshape(samples, -1, width).to(stack.dtype)
+    p = stack.rate()
+    if p > 0:
+        flat = F.dropout(flat, p, True)
+    tokens = flat.shape[0] * flat.shape[1]
+    if joined_pays(tokens, samples, sum(stack.ranks), max(stack.ranks), width + stack.out_features):
+        a, b = stack.joined()
+        h = torch.matmul(flat, a.t()) * mask(stack, group)[:, None, :]
+        if out.dtype == stack.dtype:
+            return torch.addmm(out.reshape(-1, stack.out_features), h.reshape(tokens, -1), b.t()).view(out.shape)
+        delta = torch.matmul(h, b.t())
+    else:
+        a, b = stack.gathered()
+        delta = torch.bmm(torch.bmm(flat, a[group].transpose(1, 2)), b[group].transpose(1, 2))
+    return out + delta.reshape(out.shape).to(out.dtype)

@@ -106,26 +106,31 @@ def _merged_outputs(x: torch.Tensor, scales: tuple[float, ...], weights: tuple, 
 class SharedInputLora(torch.autograd.Function):
     """Outputs of several LoRA-adapted linears on one input; then the dispatch's `path` (dispatch.Path: its `p`
     the dropout rate, > 0 with the kernels only; `merged` through merged weights, p = 0 only; `kernels` the
-    Triton kernels for dh and dB), and 4 tensors per member (weight, bias or None, A, B). See the module
-    docstring."""
+    Triton kernels for dh and dB), and 4 tensors per member (weight, bias or None, A, B). A member's weight may
+    be a quantized layer's (quantized_base.QuantizedWeight): dequantized in forward, and again in backward where
+    dx is needed, nothing dense kept between. See the module docstring."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scales: tuple[float, ...], path: Any, *members: torch.Tensor | None
                 ) -> tuple[torch.Tensor, ...]:
         p, merged, use_kernels = path.p, path.merged, path.kernels
         weights, biases, a_s, b_s = (members[k::PER_MEMBER] for k in range(PER_MEMBER))
+        # a quantized layer's weight, dense for this call only: backward dequantizes it again where dx is needed
+        ctx.quantized = [None if isinstance(w, torch.Tensor) else w for w in weights]
+        weights = tuple(w if q is None else q() for w, q in zip(weights, ctx.quantized))
+        kept = [w if q is None else None for w, q in zip(weights, ctx.quantized)]
         ctx.ranks = [a.shape[0] for a in a_s]
         ctx.p, ctx.seed = p, kernels.new_seed() if p > 0 else 0
         ctx.merged, ctx.kernels = merged, use_kernels
         if merged:  # h is only needed for the gradients: computed in backward, off the forward's host time
             outs = _merged_outputs(x, scales, weights, biases, a_s, b_s, one_pass=False)
-            ctx.save_for_backward(x, None, *weights, *b_s, *a_s)
+            ctx.save_for_backward(x, None, *kept, *b_s, *a_s)
         else:
             x2, a_cat = x.reshape(-1, x.shape[-1]), torch.cat(a_s)
             h = kernels.dropped_down(x2, a_cat, len(a_s), p, ctx.seed) if p > 0 else x2 @ a_cat.t()
             hs = _scaled(h, scales, ctx.ranks)
             outs = _outputs(x, hs, weights, biases, b_s)
-            ctx.save_for_backward(x, hs, *weights, *b_s, a_cat)
+            ctx.save_for_backward(x, hs, *kept, *b_s, a_cat)
         ctx.scales = scales
         ctx.has_bias = [b is not None for b in biases]
         ctx.set_materialize_grads(False)
@@ -152,9 +157,10 @@ class SharedInputLora(torch.autograd.Function):
         for i, (dy, w, b, r, col) in enumerate(zip(dys, weights, b_s, ctx.ranks, cols)):
             if dy is None:
                 continue
-            base, dy2 = PER_MEMBER * i, dy.reshape(-1, w.shape[0])
+            base, dy2 = PER_MEMBER * i, dy.reshape(-1, b.shape[0])
             present.append((i, dy2))
             if needs[0]:
+                w = w if ctx.quantized[i] is None else ctx.quantized[i]()
                 dx = dy2 @ w if dx is None else dx.addmm_(dy2, w)
             if not one_pass:
                 dh[:, col:col + r].addmm_(dy2, b, beta=0, alpha=ctx.scales[i])  # dh_i = s_i dy_i @ B_i
@@ -194,11 +200,11 @@ def _split_a_grads(grads: list, da: torch.Tensor, ranks: list[int], needs: tuple
 def _versions(x: torch.Tensor, tensors: tuple) -> tuple:
     """Grad mode and the version counters of `x` and `tensors` (None skipped): an output computed earlier is
     still valid while these are equal, since counters only grow. Inference tensors have no counter (None)."""
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]  # a quantized weight is frozen: not counted
     try:
-        return (torch.is_grad_enabled(), x._version, *[t._version for t in tensors if t is not None])
+        return (torch.is_grad_enabled(), x._version, *[t._version for t in tensors])
     except RuntimeError:
-        return (torch.is_grad_enabled(), *[None if t.is_inference() else t._version for t in (x, *tensors)
-                                           if t is not None])
+        return (torch.is_grad_enabled(), *[None if t.is_inference() else t._version for t in (x, *tensors)])
 
 
 class SharedInput:
@@ -216,10 +222,12 @@ class SharedInput:
         self._pending: dict[int, tuple[torch.Tensor, tuple, torch.Tensor]] = {}  # index -> (x, versions, output)
 
     def tensors(self, index: int) -> tuple:
-        """Member `index`'s weight, bias (or None), A and B."""
+        """Member `index`'s weight (at a quantized layer, its quantized_base.QuantizedWeight), bias (or None), A
+        and B."""
         branch = self.members[index]
         base = branch.base_module
-        return base.weight, base.bias, branch.lora_A, branch.lora_B
+        weight = branch.quantized if branch.quantized is not None else base.weight
+        return weight, base.bias, branch.lora_A, branch.lora_B
 
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """Member `index`'s output on `x` if the group computed it on this very input, unchanged since; else None.
