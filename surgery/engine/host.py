@@ -48,9 +48,11 @@ class Host(nn.Module):
     def add(self, name: str, branch: Branch) -> None:
         self.branches[name] = branch
         self.running = self.running  # a replaced branch is the one that runs
+        self._routes = {}
 
     def remove(self, name: str) -> Branch:
         self.running = tuple(n for n in self.running if n != name)
+        self._routes = {}
         return self.branches.pop(name)
 
     def set_routing(self, routing: tuple[str | None, ...] | None, usable: set[str]) -> None:
@@ -91,14 +93,24 @@ class Host(nn.Module):
             self._routes[key] = (names, index)
         return self._routes[key]
 
+    def _route_kind(self, names: list[str]) -> tuple[list[Branch], type[Branch] | None]:
+        """The branches of `names` and, where they are all of one class that batches routes, that class (kept
+        for the routing: this runs on every call)."""
+        found = self._routes.get("kind")
+        if found is None or found[0] is not names:
+            branches = [self.branches[n] for n in names]
+            kind = type(branches[0]) if branches else None
+            batched = kind is not None and all(type(b) is kind for b in branches) and _batches_routes(kind)
+            found = self._routes["kind"] = (names, branches, kind if batched else None)
+        return found[1], found[2]
+
     def _routed(self, args: tuple, kwargs: dict) -> Any:
         x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if x is None:
             raise SurgeryError("per-sample adapters: the call has no tensor input to route")
         names, index = self._groups(x.shape[0], x.device)
-        branches = [self.branches[n] for n in names]
-        kind = type(branches[0]) if branches else None
-        if kind is not None and all(type(b) is kind for b in branches) and _batches_routes(kind):
+        branches, kind = self._route_kind(names)
+        if kind is not None:
             key = ("state", torch.is_grad_enabled())
             state = self._routes.get(key) if not torch.is_grad_enabled() else None
             if state is None:
@@ -187,6 +199,7 @@ class ParameterHost(nn.Module):
 
     def remove(self, name: str) -> Branch:
         self.running = tuple(n for n in self.running if n != name)
+        self._routes = {}
         return self.branches.pop(name)
 
     def set_routing(self, routing: tuple[str | None, ...] | None, usable: set[str]) -> None:
