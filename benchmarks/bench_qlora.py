@@ -4,6 +4,7 @@ weights (harness.SHAPES: on CUDA the 0.85 B model in bf16, 8 x 1024 tokens) whos
 every one of them, dropout 0.05 and 0, AdamW, no gradient checkpointing.
 
     python benchmarks/bench_qlora.py --device cuda [--repeat 3]   # the figures
+    python benchmarks/bench_qlora.py --device cuda --profile      # + where one step's GPU time goes
     python benchmarks/bench_qlora.py                              # CPU, a small float32 model: a smoke run
 
 Rows, each on a fresh model, interleaved (with --repeat, the median of the runs is the row's figure):
@@ -81,6 +82,33 @@ class Bench(harness.Workload):
                 self.measure(f"surgery_drop{p}", lambda p=p: self.surgery_model(p))
 
 
+    def profile(self, key: str, build, top: int = 12) -> None:
+        """One training step of `build()`'s model under torch.profiler: kernel count, GPU time, and the kernels
+        that take most of it (the figures go to results['profile'][key])."""
+        self.fresh()
+        model = build().train()
+        step = self.train_step(model)
+        for _ in range(2):
+            step()
+        self.sync()
+        cuda = torch.profiler.ProfilerActivity.CUDA if self.cuda else torch.profiler.ProfilerActivity.CPU
+        with torch.profiler.profile(activities=[cuda]) as prof:
+            step()
+            self.sync()
+        on = torch.autograd.DeviceType.CUDA if self.cuda else torch.autograd.DeviceType.CPU  # CPU: ops' own time
+        time = (lambda e: e.device_time_total) if self.cuda else (lambda e: e.self_cpu_time_total)
+        kernels = sorted([e for e in prof.key_averages() if e.device_type == on], key=time, reverse=True)
+        total = sum(map(time, kernels)) / 1e3
+        found = {"kernels": sum(e.count for e in kernels), "gpu_ms": round(total, 2),
+                 "top": [[e.key[:90], e.count, round(time(e) / 1e3, 2)] for e in kernels[:top]]}
+        self.results.setdefault("profile", {})[key] = found
+        print(f"  profile {key}: {found['kernels']} kernels, {found['gpu_ms']} ms of GPU time", flush=True)
+        for name, count, ms in found["top"]:
+            print(f"    {ms:8.2f} ms  {count:6d} x  {name}", flush=True)
+        del model, step
+        self.fresh()
+
+
 def ratios(results: dict) -> list[dict]:
     """surgery / each PEFT row, of step time and of peak memory, per dropout; and surgery / floor."""
     t = results.get("train", {})
@@ -107,6 +135,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="measure each row this many times, interleaved")
     parser.add_argument("--out", default=None,
                         help="results file (default: benchmarks/results/bench_qlora-<device>.json)")
+    parser.add_argument("--profile", action="store_true", help="also profile one step of surgery and PEFT bf16")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
@@ -117,6 +146,10 @@ def main() -> None:
                                              lora={"r": 16, "alpha": 32, "dropout": list(DROPOUTS)},
                                              quantization="nf4, double quant, uint8 storage, blocksize 64")
     bench.run(args.repeat)
+    if args.profile:
+        for p in DROPOUTS:
+            bench.profile(f"surgery_drop{p}", lambda p=p: bench.surgery_model(p))
+            bench.profile(f"peft_bf16_drop{p}", lambda p=p: bench.peft_model(p, autocast=False))
     print("\n| row | ms / step | peak GiB |\n|---|---|---|")
     for key, row in bench.results["train"].items():
         print(f"| {key} | {row['step_ms']} | {row['peak_gib']} |")
