@@ -17,6 +17,7 @@ per-group path.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -85,9 +86,18 @@ class Stack:
 _masks: dict[int, dict] = {}  # id(group) -> {(ranks, scales, dtype): mask}, dropped when the group tensor dies
 
 
+@functools.lru_cache(maxsize=256)
+def _columns(ranks: tuple[int, ...], scales: tuple[float, ...], dtype: torch.dtype, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each column of the joined pairs, its group number and that group's scale, on `device` (made once)."""
+    owner = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
+    return owner.to(device), torch.tensor(scales, dtype=torch.float64)[owner].to(device, dtype)
+
+
 def mask(stack: Stack, group: torch.Tensor) -> torch.Tensor:
     """[samples, R]: sample i's scale on the columns of its group's pair, zero elsewhere (and on every column for
-    the group that takes none). Kept for as long as the `group` tensor lives (the Host keeps one per routing)."""
+    the group that takes none). Made on the group's device, without waiting for it, and kept for as long as the
+    `group` tensor lives (the Host keeps one per routing)."""
     masks = _masks.get(id(group))
     if masks is None:
         masks = _masks[id(group)] = {}
@@ -95,10 +105,8 @@ def mask(stack: Stack, group: torch.Tensor) -> torch.Tensor:
     key = (stack.ranks, stack.scales, stack.dtype)
     found = masks.get(key)
     if found is None:
-        owner = torch.repeat_interleave(torch.arange(len(stack.ranks)), torch.tensor(stack.ranks))
-        scale = torch.tensor(stack.scales, dtype=torch.float64)[owner]
-        found = torch.where(group.cpu()[:, None] == owner[None, :], scale, 0.0).to(group.device, stack.dtype)
-        masks[key] = found
+        owner, scale = _columns(*key, group.device)
+        found = masks[key] = torch.where(group[:, None] == owner[None, :], scale, 0)
     return found
 
 

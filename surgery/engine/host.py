@@ -2,6 +2,7 @@
 branches around it; the base module object is kept untouched and put back on detach."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -89,8 +90,7 @@ class Host(nn.Module):
             per_sample = [names.index(n) if n is not None else len(names) for n in self.routing]
             if batch % len(per_sample):
                 raise SurgeryError(f"per-sample adapters: {len(per_sample)} names given for a batch of {batch}")
-            index = torch.tensor(per_sample, device=device).repeat_interleave(batch // len(per_sample))
-            self._routes[key] = (names, index)
+            self._routes[key] = (names, _group_index(tuple(per_sample), batch // len(per_sample), device))
         return self._routes[key]
 
     def _route_kind(self, names: list[str]) -> tuple[list[Branch], type[Branch] | None]:
@@ -152,6 +152,18 @@ class Host(nn.Module):
 
     def extra_repr(self) -> str:
         return f"running={list(self.running)}"
+
+
+@functools.lru_cache(maxsize=256)
+def _group_index(per_sample: tuple[int, ...], repeat: int, device: torch.device) -> torch.Tensor:
+    """Each sample's group number, every entry of `per_sample` repeated `repeat` times (generate's beams), on
+    `device`. One tensor per routing, shared by every host routed alike and kept across calls and steps (never
+    written), so that what branches derive from it is made once (LoRA's masks); copied without waiting for the
+    device's queue."""
+    index = torch.tensor(per_sample).repeat_interleave(repeat)
+    if device.type == "cuda":
+        return index.pin_memory().to(device, non_blocking=True)
+    return index.to(device)
 
 
 def _batches_routes(kind: type[Branch]) -> bool:

@@ -57,8 +57,11 @@ class Jobs:
             rows[name] = slice(len(names), len(names) + x.shape[0])
             names += [name] * x.shape[0]
         labels_all = torch.cat(labels)
+        # no mask where none was given and nothing was padded: the model's own causal attention, as for one job
+        masked = any("attention_mask" in b or b["input_ids"].shape[1] < width for b in batches.values())
         with per_sample(self.model, names):
-            logits = self.model(input_ids=torch.cat(ids), attention_mask=torch.cat(masks), use_cache=False).logits
+            logits = self.model(input_ids=torch.cat(ids), attention_mask=torch.cat(masks) if masked else None,
+                                use_cache=False).logits
         losses = {name: self.loss(logits[r], labels_all[r]) for name, r in rows.items()}
         torch.stack(list(losses.values())).sum().backward()
         for name in batches:
