@@ -54,8 +54,12 @@ class Stack:
         self.scales = tuple(float(b.scale) for b in branches)
         first = branches[0]
         self.dtype, self.in_features, self.out_features = first.lora_A.dtype, first.lora_A.shape[1], first.lora_B.shape[0]
+        dropout = first.dropout
+        self._p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0  # dispatch.py: one rate for all
         self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None
         self._joined: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._joins: dict[tuple[int, int], bool] = {}
+        self._mask: tuple[torch.Tensor, torch.Tensor] | None = None  # (group, its mask as [samples, 1, R])
 
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, s·B) of every group stacked, [groups + 1, r, in] and [groups + 1, out, r], the last group zero."""
@@ -69,18 +73,33 @@ class Stack:
         return self._gathered
 
     def joined(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every group's A and B side by side, [R, in] and [out, R] (scales are in the mask)."""
+        """Every group's A and B side by side, transposed for the matmuls: Aᵀ [in, R] and Bᵀ [R, out] (the scales
+        are in the mask)."""
         if self._joined is None:
             dtype = self.dtype
-            self._joined = (torch.cat([b.lora_A.to(dtype) for b in self.branches]),
-                            torch.cat([b.lora_B.to(dtype) for b in self.branches], dim=1))
+            self._joined = (torch.cat([b.lora_A.to(dtype) for b in self.branches]).t(),
+                            torch.cat([b.lora_B.to(dtype) for b in self.branches], dim=1).t())
         return self._joined
+
+    def joins(self, tokens: int, samples: int) -> bool:
+        """Whether this call takes the joined form (`joined_pays`, decided once per shape)."""
+        key = (tokens, samples)
+        found = self._joins.get(key)
+        if found is None:
+            found = self._joins[key] = joined_pays(tokens, samples, sum(self.ranks), max(self.ranks),
+                                                   self.in_features + self.out_features)
+        return found
 
     def rate(self) -> float:
         """The dropout rate of this call (dispatch.py routes here only when every group's is the same)."""
-        branch = self.branches[0]
-        dropout = branch.dropout
-        return dropout.p if branch.training and isinstance(dropout, torch.nn.Dropout) else 0.0
+        return self._p if self.branches[0].training else 0.0
+
+    def mask(self, group: torch.Tensor) -> torch.Tensor:
+        """`mask(self, group)` as [samples, 1, R], kept for the last group seen."""
+        last = self._mask
+        if last is None or last[0] is not group:
+            last = self._mask = (group, mask(self, group)[:, None, :])
+        return last[1]
 
 
 _masks: dict[int, dict] = {}  # id(group) -> {(ranks, scales, dtype): mask}, dropped when the group tensor dies
@@ -111,19 +130,22 @@ def mask(stack: Stack, group: torch.Tensor) -> torch.Tensor:
 
 
 def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The base output `out` plus each sample's update (group[i]: sample i's group; len(branches): none)."""
-    samples, width = x.shape[0], x.shape[-1]
-    flat = x.reshape(samples, -1, width).to(stack.dtype)
+    """The base output `out` plus each sample's update (group[i]: sample i's group; len(branches): none). Runs on
+    every call of a routed site, decoding included: what it can, it reads from `stack`, made once per routing."""
+    samples = x.shape[0]
+    flat = x.reshape(samples, -1, x.shape[-1])
+    if flat.dtype != stack.dtype:
+        flat = flat.to(stack.dtype)
     p = stack.rate()
     if p > 0:
         flat = F.dropout(flat, p, True)
-    tokens = flat.shape[0] * flat.shape[1]
-    if joined_pays(tokens, samples, sum(stack.ranks), max(stack.ranks), width + stack.out_features):
-        a, b = stack.joined()
-        h = torch.matmul(flat, a.t()) * mask(stack, group)[:, None, :]
+    tokens = samples * flat.shape[1]
+    if stack.joins(tokens, samples):
+        a_t, b_t = stack.joined()
+        h = torch.matmul(flat, a_t).mul_(stack.mask(group))  # matmul keeps its inputs for backward, not h
         if out.dtype == stack.dtype:
-            return torch.addmm(out.reshape(-1, stack.out_features), h.reshape(tokens, -1), b.t()).view(out.shape)
-        delta = torch.matmul(h, b.t())
+            return torch.addmm(out.reshape(tokens, -1), h.view(tokens, -1), b_t).view(out.shape)
+        delta = torch.matmul(h, b_t)
     else:
         a, b = stack.gathered()
         delta = torch.bmm(torch.bmm(flat, a[group].transpose(1, 2)), b[group].transpose(1, 2))

@@ -120,7 +120,7 @@ class Host(nn.Module):
                     return self._run_groups(branches, index, x.shape[0], args, kwargs)
                 if not torch.is_grad_enabled():
                     self._routes[key] = state
-            return kind.route_output(state, index, args, kwargs, self.base(*args, **kwargs))
+            return kind.route_output(state, index, args, kwargs, self._modules["base"](*args, **kwargs))
         return self._run_groups(branches, index, x.shape[0], args, kwargs)
 
     def _run_groups(self, branches: list[Branch], index: torch.Tensor, batch: int, args: tuple, kwargs: dict) -> Any:
