@@ -325,10 +325,11 @@ def test_every_group_path_equals_the_formula(monkeypatch, path, p):
 
 
 @pytest.mark.parametrize("form", ["joined", "gathered"])
-@pytest.mark.parametrize("p", [0.0, 0.3])
-def test_routed_path_equals_the_formula_per_sample(monkeypatch, form, p):
+@pytest.mark.parametrize("p, autograd", [(0.0, True), (0.3, True), (0.0, False)])
+def test_routed_path_equals_the_formula_per_sample(monkeypatch, form, p, autograd):
     """Both forms of the routed path (forced through the cost model), mixed ranks and scales, a sample with no
-    pair, with and without dropout (one mask drawn on x, as the formula's dropout would on each sample)."""
+    pair, with and without dropout (one mask drawn on x, as the formula's dropout would on each sample), and
+    without autograd (the joined form then updates the base's output in place)."""
     monkeypatch.setattr(routes, "joined_pays", lambda *shape: form == "joined")
     g = torch.Generator().manual_seed(6)
     pairs = [(rand(r, IN, g=g, grad=True), rand(OUT, r, g=g, grad=True), s) for r, s in ((R, 0.5), (1, 2.0), (5, 1.0))]
@@ -336,14 +337,17 @@ def test_routed_path_equals_the_formula_per_sample(monkeypatch, form, p):
     x = rand(4, 5, IN, g=g, grad=True)
     base_out = rand(4, 5, OUT, g=g)
     group = torch.tensor([2, 0, 3, 1])  # 3: no pair
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), torch.set_grad_enabled(autograd):
         torch.manual_seed(3)
-        got = routes.output(routes.Stack(branches), group, x, base_out)
+        got = routes.output(routes.Stack(branches), group, x, base_out.clone())  # a base's fresh output
     with torch.random.fork_rng():
         torch.manual_seed(3)
         dropped = torch.nn.functional.dropout(x, p, True) if p else x
     want = torch.stack([base_out[i] if k == 3 else base_out[i] + formula.update(dropped[i], *pairs[k])
                         for i, k in enumerate(group.tolist())])
+    if not autograd:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        return
     assert_same(got, want, leaves_of(x, *[t for a, b, _ in pairs for t in (a, b)]), g)
 
 

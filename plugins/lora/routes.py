@@ -144,6 +144,10 @@ def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor
         a_t, b_t = stack.joined()
         h = torch.matmul(flat, a_t).mul_(stack.mask(group))  # matmul keeps its inputs for backward, not h
         if out.dtype == stack.dtype:
+            if not torch.is_grad_enabled() and out._base is None and out.is_contiguous():
+                # inference: the base's own fresh output, updated in place (one read and write of it saved)
+                out.view(tokens, -1).addmm_(h.view(tokens, -1), b_t)
+                return out
             return torch.addmm(out.reshape(tokens, -1), h.view(tokens, -1), b_t).view(out.shape)
         delta = torch.matmul(h, b_t)
     else:
