@@ -163,7 +163,42 @@ def tiny_config(model_type: str):
 
     cls = CONFIG_MAPPING[model_type]
     config = cls()
-    return cls(**{**config.to_dict(), **_shrunk(config)})
+    config = cls(**{**config.to_dict(), **_shrunk(config)})
+    for sub in _configs(config):
+        _fit_rope_sections(sub)
+    return config
+
+
+def _configs(config: Any) -> list:
+    """`config` and every config nested in it."""
+    from transformers import PreTrainedConfig
+
+    out, todo = [], [config]
+    while todo:
+        one = todo.pop()
+        if any(one is seen for seen in out):
+            continue
+        out.append(one)
+        todo += [v for v in vars(one).values() if isinstance(v, PreTrainedConfig)]
+    return out
+
+
+def _fit_rope_sections(config: Any) -> None:
+    """Multimodal rope (qwen2-vl, glm4v) splits each head's rotary half into (time, height, width) sections that
+    must sum to it; the modeling code's default sections fit the full-size head only, so give ones that fit."""
+    if "mrope_section" not in getattr(type(config), "ignore_keys_at_rope_validation", ()):
+        return
+    rope = getattr(config, "rope_parameters", None)
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    if not isinstance(rope, dict) or not head_dim:
+        return
+    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+    half = int(head_dim * factor) // 2
+    weights = rope.get("mrope_section") or [2, 3, 3]
+    sections = [max(1, half * w // sum(weights)) for w in weights]
+    sections[-1] = half - sum(sections[:-1])
+    rope["mrope_section"] = sections
 
 
 _CLASS_MAPPINGS = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
