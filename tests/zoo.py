@@ -183,10 +183,20 @@ def _configs(config: Any) -> list:
     return out
 
 
+def _modeling_mentions(config: Any, word: str) -> bool:
+    """Whether the modeling file beside `config`'s configuration file mentions `word`."""
+    path = getattr(sys.modules.get(type(config).__module__), "__file__", None) or ""
+    modeling = os.path.join(os.path.dirname(path), os.path.basename(path).replace("configuration_", "modeling_"))
+    if not path or not os.path.exists(modeling):
+        return False
+    with open(modeling) as f:
+        return word in f.read()
+
+
 def _fit_rope_sections(config: Any) -> None:
     """Multimodal rope (qwen2-vl, glm4v) splits each head's rotary half into (time, height, width) sections that
     must sum to it; the modeling code's default sections fit the full-size head only, so give ones that fit."""
-    if "mrope_section" not in getattr(type(config), "ignore_keys_at_rope_validation", ()):
+    if not _modeling_mentions(config, "mrope_section"):
         return
     rope = getattr(config, "rope_parameters", None)
     heads = getattr(config, "num_attention_heads", None)
