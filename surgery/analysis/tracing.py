@@ -78,13 +78,26 @@ def _config_value(config: Any, names: tuple[str, ...], default: Any = None) -> A
 
 
 def _image_hw(config: Any) -> tuple[int, int]:
-    size = _config_value(config, ("image_size", "vision_image_size", "input_size", "img_size"), 224)
+    size = _config_value(config, ("image_size", "vision_image_size", "input_size", "img_size", "crop_size"), 224)
     if isinstance(size, dict):
         size = (size.get("height", size.get("shortest_edge", 224)), size.get("width", size.get("shortest_edge", 224)))
     if isinstance(size, (list, tuple)):
         size = tuple(int(s) for s in size[-2:]) if len(size) >= 2 else (int(size[0]), int(size[0]))
         return size  # type: ignore[return-value]
     return int(size), int(size)
+
+
+def _first_int(value: Any, default: int) -> int:
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _video(config: Any, batch: int, device: torch.device) -> torch.Tensor:
+    """Video frames [batch, frames, channels, height, width] of the config's frame count and image size."""
+    frames = _first_int(_config_value(config, ("num_frames", "frames_per_clip"), 8), 8)
+    channels = int(_config_value(config, ("num_channels", "in_channels", "num_input_channels"), 3))
+    return torch.zeros(batch, frames, channels, *_image_hw(config), device=device)
 
 
 def _main_tensor(name: str, model: nn.Module, batch: int, seq: int, device: torch.device) -> torch.Tensor | None:
@@ -97,6 +110,8 @@ def _main_tensor(name: str, model: nn.Module, batch: int, seq: int, device: torc
     if name in ("pixel_values", "images", "image"):
         channels = int(_config_value(config, ("num_channels", "in_channels", "num_input_channels"), 3))
         return torch.zeros(batch, channels, *_image_hw(config), device=device)
+    if name == "pixel_values_videos":
+        return _video(config, batch, device)
     if name == "input_features":
         mels = _config_value(config, ("num_mel_bins",), None)
         positions = _config_value(config, ("max_source_positions",), None)
@@ -118,12 +133,42 @@ def _main_tensor(name: str, model: nn.Module, batch: int, seq: int, device: torc
     return None
 
 
+def _patch_grids(model: nn.Module, params: Any, device: torch.device) -> tuple[str | None, list[dict[str, Any]]]:
+    """Vision towers that take flattened patches and their (time, height, width) grid (Qwen2-VL's and its kin):
+    the patches' input name, and one image of 4x4 patches (2x2 merged tokens at merge size 2) in each layout
+    such towers read: [patches, channels*time*patch*patch], [patches, channels, time, patch, patch] and, where
+    time is 1, [patches, channels, patch, patch]. (None, []) for any other model."""
+    grid_name = next((n for n, p in params.items() if n.endswith("grid_thw")
+                      and p.default is inspect.Parameter.empty), None)
+    patches = next((n for n in ("hidden_states", "pixel_values") if n in params), None)
+    if grid_name is None or patches is None:
+        return None, []
+    config = model.config
+    channels = _first_int(_config_value(config, ("in_channels", "num_channels"), 3), 3)
+    frames = _first_int(_config_value(config, ("temporal_patch_size", "patch_temporal"), 1), 1)
+    patch = _first_int(_config_value(config, ("patch_size",), 14), 14)
+    merge = _first_int(_config_value(config, ("spatial_merge_size", "merge_size", "merge_kernel_size"), 2), 2)
+    side = 2 * merge
+    shapes = [(channels * frames * patch * patch,), (channels, frames, patch, patch)] + \
+        ([(channels, patch, patch)] if frames == 1 else [])
+    grid = torch.tensor([[1, side, side]], device=device)
+    out = []
+    for shape in shapes:
+        extra = {patches: torch.zeros(side * side, *shape, device=device), grid_name: grid}
+        if "merge_sizes" in params:
+            extra["merge_sizes"] = torch.tensor([merge], device=device)
+        out.append(extra)
+    return patches, out
+
+
 def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tuple[tuple, dict]]:
     """Example inputs to try, best first, for a transformers PreTrainedModel, on the model's device (meta ok).
 
     The main input from `main_input_name` (token ids, pixel values of the config's image size, audio features or
     samples), every required forward argument it can make, decoder ids for encoder-decoders, token_type_ids for
     encoder-only models, pixel values beside token ids for multimodal models (first with, then without),
+    flattened patches with their grid for vision towers that take a `grid_thw` (Qwen2-VL's), video frames for
+    `pixel_values_videos` and, after images, for `pixel_values` where the config has `num_frames`,
     `use_cache=False` wherever the forward takes it by name or through **kwargs (then without), an all-ones
     attention_mask as a fallback. Raises TypeError for any other module: give it example args/kwargs yourself.
     """
@@ -144,9 +189,11 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
                     main)
     required = [n for n, p in params.items() if p.default is inspect.Parameter.empty
                 and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+    patches, grids = _patch_grids(model, params, device)
+    main = patches or main
     base: dict[str, Any] = {}
     for name in dict.fromkeys([main, *required]):
-        value = _main_tensor(name, model, batch, seq, device)
+        value = _main_tensor(name, model, batch, seq, device) if not grids else None
         if value is not None:
             base[name] = value
     text = "input_ids" in base or "inputs" in base
@@ -156,7 +203,7 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
         base["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long, device=device)
     if text and "bbox" in params and "bbox" not in base:  # layout models (BROS needs the boxes)
         base["bbox"] = _main_tensor("bbox", model, batch, seq, device)
-    extras: list[dict[str, Any]] = [{}]
+    extras: list[dict[str, Any]] = grids or [{}]
     if text and "pixel_values" in params and "pixel_values" not in base \
             and _config_value(config, ("image_size",), None) is not None:
         extras = [{"pixel_values": _main_tensor("pixel_values", model, batch, seq, device)}, {}]
@@ -174,6 +221,9 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
                 base[key] = with_images
             else:
                 extras = [{**extras[0], key: with_images}, *extras]
+    if isinstance(_config_value(config, ("num_frames",), None), int):  # video models: frames after images
+        video = {"pixel_values": _video(config, batch, device)}
+        extras = [x for e in extras for x in ([e, {**e, **video}] if "pixel_values" in {**base, **e} else [e])]
     if main == "input_ids" and "input_ids" not in base:
         base["input_ids"] = _main_tensor("input_ids", model, batch, seq, device)
     cache = [{"use_cache": False}, {}] if "use_cache" in params or var_kw else [{}]
