@@ -37,18 +37,18 @@ _WIDTH = ("hidden_size", "d_model", "n_embd", "embed_dim", "hidden_dim", "dim", 
           "embedding_size", "d_embed", "n_embed", "projection_dim", "text_embed_dim", "vision_embed_dim",
           "encoder_hidden_size", "decoder_hidden_size", "qformer_hidden_size", "cross_attention_hidden_size",
           "hidden_size_per_head_times_heads", "output_hidden_size", "proj_dim", "projection_size",
-          "classifier_proj_size", "conv_dim_last")
+          "classifier_proj_size", "conv_dim_last", "mit_hidden_size")
 _DEPTH = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers",
           "n_layers", "num_encoder_layers", "decoder_num_layers", "num_text_layers", "num_vision_layers",
           "text_num_layers", "num_blocks")
 _HEADS = ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads", "decoder_attention_heads",
           "n_heads", "decoder_num_attention_heads", "num_attention_heads_text")
 _FFN = ("intermediate_size", "ffn_dim", "d_ff", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_hidden_size",
-        "decoder_intermediate_size", "hidden_act_dim", "mlp_dim", "ff_dim")
+        "decoder_intermediate_size", "hidden_act_dim", "mlp_dim", "ff_dim", "mit_intermediate_size")
 _SMALL = {
     "num_key_value_heads": 2, "head_dim": 16, "d_kv": 16, "d_head": 16, "attention_head_dim": 16,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4, "num_experts_per_tok": 2,
-    "moe_topk": 2, "top_k": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+    "moe_topk": 2, "top_k": 2, "num_experts_per_token": 2, "moe_k": 2, "num_expert_group": 1, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
     "n_shared_experts": 1, "num_shared_experts": 1, "n_group": 1, "topk_group": 1,
     "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
@@ -139,6 +139,11 @@ def _shrunk(config: Any) -> dict[str, Any]:
             values["qk_head_dim"] = values["qk_rope_head_dim"] + values["qk_nope_head_dim"]
     if "mlp_only_layers" in own:
         values["mlp_only_layers"] = []
+    experts = next((values[n] for n in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+                    if isinstance(values.get(n), int)), None)
+    for name in ("num_experts_per_tok", "n_group", "topk_group"):  # unset where the defaults leave routing open
+        if experts and name in own and own[name] is None:
+            values[name] = 2 if name == "num_experts_per_tok" else 1
     return values
 
 
@@ -162,11 +167,27 @@ def tiny_config(model_type: str):
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
-    config = cls()
-    config = cls(**{**config.to_dict(), **_shrunk(config)})
+    default = cls()
+    small = _shrunk(default)
+    config = cls(**{**default.to_dict(), **small})
+    derived = _derived(cls, default, small)
+    if derived:
+        config = cls(**{**default.to_dict(), **small, **derived})
     for sub in _configs(config):
         _fit_rope_sections(sub)
     return config
+
+
+def _derived(cls: type, default: Any, small: dict[str, Any]) -> dict[str, Any]:
+    """Sizes the config class computes from others when not given (zamba2's attention_hidden_size from
+    hidden_size): passing the defaults back would keep the full-size value beside the small ones."""
+    try:
+        fresh = vars(cls(**small))
+    except Exception:
+        return {}
+    before = vars(default)
+    return {name: value for name, value in fresh.items() if name not in small and name in before
+            and isinstance(value, int) and not isinstance(value, bool) and value != before[name]}
 
 
 def _configs(config: Any) -> list:
