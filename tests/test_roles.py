@@ -654,3 +654,26 @@ def test_an_attention_length_that_depends_on_the_data_is_unknown_not_a_crash():
     unbacked = ShapeEnv().create_unbacked_symint()  # a size computed from the data (Mimi's conv strides on a mask)
     assert attention._lengths(unbacked, 3) is None
     assert attention._lengths(4, 3) == (4, 3)
+
+
+def test_inputs_for_video_models_and_patch_grid_vision_towers():
+    """Video frames where the config counts frames (or the input is pixel_values_videos), and flattened patches
+    with their (time, height, width) grid for Qwen2-VL-like vision towers: the inputs surgery makes run them."""
+    from transformers import Qwen2_5_VLConfig, VideoMAEConfig, VideoMAEModel
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    from surgery.analysis.tracing import input_candidates
+
+    video = VideoMAEModel(VideoMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, image_size=32, patch_size=16, num_frames=2,
+                                         tubelet_size=2)).eval()
+    facts = analyze(video)
+    assert facts.roles["encoder.layer.0.attention.attention.query"] == {Q}
+    vision = Qwen2_5_VisionTransformerPretrainedModel._from_config(Qwen2_5_VLConfig(vision_config=dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=8,
+        fullatt_block_indexes=[0])).vision_config).eval()
+    args, kwargs = input_candidates(vision)[0]
+    grid = kwargs["grid_thw"]
+    assert grid.tolist() == [[1, 4, 4]] and args[0].shape == (16, 3 * 2 * 8 * 8)  # 4x4 patches, 2 frames each
+    with torch.no_grad():
+        assert vision(*args, **kwargs).last_hidden_state.shape[0] == 16  # a token a patch

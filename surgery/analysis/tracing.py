@@ -133,16 +133,37 @@ def _main_tensor(name: str, model: nn.Module, batch: int, seq: int, device: torc
     return None
 
 
-def _patch_grids(model: nn.Module, params: Any, device: torch.device) -> tuple[str | None, list[dict[str, Any]]]:
-    """Vision towers that take flattened patches and their (time, height, width) grid (Qwen2-VL's and its kin):
-    the patches' input name, and one image of 4x4 patches (2x2 merged tokens at merge size 2) in each layout
-    such towers read: [patches, channels*time*patch*patch], [patches, channels, time, patch, patch] and, where
-    time is 1, [patches, channels, patch, patch]. (None, []) for any other model."""
-    grid_name = next((n for n, p in params.items() if n.endswith("grid_thw")
-                      and p.default is inspect.Parameter.empty), None)
+def _grid_input(params: Any) -> tuple[str, str] | None:
+    """(patches, grid) input names of a vision tower that requires a `grid_thw` beside flattened patches."""
+    grid = next((n for n, p in params.items() if n.endswith("grid_thw") and p.default is inspect.Parameter.empty),
+                None)
     patches = next((n for n in ("hidden_states", "pixel_values") if n in params), None)
-    if grid_name is None or patches is None:
-        return None, []
+    return (patches, grid) if grid and patches else None
+
+
+def main_input(model: nn.Module) -> str:
+    """The forward argument surgery builds first: the model's `main_input_name` where the forward takes it, else
+    the first known input it takes (a grid-taking vision tower's patches)."""
+    params = inspect.signature(model.forward).parameters
+    grid = _grid_input(params)
+    if grid:
+        return grid[0]
+    main = getattr(model, "main_input_name", "input_ids") or "input_ids"
+    if main not in params:
+        main = next((n for n in ("input_ids", "pixel_values", "input_features", "input_values") if n in params),
+                    main)
+    return main
+
+
+def _patch_grids(model: nn.Module, params: Any, device: torch.device) -> list[dict[str, Any]]:
+    """Vision towers that take flattened patches and their (time, height, width) grid (Qwen2-VL's and its kin):
+    one image of 4x4 patches (2x2 merged tokens at merge size 2) in each layout such towers read:
+    [patches, channels*time*patch*patch], [patches, channels, time, patch, patch] and, where time is 1,
+    [patches, channels, patch, patch]. [] for any other model."""
+    names = _grid_input(params)
+    if names is None:
+        return []
+    patches, grid_name = names
     config = model.config
     channels = _first_int(_config_value(config, ("in_channels", "num_channels"), 3), 3)
     frames = _first_int(_config_value(config, ("temporal_patch_size", "patch_temporal"), 1), 1)
@@ -158,7 +179,7 @@ def _patch_grids(model: nn.Module, params: Any, device: torch.device) -> tuple[s
         if "merge_sizes" in params:
             extra["merge_sizes"] = torch.tensor([merge], device=device)
         out.append(extra)
-    return patches, out
+    return out
 
 
 def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tuple[tuple, dict]]:
@@ -183,14 +204,10 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
     device = model_device(model)
     params = inspect.signature(model.forward).parameters
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    main = getattr(model, "main_input_name", "input_ids") or "input_ids"
-    if main not in params:
-        main = next((n for n in ("input_ids", "pixel_values", "input_features", "input_values") if n in params),
-                    main)
+    main = main_input(model)
     required = [n for n, p in params.items() if p.default is inspect.Parameter.empty
                 and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
-    patches, grids = _patch_grids(model, params, device)
-    main = patches or main
+    grids = _patch_grids(model, params, device)
     base: dict[str, Any] = {}
     for name in dict.fromkeys([main, *required]):
         value = _main_tensor(name, model, batch, seq, device) if not grids else None
@@ -468,7 +485,7 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
                     break
         if program is None:
             params = names
-            main = getattr(model, "main_input_name", None)
+            main = main_input(model)
             branched = any("data-dependent" in e or "GuardOnDataDependent" in e for e in errors)
             hint = (" The trace stopped on a data-dependent branch of the model's own code (a value of an input "
                     f"decides the control flow){_branch_advice(model)}, e.g. surgery.inspect(model, kwargs={{...}})."
