@@ -68,7 +68,9 @@ def _config_value(config: Any, names: tuple[str, ...], default: Any = None) -> A
         value = getattr(config, name, None)
         if value is not None:
             return value
-    for attr in ("vision_config", "audio_config", "encoder_config", "encoder", "speech_config", "text_config"):
+    known = ("vision_config", "audio_config", "encoder_config", "encoder", "speech_config", "text_config")
+    others = sorted(n for n in vars(config) if n.endswith("_config") and n not in known)  # semantic_model_config
+    for attr in (*known, *others):
         sub = getattr(config, attr, None)
         if sub is not None and sub is not config and hasattr(sub, "to_dict"):
             value = _config_value(sub, names, None)
@@ -100,6 +102,27 @@ def _video(config: Any, batch: int, device: torch.device) -> torch.Tensor:
     return torch.zeros(batch, frames, channels, *_image_hw(config), device=device)
 
 
+def _samples(config: Any) -> int:
+    """About 4000 audio samples, a whole number of the config's frames (hop length, samples per token)."""
+    hop = _first_int(_config_value(config, ("hop_length", "samples_per_token"), 1), 1)
+    return -(-4000 // hop) * hop
+
+
+def _layouts(name: str, value: torch.Tensor, config: Any) -> list[torch.Tensor]:
+    """Other layouts of the main input, tried after `_main_tensor`'s: mono audio as [batch, 1, samples] (codecs
+    whose first convolution takes one channel), mel features as [batch, mel bins, frames] (convolution first),
+    raw audio for an `inputs` that is not token ids (a speech encoder-decoder)."""
+    batch = value.shape[0]
+    if name == "input_values" and value.dim() == 2:
+        return [value[:, None]]
+    mels = _config_value(config, ("num_mel_bins",), None)
+    if name == "input_features" and value.dim() == 3 and isinstance(mels, int) and value.shape[1] != mels:
+        return [torch.zeros(batch, mels, value.shape[1], device=value.device)]
+    if name == "inputs" and not value.is_floating_point():
+        return [torch.zeros(batch, _samples(config), device=value.device)]
+    return []
+
+
 def _main_tensor(name: str, model: nn.Module, batch: int, seq: int, device: torch.device) -> torch.Tensor | None:
     """An example value of the forward argument `name`, from the config's sizes; None for unknown names."""
     config = model.config
@@ -117,7 +140,8 @@ def _main_tensor(name: str, model: nn.Module, batch: int, seq: int, device: torc
         positions = _config_value(config, ("max_source_positions",), None)
         if mels is not None and positions is not None:  # whisper-like: [batch, mel bins, 2 x positions]
             return torch.zeros(batch, int(mels), 2 * int(positions), device=device)
-        per_channel = _config_value(config, ("input_feat_per_channel", "feature_size", "num_mel_bins"), 80)
+        per_channel = _config_value(config, ("input_feat_per_channel", "feature_projection_input_dim",
+                                             "feature_size", "num_mel_bins"), 80)
         channels = int(_config_value(config, ("input_channels",), 1))
         return torch.zeros(batch, 4 * seq, int(per_channel) * channels, device=device)
     if name == "input_values":
@@ -126,8 +150,8 @@ def _main_tensor(name: str, model: nn.Module, batch: int, seq: int, device: torc
             return torch.zeros(batch, frames, mels, device=device)
         channels = _config_value(config, ("audio_channels",), None)
         if isinstance(channels, int):  # an audio codec: [batch, channels, samples]
-            return torch.zeros(batch, channels, 4000, device=device)
-        return torch.zeros(batch, 4000, device=device)
+            return torch.zeros(batch, channels, _samples(config), device=device)
+        return torch.zeros(batch, _samples(config), device=device)
     if name == "bbox":  # layout models: a box per token
         return torch.zeros(batch, seq, 4, dtype=torch.long, device=device)
     return None
@@ -189,7 +213,8 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
     samples), every required forward argument it can make, decoder ids for encoder-decoders, token_type_ids for
     encoder-only models, pixel values beside token ids for multimodal models (first with, then without),
     flattened patches with their grid for vision towers that take a `grid_thw` (Qwen2-VL's), video frames for
-    `pixel_values_videos` and, after images, for `pixel_values` where the config has `num_frames`,
+    `pixel_values_videos` and, after images, for `pixel_values` where the config has `num_frames`, other layouts
+    of audio inputs after the first (`_layouts`),
     `use_cache=False` wherever the forward takes it by name or through **kwargs (then without), an all-ones
     attention_mask as a fallback. Raises TypeError for any other module: give it example args/kwargs yourself.
     """
@@ -238,6 +263,8 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
                 base[key] = with_images
             else:
                 extras = [{**extras[0], key: with_images}, *extras]
+    for name, value in list(base.items()):
+        extras += [{**e, name: other} for other in _layouts(name, value, config) for e in extras]
     if isinstance(_config_value(config, ("num_frames",), None), int):  # video models: frames after images
         video = {"pixel_values": _video(config, batch, device)}
         extras = [x for e in extras for x in ([e, {**e, **video}] if "pixel_values" in {**base, **e} else [e])]
