@@ -54,7 +54,7 @@ _SMALL = {
     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
     "first_k_dense_replace": 1, "max_position_embeddings": 128, "max_source_positions": 64,
     "max_target_positions": 64, "n_positions": 128, "n_ctx": 128, "num_mel_bins": 16, "image_size": 64,
-    "rotary_dim": 8, "num_frames": 4, "frames_per_clip": 4, "crop_size": 64,
+    "rotary_dim": 8, "num_frames": 4, "frames_per_clip": 4, "crop_size": 64, "n_window": 4,
     "patch_size": 8, "num_query_tokens": 4, "image_seq_length": 16, "num_channels": 3, "n_routed_experts_top": 2,
     "sliding_window": 64, "attention_window": 4, "num_buckets": 32, "relative_attention_num_buckets": 8,
     "position_buckets": 16, "max_relative_positions": 16, "conv_dim": 32, "num_conv_pos_embeddings": 16,
@@ -162,13 +162,21 @@ def _small_dict(value: Any) -> Any:
     return out
 
 
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "mpnet": {"relative_attention_num_buckets": 32},  # the modeling code buckets positions into 32, fixed
+    "udop": {"relative_attention_num_buckets": 32},
+    "layoutlmv3": {"hidden_size": 96, "coordinate_size": 16, "shape_size": 16},  # 4 coordinates + 2 sizes = width
+}
+"""model_type -> config values no generic rule gives (with the reason)."""
+
+
 def tiny_config(model_type: str):
     """The config class's defaults, shrunk; raises on a config that will not take the small values."""
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
     default = cls()
-    small = _shrunk(default)
+    small = {**_shrunk(default), **OVERRIDES.get(model_type, {})}
     config = cls(**{**default.to_dict(), **small})
     derived = _derived(cls, default, small)
     if derived:

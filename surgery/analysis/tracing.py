@@ -214,7 +214,8 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
     encoder-only models, pixel values beside token ids for multimodal models (first with, then without),
     flattened patches with their grid for vision towers that take a `grid_thw` (Qwen2-VL's), video frames for
     `pixel_values_videos` and, after images, for `pixel_values` where the config has `num_frames`, other layouts
-    of audio inputs after the first (`_layouts`),
+    of audio inputs after the first (`_layouts`) and an all-ones `input_features_mask` where the forward takes one,
+    token ids beside an image main input where the forward takes them (then without),
     `use_cache=False` wherever the forward takes it by name or through **kwargs (then without), an all-ones
     attention_mask as a fallback. Raises TypeError for any other module: give it example args/kwargs yourself.
     """
@@ -238,6 +239,9 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
         value = _main_tensor(name, model, batch, seq, device) if not grids else None
         if value is not None:
             base[name] = value
+    ids_added = main == "pixel_values" and "input_ids" in params and "input_ids" not in base
+    if ids_added:  # an image-to-text model (BLIP, Kosmos-2): token ids beside the image, then the image alone
+        base["input_ids"] = _main_tensor("input_ids", model, batch, seq, device)
     text = "input_ids" in base or "inputs" in base
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         base["decoder_input_ids"] = _main_tensor("decoder_input_ids", model, batch, seq, device)
@@ -286,9 +290,25 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
                     if decoder is not None and "decoder_attention_mask" in params:
                         kwargs["decoder_attention_mask"] = torch.ones(decoder.shape, dtype=torch.long,
                                                                       device=device)
-                args = (kwargs.pop(main),) if main in kwargs and main == first_param else ()
-                out.append((args, kwargs))
+                for full in _with_feature_masks(kwargs, params, device):
+                    args = (full.pop(main),) if main in full and main == first_param else ()
+                    out.append((args, full))
+    if ids_added:
+        out += [(args, {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")})
+                for args, kwargs in out]
     return out
+
+
+def _with_feature_masks(kwargs: dict[str, Any], params: Any, device: torch.device) -> list[dict[str, Any]]:
+    """`kwargs` with an all-ones `input_features_mask` where the forward takes one (audio encoders that count
+    the frames from it), over the frames on axis 1, then on the last axis; then `kwargs` as it is."""
+    features = kwargs.get("input_features")
+    if "input_features_mask" not in params or "input_features_mask" in kwargs or not isinstance(
+            features, torch.Tensor) or features.dim() < 3:
+        return [kwargs]
+    lengths = dict.fromkeys([features.shape[1], features.shape[-1]])
+    ones = [torch.ones(features.shape[0], n, dtype=torch.long, device=device) for n in lengths]
+    return [{**kwargs, "input_features_mask": mask} for mask in ones] + [dict(kwargs)]
 
 
 def example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> tuple[tuple, dict]:
