@@ -677,3 +677,16 @@ def test_inputs_for_video_models_and_patch_grid_vision_towers():
     assert grid.tolist() == [[1, 4, 4]] and args[0].shape == (16, 3 * 2 * 8 * 8)  # 4x4 patches, 2 frames each
     with torch.no_grad():
         assert vision(*args, **kwargs).last_hidden_state.shape[0] == 16  # a token a patch
+
+
+@pytest.mark.parametrize("model_type", ["omniasr_ctc", "glmasr_encoder", "audioflamingo3_encoder", "blip",
+                                        "patchtst", "timesfm"])
+def test_inputs_surgery_makes_run_the_model(model_type):
+    """Mono audio as [batch, 1, samples], mel bins first, an input_features_mask, token ids beside an image,
+    time series (past_values, their padding and frequency): some candidate surgery makes runs the model."""
+    import zoo
+
+    from surgery.analysis.tracing import input_candidates
+
+    model = zoo.build(model_type)
+    zoo.runnable_inputs(model, input_candidates(model))  # raises the first candidate's error where none runs

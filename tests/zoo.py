@@ -166,6 +166,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "mpnet": {"relative_attention_num_buckets": 32},  # the modeling code buckets positions into 32, fixed
     "udop": {"relative_attention_num_buckets": 32},
     "layoutlmv3": {"hidden_size": 96, "coordinate_size": 16, "shape_size": 16},  # 4 coordinates + 2 sizes = width
+    "seggpt": {"image_size": [64, 32]},  # (height, width): a list the generic rule leaves
+    "timesfm": {"context_length": 64},  # a whole number of 32-step patches, not 512 or 16384 steps
+    "timesfm2_5": {"context_length": 64},
 }
 """model_type -> config values no generic rule gives (with the reason)."""
 
@@ -541,6 +544,54 @@ class Result:
         return json.dumps(self.__dict__)
 
 
+def _token_ids(model: nn.Module, length: int = 8) -> torch.Tensor:
+    vocab = getattr(model.config, "vocab_size", None) or getattr(getattr(model.config, "text_config", None),
+                                                                  "vocab_size", 256)
+    return (torch.arange(2 * length) % vocab).reshape(2, length)
+
+
+def _kosmos2(model: nn.Module) -> tuple[tuple, dict]:
+    tokens = model.config.latent_query_num
+    ids = _token_ids(model, tokens + 8)
+    positions = torch.zeros(ids.shape, dtype=torch.long)
+    positions[:, 1:1 + tokens] = 1  # where the image's latent queries go
+    return (), {"pixel_values": torch.zeros(2, 3, 64, 64), "input_ids": ids,
+                "image_embeds_position_mask": positions, "attention_mask": torch.ones(ids.shape, dtype=torch.long)}
+
+
+def _lxmert(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config
+    return (), {"input_ids": _token_ids(model), "visual_feats": torch.randn(2, 4, config.visual_feat_dim),
+                "visual_pos": torch.rand(2, 4, config.visual_pos_dim), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+
+
+def _qformer(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config
+    return (), {"input_ids": _token_ids(model), "query_embeds": torch.randn(2, 4, config.hidden_size),
+                "encoder_hidden_states": torch.randn(2, 5, config.encoder_hidden_size),
+                "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+
+
+def _seggpt(model: nn.Module) -> tuple[tuple, dict]:
+    height, width = model.config.image_size if isinstance(model.config.image_size, (list, tuple)) else \
+        (model.config.image_size, model.config.image_size)
+    image = torch.zeros(2, 3, height // 2, width)  # the prompt's image goes above the input's
+    return (), {"pixel_values": image, "prompt_pixel_values": image, "prompt_masks": image}
+
+
+def _decision_transformer(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config
+    return (), {"states": torch.randn(2, 8, config.state_dim), "actions": torch.randn(2, 8, config.act_dim),
+                "returns_to_go": torch.randn(2, 8, 1), "timesteps": torch.arange(8).repeat(2, 1),
+                "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+
+
+INPUTS = {"kosmos-2": _kosmos2, "lxmert": _lxmert, "blip_2_qformer": _qformer, "seggpt": _seggpt,
+          "decision_transformer": _decision_transformer}
+"""model_type -> the inputs a user gives (surgery cannot make them from the config): the zoo passes them to the
+analysis as a user would, on every variant."""
+
+
 def check(model_type: str, variants=("sdpa", "eager", "sdpa+mask", "eager+mask")) -> list[Result]:
     """Build `model_type` once, then per variant: surgery's facts against the oracle."""
     from surgery.analysis import facts as facts_module
@@ -558,7 +609,7 @@ def check(model_type: str, variants=("sdpa", "eager", "sdpa+mask", "eager+mask")
             results.append(Result(model_type, variant, "skip", f"{attn} not supported"))
             continue
         try:
-            candidates = input_candidates(model)
+            candidates = [INPUTS[model_type](model)] if model_type in INPUTS else input_candidates(model)
         except Exception as exc:
             results.append(Result(model_type, variant, "error", "inputs: " + _why(exc)))
             continue
@@ -576,7 +627,7 @@ def check(model_type: str, variants=("sdpa", "eager", "sdpa+mask", "eager+mask")
         start = time.perf_counter()
         try:
             facts_module._CACHE.clear()  # surgery's own inputs unless the variant brings a mask; timed as inspect
-            given = (None, None) if not mask else (args, kwargs)
+            given = (None, None) if not mask and model_type not in INPUTS else (args, kwargs)
             sites_of(model, *given)
             facts = facts_module.analyze(model, *given)  # from the cache
         except Exception as exc:

@@ -152,6 +152,12 @@ def _main_tensor(name: str, model: nn.Module, batch: int, seq: int, device: torc
         if isinstance(channels, int):  # an audio codec: [batch, channels, samples]
             return torch.zeros(batch, channels, _samples(config), device=device)
         return torch.zeros(batch, _samples(config), device=device)
+    if name in ("past_values", "past_values_padding"):  # time series: [batch, context, channels] or [batch, context]
+        length = _first_int(_config_value(config, ("context_length",), 64), 64)
+        channels = _config_value(config, ("num_input_channels",), None)
+        return torch.zeros(batch, length, *([channels] if isinstance(channels, int) else []), device=device)
+    if name == "freq":  # TimesFM: a frequency class per series
+        return torch.zeros(batch, 1, dtype=torch.long, device=device)
     if name == "bbox":  # layout models: a box per token
         return torch.zeros(batch, seq, 4, dtype=torch.long, device=device)
     return None
@@ -210,7 +216,7 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
     """Example inputs to try, best first, for a transformers PreTrainedModel, on the model's device (meta ok).
 
     The main input from `main_input_name` (token ids, pixel values of the config's image size, audio features or
-    samples), every required forward argument it can make, decoder ids for encoder-decoders, token_type_ids for
+    samples, time series), every required forward argument it can make, decoder ids for encoder-decoders, token_type_ids for
     encoder-only models, pixel values beside token ids for multimodal models (first with, then without),
     flattened patches with their grid for vision towers that take a `grid_thw` (Qwen2-VL's), video frames for
     `pixel_values_videos` and, after images, for `pixel_values` where the config has `num_frames`, other layouts
