@@ -48,7 +48,8 @@ _FFN = ("intermediate_size", "ffn_dim", "d_ff", "n_inner", "encoder_ffn_dim", "d
 _SMALL = {
     "num_key_value_heads": 2, "head_dim": 16, "d_kv": 16, "d_head": 16, "attention_head_dim": 16,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4, "num_experts_per_tok": 2,
-    "moe_topk": 2, "top_k": 2, "num_experts_per_token": 2, "moe_k": 2, "num_expert_group": 1, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+    "moe_topk": 2, "top_k": 2, "num_experts_per_token": 2, "moe_k": 2, "num_expert_group": 1,
+    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
     "n_shared_experts": 1, "num_shared_experts": 1, "n_group": 1, "topk_group": 1,
     "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
@@ -562,7 +563,8 @@ def _kosmos2(model: nn.Module) -> tuple[tuple, dict]:
 def _lxmert(model: nn.Module) -> tuple[tuple, dict]:
     config = model.config
     return (), {"input_ids": _token_ids(model), "visual_feats": torch.randn(2, 4, config.visual_feat_dim),
-                "visual_pos": torch.rand(2, 4, config.visual_pos_dim), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+                "visual_pos": torch.rand(2, 4, config.visual_pos_dim),
+                "attention_mask": torch.ones(2, 8, dtype=torch.long)}
 
 
 def _qformer(model: nn.Module) -> tuple[tuple, dict]:

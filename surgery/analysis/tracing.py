@@ -216,14 +216,14 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
     """Example inputs to try, best first, for a transformers PreTrainedModel, on the model's device (meta ok).
 
     The main input from `main_input_name` (token ids, pixel values of the config's image size, audio features or
-    samples, time series), every required forward argument it can make, decoder ids for encoder-decoders, token_type_ids for
-    encoder-only models, pixel values beside token ids for multimodal models (first with, then without),
-    flattened patches with their grid for vision towers that take a `grid_thw` (Qwen2-VL's), video frames for
-    `pixel_values_videos` and, after images, for `pixel_values` where the config has `num_frames`, other layouts
+    samples, time series), every required forward argument it can make, decoder ids for encoder-decoders,
+    token_type_ids for encoder-only models, pixel values beside token ids for multimodal models (first with, then
+    without), flattened patches with their grid for vision towers that take a `grid_thw` (Qwen2-VL's), video frames
+    for `pixel_values_videos` and, after images, for `pixel_values` where the config has `num_frames`, other layouts
     of audio inputs after the first (`_layouts`) and an all-ones `input_features_mask` where the forward takes one,
-    token ids beside an image main input where the forward takes them (then without),
-    `use_cache=False` wherever the forward takes it by name or through **kwargs (then without), an all-ones
-    attention_mask as a fallback. Raises TypeError for any other module: give it example args/kwargs yourself.
+    token ids beside an image main input where the forward takes them (then without), `use_cache=False` wherever the
+    forward takes it by name or through **kwargs (then without), an all-ones attention_mask as a fallback. Raises
+    TypeError for any other module: give it example args/kwargs yourself.
     """
     try:
         from transformers import PreTrainedModel
