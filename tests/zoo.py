@@ -557,7 +557,8 @@ def _kosmos2(model: nn.Module) -> tuple[tuple, dict]:
     positions = torch.zeros(ids.shape, dtype=torch.long)
     positions[:, 1:1 + tokens] = 1  # where the image's latent queries go
     return (), {"pixel_values": torch.zeros(2, 3, 64, 64), "input_ids": ids,
-                "image_embeds_position_mask": positions, "attention_mask": torch.ones(ids.shape, dtype=torch.long)}
+                "image_embeds_position_mask": positions, "attention_mask": torch.ones(ids.shape, dtype=torch.long),
+                "use_cache": False}
 
 
 def _lxmert(model: nn.Module) -> tuple[tuple, dict]:
@@ -569,9 +570,8 @@ def _lxmert(model: nn.Module) -> tuple[tuple, dict]:
 
 def _qformer(model: nn.Module) -> tuple[tuple, dict]:
     config = model.config
-    return (), {"input_ids": _token_ids(model), "query_embeds": torch.randn(2, 4, config.hidden_size),
-                "encoder_hidden_states": torch.randn(2, 5, config.encoder_hidden_size),
-                "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    return (), {"query_embeds": torch.randn(2, 4, config.hidden_size),  # as BLIP-2 calls it: the queries alone
+                "encoder_hidden_states": torch.randn(2, 5, config.encoder_hidden_size)}
 
 
 def _seggpt(model: nn.Module) -> tuple[tuple, dict]:
@@ -588,8 +588,55 @@ def _decision_transformer(model: nn.Module) -> tuple[tuple, dict]:
                 "attention_mask": torch.ones(2, 8, dtype=torch.long)}
 
 
+def _siglip2_image(model: nn.Module) -> dict[str, torch.Tensor]:
+    config = getattr(model.config, "vision_config", model.config)
+    side = 4  # 4x4 patches of a native-resolution image, flattened
+    return {"pixel_values": torch.zeros(2, side * side, config.num_channels * config.patch_size ** 2),
+            "pixel_attention_mask": torch.ones(2, side * side, dtype=torch.long),
+            "spatial_shapes": torch.tensor([[side, side]] * 2)}
+
+
+def _siglip2(model: nn.Module) -> tuple[tuple, dict]:
+    return (), {"input_ids": _token_ids(model), **_siglip2_image(model)}
+
+
+def _gemma4_vision(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config
+    side = 4
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    positions = torch.stack([cols.flatten(), rows.flatten()], -1)  # (x, y) of each patch
+    return (), {"pixel_values": torch.rand(2, side * side, 3 * config.patch_size ** 2),
+                "pixel_position_ids": positions.expand(2, -1, -1)}
+
+
+def _pix2struct(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config.vision_config
+    patches = torch.rand(2, 16, config.patch_embed_hidden_size + 2)
+    patches[..., 0] = torch.arange(16).div(4, rounding_mode="floor") + 1  # row, column (1-based) and the pixels
+    patches[..., 1] = torch.arange(16) % 4 + 1
+    return (), {"flattened_patches": patches, "attention_mask": torch.ones(2, 16, dtype=torch.long),
+                "decoder_input_ids": _token_ids(model, 5), "use_cache": False}
+
+
+def _idefics(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config
+    ids = _token_ids(model)
+    return (), {"input_ids": ids, "pixel_values": torch.zeros(2, 1, 3, config.vision_config.image_size,
+                                                               config.vision_config.image_size),
+                "image_attention_mask": torch.ones(2, 8, 1, dtype=torch.long),
+                "attention_mask": torch.ones(ids.shape, dtype=torch.long), "use_cache": False}
+
+
+def _xmod(model: nn.Module) -> tuple[tuple, dict]:
+    model.set_default_language(model.config.languages[0])  # X-MOD asks its user for the input language first
+    return (), {"input_ids": _token_ids(model), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+                "use_cache": False}
+
+
 INPUTS = {"kosmos-2": _kosmos2, "lxmert": _lxmert, "blip_2_qformer": _qformer, "seggpt": _seggpt,
-          "decision_transformer": _decision_transformer}
+          "decision_transformer": _decision_transformer, "siglip2": _siglip2, "gemma4_vision": _gemma4_vision,
+          "siglip2_vision_model": lambda model: ((), _siglip2_image(model)), "pix2struct": _pix2struct,
+          "idefics": _idefics, "xmod": _xmod}
 """model_type -> the inputs a user gives (surgery cannot make them from the config): the zoo passes them to the
 analysis as a user would, on every variant."""
 
