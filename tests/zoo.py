@@ -82,9 +82,8 @@ def _shrunk(config: Any) -> dict[str, Any]:
     own = {**config.to_dict(), **vars(config)}  # to_dict has fields kept elsewhere (per_layer_config)
     for name, value in own.items():
         if isinstance(value, PreTrainedConfig):
-            sub = value.to_dict()
-            sub.update(_shrunk(value))
-            values[name] = sub
+            small = _shrunk(value)
+            values[name] = {**value.to_dict(), **small, **_derived(type(value), value, small)}
             continue
         if isinstance(value, bool) or not isinstance(value, int):
             continue
@@ -194,12 +193,13 @@ def _derived(cls: type, default: Any, small: dict[str, Any]) -> dict[str, Any]:
     """Sizes the config class computes from others when not given (zamba2's attention_hidden_size from
     hidden_size): passing the defaults back would keep the full-size value beside the small ones."""
     try:
-        fresh = vars(cls(**small))
+        fresh, plain = vars(cls(**small)), vars(cls())
     except Exception:
         return {}
-    before = vars(default)
+    before = vars(default)  # a nested config's values as its parent sets them: only the class defaults follow
     return {name: value for name, value in fresh.items() if name not in small and name in before
-            and isinstance(value, int) and not isinstance(value, bool) and value != before[name]}
+            and isinstance(value, int) and not isinstance(value, bool) and value != plain.get(name)
+            and before[name] == plain.get(name)}
 
 
 def _configs(config: Any) -> list:
