@@ -133,7 +133,9 @@ def _shrunk(config: Any) -> dict[str, Any]:
         vocab = getattr(text, "vocab_size", None) if text is not None else None
         values["image_token_index"] = (values.get("text_config", {}).get("vocab_size") or vocab or 256) - 1
     if "qk_rope_head_dim" in own:  # multi-head latent attention: rope on part of each head
-        if "head_dim" in own:
+        if isinstance(own.get("head_dim"), int) and own.get("qk_rope_head_dim"):  # the rope part as in the full size
+            values["head_dim"] = values["qk_rope_head_dim"] * own["head_dim"] // own["qk_rope_head_dim"]
+        elif "head_dim" in own:
             values["head_dim"] = values["qk_rope_head_dim"]
         if "qk_head_dim" in own:
             values["qk_head_dim"] = values["qk_rope_head_dim"] + values["qk_nope_head_dim"]
