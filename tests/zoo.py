@@ -1,7 +1,9 @@
 """An architecture zoo: every transformers architecture that builds from a small config, and a gradient oracle.
 
 `tiny_config(model_type)` shrinks a config class's defaults (widths, depths, heads, experts, image and audio sizes,
-vocabularies where the special token ids allow it), nested configs included. `build(model_type)` picks the
+vocabularies where the special token ids allow it), nested configs included; sizes the config derives from others
+are recomputed from the small ones, multimodal rope sections fitted to the small head, and `OVERRIDES` holds what
+no generic rule gives. Models whose inputs surgery cannot make from the config get a user's inputs from `INPUTS`. `build(model_type)` picks the
 model class (causal LM, seq2seq LM, masked LM, image-text-to-text, else the base model) and builds it with random
 weights. `oracle(model, args, kwargs)` runs the model once for real and says, for every attention computation,
 which output channels of which linear-like module reach its query, key and value operands: each linear-like
