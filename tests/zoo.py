@@ -170,6 +170,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "mpnet": {"relative_attention_num_buckets": 32},  # the modeling code buckets positions into 32, fixed
     "udop": {"relative_attention_num_buckets": 32},
     "layoutlmv3": {"hidden_size": 96, "coordinate_size": 16, "shape_size": 16},  # 4 coordinates + 2 sizes = width
+    "sam": {"vision_config": {"output_channels": 64, "num_pos_feats": 32}},  # the image embedding's width is the
+    "sam_hq": {"vision_config": {"output_channels": 64, "num_pos_feats": 32}},  # mask decoder's; positions half each
     "seggpt": {"image_size": [64, 32]},  # (height, width): a list the generic rule leaves
     "timesfm": {"context_length": 64},  # a whole number of 32-step patches, not 512 or 16384 steps
     "timesfm2_5": {"context_length": 64},
@@ -183,7 +185,7 @@ def tiny_config(model_type: str):
 
     cls = CONFIG_MAPPING[model_type]
     default = cls()
-    small = {**_shrunk(default), **OVERRIDES.get(model_type, {})}
+    small = _merged(_shrunk(default), OVERRIDES.get(model_type, {}))
     config = cls(**{**default.to_dict(), **small})
     derived = _derived(cls, default, small)
     if derived:
@@ -191,6 +193,15 @@ def tiny_config(model_type: str):
     for sub in _configs(config):
         _fit_rope_sections(sub)
     return config
+
+
+def _merged(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`values` with `overrides` put in, nested dicts (sub-configs) merged key by key."""
+    out = dict(values)
+    for name, value in overrides.items():
+        out[name] = _merged(out[name], value) if isinstance(value, dict) and isinstance(out.get(name), dict) \
+            else value
+    return out
 
 
 def _derived(cls: type, default: Any, small: dict[str, Any]) -> dict[str, Any]:
