@@ -58,6 +58,7 @@ _SMALL = {
     "first_k_dense_replace": 1, "max_position_embeddings": 128, "max_source_positions": 64,
     "max_target_positions": 64, "n_positions": 128, "n_ctx": 128, "num_mel_bins": 16, "image_size": 64,
     "rotary_dim": 8, "num_frames": 4, "frames_per_clip": 4, "crop_size": 64, "n_window": 4,
+    "num_sparse_encoder_layers": 1, "num_sparse_decoder_layers": 1,
     "patch_size": 8, "num_query_tokens": 4, "image_seq_length": 16, "num_channels": 3, "n_routed_experts_top": 2,
     "sliding_window": 64, "attention_window": 4, "num_buckets": 32, "relative_attention_num_buckets": 8,
     "position_buckets": 16, "max_relative_positions": 16, "conv_dim": 32, "num_conv_pos_embeddings": 16,
