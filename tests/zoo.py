@@ -649,10 +649,21 @@ def _xmod(model: nn.Module) -> tuple[tuple, dict]:
                 "use_cache": False}
 
 
+def _gemma3n_audio(model: nn.Module) -> tuple[tuple, dict]:
+    frames = 32
+    return (), {"audio_mel": torch.randn(2, frames, model.config.input_feat_size),
+                "audio_mel_mask": torch.zeros(2, frames, dtype=torch.bool)}  # True marks padding
+
+
+def _vibevoice_encoder(model: nn.Module) -> tuple[tuple, dict]:
+    return (), {"hidden_states": torch.randn(2, 1, 3200)}  # mono audio
+
+
 INPUTS = {"kosmos-2": _kosmos2, "lxmert": _lxmert, "blip_2_qformer": _qformer, "seggpt": _seggpt,
           "decision_transformer": _decision_transformer, "siglip2": _siglip2, "gemma4_vision": _gemma4_vision,
           "siglip2_vision_model": lambda model: ((), _siglip2_image(model)), "pix2struct": _pix2struct,
-          "idefics": _idefics, "xmod": _xmod}
+          "idefics": _idefics, "xmod": _xmod, "gemma3n_audio": _gemma3n_audio,
+          "vibevoice_acoustic_tokenizer_encoder": _vibevoice_encoder}
 """model_type -> the inputs a user gives (surgery cannot make them from the config): the zoo passes them to the
 analysis as a user would, on every variant."""
 
