@@ -109,7 +109,7 @@ def _samples(config: Any) -> int:
 
 
 def _layouts(name: str, value: torch.Tensor, config: Any) -> list[torch.Tensor]:
-    """Other layouts of the main input, tried after `_main_tensor`'s: mono audio as [batch, 1, samples] (codecs
+    """Other layouts of an input, tried after `_main_tensor`'s: mono audio as [batch, 1, samples] (codecs
     whose first convolution takes one channel), mel features as [batch, mel bins, frames] (convolution first),
     raw audio for an `inputs` that is not token ids (a speech encoder-decoder)."""
     batch = value.shape[0]
