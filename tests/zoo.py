@@ -173,6 +173,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "layoutlmv3": {"hidden_size": 96, "coordinate_size": 16, "shape_size": 16},  # 4 coordinates + 2 sizes = width
     "sam": {"vision_config": {"output_channels": 64, "num_pos_feats": 32}},  # the image embedding's width is the
     "sam_hq": {"vision_config": {"output_channels": 64, "num_pos_feats": 32}},  # mask decoder's; positions half each
+    # the thinkers' rope index reads config.vision_start_token_id on a padded batch, which their configs lack
+    "qwen2_5_omni_thinker": {"vision_start_token_id": 254},
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 254},
     "seggpt": {"image_size": [64, 32]},  # (height, width): a list the generic rule leaves
     "timesfm": {"context_length": 64},  # a whole number of 32-step patches, not 512 or 16384 steps
     "timesfm2_5": {"context_length": 64},
