@@ -690,3 +690,14 @@ def test_inputs_surgery_makes_run_the_model(model_type):
 
     model = zoo.build(model_type)
     zoo.runnable_inputs(model, input_candidates(model))  # raises the first candidate's error where none runs
+
+
+def test_rope_as_a_complex_product_summed_over_pairs_keeps_q_and_k():
+    """PE Audio applies rope as `(q.reshape(..., -1, 1, 2) * freqs).sum(5)`: the walk back from the attention's
+    operands passes the sum to q_proj and k_proj."""
+    import zoo
+
+    facts = analyze(zoo.build("pe_audio_encoder", attn="eager"))
+    assert facts.roles["layers.0.self_attn.q_proj"] == {Q}
+    assert facts.roles["layers.0.self_attn.k_proj"] == {K}
+    assert facts.attention["layers.0.self_attn"].query == "layers.0.self_attn.q_proj"
