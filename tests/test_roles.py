@@ -654,3 +654,50 @@ def test_an_attention_length_that_depends_on_the_data_is_unknown_not_a_crash():
     unbacked = ShapeEnv().create_unbacked_symint()  # a size computed from the data (Mimi's conv strides on a mask)
     assert attention._lengths(unbacked, 3) is None
     assert attention._lengths(4, 3) == (4, 3)
+
+
+def test_inputs_for_video_models_and_patch_grid_vision_towers():
+    """Video frames where the config counts frames (or the input is pixel_values_videos), and flattened patches
+    with their (time, height, width) grid for Qwen2-VL-like vision towers: the inputs surgery makes run them."""
+    from transformers import Qwen2_5_VLConfig, VideoMAEConfig, VideoMAEModel
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    from surgery.analysis.tracing import input_candidates
+
+    video = VideoMAEModel(VideoMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=64, image_size=32, patch_size=16, num_frames=2,
+                                         tubelet_size=2)).eval()
+    facts = analyze(video)
+    assert facts.roles["encoder.layer.0.attention.attention.query"] == {Q}
+    vision = Qwen2_5_VisionTransformerPretrainedModel._from_config(Qwen2_5_VLConfig(vision_config=dict(
+        depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=8,
+        fullatt_block_indexes=[0])).vision_config).eval()
+    args, kwargs = input_candidates(vision)[0]
+    grid = kwargs["grid_thw"]
+    assert grid.tolist() == [[1, 4, 4]] and args[0].shape == (16, 3 * 2 * 8 * 8)  # 4x4 patches, 2 frames each
+    with torch.no_grad():
+        assert vision(*args, **kwargs).last_hidden_state.shape[0] == 16  # a token a patch
+
+
+@pytest.mark.parametrize("model_type", ["omniasr_ctc", "glmasr_encoder", "audioflamingo3_encoder", "blip",
+                                        "patchtst", "timesfm"])
+def test_inputs_surgery_makes_run_the_model(model_type):
+    """Mono audio as [batch, 1, samples], mel bins first, an input_features_mask, token ids beside an image,
+    time series (past_values, their padding and frequency): some candidate surgery makes runs the model."""
+    import zoo
+
+    from surgery.analysis.tracing import input_candidates
+
+    model = zoo.build(model_type)
+    zoo.runnable_inputs(model, input_candidates(model))  # raises the first candidate's error where none runs
+
+
+def test_rope_as_a_complex_product_summed_over_pairs_keeps_q_and_k():
+    """PE Audio applies rope as `(q.reshape(..., -1, 1, 2) * freqs).sum(5)`: the walk back from the attention's
+    operands passes the sum to q_proj and k_proj."""
+    import zoo
+
+    facts = analyze(zoo.build("pe_audio_encoder", attn="eager"))
+    assert facts.roles["layers.0.self_attn.q_proj"] == {Q}
+    assert facts.roles["layers.0.self_attn.k_proj"] == {K}
+    assert facts.attention["layers.0.self_attn"].query == "layers.0.self_attn.q_proj"

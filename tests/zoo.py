@@ -1,7 +1,9 @@
 """An architecture zoo: every transformers architecture that builds from a small config, and a gradient oracle.
 
 `tiny_config(model_type)` shrinks a config class's defaults (widths, depths, heads, experts, image and audio sizes,
-vocabularies where the special token ids allow it), nested configs included. `build(model_type)` picks the
+vocabularies where the special token ids allow it), nested configs included; sizes the config derives from others
+are recomputed from the small ones, multimodal rope sections fitted to the small head, and `OVERRIDES` holds what
+no generic rule gives. Models whose inputs surgery cannot make from the config get a user's inputs from `INPUTS`. `build(model_type)` picks the
 model class (causal LM, seq2seq LM, masked LM, image-text-to-text, else the base model) and builds it with random
 weights. `oracle(model, args, kwargs)` runs the model once for real and says, for every attention computation,
 which output channels of which linear-like module reach its query, key and value operands: each linear-like
@@ -37,24 +39,26 @@ _WIDTH = ("hidden_size", "d_model", "n_embd", "embed_dim", "hidden_dim", "dim", 
           "embedding_size", "d_embed", "n_embed", "projection_dim", "text_embed_dim", "vision_embed_dim",
           "encoder_hidden_size", "decoder_hidden_size", "qformer_hidden_size", "cross_attention_hidden_size",
           "hidden_size_per_head_times_heads", "output_hidden_size", "proj_dim", "projection_size",
-          "classifier_proj_size", "conv_dim_last")
+          "classifier_proj_size", "conv_dim_last", "mit_hidden_size")
 _DEPTH = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers",
           "n_layers", "num_encoder_layers", "decoder_num_layers", "num_text_layers", "num_vision_layers",
           "text_num_layers", "num_blocks")
 _HEADS = ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads", "decoder_attention_heads",
           "n_heads", "decoder_num_attention_heads", "num_attention_heads_text")
 _FFN = ("intermediate_size", "ffn_dim", "d_ff", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_hidden_size",
-        "decoder_intermediate_size", "hidden_act_dim", "mlp_dim", "ff_dim")
+        "decoder_intermediate_size", "hidden_act_dim", "mlp_dim", "ff_dim", "mit_intermediate_size")
 _SMALL = {
     "num_key_value_heads": 2, "head_dim": 16, "d_kv": 16, "d_head": 16, "attention_head_dim": 16,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4, "num_experts_per_tok": 2,
-    "moe_topk": 2, "top_k": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
+    "moe_topk": 2, "top_k": 2, "num_experts_per_token": 2, "moe_k": 2, "num_expert_group": 1,
+    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32,
     "n_shared_experts": 1, "num_shared_experts": 1, "n_group": 1, "topk_group": 1,
     "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
     "first_k_dense_replace": 1, "max_position_embeddings": 128, "max_source_positions": 64,
     "max_target_positions": 64, "n_positions": 128, "n_ctx": 128, "num_mel_bins": 16, "image_size": 64,
-    "rotary_dim": 8,
+    "rotary_dim": 8, "num_frames": 4, "frames_per_clip": 4, "crop_size": 64, "n_window": 4,
+    "num_sparse_encoder_layers": 1, "num_sparse_decoder_layers": 1,
     "patch_size": 8, "num_query_tokens": 4, "image_seq_length": 16, "num_channels": 3, "n_routed_experts_top": 2,
     "sliding_window": 64, "attention_window": 4, "num_buckets": 32, "relative_attention_num_buckets": 8,
     "position_buckets": 16, "max_relative_positions": 16, "conv_dim": 32, "num_conv_pos_embeddings": 16,
@@ -81,9 +85,8 @@ def _shrunk(config: Any) -> dict[str, Any]:
     own = {**config.to_dict(), **vars(config)}  # to_dict has fields kept elsewhere (per_layer_config)
     for name, value in own.items():
         if isinstance(value, PreTrainedConfig):
-            sub = value.to_dict()
-            sub.update(_shrunk(value))
-            values[name] = sub
+            small = _shrunk(value)
+            values[name] = {**value.to_dict(), **small, **_derived(type(value), value, small)}
             continue
         if isinstance(value, bool) or not isinstance(value, int):
             continue
@@ -133,12 +136,19 @@ def _shrunk(config: Any) -> dict[str, Any]:
         vocab = getattr(text, "vocab_size", None) if text is not None else None
         values["image_token_index"] = (values.get("text_config", {}).get("vocab_size") or vocab or 256) - 1
     if "qk_rope_head_dim" in own:  # multi-head latent attention: rope on part of each head
-        if "head_dim" in own:
+        if isinstance(own.get("head_dim"), int) and own.get("qk_rope_head_dim"):  # the rope part as in the full size
+            values["head_dim"] = values["qk_rope_head_dim"] * own["head_dim"] // own["qk_rope_head_dim"]
+        elif "head_dim" in own:
             values["head_dim"] = values["qk_rope_head_dim"]
         if "qk_head_dim" in own:
             values["qk_head_dim"] = values["qk_rope_head_dim"] + values["qk_nope_head_dim"]
     if "mlp_only_layers" in own:
         values["mlp_only_layers"] = []
+    experts = next((values[n] for n in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+                    if isinstance(values.get(n), int)), None)
+    for name in ("num_experts_per_tok", "n_group", "topk_group"):  # unset where the defaults leave routing open
+        if experts and name in own and own[name] is None:
+            values[name] = 2 if name == "num_experts_per_tok" else 1
     return values
 
 
@@ -157,13 +167,100 @@ def _small_dict(value: Any) -> Any:
     return out
 
 
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "mpnet": {"relative_attention_num_buckets": 32},  # the modeling code buckets positions into 32, fixed
+    "udop": {"relative_attention_num_buckets": 32},
+    "layoutlmv3": {"hidden_size": 96, "coordinate_size": 16, "shape_size": 16},  # 4 coordinates + 2 sizes = width
+    "sam": {"vision_config": {"output_channels": 64, "num_pos_feats": 32}},  # the image embedding's width is the
+    "sam_hq": {"vision_config": {"output_channels": 64, "num_pos_feats": 32}},  # mask decoder's; positions half each
+    # the thinkers' rope index reads config.vision_start_token_id on a padded batch, which their configs lack
+    "qwen2_5_omni_thinker": {"vision_start_token_id": 254},
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 254},
+    "seggpt": {"image_size": [64, 32]},  # (height, width): a list the generic rule leaves
+    "timesfm": {"context_length": 64},  # a whole number of 32-step patches, not 512 or 16384 steps
+    "timesfm2_5": {"context_length": 64},
+}
+"""model_type -> config values no generic rule gives (with the reason)."""
+
+
 def tiny_config(model_type: str):
     """The config class's defaults, shrunk; raises on a config that will not take the small values."""
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
-    config = cls()
-    return cls(**{**config.to_dict(), **_shrunk(config)})
+    default = cls()
+    small = _merged(_shrunk(default), OVERRIDES.get(model_type, {}))
+    config = cls(**{**default.to_dict(), **small})
+    derived = _derived(cls, default, small)
+    if derived:
+        config = cls(**{**default.to_dict(), **small, **derived})
+    for sub in _configs(config):
+        _fit_rope_sections(sub)
+    return config
+
+
+def _merged(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`values` with `overrides` put in, nested dicts (sub-configs) merged key by key."""
+    out = dict(values)
+    for name, value in overrides.items():
+        out[name] = _merged(out[name], value) if isinstance(value, dict) and isinstance(out.get(name), dict) \
+            else value
+    return out
+
+
+def _derived(cls: type, default: Any, small: dict[str, Any]) -> dict[str, Any]:
+    """Sizes the config class computes from others when not given (zamba2's attention_hidden_size from
+    hidden_size): passing the defaults back would keep the full-size value beside the small ones."""
+    try:
+        fresh, plain = vars(cls(**small)), vars(cls())
+    except Exception:
+        return {}
+    before = vars(default)  # a nested config's values as its parent sets them: only the class defaults follow
+    return {name: value for name, value in fresh.items() if name not in small and name in before
+            and isinstance(value, int) and not isinstance(value, bool) and value != plain.get(name)
+            and before[name] == plain.get(name)}
+
+
+def _configs(config: Any) -> list:
+    """`config` and every config nested in it."""
+    from transformers import PreTrainedConfig
+
+    out, todo = [], [config]
+    while todo:
+        one = todo.pop()
+        if any(one is seen for seen in out):
+            continue
+        out.append(one)
+        todo += [v for v in vars(one).values() if isinstance(v, PreTrainedConfig)]
+    return out
+
+
+def _modeling_mentions(config: Any, word: str) -> bool:
+    """Whether the modeling file beside `config`'s configuration file mentions `word`."""
+    path = getattr(sys.modules.get(type(config).__module__), "__file__", None) or ""
+    modeling = os.path.join(os.path.dirname(path), os.path.basename(path).replace("configuration_", "modeling_"))
+    if not path or not os.path.exists(modeling):
+        return False
+    with open(modeling) as f:
+        return word in f.read()
+
+
+def _fit_rope_sections(config: Any) -> None:
+    """Multimodal rope (qwen2-vl, glm4v) splits each head's rotary half into (time, height, width) sections that
+    must sum to it; the modeling code's default sections fit the full-size head only, so give ones that fit."""
+    if not _modeling_mentions(config, "mrope_section"):
+        return
+    rope = getattr(config, "rope_parameters", None)
+    heads = getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    if not isinstance(rope, dict) or not head_dim:
+        return
+    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+    half = int(head_dim * factor) // 2
+    weights = rope.get("mrope_section") or [2, 3, 3]
+    sections = [max(1, half * w // sum(weights)) for w in weights]
+    sections[-1] = half - sum(sections[:-1])
+    rope["mrope_section"] = sections
 
 
 _CLASS_MAPPINGS = ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
@@ -467,6 +564,113 @@ class Result:
         return json.dumps(self.__dict__)
 
 
+def _token_ids(model: nn.Module, length: int = 8) -> torch.Tensor:
+    vocab = getattr(model.config, "vocab_size", None) or getattr(getattr(model.config, "text_config", None),
+                                                                  "vocab_size", 256)
+    return (torch.arange(2 * length) % vocab).reshape(2, length)
+
+
+def _kosmos2(model: nn.Module) -> tuple[tuple, dict]:
+    tokens = model.config.latent_query_num
+    ids = _token_ids(model, tokens + 8)
+    positions = torch.zeros(ids.shape, dtype=torch.long)
+    positions[:, 1:1 + tokens] = 1  # where the image's latent queries go
+    return (), {"pixel_values": torch.zeros(2, 3, 64, 64), "input_ids": ids,
+                "image_embeds_position_mask": positions, "attention_mask": torch.ones(ids.shape, dtype=torch.long),
+                "use_cache": False}
+
+
+def _lxmert(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config
+    return (), {"input_ids": _token_ids(model), "visual_feats": torch.randn(2, 4, config.visual_feat_dim),
+                "visual_pos": torch.rand(2, 4, config.visual_pos_dim),
+                "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+
+
+def _qformer(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config
+    return (), {"query_embeds": torch.randn(2, 4, config.hidden_size),  # as BLIP-2 calls it: the queries alone
+                "encoder_hidden_states": torch.randn(2, 5, config.encoder_hidden_size)}
+
+
+def _seggpt(model: nn.Module) -> tuple[tuple, dict]:
+    height, width = model.config.image_size if isinstance(model.config.image_size, (list, tuple)) else \
+        (model.config.image_size, model.config.image_size)
+    image = torch.zeros(2, 3, height // 2, width)  # the prompt's image goes above the input's
+    return (), {"pixel_values": image, "prompt_pixel_values": image, "prompt_masks": image}
+
+
+def _decision_transformer(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config
+    return (), {"states": torch.randn(2, 8, config.state_dim), "actions": torch.randn(2, 8, config.act_dim),
+                "returns_to_go": torch.randn(2, 8, 1), "timesteps": torch.arange(8).repeat(2, 1),
+                "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+
+
+def _siglip2_image(model: nn.Module) -> dict[str, torch.Tensor]:
+    config = getattr(model.config, "vision_config", model.config)
+    side = 4  # 4x4 patches of a native-resolution image, flattened
+    return {"pixel_values": torch.zeros(2, side * side, config.num_channels * config.patch_size ** 2),
+            "pixel_attention_mask": torch.ones(2, side * side, dtype=torch.long),
+            "spatial_shapes": torch.tensor([[side, side]] * 2)}
+
+
+def _siglip2(model: nn.Module) -> tuple[tuple, dict]:
+    return (), {"input_ids": _token_ids(model), **_siglip2_image(model)}
+
+
+def _gemma4_vision(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config
+    side = 4
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    positions = torch.stack([cols.flatten(), rows.flatten()], -1)  # (x, y) of each patch
+    return (), {"pixel_values": torch.rand(2, side * side, 3 * config.patch_size ** 2),
+                "pixel_position_ids": positions.expand(2, -1, -1)}
+
+
+def _pix2struct(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config.vision_config
+    patches = torch.rand(2, 16, config.patch_embed_hidden_size + 2)
+    patches[..., 0] = torch.arange(16).div(4, rounding_mode="floor") + 1  # row, column (1-based) and the pixels
+    patches[..., 1] = torch.arange(16) % 4 + 1
+    return (), {"flattened_patches": patches, "attention_mask": torch.ones(2, 16, dtype=torch.long),
+                "decoder_input_ids": _token_ids(model, 5), "use_cache": False}
+
+
+def _idefics(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config
+    ids = _token_ids(model)
+    return (), {"input_ids": ids, "pixel_values": torch.zeros(2, 1, 3, config.vision_config.image_size,
+                                                               config.vision_config.image_size),
+                "image_attention_mask": torch.ones(2, 8, 1, dtype=torch.long),
+                "attention_mask": torch.ones(ids.shape, dtype=torch.long), "use_cache": False}
+
+
+def _xmod(model: nn.Module) -> tuple[tuple, dict]:
+    model.set_default_language(model.config.languages[0])  # X-MOD asks its user for the input language first
+    return (), {"input_ids": _token_ids(model), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+                "use_cache": False}
+
+
+def _gemma3n_audio(model: nn.Module) -> tuple[tuple, dict]:
+    frames = 32
+    return (), {"audio_mel": torch.randn(2, frames, model.config.input_feat_size),
+                "audio_mel_mask": torch.zeros(2, frames, dtype=torch.bool)}  # True marks padding
+
+
+def _vibevoice_encoder(model: nn.Module) -> tuple[tuple, dict]:
+    return (), {"hidden_states": torch.randn(2, 1, 3200)}  # mono audio
+
+
+INPUTS = {"kosmos-2": _kosmos2, "lxmert": _lxmert, "blip_2_qformer": _qformer, "seggpt": _seggpt,
+          "decision_transformer": _decision_transformer, "siglip2": _siglip2, "gemma4_vision": _gemma4_vision,
+          "siglip2_vision_model": lambda model: ((), _siglip2_image(model)), "pix2struct": _pix2struct,
+          "idefics": _idefics, "xmod": _xmod, "gemma3n_audio": _gemma3n_audio,
+          "vibevoice_acoustic_tokenizer_encoder": _vibevoice_encoder}
+"""model_type -> the inputs a user gives (surgery cannot make them from the config): the zoo passes them to the
+analysis as a user would, on every variant."""
+
+
 def check(model_type: str, variants=("sdpa", "eager", "sdpa+mask", "eager+mask")) -> list[Result]:
     """Build `model_type` once, then per variant: surgery's facts against the oracle."""
     from surgery.analysis import facts as facts_module
@@ -484,7 +688,7 @@ def check(model_type: str, variants=("sdpa", "eager", "sdpa+mask", "eager+mask")
             results.append(Result(model_type, variant, "skip", f"{attn} not supported"))
             continue
         try:
-            candidates = input_candidates(model)
+            candidates = [INPUTS[model_type](model)] if model_type in INPUTS else input_candidates(model)
         except Exception as exc:
             results.append(Result(model_type, variant, "error", "inputs: " + _why(exc)))
             continue
@@ -502,7 +706,7 @@ def check(model_type: str, variants=("sdpa", "eager", "sdpa+mask", "eager+mask")
         start = time.perf_counter()
         try:
             facts_module._CACHE.clear()  # surgery's own inputs unless the variant brings a mask; timed as inspect
-            given = (None, None) if not mask else (args, kwargs)
+            given = (None, None) if not mask and model_type not in INPUTS else (args, kwargs)
             sites_of(model, *given)
             facts = facts_module.analyze(model, *given)  # from the cache
         except Exception as exc:

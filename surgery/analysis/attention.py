@@ -47,9 +47,10 @@ _PROB_OPS = frozenset({"to", "_to_copy", "dropout", "type_as", "contiguous", "cl
                        "add", "sub", "detach", "scatter", "transpose", "permute", "masked_fill_", "mul_", "div_"})
 """Ops between the softmax and the product with v: dropout, casts, renormalisation, hard assignment
 (GroupViT's straight-through one-hot: y_hard - y_soft.detach() + y_soft)."""
-_POOL_OPS = frozenset({"max", "amax", "mean", "avg_pool1d", "avg_pool2d", "max_pool1d", "max_pool2d",
+_POOL_OPS = frozenset({"max", "amax", "mean", "sum", "avg_pool1d", "avg_pool2d", "max_pool1d", "max_pool2d",
                        "adaptive_avg_pool1d", "adaptive_avg_pool2d"})
-"""Token pooling a query may pass after its projection (Hiera's query pooling): channels are kept."""
+"""Token pooling a query may pass after its projection (Hiera's query pooling), and rope as a complex product
+summed over each pair (PE Audio's `(q * freqs).sum(5)`): channels are kept."""
 _QK_MATMULS = frozenset({"matmul", "bmm", "baddbmm", "einsum"})
 _SOFTMAX = frozenset({"softmax", "_softmax", "_safe_softmax"})
 

@@ -68,7 +68,9 @@ def _config_value(config: Any, names: tuple[str, ...], default: Any = None) -> A
         value = getattr(config, name, None)
         if value is not None:
             return value
-    for attr in ("vision_config", "audio_config", "encoder_config", "encoder", "speech_config", "text_config"):
+    known = ("vision_config", "audio_config", "encoder_config", "encoder", "speech_config", "text_config")
+    others = sorted(n for n in vars(config) if n.endswith("_config") and n not in known)  # semantic_model_config
+    for attr in (*known, *others):
         sub = getattr(config, attr, None)
         if sub is not None and sub is not config and hasattr(sub, "to_dict"):
             value = _config_value(sub, names, None)
@@ -78,13 +80,47 @@ def _config_value(config: Any, names: tuple[str, ...], default: Any = None) -> A
 
 
 def _image_hw(config: Any) -> tuple[int, int]:
-    size = _config_value(config, ("image_size", "vision_image_size", "input_size", "img_size"), 224)
+    size = _config_value(config, ("image_size", "vision_image_size", "input_size", "img_size", "crop_size"), 224)
     if isinstance(size, dict):
         size = (size.get("height", size.get("shortest_edge", 224)), size.get("width", size.get("shortest_edge", 224)))
     if isinstance(size, (list, tuple)):
         size = tuple(int(s) for s in size[-2:]) if len(size) >= 2 else (int(size[0]), int(size[0]))
         return size  # type: ignore[return-value]
     return int(size), int(size)
+
+
+def _first_int(value: Any, default: int) -> int:
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _video(config: Any, batch: int, device: torch.device) -> torch.Tensor:
+    """Video frames [batch, frames, channels, height, width] of the config's frame count and image size."""
+    frames = _first_int(_config_value(config, ("num_frames", "frames_per_clip"), 8), 8)
+    channels = int(_config_value(config, ("num_channels", "in_channels", "num_input_channels"), 3))
+    return torch.zeros(batch, frames, channels, *_image_hw(config), device=device)
+
+
+def _samples(config: Any) -> int:
+    """About 4000 audio samples, a whole number of the config's frames (hop length, samples per token)."""
+    hop = _first_int(_config_value(config, ("hop_length", "samples_per_token"), 1), 1)
+    return -(-4000 // hop) * hop
+
+
+def _layouts(name: str, value: torch.Tensor, config: Any) -> list[torch.Tensor]:
+    """Other layouts of an input, tried after `_main_tensor`'s: mono audio as [batch, 1, samples] (codecs
+    whose first convolution takes one channel), mel features as [batch, mel bins, frames] (convolution first),
+    raw audio for an `inputs` that is not token ids (a speech encoder-decoder)."""
+    batch = value.shape[0]
+    if name == "input_values" and value.dim() == 2:
+        return [value[:, None]]
+    mels = _config_value(config, ("num_mel_bins",), None)
+    if name == "input_features" and value.dim() == 3 and isinstance(mels, int) and value.shape[1] != mels:
+        return [torch.zeros(batch, mels, value.shape[1], device=value.device)]
+    if name == "inputs" and not value.is_floating_point():
+        return [torch.zeros(batch, _samples(config), device=value.device)]
+    return []
 
 
 def _main_tensor(name: str, model: nn.Module, batch: int, seq: int, device: torch.device) -> torch.Tensor | None:
@@ -97,12 +133,15 @@ def _main_tensor(name: str, model: nn.Module, batch: int, seq: int, device: torc
     if name in ("pixel_values", "images", "image"):
         channels = int(_config_value(config, ("num_channels", "in_channels", "num_input_channels"), 3))
         return torch.zeros(batch, channels, *_image_hw(config), device=device)
+    if name == "pixel_values_videos":
+        return _video(config, batch, device)
     if name == "input_features":
         mels = _config_value(config, ("num_mel_bins",), None)
         positions = _config_value(config, ("max_source_positions",), None)
         if mels is not None and positions is not None:  # whisper-like: [batch, mel bins, 2 x positions]
             return torch.zeros(batch, int(mels), 2 * int(positions), device=device)
-        per_channel = _config_value(config, ("input_feat_per_channel", "feature_size", "num_mel_bins"), 80)
+        per_channel = _config_value(config, ("input_feat_per_channel", "feature_projection_input_dim",
+                                             "feature_size", "num_mel_bins"), 80)
         channels = int(_config_value(config, ("input_channels",), 1))
         return torch.zeros(batch, 4 * seq, int(per_channel) * channels, device=device)
     if name == "input_values":
@@ -111,21 +150,80 @@ def _main_tensor(name: str, model: nn.Module, batch: int, seq: int, device: torc
             return torch.zeros(batch, frames, mels, device=device)
         channels = _config_value(config, ("audio_channels",), None)
         if isinstance(channels, int):  # an audio codec: [batch, channels, samples]
-            return torch.zeros(batch, channels, 4000, device=device)
-        return torch.zeros(batch, 4000, device=device)
+            return torch.zeros(batch, channels, _samples(config), device=device)
+        return torch.zeros(batch, _samples(config), device=device)
+    if name in ("past_values", "past_values_padding"):  # time series: [batch, context, channels] or [batch, context]
+        length = _first_int(_config_value(config, ("context_length",), 64), 64)
+        channels = _config_value(config, ("num_input_channels",), None)
+        return torch.zeros(batch, length, *([channels] if isinstance(channels, int) else []), device=device)
+    if name == "freq":  # TimesFM: a frequency class per series
+        return torch.zeros(batch, 1, dtype=torch.long, device=device)
     if name == "bbox":  # layout models: a box per token
         return torch.zeros(batch, seq, 4, dtype=torch.long, device=device)
     return None
+
+
+def _grid_input(params: Any) -> tuple[str, str] | None:
+    """(patches, grid) input names of a vision tower that requires a `grid_thw` beside flattened patches."""
+    grid = next((n for n, p in params.items() if n.endswith("grid_thw") and p.default is inspect.Parameter.empty),
+                None)
+    patches = next((n for n in ("hidden_states", "pixel_values") if n in params), None)
+    return (patches, grid) if grid and patches else None
+
+
+def main_input(model: nn.Module) -> str:
+    """The forward argument surgery builds first: the model's `main_input_name` where the forward takes it, else
+    the first known input it takes (a grid-taking vision tower's patches)."""
+    params = inspect.signature(model.forward).parameters
+    grid = _grid_input(params)
+    if grid:
+        return grid[0]
+    main = getattr(model, "main_input_name", "input_ids") or "input_ids"
+    if main not in params:
+        main = next((n for n in ("input_ids", "pixel_values", "input_features", "input_values") if n in params),
+                    main)
+    return main
+
+
+def _patch_grids(model: nn.Module, params: Any, device: torch.device) -> list[dict[str, Any]]:
+    """Vision towers that take flattened patches and their (time, height, width) grid (Qwen2-VL's and its kin):
+    one image of 4x4 patches (2x2 merged tokens at merge size 2) in each layout such towers read:
+    [patches, channels*time*patch*patch], [patches, channels, time, patch, patch] and, where time is 1,
+    [patches, channels, patch, patch]. [] for any other model."""
+    names = _grid_input(params)
+    if names is None:
+        return []
+    patches, grid_name = names
+    config = model.config
+    channels = _first_int(_config_value(config, ("in_channels", "num_channels"), 3), 3)
+    frames = _first_int(_config_value(config, ("temporal_patch_size", "patch_temporal"), 1), 1)
+    patch = _first_int(_config_value(config, ("patch_size",), 14), 14)
+    merge = _first_int(_config_value(config, ("spatial_merge_size", "merge_size", "merge_kernel_size"), 2), 2)
+    side = 2 * merge
+    shapes = [(channels * frames * patch * patch,), (channels, frames, patch, patch)] + \
+        ([(channels, patch, patch)] if frames == 1 else [])
+    grid = torch.tensor([[1, side, side]], device=device)
+    out = []
+    for shape in shapes:
+        extra = {patches: torch.zeros(side * side, *shape, device=device), grid_name: grid}
+        if "merge_sizes" in params:
+            extra["merge_sizes"] = torch.tensor([merge], device=device)
+        out.append(extra)
+    return out
 
 
 def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tuple[tuple, dict]]:
     """Example inputs to try, best first, for a transformers PreTrainedModel, on the model's device (meta ok).
 
     The main input from `main_input_name` (token ids, pixel values of the config's image size, audio features or
-    samples), every required forward argument it can make, decoder ids for encoder-decoders, token_type_ids for
-    encoder-only models, pixel values beside token ids for multimodal models (first with, then without),
-    `use_cache=False` wherever the forward takes it by name or through **kwargs (then without), an all-ones
-    attention_mask as a fallback. Raises TypeError for any other module: give it example args/kwargs yourself.
+    samples, time series), every required forward argument it can make, decoder ids for encoder-decoders,
+    token_type_ids for encoder-only models, pixel values beside token ids for multimodal models (first with, then
+    without), flattened patches with their grid for vision towers that take a `grid_thw` (Qwen2-VL's), video frames
+    for `pixel_values_videos` and, after images, for `pixel_values` where the config has `num_frames`, other layouts
+    of audio inputs after the first (`_layouts`) and an all-ones `input_features_mask` where the forward takes one,
+    token ids beside an image main input where the forward takes them (then without), `use_cache=False` wherever the
+    forward takes it by name or through **kwargs (then without), an all-ones attention_mask as a fallback. Raises
+    TypeError for any other module: give it example args/kwargs yourself.
     """
     try:
         from transformers import PreTrainedModel
@@ -138,17 +236,18 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
     device = model_device(model)
     params = inspect.signature(model.forward).parameters
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    main = getattr(model, "main_input_name", "input_ids") or "input_ids"
-    if main not in params:
-        main = next((n for n in ("input_ids", "pixel_values", "input_features", "input_values") if n in params),
-                    main)
+    main = main_input(model)
     required = [n for n, p in params.items() if p.default is inspect.Parameter.empty
                 and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+    grids = _patch_grids(model, params, device)
     base: dict[str, Any] = {}
     for name in dict.fromkeys([main, *required]):
-        value = _main_tensor(name, model, batch, seq, device)
+        value = _main_tensor(name, model, batch, seq, device) if not grids else None
         if value is not None:
             base[name] = value
+    ids_added = main == "pixel_values" and "input_ids" in params and "input_ids" not in base
+    if ids_added:  # an image-to-text model (BLIP, Kosmos-2): token ids beside the image, then the image alone
+        base["input_ids"] = _main_tensor("input_ids", model, batch, seq, device)
     text = "input_ids" in base or "inputs" in base
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         base["decoder_input_ids"] = _main_tensor("decoder_input_ids", model, batch, seq, device)
@@ -156,7 +255,7 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
         base["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long, device=device)
     if text and "bbox" in params and "bbox" not in base:  # layout models (BROS needs the boxes)
         base["bbox"] = _main_tensor("bbox", model, batch, seq, device)
-    extras: list[dict[str, Any]] = [{}]
+    extras: list[dict[str, Any]] = grids or [{}]
     if text and "pixel_values" in params and "pixel_values" not in base \
             and _config_value(config, ("image_size",), None) is not None:
         extras = [{"pixel_values": _main_tensor("pixel_values", model, batch, seq, device)}, {}]
@@ -174,6 +273,11 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
                 base[key] = with_images
             else:
                 extras = [{**extras[0], key: with_images}, *extras]
+    for name, value in list(base.items()):
+        extras += [{**e, name: other} for other in _layouts(name, value, config) for e in extras]
+    if isinstance(_config_value(config, ("num_frames",), None), int):  # video models: frames after images
+        video = {"pixel_values": _video(config, batch, device)}
+        extras = [x for e in extras for x in ([e, {**e, **video}] if "pixel_values" in {**base, **e} else [e])]
     if main == "input_ids" and "input_ids" not in base:
         base["input_ids"] = _main_tensor("input_ids", model, batch, seq, device)
     cache = [{"use_cache": False}, {}] if "use_cache" in params or var_kw else [{}]
@@ -192,9 +296,25 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
                     if decoder is not None and "decoder_attention_mask" in params:
                         kwargs["decoder_attention_mask"] = torch.ones(decoder.shape, dtype=torch.long,
                                                                       device=device)
-                args = (kwargs.pop(main),) if main in kwargs and main == first_param else ()
-                out.append((args, kwargs))
+                for full in _with_feature_masks(kwargs, params, device):
+                    args = (full.pop(main),) if main in full and main == first_param else ()
+                    out.append((args, full))
+    if ids_added:
+        out += [(args, {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")})
+                for args, kwargs in out]
     return out
+
+
+def _with_feature_masks(kwargs: dict[str, Any], params: Any, device: torch.device) -> list[dict[str, Any]]:
+    """`kwargs` with an all-ones `input_features_mask` where the forward takes one (audio encoders that count
+    the frames from it), over the frames on axis 1, then on the last axis; then `kwargs` as it is."""
+    features = kwargs.get("input_features")
+    if "input_features_mask" not in params or "input_features_mask" in kwargs or not isinstance(
+            features, torch.Tensor) or features.dim() < 3:
+        return [kwargs]
+    lengths = dict.fromkeys([features.shape[1], features.shape[-1]])
+    ones = [torch.ones(features.shape[0], n, dtype=torch.long, device=device) for n in lengths]
+    return [{**kwargs, "input_features_mask": mask} for mask in ones] + [dict(kwargs)]
 
 
 def example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> tuple[tuple, dict]:
@@ -418,7 +538,7 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
                     break
         if program is None:
             params = names
-            main = getattr(model, "main_input_name", None)
+            main = main_input(model)
             branched = any("data-dependent" in e or "GuardOnDataDependent" in e for e in errors)
             hint = (" The trace stopped on a data-dependent branch of the model's own code (a value of an input "
                     f"decides the control flow){_branch_advice(model)}, e.g. surgery.inspect(model, kwargs={{...}})."
