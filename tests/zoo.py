@@ -291,6 +291,9 @@ class _Catch(TorchFunctionMode):
         tensors = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, torch.Tensor)]
         if func in _MATMULS:
             operands = [t for t in tensors if t.dim() >= 2]
+            weight = next((t for t in operands if self._weight(t) is not None), None)
+            if weight is not None and isinstance(out, torch.Tensor):  # a projection by a parameter (xlnet's einsum)
+                return self._cut_by(weight, out)
             if func in (torch.baddbmm, torch.Tensor.baddbmm):
                 operands = operands[1:]
             prob = next((self.probs[id(t)] for t in operands if id(t) in self.probs), None)
@@ -320,12 +323,28 @@ class _Catch(TorchFunctionMode):
         """F.linear by (a row slice of) a weight a module reads itself (nn.MultiheadAttention's in_proj_weight,
         out_proj.weight): its output is cut like a linear module's, with the slice's first channel."""
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
-        found = self.weights.get(weight.untyped_storage().data_ptr()) if isinstance(weight, torch.Tensor) else None
+        return self._cut_by(weight, out)
+
+    def _weight(self, tensor: Any) -> tuple[str, torch.Tensor] | None:
+        return self.weights.get(tensor.untyped_storage().data_ptr()) if isinstance(tensor, torch.Tensor) else None
+
+    def _cut_by(self, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Cut `out`, a product by (a view of) a registered parameter; credited from the output channel the view
+        starts at: a row of a 2-D weight (nn.MultiheadAttention's q/k/v thirds of in_proj_weight), a row within one
+        expert of stacked experts [experts, out, in] (JetMoE's F.linear on `weight[i]`), else 0."""
+        found = self._weight(weight)
         if found is None or not out.is_floating_point():
             return out
         path, param = found
+        offset = weight.storage_offset() - param.storage_offset()
+        if param.dim() == 2:
+            first = offset // param.stride(0)
+        elif param.dim() == 3 and weight.dim() == 2 and weight.shape == param.shape[1:]:
+            first = offset % param.stride(0) // param.stride(1)
+        else:
+            first = 0
         leaf = out.detach().requires_grad_(True)
-        self.cuts.append((path, leaf, (weight.storage_offset() - param.storage_offset()) // param.stride(0)))
+        self.cuts.append((path, leaf, first))
         return leaf.clone()
 
     def _track(self, table: dict, tensor: torch.Tensor, qk: tuple) -> None:
@@ -381,6 +400,10 @@ def oracle(model: nn.Module, args: tuple, kwargs: dict) -> Seen:
         if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
             for pname, param in (("in_proj_weight", module.in_proj_weight), ("out_proj.weight", module.out_proj.weight)):
                 weights[param.untyped_storage().data_ptr()] = (f"{name}.{pname}", param)
+        elif not _linear_like(module):  # 3-D parameters read by a product: stacked experts, einsum projections
+            for pname, param in module.named_parameters(recurse=False):
+                if param.dim() == 3:
+                    weights.setdefault(param.untyped_storage().data_ptr(), (f"{name}.{pname}", param))
     catch = _Catch(weights)
     functional = torch.nn.functional
     dispatches = functional.has_torch_function  # F.multi_head_attention_forward would reach the mode as one call
@@ -429,7 +452,8 @@ def surgery_view(facts) -> dict[tuple[str, str], frozenset[int]]:
             ranges = facts.slices.get(path, {}).get(role)
             if ranges is None:
                 lin = facts.linears.get(path)
-                width = lin.out_features if lin is not None else getattr(facts, "experts", {}).get(path, 0)
+                expert = getattr(facts, "experts", {}).get(path)
+                width = lin.out_features if lin is not None else expert.out_features if expert is not None else 0
                 ranges = ((0, width),)
             out[path, role] = frozenset(c for a, b in ranges for c in range(a, b))
     return out

@@ -116,13 +116,13 @@ def read_facts(trace: AnalysisTrace) -> GraphFacts:
     slices: dict[str, dict[str, Slices]] = {}
     attention: dict[str, AttentionInfo] = {}
     memo: dict[fx.Node, Any] = {}
+    experts = expert_sites(index)
     for op in attention_ops(index):
-        reading = read_attention(op, index, linears, norms, memo)
+        reading = read_attention(op, index, linears, norms, memo, experts)
         attention.setdefault(reading.owner, reading.info)
         _merge(roles, slices, reading.roles, reading.slices)
     pooling = frozenset(poolers(index, linears, norms))
     attending = frozenset(p for p, r in roles.items() if any(x.startswith("attention.") for x in r))
-    experts = expert_sites(index)
     for site in [*linears.values(), *experts.values()]:  # a pooler or an attention projection is never MLP
         mlp = read_mlp(site, index, linears, norms, exclude=pooling | attending, experts=experts)
         if mlp is not None:
