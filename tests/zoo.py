@@ -273,6 +273,7 @@ class _Catch(TorchFunctionMode):
     def __init__(self, weights: dict[int, tuple[str, torch.Tensor]] | None = None) -> None:
         super().__init__()
         self.weights = weights or {}  # storage pointer -> (path, parameter) of weights a module reads itself
+        self.running: set[str] = set()  # linear-like modules inside their own forward (cut there by their hook)
         self.cuts: list[tuple[str, torch.Tensor, int]] = []  # (parameter path, cut output, first channel)
         self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.scores: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # id(t) -> (q, k, t)
@@ -333,7 +334,7 @@ class _Catch(TorchFunctionMode):
         starts at: a row of a 2-D weight (nn.MultiheadAttention's q/k/v thirds of in_proj_weight), a row within one
         expert of stacked experts [experts, out, in] (JetMoE's F.linear on `weight[i]`), else 0."""
         found = self._weight(weight)
-        if found is None or not out.is_floating_point():
+        if found is None or not out.is_floating_point() or found[0] in self.running:
             return out
         path, param = found
         offset = weight.storage_offset() - param.storage_offset()
@@ -392,14 +393,25 @@ def oracle(model: nn.Module, args: tuple, kwargs: dict) -> Seen:
         paths.append((names[id(module)], leaf))
         return leaf.clone()  # the model may write into its projections' outputs in place (falcon)
 
+    def entered(module, _inputs):
+        catch.running.add(names[id(module)])
+
+    def left(module, _inputs, _output):
+        catch.running.discard(names[id(module)])
+
     for name, module in model.named_modules():
         if _linear_like(module):
+            handles.append(module.register_forward_pre_hook(entered))
             handles.append(module.register_forward_hook(cut))
+            handles.append(module.register_forward_hook(left))
     weights = {}  # nn.MultiheadAttention reads its projections' weights itself: cut its F.linear calls on them
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
             for pname, param in (("in_proj_weight", module.in_proj_weight), ("out_proj.weight", module.out_proj.weight)):
                 weights[param.untyped_storage().data_ptr()] = (f"{name}.{pname}", param)
+        elif _linear_like(module) and isinstance(getattr(module, "weight", None), nn.Parameter):
+            # a linear's weight read by another module (WavLM passes q_proj.weight to F.multi_head_attention_forward)
+            weights.setdefault(module.weight.untyped_storage().data_ptr(), (name, module.weight))
         elif not _linear_like(module):  # 3-D parameters read by a product: stacked experts, einsum projections
             for pname, param in module.named_parameters(recurse=False):
                 if param.dim() == 3:
