@@ -235,20 +235,3 @@ def test_one_test_of_data_dependent_text(text, expected):
 
     assert data_dependent_text(text) is expected
     assert data_dependent(RuntimeError(text)) is expected
-
-
-def test_jetmoe_query_experts_are_the_query_projection():
-    """JetMoE's mixture of attention heads computes the query with stacked expert weights (F.linear on
-    `weight[i]`, the routed outputs put back in order with index_add): that parameter is the query projection,
-    as the oracle (cutting products by 3-D parameters) sees it."""
-    from transformers import JetMoeConfig, JetMoeForCausalLM
-
-    config = JetMoeConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
-                          num_key_value_heads=2, kv_channels=16, num_local_experts=4, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    model = JetMoeForCausalLM(config).eval()
-    facts = analyze(model)
-    attn = "model.layers.0.self_attention"
-    assert facts.roles[f"{attn}.experts.input_linear.weight"] == {"attention.query"}
-    ids = torch.arange(16).reshape(2, 8)
-    assert zoo.compare(facts, zoo.oracle(model, (ids,), {})) == ("agree", "")

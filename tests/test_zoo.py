@@ -27,18 +27,24 @@ SUBSET = [
 """Chosen for coverage of the readings; the whole zoo is behind SURGERY_ZOO=1."""
 
 KNOWN: dict[str, str] = {
-    "deepseek_v4": "compressed attention: the compressor's kv_proj gets k/v roles (it feeds them once a compression "
-                   "window fills; at 8 tokens the oracle sees nothing) and its softmax pooling gate, which weights "
-                   "the pooled keys, gets none",
-    "jetmoe": "mixture of attention heads: queries come from stacked expert weights (an experts site, which the "
-              "oracle cannot cut) mixed by a router, so the oracle credits the routers with the query",
-    "inkling2_text": "k and v pass a short convolution whose weights a linear (sconv.weight_proj) computes from the "
-                     "input: the oracle credits that linear, surgery reads the k/v projections only",
+    "deepseek_v4": "compressed attention: the compressor's gate_proj gives the softmax weights each window of "
+                   "keys/values is pooled with; its output reaches k and v multiplicatively, so the oracle credits "
+                   "it, while surgery reads the projections that carry k/v (kv_proj), not their gates. And at 8 "
+                   "tokens the heavily compressed layer (windows of 128) closes no window: the oracle sees its "
+                   "compressor.kv_proj reach nothing, surgery reads k/v for it through the empty window (what it "
+                   "feeds from 128 tokens on, where both agree)",
+    "inkling2_text": "k and v pass a short convolution whose per-token taps a linear (sconv.weight_proj) computes from "
+                     "the input: its output reaches k/v multiplicatively, so the oracle credits it; surgery reads "
+                     "the k/v projections (the linears whose output the convolution filters), not the taps' source",
     "inkling2_loop_text": "as inkling2_text: a dynamic short convolution on k and v",
-    "xlnet": "q, k, v are einsums with 3-D parameters of the attention module itself: no projection module exists, "
-             "so surgery reads none and the oracle credits the previous layer's feed-forward output",
-    "wavlm": "F.multi_head_attention_forward with the projections' weights passed in: q/k/v modules are never "
-             "called (no site a forward-wrapping method could use) and the oracle sees no attention call",
+    "xlnet": "q, k, v are einsums with 3-D parameters of the attention module (rel_attn.q/k/v, [d_model, heads, "
+             "d_head]): the oracle credits those parameters; surgery has no site kind for an einsum projection "
+             "by a 3-D parameter (its parameter sites are stacked experts and nn.MultiheadAttention's weights), so "
+             "it reads no q/k/v",
+    "wavlm": "F.multi_head_attention_forward with the projections' weights passed in: the oracle credits q_proj, "
+             "k_proj, v_proj (F.linear on their weights); surgery reads none, since those modules are never called "
+             "(a module site would adapt nothing) and it has no parameter site for them (it has for "
+             "nn.MultiheadAttention's own weights)",
 }
 """model_type -> why surgery's reading differs from the oracle's (or cannot be made) on it."""
 

@@ -51,6 +51,20 @@ _PROB_OPS = frozenset({"to", "_to_copy", "dropout", "type_as", "contiguous", "cl
 _POOL_OPS = frozenset({"max", "amax", "mean", "avg_pool1d", "avg_pool2d", "max_pool1d", "max_pool2d",
                        "adaptive_avg_pool1d", "adaptive_avg_pool2d"})
 """Token pooling a query may pass after its projection (Hiera's query pooling): channels are kept."""
+
+
+def _token_sum(node: fx.Node) -> bool:
+    """A sum over dimensions other than the last (the channels): tokens pooled, channels kept (DeepSeek V4's
+    compressor: keys and values summed over a window, weighted by a softmax gate)."""
+    if op_name(node) != "sum" or len(node.args) < 2:
+        return False
+    dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+    val = tensor_val(node.args[0])
+    if val is None or not dims or not all(isinstance(d, int) for d in dims):
+        return False
+    return all(d % val.dim() != val.dim() - 1 for d in dims)
+
+
 _QK_MATMULS = frozenset({"matmul", "bmm", "baddbmm", "einsum"})
 _SOFTMAX = frozenset({"softmax", "_softmax", "_safe_softmax"})
 
@@ -256,7 +270,7 @@ def linears_behind(start: fx.Node, scope: str, index: GraphIndex, linears: dict[
             continue
         if op_name(node) not in WALK_OPS | _POOL_OPS | through | {"new_empty", "new_zeros", "empty_like",
                                                                   "zeros_like"} \
-                and owner not in norms:
+                and owner not in norms and not _token_sum(node):
             continue
         inputs = list(node.all_input_nodes)
         for write in alias_writes(node):  # data written in place into the tensor or a view of it
