@@ -41,10 +41,6 @@ KNOWN: dict[str, str] = {
              "d_head]): the oracle credits those parameters; surgery has no site kind for an einsum projection "
              "by a 3-D parameter (its parameter sites are stacked experts and nn.MultiheadAttention's weights), so "
              "it reads no q/k/v",
-    "wavlm": "F.multi_head_attention_forward with the projections' weights passed in: the oracle credits q_proj, "
-             "k_proj, v_proj (F.linear on their weights); surgery reads none, since those modules are never called "
-             "(a module site would adapt nothing) and it has no parameter site for them (it has for "
-             "nn.MultiheadAttention's own weights)",
 }
 """model_type -> why surgery's reading differs from the oracle's (or cannot be made) on it."""
 

@@ -69,15 +69,41 @@ def test_the_oracle_credits_xlnet_s_einsum_projections():
     assert seen[f"{layer}.q", "attention.query"] == frozenset(range(model.config.d_head))
 
 
-def test_the_oracle_sees_wavlm_s_functional_attention():
+def test_wavlm_s_functional_attention_reads_and_adapts_the_projections_weights():
     """WavLM passes its q/k/v/out projections' weights to F.multi_head_attention_forward (the modules are never
-    called): the oracle lets that functional run op by op and cuts its F.linear calls on those weights."""
+    called). The oracle lets that functional run op by op and cuts its F.linear calls on those weights; surgery
+    traces it through modules called in its place and names the weights (sites of kind `weight`): the two agree,
+    and LoRA on them changes the output exactly as the weight-space formula says."""
+    import copy
+
+    import surgery
+
     model = zoo.build("wavlm", attn="eager")
-    inputs = torch.zeros(2, 4000)
+    inputs = torch.randn(2, 4000, generator=torch.Generator().manual_seed(0))
     seen = zoo.oracle(model, (inputs,), {})
     assert len(seen.calls) == model.config.num_hidden_layers
     attn = "encoder.layers.0.attention"
     width = model.config.hidden_size
     assert {k: len(v) for k, v in seen.union().items() if k[0].startswith(attn)} == {
-        (f"{attn}.q_proj", "attention.query"): width, (f"{attn}.k_proj", "attention.key"): width,
-        (f"{attn}.v_proj", "attention.value"): width}
+        (f"{attn}.q_proj.weight", "attention.query"): width, (f"{attn}.k_proj.weight", "attention.key"): width,
+        (f"{attn}.v_proj.weight", "attention.value"): width}
+    facts = analyze(model, (inputs,))
+    assert zoo.compare(facts, seen) == ("agree", "")
+    assert facts.roles[f"{attn}.out_proj.weight"] == {"attention.output"}
+    kinds = {s.path: s.kind for s in surgery.inspect(model, args=(inputs,)).sites}
+    assert kinds[f"{attn}.q_proj.weight"] == "weight"
+
+    reference = copy.deepcopy(model)
+    base = model(inputs).last_hidden_state
+    attachment = surgery.attach(model, "lora-qv", args=(inputs,))
+    assert sorted(attachment.branches) == [f"encoder.layers.{i}.attention.{p}_proj.weight"
+                                           for i in range(2) for p in "qv"]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for site, branch in attachment.branches.items():
+            for p in branch.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            reference.get_parameter(site).add_(branch.scale * (branch.lora_B @ branch.lora_A))
+    out = model(inputs).last_hidden_state
+    assert (out - base).abs().max() > 1e-2  # the adapters act
+    torch.testing.assert_close(out, reference(inputs).last_hidden_state, rtol=1e-5, atol=1e-5)

@@ -411,7 +411,7 @@ def oracle(model: nn.Module, args: tuple, kwargs: dict) -> Seen:
                 weights[param.untyped_storage().data_ptr()] = (f"{name}.{pname}", param)
         elif _linear_like(module) and isinstance(getattr(module, "weight", None), nn.Parameter):
             # a linear's weight read by another module (WavLM passes q_proj.weight to F.multi_head_attention_forward)
-            weights.setdefault(module.weight.untyped_storage().data_ptr(), (name, module.weight))
+            weights.setdefault(module.weight.untyped_storage().data_ptr(), (f"{name}.weight", module.weight))
         elif not _linear_like(module):  # 3-D parameters read by a product: stacked experts, einsum projections
             for pname, param in module.named_parameters(recurse=False):
                 if param.dim() == 3:

@@ -26,7 +26,7 @@ from surgery.analysis.dataflow import (
 )
 from surgery.analysis.depth import Reduction, reduced_depth, sharing, structure
 from surgery.analysis.heads import lm_heads, poolers, task_heads, token_embeddings
-from surgery.analysis.mha import mha_stand_ins, parameter_paths, renamed
+from surgery.analysis.mha import functional_mha, mha_stand_ins, parameter_paths, renamed, weight_paths
 from surgery.analysis.mlp import read_mlp, routers
 from surgery.analysis.probes import Slices
 from surgery.analysis.tracing import AnalysisTrace, canonical_names, export_for_analysis
@@ -242,16 +242,18 @@ def _analyze_uncached(model: nn.Module, args: tuple | None, kwargs: dict | None)
     reduction = Reduction({})
     failed = None
     try:
-        with reduced_depth(model) as reduction, mha_stand_ins(model) as mha:
+        with reduced_depth(model) as reduction, mha_stand_ins(model) as mha, functional_mha(model) as called:
             trace = export_for_analysis(model, args, kwargs)
-        return expand_facts(renamed(read_facts(trace), parameter_paths(mha)), reduction, model), trace.on_values
+        names = {**parameter_paths(mha), **weight_paths(called)}
+        return expand_facts(renamed(read_facts(trace), names), reduction, model), trace.on_values
     except Exception as exc:
         if not reduction.groups:
             raise
         failed = getattr(exc, "tried", None)  # surgery's own inputs failed: at full depth, stop if alike
-    with mha_stand_ins(model) as mha:
+    with mha_stand_ins(model) as mha, functional_mha(model) as called:
         trace = export_for_analysis(model, args, kwargs, failed=failed)
-    return expand_facts(renamed(read_facts(trace), parameter_paths(mha)), Reduction({}), model), trace.on_values
+    names = {**parameter_paths(mha), **weight_paths(called)}
+    return expand_facts(renamed(read_facts(trace), names), Reduction({}), model), trace.on_values
 
 
 def analyze(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> GraphFacts:
