@@ -457,12 +457,8 @@ def _conversions_kept() -> Iterator[None]:
     original = nn.Module.to
 
     def to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
-        try:
-            device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
-        except Exception:  # let the real `to` raise its own error
-            return original(self, *args, **kwargs)
-        if memory_format is None and all(_converted_as_is(t, device, dtype)
-                                          for t in [*self.parameters(), *self.buffers()]):
+        target = _conversion(args, kwargs)
+        if target is not None and all(_converted_as_is(t, *target) for t in [*self.parameters(), *self.buffers()]):
             return self
         return original(self, *args, **kwargs)
 
@@ -471,6 +467,28 @@ def _conversions_kept() -> Iterator[None]:
         yield
     finally:
         nn.Module.to = original  # type: ignore[method-assign]
+
+
+def _conversion(args: tuple, kwargs: dict) -> tuple[torch.device | None, torch.dtype | None] | None:
+    """The (device, dtype) a `Module.to(...)` call asks for; None for a call it does not read plainly (a memory
+    format, an unknown argument), left to the real `to`."""
+    device = kwargs.get("device")
+    dtype = kwargs.get("dtype")
+    if set(kwargs) - {"device", "dtype", "non_blocking"}:
+        return None
+    for arg in args:
+        if isinstance(arg, torch.dtype):
+            dtype = arg
+        elif isinstance(arg, torch.Tensor):
+            device, dtype = arg.device, arg.dtype
+        elif isinstance(arg, (torch.device, str, int)) and not isinstance(arg, bool):
+            device = arg
+        elif not isinstance(arg, bool):
+            return None
+    try:
+        return (torch.device(device) if device is not None else None), dtype
+    except (RuntimeError, TypeError):
+        return None
 
 
 def _converted_as_is(tensor: torch.Tensor, device: torch.device | None, dtype: torch.dtype | None) -> bool:
