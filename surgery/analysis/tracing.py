@@ -322,7 +322,8 @@ def _export_once(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.exp
             with _partial_graph_unprinted(), real_values:
                 return torch.export.export(model, args, kwargs, strict=False), True
         except Exception as on_values:
-            exc.on_values = on_values  # type: ignore[attr-defined]  # told in the TraceError
+            with contextlib.suppress(AttributeError):  # told in the TraceError
+                exc.on_values = on_values  # type: ignore[attr-defined]
             raise exc from None
 
 
