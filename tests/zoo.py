@@ -471,16 +471,22 @@ def surgery_view(facts) -> dict[tuple[str, str], frozenset[int]]:
     return out
 
 
+def mismatches(facts, seen: Seen) -> list[str]:
+    """Every "role@path" where surgery's channels differ from the oracle's ("query@model.layers.0.q_proj")."""
+    want, got = seen.union(), surgery_view(facts)
+    return [f"{key[1].split('.')[1]}@{key[0]}" for key in sorted(set(want) | set(got)) if want.get(key) != got.get(key)]
+
+
 def compare(facts, seen: Seen) -> tuple[str, str]:
     """('agree' | 'differ', why) of surgery's q/k/v reading against the oracle's."""
     want, got = seen.union(), surgery_view(facts)
     if not seen.calls:
         return ("differ", "oracle saw no attention") if facts.attention else ("agree", "no attention")
     problems = []
-    for key in sorted(set(want) | set(got)):
-        if want.get(key) != got.get(key):
-            w, g = want.get(key, frozenset()), got.get(key, frozenset())
-            problems.append(f"{key[1].split('.')[1]}@{key[0]}: oracle {len(w)} ch, surgery {len(g)} ch")
+    for name in mismatches(facts, seen):
+        role, path = name.split("@", 1)
+        key = (path, f"attention.{role}")
+        problems.append(f"{name}: oracle {len(want.get(key, ()))} ch, surgery {len(got.get(key, ()))} ch")
     if not problems:
         return "agree", ""
     return "differ", f"{len(problems)} mismatches: " + "; ".join(problems[:3])
@@ -498,6 +504,7 @@ class Result:
     seconds: float = 0.0
     attention: int = 0
     oracle_calls: int = 0
+    mismatched: list[str] = field(default_factory=list)  # every "role@path" of a differ (`mismatches`)
 
     def line(self) -> str:
         return json.dumps(self.__dict__)
@@ -565,7 +572,8 @@ def check(model_type: str, variants=("sdpa", "eager", "sdpa+mask", "eager+mask")
                                   len(facts.attention)))
             continue
         status, why = compare(facts, seen)
-        results.append(Result(model_type, variant, status, why, seconds, len(facts.attention), len(seen.calls)))
+        results.append(Result(model_type, variant, status, why, seconds, len(facts.attention), len(seen.calls),
+                              mismatches(facts, seen) if status == "differ" else []))
     return results
 
 
