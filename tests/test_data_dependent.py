@@ -120,3 +120,118 @@ def test_led_on_the_meta_device_is_a_clear_error():
     with pytest.raises(TraceError, match=r"(?s)LEDForConditionalGeneration.*data-dependent branch.*meta device.*"
                                          r"modeling_led\.py:\d+ in forward"):
         analyze(zoo.build("led").to("meta"))
+
+
+class WeightBranch(nn.Module):
+    """Branches on a value computed from a weight (as FastSpeech2 does on its predicted durations)."""
+
+    def __init__(self, sign: float):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.local = nn.Linear(16, 16)
+        self.wide = nn.Linear(16, 16)
+        with torch.no_grad():
+            self.wide.weight.fill_(3.0 * sign)
+
+    def forward(self, ids, mask):
+        h = self.embed(ids)
+        if (mask > 1).any() or (self.wide.weight > 2.5).all():
+            return self.wide(h)
+        return self.local(h)
+
+
+@pytest.mark.parametrize("sign, taken", [(1.0, "wide"), (-1.0, "local")])
+def test_a_branch_on_a_weight_is_taken_on_the_weight_s_real_value(sign, taken):
+    """torch gives fake parameters uninitialized real tensors (its copy takes exact torch.Tensor only): the branch
+    went by whatever memory held. Both ways here, so no fixed garbage can pass."""
+    model = WeightBranch(sign).eval()
+    ids = torch.arange(16).reshape(2, 8) % 32
+    facts = analyze(model, (ids, torch.ones(2, 8, dtype=torch.long)))
+    assert set(facts.linears) == {taken}
+
+
+def test_fastspeech2_with_a_padded_mask_agrees_with_the_oracle():
+    """FastSpeech2 branches on its predicted durations (`if duration_labels.sum() == 0`), computed from weights:
+    on the real values, with a padded mask, the graph is the model's and its q/k/v readings the oracle's."""
+    from transformers import FastSpeech2ConformerConfig, FastSpeech2ConformerModel
+
+    sizes = {f"{part}_{what}": 1 if what == "layers" else 32 for part in ("duration_predictor", "energy_predictor",
+                                                                         "pitch_predictor", "speech_decoder_postnet")
+             for what in ("layers", "channels" if part != "speech_decoder_postnet" else "units")}
+    config = FastSpeech2ConformerConfig(vocab_size=64, hidden_size=32, encoder_layers=1, decoder_layers=1,
+                                        encoder_linear_units=32, decoder_linear_units=32, num_mel_bins=8,
+                                        encoder_num_attention_heads=2, decoder_num_attention_heads=2, **sizes)
+    torch.manual_seed(0)
+    model = FastSpeech2ConformerModel(config).eval()
+    ids = torch.arange(16).reshape(2, 8)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    facts = analyze(model, (ids,), {"attention_mask": mask})
+    seen = zoo.oracle(model, (ids,), {"attention_mask": mask})
+    assert len(seen.calls) == len(facts.attention) == 2
+    assert zoo.compare(facts, seen) == ("agree", "")
+
+
+def test_eager_experts_are_traced_as_grouped_mm_and_put_back():
+    """The OpenAI privacy filter runs its experts eagerly (a loop indexing by the experts the tokens reach, which
+    export cannot follow even on real values): traced as grouped_mm, its readings agree with the oracle, and the
+    model's own experts implementation is back afterwards."""
+    model = zoo.build("openai_privacy_filter", attn="eager")
+    assert model.get_experts_implementation()[""] == "eager"
+    facts = analyze(model)
+    assert model.get_experts_implementation()[""] == "eager"
+    attn = "layers.0.self_attn"
+    assert facts.roles[f"{attn}.q_proj"] == {"attention.query"}
+    assert any(path.startswith("layers.0.mlp.experts.") for path in facts.experts)
+    [result] = zoo.check("openai_privacy_filter", variants=("eager",))
+    assert (result.status, result.why) == ("agree", "")
+
+
+class ConvertsItself(nn.Module):
+    """Converts a submodule to the dtype it already has inside forward (SwitchTransformers' router)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.router = nn.Linear(16, 4)
+
+    def forward(self, ids):
+        self.router = self.router.to(torch.float32)
+        return self.router(self.embed(ids))
+
+
+def test_a_module_converted_to_its_own_dtype_in_forward_traces():
+    """Under export the parameters are wrapper tensors, which Module._apply swaps, and a swap of a parameter
+    with a weak reference fails ("Couldn't swap Linear.weight"): a `.to` that changes nothing keeps the module."""
+    model = ConvertsItself().eval()
+    to = nn.Module.to
+    facts = analyze(model, (torch.arange(8).reshape(1, 8),))
+    assert "router" in facts.linears
+    assert nn.Module.to is to  # the plain `to` is back
+    assert model.to(torch.float64).router.weight.dtype == torch.float64
+
+
+def test_switch_transformers_is_a_clear_error():
+    """SwitchTransformers picks each expert module by a value of the data (`self[f"expert_{idx[0]}"]` in a loop
+    over the experts hit): export cannot follow it, on real values neither. The error names the model, both
+    failures with the model's line, and what to do."""
+    model = zoo.build("switch_transformers", attn="eager")
+    with pytest.raises(TraceError, match=r"(?s)SwitchTransformersForConditionalGeneration.*data-dependent branch"
+                                         r".*could not be taken on the inputs' real values either.*pass inputs.*"
+                                         r"mixture-of-experts.*on the real values: \w+Error.*"
+                                         r"modeling_switch_transformers\.py:\d+ in forward"):
+        analyze(model)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("GuardOnDataDependentSymNode: Could not guard on data-dependent expression Eq(u0, 1)", True),
+    ("UserError: Could not extract specialized integer from data-dependent expression u0", True),
+    ("RuntimeError: data dependent output size", True),
+    ("TypeError: 'NoneType' object is not subscriptable", False),
+])
+def test_one_test_of_data_dependent_text(text, expected):
+    """The exception's text, and the lines of a TraceError's list, are read by one helper."""
+    from surgery.analysis.tracing import data_dependent, data_dependent_text
+
+    assert data_dependent_text(text) is expected
+    assert data_dependent(RuntimeError(text)) is expected

@@ -370,6 +370,7 @@ class _Catch(TorchFunctionMode):
     def __init__(self, weights: dict[int, tuple[str, torch.Tensor]] | None = None) -> None:
         super().__init__()
         self.weights = weights or {}  # storage pointer -> (path, parameter) of weights a module reads itself
+        self.running: set[str] = set()  # linear-like modules inside their own forward (cut there by their hook)
         self.cuts: list[tuple[str, torch.Tensor, int]] = []  # (parameter path, cut output, first channel)
         self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.scores: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # id(t) -> (q, k, t)
@@ -388,6 +389,9 @@ class _Catch(TorchFunctionMode):
         tensors = [a for a in _flat(args) + _flat(list(kwargs.values())) if isinstance(a, torch.Tensor)]
         if func in _MATMULS:
             operands = [t for t in tensors if t.dim() >= 2]
+            weight = next((t for t in operands if self._weight(t) is not None), None)
+            if weight is not None and isinstance(out, torch.Tensor):  # a projection by a parameter (xlnet's einsum)
+                return self._cut_by(weight, out)
             if func in (torch.baddbmm, torch.Tensor.baddbmm):
                 operands = operands[1:]
             prob = next((self.probs[id(t)] for t in operands if id(t) in self.probs), None)
@@ -417,12 +421,28 @@ class _Catch(TorchFunctionMode):
         """F.linear by (a row slice of) a weight a module reads itself (nn.MultiheadAttention's in_proj_weight,
         out_proj.weight): its output is cut like a linear module's, with the slice's first channel."""
         weight = args[1] if len(args) > 1 else kwargs.get("weight")
-        found = self.weights.get(weight.untyped_storage().data_ptr()) if isinstance(weight, torch.Tensor) else None
-        if found is None or not out.is_floating_point():
+        return self._cut_by(weight, out)
+
+    def _weight(self, tensor: Any) -> tuple[str, torch.Tensor] | None:
+        return self.weights.get(tensor.untyped_storage().data_ptr()) if isinstance(tensor, torch.Tensor) else None
+
+    def _cut_by(self, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Cut `out`, a product by (a view of) a registered parameter; credited from the output channel the view
+        starts at: a row of a 2-D weight (nn.MultiheadAttention's q/k/v thirds of in_proj_weight), a row within one
+        expert of stacked experts [experts, out, in] (JetMoE's F.linear on `weight[i]`), else 0."""
+        found = self._weight(weight)
+        if found is None or not out.is_floating_point() or found[0] in self.running:
             return out
         path, param = found
+        offset = weight.storage_offset() - param.storage_offset()
+        if param.dim() == 2:
+            first = offset // param.stride(0)
+        elif param.dim() == 3 and weight.dim() == 2 and weight.shape == param.shape[1:]:
+            first = offset % param.stride(0) // param.stride(1)
+        else:
+            first = 0
         leaf = out.detach().requires_grad_(True)
-        self.cuts.append((path, leaf, (weight.storage_offset() - param.storage_offset()) // param.stride(0)))
+        self.cuts.append((path, leaf, first))
         return leaf.clone()
 
     def _track(self, table: dict, tensor: torch.Tensor, qk: tuple) -> None:
@@ -470,14 +490,29 @@ def oracle(model: nn.Module, args: tuple, kwargs: dict) -> Seen:
         paths.append((names[id(module)], leaf))
         return leaf.clone()  # the model may write into its projections' outputs in place (falcon)
 
+    def entered(module, _inputs):
+        catch.running.add(names[id(module)])
+
+    def left(module, _inputs, _output):
+        catch.running.discard(names[id(module)])
+
     for name, module in model.named_modules():
         if _linear_like(module):
+            handles.append(module.register_forward_pre_hook(entered))
             handles.append(module.register_forward_hook(cut))
+            handles.append(module.register_forward_hook(left))
     weights = {}  # nn.MultiheadAttention reads its projections' weights itself: cut its F.linear calls on them
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
             for pname, param in (("in_proj_weight", module.in_proj_weight), ("out_proj.weight", module.out_proj.weight)):
                 weights[param.untyped_storage().data_ptr()] = (f"{name}.{pname}", param)
+        elif _linear_like(module) and isinstance(getattr(module, "weight", None), nn.Parameter):
+            # a linear's weight read by another module (WavLM passes q_proj.weight to F.multi_head_attention_forward)
+            weights.setdefault(module.weight.untyped_storage().data_ptr(), (f"{name}.weight", module.weight))
+        elif not _linear_like(module):  # 3-D parameters read by a product: stacked experts, einsum projections
+            for pname, param in module.named_parameters(recurse=False):
+                if param.dim() == 3:
+                    weights.setdefault(param.untyped_storage().data_ptr(), (f"{name}.{pname}", param))
     catch = _Catch(weights)
     functional = torch.nn.functional
     dispatches = functional.has_torch_function  # F.multi_head_attention_forward would reach the mode as one call
@@ -526,10 +561,17 @@ def surgery_view(facts) -> dict[tuple[str, str], frozenset[int]]:
             ranges = facts.slices.get(path, {}).get(role)
             if ranges is None:
                 lin = facts.linears.get(path)
-                width = lin.out_features if lin is not None else getattr(facts, "experts", {}).get(path, 0)
+                expert = getattr(facts, "experts", {}).get(path)
+                width = lin.out_features if lin is not None else expert.out_features if expert is not None else 0
                 ranges = ((0, width),)
             out[path, role] = frozenset(c for a, b in ranges for c in range(a, b))
     return out
+
+
+def mismatches(facts, seen: Seen) -> list[str]:
+    """Every "role@path" where surgery's channels differ from the oracle's ("query@model.layers.0.q_proj")."""
+    want, got = seen.union(), surgery_view(facts)
+    return [f"{key[1].split('.')[1]}@{key[0]}" for key in sorted(set(want) | set(got)) if want.get(key) != got.get(key)]
 
 
 def compare(facts, seen: Seen) -> tuple[str, str]:
@@ -538,10 +580,10 @@ def compare(facts, seen: Seen) -> tuple[str, str]:
     if not seen.calls:
         return ("differ", "oracle saw no attention") if facts.attention else ("agree", "no attention")
     problems = []
-    for key in sorted(set(want) | set(got)):
-        if want.get(key) != got.get(key):
-            w, g = want.get(key, frozenset()), got.get(key, frozenset())
-            problems.append(f"{key[1].split('.')[1]}@{key[0]}: oracle {len(w)} ch, surgery {len(g)} ch")
+    for name in mismatches(facts, seen):
+        role, path = name.split("@", 1)
+        key = (path, f"attention.{role}")
+        problems.append(f"{name}: oracle {len(want.get(key, ()))} ch, surgery {len(got.get(key, ()))} ch")
     if not problems:
         return "agree", ""
     return "differ", f"{len(problems)} mismatches: " + "; ".join(problems[:3])
@@ -559,6 +601,7 @@ class Result:
     seconds: float = 0.0
     attention: int = 0
     oracle_calls: int = 0
+    mismatched: list[str] = field(default_factory=list)  # every "role@path" of a differ (`mismatches`)
 
     def line(self) -> str:
         return json.dumps(self.__dict__)
@@ -733,7 +776,8 @@ def check(model_type: str, variants=("sdpa", "eager", "sdpa+mask", "eager+mask")
                                   len(facts.attention)))
             continue
         status, why = compare(facts, seen)
-        results.append(Result(model_type, variant, status, why, seconds, len(facts.attention), len(seen.calls)))
+        results.append(Result(model_type, variant, status, why, seconds, len(facts.attention), len(seen.calls),
+                              mismatches(facts, seen) if status == "differ" else []))
     return results
 
 

@@ -18,6 +18,7 @@ from surgery.analysis.dataflow import (
     ELEMENTWISE_OPS,
     LAYOUT_OPS,
     WALK_OPS,
+    ExpertSite,
     GraphIndex,
     LinearSite,
     alias_writes,
@@ -49,8 +50,11 @@ _PROB_OPS = frozenset({"to", "_to_copy", "dropout", "type_as", "contiguous", "cl
 (GroupViT's straight-through one-hot: y_hard - y_soft.detach() + y_soft)."""
 _POOL_OPS = frozenset({"max", "amax", "mean", "sum", "avg_pool1d", "avg_pool2d", "max_pool1d", "max_pool2d",
                        "adaptive_avg_pool1d", "adaptive_avg_pool2d"})
-"""Token pooling a query may pass after its projection (Hiera's query pooling), and rope as a complex product
-summed over each pair (PE Audio's `(q * freqs).sum(5)`): channels are kept."""
+"""Token pooling a query may pass after its projection (Hiera's query pooling); a sum, whether over tokens (DeepSeek
+V4's compressor: keys and values summed over a window, weighted by a softmax gate) or over each pair of rope's
+complex product (PE Audio's `(q * freqs).sum(5)`): the operand still depends on the projection's channels."""
+
+
 _QK_MATMULS = frozenset({"matmul", "bmm", "baddbmm", "einsum"})
 _SOFTMAX = frozenset({"softmax", "_softmax", "_safe_softmax"})
 
@@ -238,10 +242,11 @@ def attention_scopes(owner: str, trace: AnalysisTrace) -> list[str]:
     return scopes
 
 
-def linears_behind(start: fx.Node, scope: str, index: GraphIndex, linears: dict[str, LinearSite],
-                   norms: frozenset[str]) -> list[tuple[str, fx.Node]]:
-    """Linear-like modules first reached walking back from `start` through layout, element-wise and norm ops
-    inside `scope`; each with the node where its output was met (nearest first)."""
+def linears_behind(start: fx.Node, scope: str, index: GraphIndex, linears: dict[str, Any],
+                   norms: frozenset[str], through: frozenset[str] = frozenset()) -> list[tuple[str, fx.Node]]:
+    """Linear-like modules (the keys of `linears`: module paths) first reached walking back from `start` through
+    layout, element-wise and norm ops (and the ops named in `through`) inside `scope`; each with the node where
+    its output was met (nearest first)."""
     hits: list[tuple[str, fx.Node]] = []
     seen, queue = {start}, deque([start])
     while queue:
@@ -253,7 +258,8 @@ def linears_behind(start: fx.Node, scope: str, index: GraphIndex, linears: dict[
             continue
         if node.op != "call_function" or not within(owner, scope):
             continue
-        if op_name(node) not in WALK_OPS | _POOL_OPS | {"new_empty", "new_zeros", "empty_like", "zeros_like"} \
+        if op_name(node) not in WALK_OPS | _POOL_OPS | through | {"new_empty", "new_zeros", "empty_like",
+                                                                  "zeros_like"} \
                 and owner not in norms:
             continue
         inputs = list(node.all_input_nodes)
@@ -371,9 +377,15 @@ def _selects_between(source: fx.Node, target: fx.Node, index: GraphIndex) -> boo
     return any(op_name(n) in _SELECT_OPS for n in between)
 
 
+_EXPERT_GATHER = frozenset({"index_add", "index_add_"})
+"""Ops that put routed experts' outputs back in token order (into zeros), walked through to reach the experts."""
+
+
 def read_attention(op: AttentionOp, index: GraphIndex, linears: dict[str, LinearSite], norms: frozenset[str],
-                   memo: dict[fx.Node, Any]) -> AttentionReading:
-    """Find q/k/v projections (walking back), the output projection (walking forward) and fused slices."""
+                   memo: dict[fx.Node, Any], experts: dict[str, ExpertSite] | None = None) -> AttentionReading:
+    """Find q/k/v projections (walking back), the output projection (walking forward) and fused slices. An
+    operand no linear-like module feeds may come from stacked experts (JetMoE's mixture of attention heads: the
+    query from routed expert weights): the experts' parameter gets that role, over its whole width."""
     operands = {"attention.query": op.query, "attention.key": op.key, "attention.value": op.value}
     hits: dict[str, tuple[str, fx.Node]] = {}
     found: dict[str, list[tuple[str, fx.Node]]] = {}
@@ -407,6 +419,11 @@ def read_attention(op: AttentionOp, index: GraphIndex, linears: dict[str, Linear
         if len(kept) > 1 or next(iter(kept.values())) != ((0, width),):
             slices[path] = kept  # a fused projection, or one whose other channels feed no operand (an output gate)
     hits = {role: next(((p, n) for p, n in h if role in roles.get(p, ())), h[0]) for role, h in found.items() if h}
+    by_module = {e.module: e for e in (experts or {}).values()}
+    for role, node in operands.items() if by_module else ():
+        if not found.get(role):
+            for module, _ in linears_behind(node, scope, index, by_module, norms, _EXPERT_GATHER):
+                roles.setdefault(by_module[module].path, set()).add(role)
     if output is not None:
         roles.setdefault(output, set()).add("attention.output")
 

@@ -26,7 +26,7 @@ from surgery.analysis.dataflow import (
 )
 from surgery.analysis.depth import Reduction, reduced_depth, sharing, structure
 from surgery.analysis.heads import lm_heads, poolers, task_heads, token_embeddings
-from surgery.analysis.mha import mha_stand_ins, parameter_paths, renamed
+from surgery.analysis.mha import functional_mha, mha_stand_ins, parameter_paths, renamed, weight_paths
 from surgery.analysis.mlp import read_mlp, routers
 from surgery.analysis.probes import Slices
 from surgery.analysis.tracing import AnalysisTrace, canonical_names, export_for_analysis
@@ -116,13 +116,13 @@ def read_facts(trace: AnalysisTrace) -> GraphFacts:
     slices: dict[str, dict[str, Slices]] = {}
     attention: dict[str, AttentionInfo] = {}
     memo: dict[fx.Node, Any] = {}
+    experts = expert_sites(index)
     for op in attention_ops(index):
-        reading = read_attention(op, index, linears, norms, memo)
+        reading = read_attention(op, index, linears, norms, memo, experts)
         attention.setdefault(reading.owner, reading.info)
         _merge(roles, slices, reading.roles, reading.slices)
     pooling = frozenset(poolers(index, linears, norms))
     attending = frozenset(p for p, r in roles.items() if any(x.startswith("attention.") for x in r))
-    experts = expert_sites(index)
     for site in [*linears.values(), *experts.values()]:  # a pooler or an attention projection is never MLP
         mlp = read_mlp(site, index, linears, norms, exclude=pooling | attending, experts=experts)
         if mlp is not None:
@@ -242,16 +242,18 @@ def _analyze_uncached(model: nn.Module, args: tuple | None, kwargs: dict | None)
     reduction = Reduction({})
     failed = None
     try:
-        with reduced_depth(model) as reduction, mha_stand_ins(model) as mha:
+        with reduced_depth(model) as reduction, mha_stand_ins(model) as mha, functional_mha(model) as called:
             trace = export_for_analysis(model, args, kwargs)
-        return expand_facts(renamed(read_facts(trace), parameter_paths(mha)), reduction, model), trace.on_values
+        names = {**parameter_paths(mha), **weight_paths(called)}
+        return expand_facts(renamed(read_facts(trace), names), reduction, model), trace.on_values
     except Exception as exc:
         if not reduction.groups:
             raise
         failed = getattr(exc, "tried", None)  # surgery's own inputs failed: at full depth, stop if alike
-    with mha_stand_ins(model) as mha:
+    with mha_stand_ins(model) as mha, functional_mha(model) as called:
         trace = export_for_analysis(model, args, kwargs, failed=failed)
-    return expand_facts(renamed(read_facts(trace), parameter_paths(mha)), Reduction({}), model), trace.on_values
+    names = {**parameter_paths(mha), **weight_paths(called)}
+    return expand_facts(renamed(read_facts(trace), names), Reduction({}), model), trace.on_values
 
 
 def analyze(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None) -> GraphFacts:

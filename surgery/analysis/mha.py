@@ -4,6 +4,10 @@ matmuls and no linear-like modules. While tracing, each is replaced by a stand-i
 through two leaf modules (`in_proj`, the original `out_proj`) and SDPA; the facts read then (q/k/v slices of
 in_proj by the probe, the output projection) are renamed to the parameters' paths (`<mha>.in_proj_weight`,
 `<mha>.out_proj.weight`): sites of kind `weight`, adapted in weight space.
+
+The functional form, `F.multi_head_attention_forward` given the weights of Linear modules it never calls (WavLM's
+q_proj/k_proj/v_proj/out_proj), is traced the same way (`functional_mha`): the stand-in calls those modules, and the
+facts are renamed to their weights (`<module>.weight`, sites of kind `weight`).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ class _InProj(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def _mask(mha: nn.MultiheadAttention, batch: int, lq: int, lk: int, key_padding_mask: Any, attn_mask: Any,
+def _mask(heads: int, batch: int, lq: int, lk: int, key_padding_mask: Any, attn_mask: Any,
           dtype: torch.dtype) -> torch.Tensor | None:
     """One additive mask [B, 1 or H, Lq, Lk] from MHA's key_padding_mask [B, Lk] and attn_mask [Lq, Lk] or
     [B*H, Lq, Lk] (bool: True = not attended; float: added)."""
@@ -42,7 +46,7 @@ def _mask(mha: nn.MultiheadAttention, batch: int, lq: int, lk: int, key_padding_
         out = additive(key_padding_mask).view(batch, 1, 1, lk)
     if attn_mask is not None:
         m = additive(attn_mask)
-        m = m.view(1, 1, lq, lk) if m.dim() == 2 else m.view(batch, mha.num_heads, lq, lk)
+        m = m.view(1, 1, lq, lk) if m.dim() == 2 else m.view(batch, heads, lq, lk)
         out = m if out is None else out + m
     return out
 
@@ -73,7 +77,7 @@ class MhaStandIn(nn.Module):
             q, k, v = proj[:, :lq, :e], proj[:, lq:lq + lk, e:2 * e], proj[:, lq + lk:, 2 * e:]
         batch, lq, lk = q.shape[0], q.shape[1], k.shape[1]
         q, k, v = (t.reshape(batch, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        mask = _mask(self.mha, batch, lq, lk, key_padding_mask, attn_mask, q.dtype)
+        mask = _mask(self.heads, batch, lq, lk, key_padding_mask, attn_mask, q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=bool(is_causal) and mask is None)
         out = self.out_proj(out.transpose(1, 2).reshape(batch, lq, e))
         return (out if self.batch_first else out.transpose(0, 1)), None
@@ -133,3 +137,53 @@ def renamed(facts: Any, names: dict[str, str]) -> Any:
     return dataclasses.replace(facts, linears=key(facts.linears), roles=key(facts.roles), slices=key(facts.slices),
                                attention=attention,
                                input_groups={names.get(p, p): one(g) for p, g in facts.input_groups.items()})
+
+
+@contextlib.contextmanager
+def functional_mha(model: nn.Module) -> Iterator[list[str]]:
+    """Inside the block, `F.multi_head_attention_forward` called with separate q/k/v weights that are the weights of
+    Linear modules of `model` (the out_proj weight too; no bias_k/bias_v, zero attention or static k/v) calls those
+    modules and SDPA instead, computing the same attention (no dropout, weights not returned) on the assumption
+    that the biases passed are the modules' own, as WavLM passes them; any other call runs as it is. Yields the
+    paths of the modules so called (filled while tracing)."""
+    original = F.multi_head_attention_forward
+    called: list[str] = []
+
+    def stand_in(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, embed_dim_to_check: int,
+                 num_heads: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        bound = _bound(original, query, key, value, embed_dim_to_check, num_heads, *args, **kwargs)
+        weights = [bound.get(n) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj_weight")]
+        linears = {id(m.weight): (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        if not bound.get("use_separate_proj_weight") or any(id(w) not in linears for w in weights) \
+                or bound.get("bias_k") is not None or bound.get("add_zero_attn") \
+                or bound.get("static_k") is not None or bound.get("static_v") is not None:
+            return original(query, key, value, embed_dim_to_check, num_heads, *args, **kwargs)
+        (qn, qm), (kn, km), (vn, vm), (on, om) = (linears[id(w)] for w in weights)
+        called.extend(n for n in (qn, kn, vn, on) if n not in called)
+        lq, batch, lk = query.shape[0], query.shape[1], key.shape[0]
+        q, k, v = (m(t).reshape(t.shape[0], batch, num_heads, -1).permute(1, 2, 0, 3)
+                   for m, t in ((qm, query), (km, key), (vm, value)))
+        mask = _mask(num_heads, batch, lq, lk, bound.get("key_padding_mask"), bound.get("attn_mask"), q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             is_causal=bool(bound.get("is_causal")) and mask is None)
+        return om(out.permute(2, 0, 1, 3).reshape(lq, batch, -1)), None
+
+    F.multi_head_attention_forward = stand_in
+    try:
+        yield called
+    finally:
+        F.multi_head_attention_forward = original
+
+
+def _bound(function: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The arguments of a call to `function` by parameter name, defaults included."""
+    import inspect
+
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def weight_paths(paths: list[str]) -> dict[str, str]:
+    """Module paths -> their weights' paths, for the Linear modules `functional_mha` called in the trace."""
+    return {path: f"{path}.weight" for path in paths}

@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import io
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -403,10 +404,18 @@ def _describe(args: tuple, kwargs: dict, names: list[str]) -> str:
     return ", ".join(positional + [f"{k}={one(v)}" for k, v in kwargs.items()])
 
 
+_DATA_DEPENDENT = ("GuardOnDataDependent", "data-dependent", "data dependent")
+
+
+def data_dependent_text(text: str) -> bool:
+    """Whether an error's text (an exception's, or a line `_first_line` made of it) tells of a guard over a value
+    of the data (an `if` on `tensor.any().item()`): the one test of it."""
+    return any(mark in text for mark in _DATA_DEPENDENT)
+
+
 def data_dependent(exc: BaseException) -> bool:
-    """Whether an export stopped on a guard over a value of the data (an `if` on `tensor.any().item()`)."""
-    text = f"{type(exc).__name__}: {exc}"
-    return "GuardOnDataDependent" in text or "data-dependent" in text or "data dependent" in text
+    """Whether an export stopped on a guard over a value of the data."""
+    return data_dependent_text(f"{type(exc).__name__}: {exc}")
 
 
 def all_real(model: nn.Module, args: tuple, kwargs: dict) -> bool:
@@ -432,18 +441,52 @@ def _export_once(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.exp
         try:
             with _partial_graph_unprinted(), real_values:
                 return torch.export.export(model, args, kwargs, strict=False), True
-        except Exception:
+        except Exception as on_values:
+            with contextlib.suppress(AttributeError):  # told in the TraceError
+                exc.on_values = on_values  # type: ignore[attr-defined]
             raise exc from None
 
 
 def _real_values() -> contextlib.AbstractContextManager | None:
     """Fake tensors that also carry their real values, so a branch on the data is decided as the real inputs
     decide it: the mode `torch.export.draft_export` runs in, without the report it writes (formatting every
-    guard's expression, which took 10-40 s on audio codecs). None where this torch has no such mode."""
+    guard's expression, which took 10-40 s on audio codecs), and with the parameters' real values copied
+    (`_parameter_values_copied`). None where this torch has no such mode."""
     config = torch._functorch.config
-    if hasattr(config, "fake_tensor_propagate_real_tensors"):
-        return config.patch(fake_tensor_propagate_real_tensors=True)
-    return None
+    if not hasattr(config, "fake_tensor_propagate_real_tensors"):
+        return None
+    return _both(config.patch(fake_tensor_propagate_real_tensors=True), _parameter_values_copied())
+
+
+@contextlib.contextmanager
+def _both(first: contextlib.AbstractContextManager, second: contextlib.AbstractContextManager) -> Iterator[None]:
+    with first, second:
+        yield
+
+
+@contextlib.contextmanager
+def _parameter_values_copied() -> Iterator[None]:
+    """torch (2.13) gives a fake parameter an uninitialized real tensor: its copy helpers take only tensors whose
+    type is exactly `torch.Tensor`, not `nn.Parameter`, so every value computed from a weight was garbage and a
+    branch on it (FastSpeech2's predicted durations) went either way. Inside the block a parameter is copied as
+    the plain tensor its `.detach()` is. A torch without these helpers is left as it is."""
+    from torch._subclasses import meta_utils
+
+    names = [n for n in ("_safe_copy", "_safe_clone") if callable(getattr(meta_utils, n, None))]
+    originals = {n: getattr(meta_utils, n) for n in names}
+
+    def plain(src: Any) -> Any:
+        return src.detach() if type(src) is nn.Parameter else src
+
+    replacements = {"_safe_copy": lambda dst, src: originals["_safe_copy"](dst, plain(src)),
+                    "_safe_clone": lambda src: originals["_safe_clone"](plain(src))}
+    try:
+        for n in names:
+            setattr(meta_utils, n, replacements[n])
+        yield
+    finally:
+        for n, original in originals.items():
+            setattr(meta_utils, n, original)
 
 
 @contextlib.contextmanager
@@ -482,35 +525,141 @@ def _quiet_guard_logs() -> Iterator[None]:
             logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _traceable_experts(model: nn.Module) -> Iterator[bool]:
+    """transformers' eager experts loop (`for expert in hit: ... tensor[expert]`) indexes by a value of the data,
+    which export cannot follow even on real values (an unbacked index's storage offset): where the model's experts
+    run eagerly and it can switch them, inside the block they run as `grouped_mm` (the same weights, one batched
+    product; gpt-oss's default), and the model's own choice is put back on exit. Yields whether it switched."""
+    get = getattr(model, "get_experts_implementation", None)
+    can = getattr(model, "_can_set_experts_implementation", None)
+    try:
+        before = get() if callable(get) and callable(can) and can() else {}
+    except Exception:  # a model whose config has no such setting
+        before = {}
+    if "eager" not in before.values():
+        yield False
+        return
+    try:
+        model.set_experts_implementation("grouped_mm")
+    except (ValueError, ImportError, RuntimeError):  # grouped_mm not available here
+        model.set_experts_implementation(before)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        model.set_experts_implementation(before)
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.export.ExportedProgram, bool]:
-    with eval_mode(model), _no_stack_traces(), _quiet_guard_logs():
+    with eval_mode(model), _no_stack_traces(), _quiet_guard_logs(), _conversions_kept():
         try:
             return _export_once(model, args, kwargs)
-        except Exception:  # retry with the stand-ins weight formats offer for layers export cannot trace
+        except Exception as exc:
+            if data_dependent(exc):
+                with _traceable_experts(model) as switched:
+                    if switched:
+                        with contextlib.suppress(Exception):
+                            return _export_once(model, args, kwargs)
+            # retry with the stand-ins weight formats offer for layers export cannot trace
             with analysis_stand_ins(model) as swapped:
                 if not swapped:
                     raise
                 return _export_once(model, args, kwargs)
 
 
+@contextlib.contextmanager
+def _conversions_kept() -> Iterator[None]:
+    """Inside the block, `module.to(...)` that changes no parameter's or buffer's dtype or device returns the
+    module as it is. SwitchTransformers' router calls `self.classifier.to(float32)` in its forward; under export
+    the parameters are wrapper tensors, which `Module._apply` swaps in place, and a swap of a parameter that has a
+    weak reference fails ("Couldn't swap Linear.weight") though nothing would change."""
+    original = nn.Module.to
+
+    def to(self: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+        target = _conversion(args, kwargs)
+        if target is not None and all(_converted_as_is(t, *target) for t in [*self.parameters(), *self.buffers()]):
+            return self
+        return original(self, *args, **kwargs)
+
+    nn.Module.to = to  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.to = original  # type: ignore[method-assign]
+
+
+def _conversion(args: tuple, kwargs: dict) -> tuple[torch.device | None, torch.dtype | None] | None:
+    """The (device, dtype) a `Module.to(...)` call asks for; None for a call it does not read plainly (a memory
+    format, an unknown argument), left to the real `to`."""
+    device = kwargs.get("device")
+    dtype = kwargs.get("dtype")
+    if set(kwargs) - {"device", "dtype", "non_blocking"}:
+        return None
+    for arg in args:
+        if isinstance(arg, torch.dtype):
+            dtype = arg
+        elif isinstance(arg, torch.Tensor):
+            device, dtype = arg.device, arg.dtype
+        elif isinstance(arg, (torch.device, str, int)) and not isinstance(arg, bool):
+            device = arg
+        elif not isinstance(arg, bool):
+            return None
+    try:
+        return (torch.device(device) if device is not None else None), dtype
+    except (RuntimeError, TypeError):
+        return None
+
+
+def _converted_as_is(tensor: torch.Tensor, device: torch.device | None, dtype: torch.dtype | None) -> bool:
+    """Whether `Module.to(device, dtype)` leaves `tensor` as it is (dtype applies to floating and complex only)."""
+    if device is not None and (tensor.device.type != device.type
+                               or (device.index is not None and tensor.device.index != device.index)):
+        return False
+    return dtype is None or not (tensor.is_floating_point() or tensor.is_complex()) or tensor.dtype == dtype
+
+
 _CAUSED_BY = re.compile(r"Caused by: \((\S+\.py:\d+) in (\w+)\)")
 
 
 def _first_line(exc: BaseException) -> str:
-    """The error's first line, and for a data-dependent guard the model code that branched."""
+    """The error's first line, and for a data-dependent guard the model code that branched; where the branch could
+    not be taken on the real values either, that second error too, with the line of the model's code it
+    stopped at."""
     text = str(exc)
     lines = [line for line in text.splitlines() if line.strip()]
     where = _CAUSED_BY.search(text)
     at = f" (at {where.group(1)} in {where.group(2)})" if where else ""
-    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}{at}"
+    line = f"{type(exc).__name__}: {lines[0][:300] if lines else ''}{at}"
+    second = getattr(exc, "on_values", None)
+    if isinstance(second, BaseException):
+        second_lines = [s for s in str(second).splitlines() if s.strip()]
+        frame = _model_frame(second)
+        line += (f"; on the real values: {type(second).__name__}: {second_lines[0][:200] if second_lines else ''}"
+                 + (f" (at {frame})" if frame else ""))
+    return line
 
 
-def _branch_advice(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> str:
-    """What to do about a data-dependent branch that export could not take."""
+def _model_frame(exc: BaseException) -> str | None:
+    """The last frame of the traceback outside torch and surgery: the model's code that was running."""
+    import traceback
+
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(skip)]
+    return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name}" if frames else None
+
+
+def _branch_advice(model: nn.Module, args: tuple = (), kwargs: dict | None = None,
+                   which: str = "surgery.inspect(model, kwargs={...})") -> str:
+    """What to do about a data-dependent branch that export could not take; `which`: the inputs to pass."""
     if not all_real(model, args, kwargs or {}):
         return ("; surgery takes such a branch on the real values of the inputs, but the model (or an input) is on "
-                "the meta device: load real weights, or pass inputs for which that branch is fixed")
-    return "; it could not be taken on the inputs' real values either: pass inputs for which that branch is fixed"
+                f"the meta device: load real weights, or pass inputs for which that branch is fixed ({which})")
+    return ("; it could not be taken on the inputs' real values either (the error on them follows): pass inputs "
+            f"for which that branch is fixed ({which}); where no input fixes it (a loop over the experts the tokens "
+            "reach, in a mixture-of-experts model without a batched experts implementation), torch.export cannot "
+            "trace the model's code as it is")
 
 
 def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dict | None = None,
@@ -539,9 +688,9 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
         if program is None:
             params = names
             main = main_input(model)
-            branched = any("data-dependent" in e or "GuardOnDataDependent" in e for e in errors)
+            branched = any(data_dependent_text(e) for e in errors)
             hint = (" The trace stopped on a data-dependent branch of the model's own code (a value of an input "
-                    f"decides the control flow){_branch_advice(model)}, e.g. surgery.inspect(model, kwargs={{...}})."
+                    f"decides the control flow){_branch_advice(model)}."
                     if branched else
                     " Pass example inputs as surgery.inspect(model, args=..., kwargs={...}) (or plan/attach).")
             error = TraceError(
@@ -557,14 +706,15 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
             program, on_values = _export(model, args, kwargs)
         except Exception as exc:
             line = _first_line(exc)
-            if "data-dependent" not in line and "GuardOnDataDependent" not in line:
+            if not data_dependent_text(line):
                 raise
             names = list(inspect.signature(model.forward).parameters)
             raise TraceError(
                 f"cannot trace {type(model).__qualname__} for analysis with the inputs given: the trace stopped on "
                 "a data-dependent branch of the model's own code (a value of an input decides the control flow)"
-                f"{_branch_advice(model, args, kwargs)} (often a mask the model otherwise computes from the ids, e.g. "
-                f"decoder_attention_mask). Inputs ({_describe(args, kwargs, names)}): {line}") from exc
+                + _branch_advice(model, args, kwargs, "often a mask the model otherwise computes from the ids, e.g. "
+                                 "decoder_attention_mask")
+                + f". Inputs ({_describe(args, kwargs, names)}): {line}") from exc
     graph_module = program.graph_module
     graph = graph_module.graph
     kinds: dict[str, str] = {}
