@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -177,6 +178,8 @@ def test_eager_experts_are_traced_as_grouped_mm_and_put_back():
     export cannot follow even on real values): traced as grouped_mm, its readings agree with the oracle, and the
     model's own experts implementation is back afterwards."""
     model = zoo.build("openai_privacy_filter", attn="eager")
+    if not hasattr(model, "get_experts_implementation"):
+        pytest.skip(f"transformers {transformers.__version__} has no experts implementations to choose from")
     assert model.get_experts_implementation()[""] == "eager"
     facts = analyze(model)
     assert model.get_experts_implementation()[""] == "eager"

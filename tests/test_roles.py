@@ -688,6 +688,8 @@ def test_inputs_surgery_makes_run_the_model(model_type):
 
     from surgery.analysis.tracing import input_candidates
 
+    if model_type not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
     model = zoo.build(model_type)
     zoo.runnable_inputs(model, input_candidates(model))  # raises the first candidate's error where none runs
 
