@@ -1,4 +1,6 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ if not torch.cuda.is_available():  # LoRA's Triton kernels, where Triton is inst
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(2)
+sys.path.insert(0, str(Path(__file__).parent))  # `import zoo` (tests/zoo.py: the architecture zoo and its oracle)
 
 
 def ids(batch: int = 2, seq: int = 8, vocab: int = 128, seed: int = 1) -> torch.Tensor:
@@ -55,3 +58,14 @@ def randomize_lora():
                 if "lora_B" in name or "lora_A" in name:
                     p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)
     return apply
+
+
+@pytest.fixture
+def fresh_analysis_cache():
+    """The analysis cache emptied before and after the test: its models share class names and structures (the
+    cache's key) across cases that read differently."""
+    from surgery.analysis.facts import _CACHE
+
+    _CACHE.clear()
+    yield
+    _CACHE.clear()

@@ -3,30 +3,21 @@
 from __future__ import annotations
 
 import re
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import zoo  # noqa: E402
-
-from surgery import tiny  # noqa: E402
-from surgery.analysis import probes  # noqa: E402
-from surgery.analysis.facts import _CACHE, analyze  # noqa: E402
-from surgery.errors import AnalysisWarning, TraceError  # noqa: E402
+import zoo
+from surgery import tiny
+from surgery.analysis import probes
+from surgery.analysis.facts import _CACHE, analyze
+from surgery.errors import AnalysisWarning, TraceError
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    _CACHE.clear()
-    yield
-    _CACHE.clear()
+pytestmark = pytest.mark.usefixtures("fresh_analysis_cache")
 
 
 def test_probe_through_expert_sizes_read_from_the_data():

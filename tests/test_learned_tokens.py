@@ -8,17 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery.analysis.facts import _CACHE, analyze
+from surgery.analysis.facts import analyze
 
 Q, K, V, O = "attention.query", "attention.key", "attention.value", "attention.output"
 TOKENS = (torch.arange(16).reshape(2, 8) % 32,)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    _CACHE.clear()  # the test models share class names and shapes across parameters
-    yield
-    _CACHE.clear()
+pytestmark = pytest.mark.usefixtures("fresh_analysis_cache")
 
 
 class QueryAttention(nn.Module):

@@ -1,9 +1,7 @@
 """Graph analysis: sites, roles, fused slices and attention facts read from dataflow."""
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,14 +9,12 @@ import transformers
 from packaging.version import Version
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
+from custom_models import Block, Misnamed, TinyGLM
 
-from custom_models import Block, Misnamed, TinyGLM  # noqa: E402
-
-from surgery import tiny  # noqa: E402
-from surgery.analysis.facts import GraphFacts, LinearFacts, analyze  # noqa: E402
-from surgery.analysis.tracing import example_inputs, export_for_analysis  # noqa: E402
-from surgery.core.sites import ROLES, AttentionInfo  # noqa: E402
+from surgery import tiny
+from surgery.analysis.facts import GraphFacts, LinearFacts, analyze
+from surgery.analysis.tracing import example_inputs, export_for_analysis
+from surgery.core.sites import ROLES, AttentionInfo
 
 Q, K, V, O = "attention.query", "attention.key", "attention.value", "attention.output"
 GATE, UP, DOWN = "mlp.gate", "mlp.up", "mlp.down"

@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import os
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import zoo  # noqa: E402
+import zoo
 
 SUBSET = [
     "llama", "gpt2", "bert", "t5", "bart", "opt", "phi3", "gemma2", "falcon", "gpt_neox", "bloom",  # text

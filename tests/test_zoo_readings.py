@@ -3,24 +3,14 @@ experts (JetMoE), keys pooled over windows (DeepSeek V4), and the oracle's own v
 (XLNet's einsum, WavLM's F.multi_head_attention_forward)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import zoo  # noqa: E402
-
-from surgery.analysis.facts import _CACHE, analyze  # noqa: E402
+import zoo
+from surgery.analysis.facts import analyze
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    _CACHE.clear()
-    yield
-    _CACHE.clear()
+pytestmark = pytest.mark.usefixtures("fresh_analysis_cache")
 
 
 def test_jetmoe_query_experts_are_the_query_projection():
