@@ -23,7 +23,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from surgery_plugins.lora import formula
+from surgery_plugins.lora import dispatch, formula
 
 # The cost model of `joined_pays`, in units of one element read from memory: a multiply-add costs 1 / INTENSITY
 # (a GPU's matmul throughput over its memory bandwidth, in elements: about 400 for bf16 on an H100 or H200), and
@@ -54,12 +54,9 @@ class Stack:
         self.scales = tuple(float(b.scale) for b in branches)
         first = branches[0]
         self.dtype, self.in_features, self.out_features = first.lora_A.dtype, first.lora_A.shape[1], first.lora_B.shape[0]
-        dropout = first.dropout
-        self._p = dropout.p if isinstance(dropout, torch.nn.Dropout) else 0.0  # dispatch.py: one rate for all
         self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None
         self._joined: tuple[torch.Tensor, torch.Tensor] | None = None
         self._joins: dict[tuple[int, int], bool] = {}
-        self._mask: tuple[torch.Tensor, torch.Tensor] | None = None  # (group, its mask as [samples, 1, R])
 
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, s·B) of every group stacked, [groups + 1, r, in] and [groups + 1, out, r], the last group zero."""
@@ -92,14 +89,7 @@ class Stack:
 
     def rate(self) -> float:
         """The dropout rate of this call (dispatch.py routes here only when every group's is the same)."""
-        return self._p if self.branches[0].training else 0.0
-
-    def mask(self, group: torch.Tensor) -> torch.Tensor:
-        """`mask(self, group)` as [samples, 1, R], kept for the last group seen."""
-        last = self._mask
-        if last is None or last[0] is not group:
-            last = self._mask = (group, mask(self, group)[:, None, :])
-        return last[1]
+        return dispatch.rate(self.branches[0])
 
 
 _masks: dict[int, dict] = {}  # id(group) -> {(ranks, scales, dtype): mask}, dropped when the group tensor dies
@@ -114,8 +104,8 @@ def _columns(ranks: tuple[int, ...], scales: tuple[float, ...], dtype: torch.dty
 
 
 def mask(stack: Stack, group: torch.Tensor) -> torch.Tensor:
-    """[samples, R]: sample i's scale on the columns of its group's pair, zero elsewhere (and on every column for
-    the group that takes none). Made on the group's device, without waiting for it, and kept for as long as the
+    """[samples, 1, R]: sample i's scale on the columns of its group's pair, zero elsewhere (and on every column
+    for the group that takes none), for every token of the sample. Made on the group's device, without waiting for it, and kept for as long as the
     `group` tensor lives (the Host keeps one per routing)."""
     masks = _masks.get(id(group))
     if masks is None:
@@ -125,7 +115,7 @@ def mask(stack: Stack, group: torch.Tensor) -> torch.Tensor:
     found = masks.get(key)
     if found is None:
         owner, scale = _columns(*key, group.device)
-        found = masks[key] = torch.where(group[:, None] == owner[None, :], scale, 0)
+        found = masks[key] = torch.where(group[:, None] == owner[None, :], scale, 0)[:, None, :]
     return found
 
 
@@ -142,7 +132,7 @@ def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor
     tokens = samples * flat.shape[1]
     if stack.joins(tokens, samples):
         a_t, b_t = stack.joined()
-        h = torch.matmul(flat, a_t).mul_(stack.mask(group))  # matmul keeps its inputs for backward, not h
+        h = torch.matmul(flat, a_t).mul_(mask(stack, group))  # matmul keeps its inputs for backward, not h
         if out.dtype == stack.dtype:
             if not torch.is_grad_enabled() and out._base is None and out.is_contiguous():
                 # inference: the base's own fresh output, updated in place (one read and write of it saved)
