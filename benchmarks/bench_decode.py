@@ -5,11 +5,14 @@
     python benchmarks/bench_decode.py                    # CPU: a small model, a smoke run
 
 LoRA r 16 on q/k/v/o, greedy decoding of a fixed number of tokens (no early stop). Rows: tokens per second for one
-adapter, and for 8 and 64 distinct adapters spread over the batch. Results: benchmarks/results/bench_decode-<device>.json.
+adapter, and for 8 and 64 distinct adapters spread over the batch. With `--repeat N` the rows are measured N times,
+interleaved (one, 8, 64, one, 8, 64, ...), and each figure is the median: decode steps are bound by the host's
+issue time, which drifts within a run. Results: benchmarks/results/bench_decode-<device>.json.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import harness
@@ -20,8 +23,9 @@ import surgery
 ROLES = ["attention.query", "attention.key", "attention.value", "attention.output"]
 
 
-def tokens_per_s(work: harness.Workload, fn, new: int, batch: int) -> float:
-    fn()  # warm-up (and the first call's set-up)
+def tokens_per_s(work: harness.Workload, fn, new: int, batch: int, warm: bool = True) -> float:
+    if warm:
+        fn()  # warm-up (and the first call's set-up)
     work.sync()
     start = time.perf_counter()
     fn()
@@ -29,11 +33,24 @@ def tokens_per_s(work: harness.Workload, fn, new: int, batch: int) -> float:
     return round(batch * new / (time.perf_counter() - start), 1)
 
 
+def interleaved(work: harness.Workload, runs: dict, new: int, batch: int, repeat: int) -> dict:
+    """Tokens per second of each of `runs` (name -> call): each warmed once, then measured `repeat` times in
+    turn; the median of each."""
+    for fn in runs.values():
+        fn()
+    seen: dict = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, fn in runs.items():
+            seen[name].append(tokens_per_s(work, fn, new, batch, warm=False))
+    return {name: statistics.median(v) for name, v in seen.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--adapters", nargs="*", type=int, default=[8, 64])
     parser.add_argument("--peft", action="store_true", help="also PEFT's adapter_names (slow: a loop per adapter)")
+    parser.add_argument("--repeat", type=int, default=1, help="measure each row N times, interleaved; medians")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     work = harness.Workload(args.device)
@@ -53,14 +70,17 @@ def main() -> None:
     results = {}
     with torch.no_grad():
         surgery.set_active(model, ["a0"])
-        results["one_adapter_tok_s"] = tokens_per_s(work, lambda: model.generate(ids, **gen), new, batch)
+        runs = {"one_adapter_tok_s": lambda: model.generate(ids, **gen)}
         for n in args.adapters:
             names = [f"a{i % n}" for i in range(batch)]
 
             def routed(names=names):
                 with surgery.per_sample(model, names):
                     return model.generate(ids, **gen)
-            results[f"{n}_adapters_tok_s"] = tokens_per_s(work, routed, new, batch)
+            runs[f"{n}_adapters_tok_s"] = routed
+        results |= interleaved(work, runs, new, batch, args.repeat)
+        results["repeat"] = args.repeat
+        for n in args.adapters:
             results[f"{n}_adapters_x_one"] = round(results[f"{n}_adapters_tok_s"] / results["one_adapter_tok_s"], 3)
         print(results, flush=True)
         if args.peft:

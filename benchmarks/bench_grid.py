@@ -10,7 +10,7 @@ Deep models are measured as a slice of a few layers (`layers`), which keeps ever
 call; the per-layer work is the full model's. The rows are spread over the grid's axes (hidden 1024-8192,
 r 8-128, MHA and GQA, with and without attention bias, dropout 0-0.1, sequence 512-4096, bf16 and fp16), not its
 full product. On a GPU, the first steps of each shape tune the LoRA kernels' tiles (plugins/lora/tiles.py), before
-the timed steps. Results: benchmarks/results/bench_grid-<device>.json.
+the timed steps. Results: benchmarks/results/bench_grid-<device>.json, each row written as soon as it is measured.
 """
 from __future__ import annotations
 
@@ -126,6 +126,7 @@ def main() -> None:
     for i in args.rows:
         name, config, batch, seq, r, p, dtype = GRID[i]
         rows[name] = row(args.device, name, config, batch, seq, r, p, dtype, args.steps, args.warm)
+        harness.write_results("bench_grid", args.device, {"rows": {name: rows[name]}}, args.out)  # kept if cut off
     summary = {k: statistics.median(v[k] for v in rows.values()) for k in ("x_floor", "x_peft_dtype", "fwd_x_base")}
     summary |= {f"worst_{k}": max(v[k] for v in rows.values()) for k in ("x_floor", "x_peft_dtype", "fwd_x_base")}
     print("median and worst:", summary)

@@ -6,7 +6,9 @@ run one after another, in one process.
 
 Rows per job size: `one` (a single adapter trained on all jobs' samples as one batch), `joint` (the 4 jobs in one
 step: one forward and backward, each job's optimizer stepped), `sequential` (each job's step alone, one after
-another). LoRA r 16 on every linear but the head, no dropout, AdamW. Results: benchmarks/results/bench_jobs-<device>.json.
+another). LoRA r 16 on every linear but the head, no dropout, AdamW. With `--profile`, also the host's time to issue
+each step against its wall time (the host is the bound where they meet) and each step's kernels under
+torch.profiler. Results: benchmarks/results/bench_jobs-<device>.json.
 """
 from __future__ import annotations
 
@@ -20,7 +22,14 @@ import surgery
 JOBS = 4
 
 
-def rows(work: harness.Workload, per_job: tuple[int, int]) -> dict:
+def examine(work: harness.Workload, out: dict, key: str, step) -> None:
+    """Host issue time against wall time of `step`, and its kernels (harness.profile), into `out`."""
+    out[f"{key}_host_ms"], out[f"{key}_wall_ms"] = work.host_and_wall_ms(step)
+    out[f"{key}_profile"] = harness.profile(step, work.device)
+    harness.print_profile(key, out[f"{key}_profile"])
+
+
+def rows(work: harness.Workload, per_job: tuple[int, int], profile: bool = False) -> dict:
     batch, seq = per_job
     vocab = work.shape["config"]["vocab_size"]
     g = torch.Generator().manual_seed(1)
@@ -35,6 +44,8 @@ def rows(work: harness.Workload, per_job: tuple[int, int]) -> dict:
     jobs = surgery.jobs(model, opts)
     out = {"joint_ms": work.time_ms(lambda: jobs.step(data))}
     out["joint_gib"] = work.peak_gib()
+    if profile:
+        examine(work, out, "joint", lambda: jobs.step(data))
 
     def sequential():
         for name, batch in data.items():
@@ -54,6 +65,8 @@ def rows(work: harness.Workload, per_job: tuple[int, int]) -> dict:
         opt.zero_grad(set_to_none=True)
     out["one_ms"] = work.time_ms(one)
     out["one_gib"] = work.peak_gib()
+    if profile:
+        examine(work, out, "one", one)
     model = opt = None
     work.fresh()
     out = {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
@@ -65,14 +78,18 @@ def rows(work: harness.Workload, per_job: tuple[int, int]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--profile", action="store_true", help="also host time against wall time, and kernels")
+    parser.add_argument("--sizes", nargs="*", type=int, default=None, help="per-job batch and length pairs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     work = harness.Workload(args.device)
     sizes = [(1, 512), (2, 1024)] if work.cuda else [(1, 32), (2, 64)]
+    if args.sizes:
+        sizes = list(zip(args.sizes[::2], args.sizes[1::2]))
     results = {}
     for size in sizes:
         key = f"{JOBS} jobs x ({size[0]} x {size[1]})"
-        results[key] = rows(work, size)
+        results[key] = rows(work, size, args.profile)
         print(key, results[key], flush=True)
     print(f"wrote {harness.write_results('bench_jobs', args.device, {'jobs': results}, args.out)}")
 

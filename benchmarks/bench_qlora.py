@@ -83,28 +83,13 @@ class Bench(harness.Workload):
 
 
     def profile(self, key: str, build, top: int = 12) -> None:
-        """One training step of `build()`'s model under torch.profiler: kernel count, GPU time, and the kernels
-        that take most of it (the figures go to results['profile'][key])."""
+        """One training step of `build()`'s model under torch.profiler (harness.profile; the figures go to
+        results['profile'][key])."""
         self.fresh()
         model = build().train()
         step = self.train_step(model)
-        for _ in range(2):
-            step()
-        self.sync()
-        cuda = torch.profiler.ProfilerActivity.CUDA if self.cuda else torch.profiler.ProfilerActivity.CPU
-        with torch.profiler.profile(activities=[cuda]) as prof:
-            step()
-            self.sync()
-        on = torch.autograd.DeviceType.CUDA if self.cuda else torch.autograd.DeviceType.CPU  # CPU: ops' own time
-        time = (lambda e: e.device_time_total) if self.cuda else (lambda e: e.self_cpu_time_total)
-        kernels = sorted([e for e in prof.key_averages() if e.device_type == on], key=time, reverse=True)
-        total = sum(map(time, kernels)) / 1e3
-        found = {"kernels": sum(e.count for e in kernels), "gpu_ms": round(total, 2),
-                 "top": [[e.key[:90], e.count, round(time(e) / 1e3, 2)] for e in kernels[:top]]}
-        self.results.setdefault("profile", {})[key] = found
-        print(f"  profile {key}: {found['kernels']} kernels, {found['gpu_ms']} ms of GPU time", flush=True)
-        for name, count, ms in found["top"]:
-            print(f"    {ms:8.2f} ms  {count:6d} x  {name}", flush=True)
+        found = self.results.setdefault("profile", {})[key] = harness.profile(step, self.device, top)
+        harness.print_profile(key, found)
         del model, step
         self.fresh()
 

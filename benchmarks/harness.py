@@ -95,6 +95,30 @@ def host_and_wall_ms(fn: Callable[[], object], device: str, n: int = 8, warm: in
     return statistics.median(host), statistics.median(wall)
 
 
+def profile(fn: Callable[[], object], device: str, top: int = 12, warm: int = 2) -> dict:
+    """One call of `fn` under torch.profiler, after `warm` calls: the number of kernels, their total time (on the
+    CPU: the ops' own time) and the `top` kernels by time, as [name, count, ms]."""
+    cuda = str(device).startswith("cuda")
+    for _ in range(warm):
+        fn()
+    sync(device)
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        fn()
+        sync(device)
+    on = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    spent = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    kernels = sorted([e for e in prof.key_averages() if e.device_type == on], key=spent, reverse=True)
+    return {"kernels": sum(e.count for e in kernels), "gpu_ms": round(sum(map(spent, kernels)) / 1e3, 2),
+            "top": [[e.key[:90], e.count, round(spent(e) / 1e3, 2)] for e in kernels[:top]]}
+
+
+def print_profile(key: str, found: dict) -> None:
+    print(f"  profile {key}: {found['kernels']} kernels, {found['gpu_ms']} ms of GPU time", flush=True)
+    for name, count, ms in found["top"]:
+        print(f"    {ms:8.2f} ms  {count:6d} x  {name}", flush=True)
+
+
 def host_us(fn: Callable[[], object], calls: int, rounds: int, warm: int, pick=statistics.median,
             device: str = "cuda") -> float:
     """Host µs per call of `fn`: `pick` (median, min, ...) over `rounds` runs of `calls` calls, after `warm` calls;

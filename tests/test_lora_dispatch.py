@@ -335,7 +335,7 @@ def test_routed_path_equals_the_formula_per_sample(monkeypatch, form, p, autogra
     pairs = [(rand(r, IN, g=g, grad=True), rand(OUT, r, g=g, grad=True), s) for r, s in ((R, 0.5), (1, 2.0), (5, 1.0))]
     branches = [branch_of(a, b, s, p) for a, b, s in pairs]
     x = rand(4, 5, IN, g=g, grad=True)
-    base_out = rand(4, 5, OUT, g=g)
+    base_out = rand(4, 5, OUT, g=g, grad=autograd)  # the base's output carries its own gradient
     group = torch.tensor([2, 0, 3, 1])  # 3: no pair
     with torch.random.fork_rng(), torch.set_grad_enabled(autograd):
         torch.manual_seed(3)
@@ -348,7 +348,7 @@ def test_routed_path_equals_the_formula_per_sample(monkeypatch, form, p, autogra
     if not autograd:
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         return
-    assert_same(got, want, leaves_of(x, *[t for a, b, _ in pairs for t in (a, b)]), g)
+    assert_same(got, want, leaves_of(x, base_out, *[t for a, b, _ in pairs for t in (a, b)]), g)
 
 
 def test_routed_cost_model_joins_small_batches_and_gathers_long_prompts_of_many_adapters():

@@ -57,6 +57,7 @@ class Stack:
         self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None
         self._joined: tuple[torch.Tensor, torch.Tensor] | None = None
         self._joins: dict[tuple[int, int], bool] = {}
+        self.same_dtype = all(t.dtype == self.dtype for b in branches for t in (b.lora_A, b.lora_B))
 
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, s·B) of every group stacked, [groups + 1, r, in] and [groups + 1, out, r], the last group zero."""
@@ -131,6 +132,9 @@ def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor
         flat = F.dropout(flat, p, True)
     tokens = samples * flat.shape[1]
     if stack.joins(tokens, samples):
+        if torch.is_grad_enabled() and out.dtype == stack.dtype and stack.same_dtype:
+            lora = [b.lora_A for b in stack.branches] + [b.lora_B for b in stack.branches]
+            return JoinedLora.apply(flat, out, mask(stack, group), stack.ranks, *lora)
         a_t, b_t = stack.joined()
         h = torch.matmul(flat, a_t).mul_(mask(stack, group))  # matmul keeps its inputs for backward, not h
         if out.dtype == stack.dtype:
@@ -144,3 +148,43 @@ def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor
         a, b = stack.gathered()
         delta = torch.bmm(torch.bmm(flat, a[group].transpose(1, 2)), b[group].transpose(1, 2))
     return out + delta.reshape(out.shape).to(out.dtype)
+
+
+class JoinedLora(torch.autograd.Function):
+    """The joined form in training, as one autograd node: out + (x @ Aᵀ · mask) @ Bᵀ, from the groups' own A_i
+    and B_i (joined inside, not recorded), with each pair's gradients computed apart: dA_i as rows of one
+    dh.T @ x (kept as is, no copy), dB_i = dy.T @ hs_i each in B_i's own layout. Autograd would record ten
+    nodes here, and copy every group's dA and dB slice out of the joined gradients: on a step bound by the
+    host's issue time (several small jobs), those nodes and copies are what the joined form costs over one adapter.
+    Inputs: x [samples, tokens, in] (after dropout), the base's `out`, the [samples, 1, R] `mask`, the ranks, then
+    every A_i and every B_i."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, ranks: tuple[int, ...],
+                *pairs: torch.Tensor) -> torch.Tensor:
+        n = len(ranks)
+        a_cat, b_cat = torch.cat(pairs[:n]), torch.cat(pairs[n:], dim=1)
+        x2 = x.reshape(-1, x.shape[-1])
+        hs = torch.mm(x2, a_cat.t()).view(x.shape[0], -1, a_cat.shape[0]).mul_(mask).view(x2.shape[0], -1)
+        ctx.save_for_backward(x2, hs, mask, a_cat, b_cat)
+        ctx.ranks, ctx.x_shape = ranks, x.shape
+        return torch.addmm(out.reshape(x2.shape[0], -1), hs, b_cat.t()).view(out.shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2, hs, mask, a_cat, b_cat = ctx.saved_tensors
+        needs, ranks, n = ctx.needs_input_grad, ctx.ranks, len(ctx.ranks)
+        dy2 = dy.reshape(x2.shape[0], -1)
+        dx = d_a = None
+        if needs[0] or any(needs[4:4 + n]):
+            dh = torch.mm(dy2, b_cat).view(ctx.x_shape[0], -1, hs.shape[1]).mul_(mask).view(hs.shape)
+            if needs[0]:
+                dx = torch.mm(dh, a_cat).view(ctx.x_shape)
+            if any(needs[4:4 + n]):
+                d_a = torch.mm(dh.t(), x2).split(ranks)
+        grads_a, grads_b, col = [], [], 0
+        for i, r in enumerate(ranks):
+            grads_a.append(d_a[i] if needs[4 + i] else None)
+            grads_b.append(torch.mm(dy2.t(), hs[:, col:col + r]) if needs[4 + n + i] else None)
+            col += r
+        return dx, dy if needs[1] else None, None, None, *grads_a, *grads_b

@@ -58,8 +58,9 @@ class Host(nn.Module):
 
     def set_routing(self, routing: tuple[str | None, ...] | None, usable: set[str]) -> None:
         """Route sample i to branch routing[i] (if it is in `usable`, else to the base alone)."""
-        self.routing = None if routing is None else tuple(n if n in usable else None for n in routing)
-        self._routes = {}
+        # plain attributes, set in __dict__ directly: nn.Module's __setattr__ costs more, on every per_sample block
+        self.__dict__["routing"] = None if routing is None else tuple(n if n in usable else None for n in routing)
+        self.__dict__["_routes"] = {}
 
     def _run(self, branches: tuple[Branch, ...] | list[Branch], args: tuple, kwargs: dict) -> Any:
         if len(branches) == 1:

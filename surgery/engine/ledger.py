@@ -109,13 +109,17 @@ class Ledger:
     def refresh(self) -> None:
         """Tell every host which of its branches run: active, not merged, not disabled; or, while routing per
         sample, which branch each sample takes."""
-        for host in self.hosts.values():
+        for host in self.hosts.values():  # runs on every per_sample block (a training step of surgery.jobs)
             unmerged = [n for n, b in host.branches.items() if self.attachments[n].merged is None or b.kept_when_merged]
-            host.running = () if self.disabled else tuple(n for n in unmerged if n in self.active)
+            running = () if self.disabled else tuple(n for n in unmerged if n in self.active)
+            if running != host.running:
+                host.running = running
             host.set_routing(None if self.disabled else self.routing, set(unmerged))
-            alone = host.running[0] if len(host.running) == 1 and host.routing is None else None
+            alone = running[0] if len(running) == 1 and host.routing is None else None
             for n, branch in host.branches.items():
-                branch.running, branch.runs_alone = n in host.running, n == alone
+                flags = (n in running, n == alone)
+                if (getattr(branch, "running", None), getattr(branch, "runs_alone", None)) != flags:
+                    branch.running, branch.runs_alone = flags
 
 
 def unwrap(model: nn.Module) -> nn.Module:
