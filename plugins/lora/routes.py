@@ -57,7 +57,8 @@ class Stack:
         self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None
         self._joined: tuple[torch.Tensor, torch.Tensor] | None = None
         self._joins: dict[tuple[int, int], bool] = {}
-        self.same_dtype = all(t.dtype == self.dtype for b in branches for t in (b.lora_A, b.lora_B))
+        self.pairs = tuple(b.lora_A for b in branches) + tuple(b.lora_B for b in branches)  # every A, every B
+        self.same_dtype = all(t.dtype == self.dtype for t in self.pairs)
 
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, s·B) of every group stacked, [groups + 1, r, in] and [groups + 1, out, r], the last group zero."""
@@ -133,8 +134,7 @@ def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor
     tokens = samples * flat.shape[1]
     if stack.joins(tokens, samples):
         if torch.is_grad_enabled() and out.dtype == stack.dtype and stack.same_dtype:
-            lora = [b.lora_A for b in stack.branches] + [b.lora_B for b in stack.branches]
-            return JoinedLora.apply(flat, out, mask(stack, group), stack.ranks, *lora)
+            return JoinedLora.apply(flat, out, mask(stack, group), stack.ranks, *stack.pairs)
         a_t, b_t = stack.joined()
         h = torch.matmul(flat, a_t).mul_(mask(stack, group))  # matmul keeps its inputs for backward, not h
         if out.dtype == stack.dtype:
