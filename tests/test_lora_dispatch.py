@@ -351,6 +351,30 @@ def test_routed_path_equals_the_formula_per_sample(monkeypatch, form, p, autogra
     assert_same(got, want, leaves_of(x, base_out, *[t for a, b, _ in pairs for t in (a, b)]), g)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_routed_call_with_the_base_inside_equals_the_formula_per_sample(monkeypatch, bias):
+    """In training without dropout the routed call computes the base linear too (routes.call: dx = dy @ W + dh @ A
+    in one update): outputs and the gradients of x, W, the bias and every pair equal the float64 formula, with
+    mixed ranks and scales and a sample with no pair; it declines with dropout and without autograd."""
+    monkeypatch.setattr(routes, "joined_pays", lambda *shape: True)
+    g = torch.Generator().manual_seed(7)
+    pairs = [(rand(r, IN, g=g, grad=True), rand(OUT, r, g=g, grad=True), s) for r, s in ((R, 0.5), (1, 2.0), (5, 1.0))]
+    base = nn.Linear(IN, OUT, bias=bias, dtype=torch.float64)
+    x = rand(4, 5, IN, g=g, grad=True)
+    group = torch.tensor([2, 0, 3, 1])  # 3: no pair
+    stack = routes.Stack([branch_of(a, b, s, 0.0) for a, b, s in pairs])
+    got = routes.call(stack, group, base, x)
+    assert got is not NotImplemented
+    out = base(x)
+    want = torch.stack([out[i] if k == 3 else out[i] + formula.update(x[i], *pairs[k])
+                        for i, k in enumerate(group.tolist())])
+    assert_same(got, want, leaves_of(x, base.weight, base.bias, *[t for a, b, _ in pairs for t in (a, b)]), g)
+    with torch.no_grad():
+        assert routes.call(stack, group, base, x) is NotImplemented
+    dropped = routes.Stack([branch_of(a, b, s, 0.3) for a, b, s in pairs])
+    assert routes.call(dropped, group, base, x) is NotImplemented
+
+
 def test_routed_cost_model_joins_small_batches_and_gathers_long_prompts_of_many_adapters():
     """The joined form where its extra columns cost less than the copies and launches of the gathered one: decoding
     (one token per sample) with 64 adapters, several training jobs; gathered for long prompts of 64 adapters."""

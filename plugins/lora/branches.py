@@ -86,6 +86,12 @@ class LoraBranch(Branch):
         return routes.Stack(branches)
 
     @classmethod
+    def route_call(cls, state: routes.Stack, group: torch.Tensor, base: nn.Module, args: tuple, kwargs: dict
+                   ) -> torch.Tensor:
+        """The base linear and every sample's LoRA at once, in training (routes.call), or NotImplemented."""
+        return routes.call(state, group, base, input_of(args, kwargs))
+
+    @classmethod
     def route_output(cls, state: routes.Stack, group: torch.Tensor, args: tuple, kwargs: dict,
                      out: torch.Tensor) -> torch.Tensor:
         """Every sample's own LoRA at once, whatever the number of adapters (routes.py)."""

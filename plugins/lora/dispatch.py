@@ -20,8 +20,8 @@ Paths (`Path.kind`), what computes the call, and when:
 - FUSED: `fused.LoraLinear`, otherwise at a plain nn.Linear, with autograd recording or dropout (training); at a
   quantized layer (in training only, see PLAIN), its weight dequantized in forward and again in backward.
 - INFERENCE: `fused.inference`, the same by plain ops, otherwise (no autograd, no dropout).
-- ROUTED: `routes.output`, every sample's own pair at once: per-sample routing, no branch with channels, one
-  dropout rate for all.
+- ROUTED: `routes.output` (in training without dropout `routes.call`, the base linear inside), every sample's
+  own pair at once: per-sample routing, no branch with channels, one dropout rate for all.
 - GROUPS: the Host runs each group of samples alone: per-sample routing otherwise.
 
 Within FUSED, SHARED and their inference forms:

@@ -11,6 +11,9 @@ Two forms of the same sum, out + s_g · B_g(A_g(dropout(x))) for each sample of 
   last for the samples that take none; each sample gathers its own pair and two batched matmuls apply them. Each
   token computes one pair, but every sample copies its pair and the batched matmuls are more kernels.
 
+In training the joined form is one autograd node (`JoinedLora`), which also computes the base linear where it can
+(`call`, the Host's `route_call`): dx = dy @ W + dh @ A in one update.
+
 `joined_pays` chooses per call, by a model of the two costs. Dropout (one rate for every group) is drawn once on
 x, before A, in either form; dispatch.py sends the rest (a branch with channels, rates that differ) to the Host's
 per-group path.
@@ -22,6 +25,7 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from surgery_plugins.lora import dispatch, formula
 
@@ -121,6 +125,24 @@ def mask(stack: Stack, group: torch.Tensor) -> torch.Tensor:
     return found
 
 
+def call(stack: Stack, group: torch.Tensor, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The base linear's output and every sample's update at once (JoinedLora, the base inside), in training
+    without dropout at a plain nn.Linear whose weight, x and pairs share one dtype, where the joined form is
+    chosen; else NotImplemented (the Host then runs the base and `output`)."""
+    if not torch.is_grad_enabled() or type(base) is not nn.Linear or not isinstance(x, torch.Tensor):
+        return NotImplemented
+    weight = base.weight
+    if not x.dtype == weight.dtype == stack.dtype or not stack.same_dtype or stack.rate() > 0 \
+            or x.shape[-1] != stack.in_features:
+        return NotImplemented
+    samples = x.shape[0]
+    flat = x.reshape(samples, -1, x.shape[-1])
+    if not stack.joins(samples * flat.shape[1], samples):
+        return NotImplemented
+    y = JoinedLora.apply(flat, None, weight, base.bias, mask(stack, group), stack.ranks, *stack.pairs)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The base output `out` plus each sample's update (group[i]: sample i's group; len(branches): none). Runs on
     every call of a routed site, decoding included: what it can, it reads from `stack`, made once per routing."""
@@ -134,7 +156,7 @@ def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor
     tokens = samples * flat.shape[1]
     if stack.joins(tokens, samples):
         if torch.is_grad_enabled() and out.dtype == stack.dtype and stack.same_dtype:
-            return JoinedLora.apply(flat, out, mask(stack, group), stack.ranks, *stack.pairs)
+            return JoinedLora.apply(flat, out, None, None, mask(stack, group), stack.ranks, *stack.pairs)
         a_t, b_t = stack.joined()
         h = torch.matmul(flat, a_t).mul_(mask(stack, group))  # matmul keeps its inputs for backward, not h
         if out.dtype == stack.dtype:
@@ -151,40 +173,49 @@ def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor
 
 
 class JoinedLora(torch.autograd.Function):
-    """The joined form in training, as one autograd node: out + (x @ Aᵀ · mask) @ Bᵀ, from the groups' own A_i
-    and B_i (joined inside, not recorded), with each pair's gradients computed apart: dA_i as rows of one
+    """The joined form in training, as one autograd node: y = base + (x @ Aᵀ · mask) @ Bᵀ, from the groups' own
+    A_i and B_i (joined inside, not recorded), with each pair's gradients computed apart: dA_i as rows of one
     dh.T @ x (kept as is, no copy), dB_i = dy.T @ hs_i each in B_i's own layout. Autograd would record ten
-    nodes here, and copy every group's dA and dB slice out of the joined gradients: on a step bound by the
-    host's issue time (several small jobs), those nodes and copies are what the joined form costs over one adapter.
-    Inputs: x [samples, tokens, in] (after dropout), the base's `out`, the [samples, 1, R] `mask`, the ranks, then
-    every A_i and every B_i."""
+    nodes here and copy every group's dA and dB slice out of the joined gradients: on a step bound by the host's
+    issue time (several small jobs), those nodes and copies are what the joined form costs over one adapter.
+
+    Inputs: x [samples, tokens, in] (after dropout, if any); the base: its output `out`, or (out None) a linear's
+    `weight` and `bias`, computed here so that dx = dy @ W + dh @ A is one update instead of two gradients
+    summed; the [samples, 1, R] `mask`; the ranks; then every A_i and every B_i."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, ranks: tuple[int, ...],
-                *pairs: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, mask: torch.Tensor, ranks: tuple[int, ...], *pairs: torch.Tensor
+                ) -> torch.Tensor:
         n = len(ranks)
         a_cat, b_cat = torch.cat(pairs[:n]), torch.cat(pairs[n:], dim=1)
         x2 = x.reshape(-1, x.shape[-1])
         hs = torch.mm(x2, a_cat.t()).view(x.shape[0], -1, a_cat.shape[0]).mul_(mask).view(x2.shape[0], -1)
-        ctx.save_for_backward(x2, hs, mask, a_cat, b_cat)
+        ctx.save_for_backward(x2, hs, mask, a_cat, b_cat, weight)
         ctx.ranks, ctx.x_shape = ranks, x.shape
+        if out is None:  # the base linear, here: its fresh output takes the update in place
+            return F.linear(x2, weight, bias).addmm_(hs, b_cat.t()).view(*x.shape[:-1], weight.shape[0])
         return torch.addmm(out.reshape(x2.shape[0], -1), hs, b_cat.t()).view(out.shape)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, hs, mask, a_cat, b_cat = ctx.saved_tensors
+        x2, hs, mask, a_cat, b_cat, weight = ctx.saved_tensors
         needs, ranks, n = ctx.needs_input_grad, ctx.ranks, len(ctx.ranks)
         dy2 = dy.reshape(x2.shape[0], -1)
         dx = d_a = None
-        if needs[0] or any(needs[4:4 + n]):
+        if needs[0] and weight is not None:
+            dx = torch.mm(dy2, weight)
+        if needs[0] or any(needs[6:6 + n]):
             dh = torch.mm(dy2, b_cat).view(ctx.x_shape[0], -1, hs.shape[1]).mul_(mask).view(hs.shape)
             if needs[0]:
-                dx = torch.mm(dh, a_cat).view(ctx.x_shape)
-            if any(needs[4:4 + n]):
+                dx = torch.mm(dh, a_cat) if dx is None else dx.addmm_(dh, a_cat)
+            if any(needs[6:6 + n]):
                 d_a = torch.mm(dh.t(), x2).split(ranks)
         grads_a, grads_b, col = [], [], 0
         for i, r in enumerate(ranks):
-            grads_a.append(d_a[i] if needs[4 + i] else None)
-            grads_b.append(torch.mm(dy2.t(), hs[:, col:col + r]) if needs[4 + n + i] else None)
+            grads_a.append(d_a[i] if needs[6 + i] else None)
+            grads_b.append(torch.mm(dy2.t(), hs[:, col:col + r]) if needs[6 + n + i] else None)
             col += r
-        return dx, dy if needs[1] else None, None, None, *grads_a, *grads_b
+        return (None if dx is None else dx.view(ctx.x_shape), dy if needs[1] else None,
+                torch.mm(dy2.t(), x2) if needs[2] else None, dy2.sum(0) if needs[3] else None, None, None,
+                *grads_a, *grads_b)

@@ -75,10 +75,10 @@ def surgery_methods() -> list["Method"]:
     module's inputs, `adapt_output(args, kwargs, out)` its output; with `replaces_base = True` the branch is
     called instead of the base; a branch that also sets `kept_when_merged = True` (a trained module copy) has no
     weight edit: merge leaves it running and bake puts its `baked_module()` in the base module's place.
-    `branch.running` (set by the engine) says whether it runs now. Optional fast
-    paths, each with the contract in its docstring in `surgery.plugin.Branch`: `fused_call` (base and branch in
-    one go while the branch runs alone at its site) and `prepare_routes`/`route_output` (every sample of a
-    per-sample-routed batch at once, `surgery.per_sample`). All state worth saving lives in the branch's
+    `branch.running` (set by the engine) says whether it runs now. Optional fast paths, each with the contract in
+    its docstring in `surgery.plugin.Branch`: `fused_call` (base and branch in one go while the branch runs alone
+    at its site) and `prepare_routes`/`route_output` (every sample of a per-sample-routed batch at once,
+    `surgery.per_sample`; `route_call` the base with them). All state worth saving lives in the branch's
     parameters and persistent buffers: `surgery.save` writes its `state_dict`.
     """
 

@@ -64,7 +64,8 @@ class Branch(nn.Module):
       input computed together).
     - `prepare_routes(branches)` / `route_output(state, group, args, kwargs, out)`: under per-sample routing
       (`surgery.per_sample`), every sample's own branch applied to the whole batch's base output at once, instead
-      of the base running once per group of samples (LoRA, IA3's output scaling, serial bottleneck adapters).
+      of the base running once per group of samples (LoRA, IA3's output scaling, serial bottleneck adapters);
+      and, with them, `route_call(state, group, base, args, kwargs)`: the base's output and the branches' at once.
     """
 
     replaces_base: bool = False
@@ -104,6 +105,14 @@ class Branch(nn.Module):
         `prepare_routes`; len(branches) means none) to `out`, the base module's output for the whole batch on
         `args`/`kwargs`, at once. The result must equal running each sample alone through its branch."""
         raise NotImplementedError
+
+    @classmethod
+    def route_call(cls, state: Any, group: torch.Tensor, base: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """Optional, with `prepare_routes`: the routed call's whole output, the base module's included (`base`
+        is the module the Host would call), where computing both together pays (LoRA in training: one backward
+        for the input's gradient). Offered before the base runs, on every routed call; return NotImplemented to
+        decline: the Host then runs the base and `route_output`. The same contract as `route_output` otherwise."""
+        return NotImplemented
 
     def baked_module(self) -> nn.Module:
         """With `kept_when_merged`: the module that takes the base module's place for good on `surgery.bake`."""

@@ -25,8 +25,8 @@ class Host(nn.Module):
     Per-sample routing (`surgery.per_sample`): `routing` names one attachment (or None) per sample; each sample
     then runs only its own branch. Where all the branches in use are of one class that implements
     `prepare_routes`/`route_output`, the base runs once for the whole batch and the class applies each sample's
-    branch to it (LoRA, IA3, serial adapters); otherwise, or where `prepare_routes` declines, the base and each
-    group's branch run once per group of samples.
+    branch to it (LoRA, IA3, serial adapters), or computes both at once (`route_call`, where it accepts);
+    otherwise, or where `prepare_routes` declines, the base and each group's branch run once per group of samples.
     """
 
     def __init__(self, base: nn.Module):
@@ -121,7 +121,11 @@ class Host(nn.Module):
                     return self._run_groups(branches, index, x.shape[0], args, kwargs)
                 if not torch.is_grad_enabled():
                     self._routes[key] = state
-            return kind.route_output(state, index, args, kwargs, self._modules["base"](*args, **kwargs))
+            base = self._modules["base"]
+            out = kind.route_call(state, index, base, args, kwargs)
+            if out is NotImplemented:
+                out = kind.route_output(state, index, args, kwargs, base(*args, **kwargs))
+            return out
         return self._run_groups(branches, index, x.shape[0], args, kwargs)
 
     def _run_groups(self, branches: list[Branch], index: torch.Tensor, batch: int, args: tuple, kwargs: dict) -> Any:
