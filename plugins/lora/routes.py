@@ -136,11 +136,11 @@ def call(stack: Stack, group: torch.Tensor, base: nn.Module, x: torch.Tensor) ->
             or x.shape[-1] != stack.in_features:
         return NotImplemented
     samples = x.shape[0]
-    flat = x.reshape(samples, -1, x.shape[-1])
+    flat = x if x.dim() == 3 else x.reshape(samples, -1, x.shape[-1])  # no view node where none is needed
     if not stack.joins(samples * flat.shape[1], samples):
         return NotImplemented
     y = JoinedLora.apply(flat, None, weight, base.bias, mask(stack, group), stack.ranks, *stack.pairs)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return y if flat is x else y.view(*x.shape[:-1], y.shape[-1])
 
 
 def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
