@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from surgery.plugin import Branch, SlicedBranch, input_of
-from surgery_plugins.lora import dispatch, formula, routes
+from surgery_plugins.lora import dispatch, formula, routed_group, routes
 from surgery_plugins.lora.quantized_base import QuantizedWeight
 from surgery_plugins.lora.shared import SharedInput
 
@@ -88,8 +88,11 @@ class LoraBranch(Branch):
     @classmethod
     def route_call(cls, state: routes.Stack, group: torch.Tensor, base: nn.Module, args: tuple, kwargs: dict
                    ) -> torch.Tensor:
-        """The base linear and every sample's LoRA at once, in training (routes.call), or NotImplemented."""
-        return routes.call(state, group, base, input_of(args, kwargs))
+        """The base linear and every sample's LoRA at once, in training: with the other linears that read the same
+        input (routed_group.py), else alone (routes.call); or NotImplemented."""
+        x = input_of(args, kwargs)
+        out = routed_group.call(state, group, base, x)  # with the linears that read x too, where they can
+        return routes.call(state, group, base, x) if out is NotImplemented else out
 
     @classmethod
     def route_output(cls, state: routes.Stack, group: torch.Tensor, args: tuple, kwargs: dict,

@@ -98,31 +98,39 @@ class Stack:
         return dispatch.rate(self.branches[0])
 
 
-_masks: dict[int, dict] = {}  # id(group) -> {(ranks, scales, dtype): mask}, dropped when the group tensor dies
+_masks: dict[int, dict] = {}  # id(group) -> {(ranks, scales, dtype, groups): mask}, dropped when the group dies
 
 
 @functools.lru_cache(maxsize=256)
-def _columns(ranks: tuple[int, ...], scales: tuple[float, ...], dtype: torch.dtype, device: torch.device
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each column of the joined pairs, its group number and that group's scale, on `device` (made once)."""
-    owner = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks))
-    return owner.to(device), torch.tensor(scales, dtype=torch.float64)[owner].to(device, dtype)
+def _columns(ranks: tuple[int, ...], scales: tuple[float, ...], dtype: torch.dtype, groups: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each column of the joined pairs, its group number and that pair's scale, on `device` (made once). The
+    pairs are those of `groups` groups, in group order, repeated for each site of a routed group (routed_group.py)."""
+    owner = torch.repeat_interleave(torch.arange(len(ranks)) % groups, torch.tensor(ranks))
+    scale = torch.repeat_interleave(torch.tensor(scales, dtype=torch.float64), torch.tensor(ranks))
+    return owner.to(device), scale.to(device, dtype)
 
 
-def mask(stack: Stack, group: torch.Tensor) -> torch.Tensor:
-    """[samples, 1, R]: sample i's scale on the columns of its group's pair, zero elsewhere (and on every column
-    for the group that takes none), for every token of the sample. Made on the group's device, without waiting for it, and kept for as long as the
-    `group` tensor lives (the Host keeps one per routing)."""
+def mask_of(ranks: tuple[int, ...], scales: tuple[float, ...], dtype: torch.dtype, groups: int,
+            group: torch.Tensor) -> torch.Tensor:
+    """[samples, 1, R]: sample i's scale on the columns of its group's pairs, zero elsewhere (and on every column
+    for the group that takes none), for every token of the sample. Made on the group's device without waiting for
+    it, and kept for as long as the `group` tensor lives (the Host keeps one per routing)."""
     masks = _masks.get(id(group))
     if masks is None:
         masks = _masks[id(group)] = {}
         weakref.finalize(group, _masks.pop, id(group), None)
-    key = (stack.ranks, stack.scales, stack.dtype)
+    key = (ranks, scales, dtype, groups)
     found = masks.get(key)
     if found is None:
         owner, scale = _columns(*key, group.device)
         found = masks[key] = torch.where(group[:, None] == owner[None, :], scale, 0)[:, None, :]
     return found
+
+
+def mask(stack: Stack, group: torch.Tensor) -> torch.Tensor:
+    """The mask of `stack`'s pairs (`mask_of`)."""
+    return mask_of(stack.ranks, stack.scales, stack.dtype, len(stack.ranks), group)
 
 
 def call(stack: Stack, group: torch.Tensor, base: nn.Module, x: torch.Tensor) -> torch.Tensor:

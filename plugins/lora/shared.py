@@ -220,6 +220,7 @@ class SharedInput:
     def __init__(self, members: list[Any]):
         self.members = members  # LoraBranch objects
         self._pending: dict[int, tuple[torch.Tensor, tuple, torch.Tensor]] = {}  # index -> (x, versions, output)
+        self._routed: dict[int, tuple] = {}  # index -> (x, group, tensors, versions, output): routed_group.py
 
     def tensors(self, index: int) -> tuple:
         """Member `index`'s weight (at a quantized layer, its quantized_base.QuantizedWeight), bias (or None), A
@@ -258,5 +259,22 @@ class SharedInput:
         self._pending = pending
         return own
 
+    def keep_routed(self, index: int, x: torch.Tensor, group: torch.Tensor, outs: dict[int, torch.Tensor],
+                    tensors: dict[int, tuple]) -> None:
+        """Keep the outputs the routed group computed on `x` under routing `group` (routed_group.py) for its other
+        sites' calls; `tensors[i]`: site i's weight, bias, every group's A, every group's B."""
+        self._routed = {i: (x, group, tensors[i], _versions(x, tensors[i]), out) for i, out in outs.items()
+                        if i != index}
+
+    def take_routed(self, index: int, x: torch.Tensor, group: torch.Tensor, tensors: tuple) -> torch.Tensor | None:
+        """Site `index`'s kept routed output if it was computed on this very `x` under this routing, from these
+        very `tensors`, all unchanged since; else None. Either way it is dropped."""
+        pending = self._routed.pop(index, None) if self._routed else None
+        if pending is None or pending[0] is not x or pending[1] is not group or len(pending[2]) != len(tensors) \
+                or any(a is not b for a, b in zip(pending[2], tensors)) or pending[3] != _versions(x, tensors):
+            return None
+        return pending[4]
+
     def clear(self) -> None:
         self._pending = {}
+        self._routed = {}

@@ -1,0 +1,90 @@
+"""Per-sample routing in training at the linears that read one input (plugins/lora/routed_group.py): q/k/v and
+gate/up computed together, checked in float64 against each sample run alone on its own adapter; kept outputs are
+not reused once an input or a pair changed."""
+import pytest
+import torch
+
+import surgery
+from surgery import tiny
+from surgery_plugins.lora import routed_group
+
+RANKS = {"a": 2, "b": 5, "c": 3}  # mixed ranks and scales (alpha 8)
+
+
+def rules(r):
+    return surgery.RuleSet(name="t", rules=[surgery.Rule(
+        select=surgery.Selector(kinds=["linear"]), exclude=surgery.Selector(roles=["lm_head"]), method="lora",
+        params={"r": r, "alpha": 8})])
+
+
+def model_with_jobs(arch="llama"):
+    model = tiny.build(arch).double()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, r in RANKS.items():
+        surgery.attach(model, rules(r), name=name)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+    return model.train()
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    calls = []
+    apply = routed_group.GroupedJoinedLora.apply
+    monkeypatch.setattr(routed_group.GroupedJoinedLora, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_grouped_routing_equals_each_sample_alone(counted, arch):
+    model = model_with_jobs(arch)
+    q = model.model.layers[1].self_attn.q_proj
+    q.weight.requires_grad_(True)  # a base linear trained too: its weight's (and qwen2's bias's) gradient
+    if q.bias is not None:
+        q.bias.requires_grad_(True)
+    names = ["b", None, "a", "c", "a"]  # a sample on the base alone
+    ids = torch.randint(1, 100, (len(names), 6), generator=torch.Generator().manual_seed(9))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with surgery.per_sample(model, names):
+        logits = model(input_ids=ids, use_cache=False).logits
+    assert counted, "the grouped path did not run"
+    dy = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2), dtype=logits.dtype)
+    got = torch.autograd.grad(logits, trainable, dy, allow_unused=True)
+    want = [torch.zeros_like(p) for p in trainable]
+    for i, name in enumerate(names):  # each sample alone, on its own adapter (or none), not routed
+        surgery.set_active(model, [name] if name else [])
+        alone = model(input_ids=ids[i:i + 1], use_cache=False).logits
+        torch.testing.assert_close(logits[i:i + 1], alone, rtol=1e-10, atol=1e-12)
+        for w, g in zip(want, torch.autograd.grad(alone, trainable, dy[i:i + 1], allow_unused=True)):
+            if g is not None:
+                w += g
+    for p, g, w in zip(trainable, got, want):
+        torch.testing.assert_close(torch.zeros_like(p) if g is None else g, w, rtol=1e-9, atol=1e-12)
+
+
+def test_a_kept_output_is_not_taken_after_its_input_or_pair_changed():
+    model = model_with_jobs()
+    names = ["a", "b"]
+    layer = model.model.layers[0].self_attn
+    x = torch.randn(2, 4, model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with surgery.per_sample(model, names):
+        q = layer.q_proj(x)
+        k = layer.k_proj(x)  # taken from q's call
+        q2 = layer.q_proj(x)
+        with torch.no_grad():
+            layer.k_proj.branches["b"].lora_B.mul_(2)  # a pair changed: k is computed again
+        k2 = layer.k_proj(x)
+        layer.q_proj(x)
+        k3 = layer.k_proj(x.clone())  # another input: computed again
+    surgery.set_active(model, names[:1])  # each sample alone, not routed
+    k_a = layer.k_proj(x[:1])
+    surgery.set_active(model, names[1:])
+    k_b = layer.k_proj(x[1:])
+    torch.testing.assert_close(q, q2)
+    assert not torch.allclose(k[1], k2[1])
+    torch.testing.assert_close(k2, torch.cat([k_a, k_b]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(k3, k2, rtol=1e-12, atol=1e-12)
