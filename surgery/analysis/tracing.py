@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from surgery.analysis.fixed_inputs import fixed_inputs, value_inputs
 from surgery.analysis.stand_ins import analysis_stand_ins
 from surgery.errors import TraceError
 
@@ -426,25 +427,36 @@ def all_real(model: nn.Module, args: tuple, kwargs: dict) -> bool:
 
 
 def _export_once(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.export.ExportedProgram, bool]:
-    """Export on fake tensors; where the model's own code branches on a value of the data (LED: whether any token
-    has global attention), export again with every op also run on copies of the real tensors
-    (`_real_values`), so that the branch the given inputs take is the one traced (then True: the
-    graph holds for these input values). That needs real weights and inputs: on the meta device the
-    data-dependent error stands."""
+    """Export on fake tensors; where the model's own code branches on a value of the data, export again on the
+    inputs' values (then True: the graph holds for these input values). First with the integer inputs whose values
+    drive shapes (`fixed_inputs.value_inputs`: a vision tower's `grid_thw`) fixed, on fake tensors, then on the
+    real values too; then, where that fails or there are none, with every op also run on copies of the real
+    tensors (`_real_values`), so that the branch the given inputs take is the one traced (LED: whether any token
+    has global attention). That needs real weights and inputs: on the meta device the data-dependent error
+    stands."""
     try:
         with _partial_graph_unprinted():
             return torch.export.export(model, args, kwargs, strict=False), False
     except Exception as exc:
-        real_values = _real_values()
-        if not data_dependent(exc) or not all_real(model, args, kwargs) or real_values is None:
+        if not data_dependent(exc):
             raise
-        try:
-            with _partial_graph_unprinted(), real_values:
-                return torch.export.export(model, args, kwargs, strict=False), True
-        except Exception as on_values:
-            with contextlib.suppress(AttributeError):  # told in the TraceError
-                exc.on_values = on_values  # type: ignore[attr-defined]
-            raise exc from None
+        names = value_inputs(kwargs)
+        real = all_real(model, args, kwargs) and _real_values() is not None
+        attempts = [(names, False)] if names else []
+        attempts += ([(names, True)] if names else []) + [([], True)] if real else []
+        errors: list[Exception] = []
+        for fixed, values in attempts:
+            try:
+                with fixed_inputs(model, kwargs, fixed) as rest, _partial_graph_unprinted(), \
+                        (_real_values() if values else contextlib.nullcontext()):
+                    return torch.export.export(model, args, rest, strict=False), True
+            except Exception as error:
+                errors.append(error)
+        if not errors:
+            raise
+        with contextlib.suppress(AttributeError):  # told in the TraceError: the attempt with the inputs fixed
+            exc.on_values = errors[1 if names and real else 0]  # type: ignore[attr-defined]
+        raise exc from None
 
 
 def _real_values() -> contextlib.AbstractContextManager | None:

@@ -1,0 +1,110 @@
+"""Integer inputs whose values drive shapes, fixed for a trace.
+
+A vision tower of Qwen2-VL's kind takes `grid_thw`, the (time, height, width) patch grid of each image, and
+computes its tensors' sizes from the grid's values (`grid_thw.prod(-1)`, `repeat_interleave`, `cu_seqlens` from a
+cumsum, `torch.split` by `.tolist()` sizes): a trace on fake tensors cannot know them. Inside `fixed_inputs` such
+inputs are no inputs of the trace: the model's forward is called with them closed over, and every op whose tensors
+all come from them runs on their real values (outside the trace's fake and tracing modes), so `.tolist()` and
+`.item()` give Python numbers and the sizes are static. Where such values meet the traced tensors they enter the
+graph as constants. The graph then holds for these values alone, which is all the analysis needs (the roles do not
+depend on the grid).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import _disable_current_modes
+
+PER_TOKEN = re.compile(r"ids|mask|label|position|bbox|values|features|embeds|states")
+"""Names of integer inputs that carry data (token ids, masks, labels, positions, boxes), never fixed."""
+
+
+def value_inputs(kwargs: dict[str, Any]) -> list[str]:
+    """The keyword inputs a trace may fix: integer tensors with real values (not on the meta device) whose
+    names do not tell of per-token data (`PER_TOKEN`), such as `grid_thw`, `image_grid_thw`, `merge_sizes`."""
+    return [name for name, value in kwargs.items()
+            if isinstance(value, torch.Tensor) and not value.is_floating_point() and not value.is_complex()
+            and value.dtype is not torch.bool and value.device.type != "meta" and not PER_TOKEN.search(name)]
+
+
+class _OnValues(TorchFunctionMode):
+    """Runs on the real tensors, with the trace's dispatch modes and torch-function handling off, every op whose
+    tensor arguments are all known (the fixed inputs and what was computed from them alone), and every op of no
+    tensor argument (a factory: `arange`, `tensor`, `full`) whose result is not floating point (index and size
+    arithmetic; a floating one, often a buffer the traced tensors are written into, is traced); the results are
+    known too. Any other op is left to the trace; a known tensor it writes into (an in-place op, `out=`, item
+    assignment) is known no more, with every known tensor of its storage."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.known: dict[int, torch.Tensor] = {id(t): t for t in tensors}  # held, so no id is reused
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        leaves = pytree.tree_leaves((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        symbolic = any(isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) for x in leaves)
+        if symbolic or any(id(t) not in self.known for t in tensors):
+            self._forget(_written(func, args, kwargs))
+            return func(*args, **kwargs)
+        with torch._C.DisableTorchFunction(), _disable_current_modes():
+            out = func(*args, **kwargs)
+        results = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if not tensors and any(t.is_floating_point() or t.is_complex() for t in results):
+            return func(*args, **kwargs)
+        for tensor in results:
+            self.known[id(tensor)] = tensor
+        return out
+
+    def _forget(self, written: list[Any]) -> None:
+        storages = {_storage(t) for t in written if isinstance(t, torch.Tensor) and id(t) in self.known}
+        if storages:
+            self.known = {i: t for i, t in self.known.items() if _storage(t) not in storages}
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def _written(func: Callable, args: tuple, kwargs: dict) -> list[Any]:
+    """The arguments an op writes into: `out=`, and the first of an in-place method or of item assignment."""
+    name = getattr(func, "__name__", "")
+    first = list(args[:1]) if name == "__setitem__" or (name.endswith("_") and not name.endswith("__")) else []
+    return first + pytree.tree_leaves(kwargs.get("out"))
+
+
+@contextlib.contextmanager
+def fixed_inputs(model: nn.Module, kwargs: dict[str, Any], names: list[str]) -> Iterator[dict[str, Any]]:
+    """Inside the block, `model.forward` takes the inputs `names` of `kwargs` as fixed, closed-over values run
+    on for real (`_OnValues`); yields the other kwargs, the ones to trace with. The model's own forward (an
+    instance attribute included) is put back on exit."""
+    if not names:
+        yield kwargs
+        return
+    fixed = {name: kwargs[name] for name in names}
+    rest = {name: value for name, value in kwargs.items() if name not in fixed}
+    own = vars(model).get("forward")
+    original = model.forward
+
+    def forward(*args: Any, **inputs: Any) -> Any:
+        with _OnValues(list(fixed.values())):
+            return original(*args, **inputs, **fixed)
+
+    signature = inspect.signature(original)
+    forward.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p for p in signature.parameters.values() if p.name not in fixed])  # export names inputs by it
+    model.forward = forward  # type: ignore[method-assign]
+    try:
+        yield rest
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own  # type: ignore[method-assign]
