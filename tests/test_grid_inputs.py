@@ -10,7 +10,7 @@ import transformers
 from torch import nn
 
 import surgery
-from surgery.analysis.facts import analyze
+from surgery.analysis.facts import _CACHE, analyze
 from surgery.analysis.fixed_inputs import fixed_inputs, value_inputs
 
 Q, K, V, O = "attention.query", "attention.key", "attention.value", "attention.output"
@@ -54,6 +54,22 @@ def test_each_vision_attention_of_a_grid_tower_has_its_qkv_slices(name):
         assert facts.slices[qkv] == {Q: ((0, WIDTH),), K: ((WIDTH, 2 * WIDTH),), V: ((2 * WIDTH, 3 * WIDTH),)}
         assert facts.roles[proj] == {O}
     assert "forward" not in vars(tower)
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl", "glm4v"])
+def test_a_grid_tower_on_the_meta_device_reads_as_with_real_weights(name):
+    """A tower built on the meta device: surgery makes its grid on the cpu (the trace reads the grid's values and
+    moves what it computes from them to the meta device where it meets the tower's tensors), and reads the same
+    roles and slices as on the real tower."""
+    config_class, model_class, vision = TOWERS[name]
+    real = analyze(_tower(config_class, model_class, **vision))
+    _CACHE.clear()
+    with torch.device("meta"):
+        tower = _tower(config_class, model_class, **vision)
+    assert next(tower.parameters()).device.type == "meta"
+    facts = analyze(tower)
+    assert facts.roles == real.roles and facts.slices == real.slices
+    assert facts.roles["blocks.1.attn.qkv"] == {Q, K, V}
 
 
 def _qwen2_5_vl() -> tuple[nn.Module, dict[str, torch.Tensor]]:

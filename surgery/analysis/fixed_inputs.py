@@ -7,7 +7,8 @@ inputs are no inputs of the trace: the model's forward is called with them close
 all come from them runs on their real values (outside the trace's fake and tracing modes), so `.tolist()` and
 `.item()` give Python numbers and the sizes are static. Where such values meet the traced tensors they enter the
 graph as constants. The graph then holds for these values alone, which is all the analysis needs (the roles do not
-depend on the grid).
+depend on the grid). Beside a model on the meta device the values stay on the cpu (an op on them alone that asks for
+the meta device gets theirs), and go to the meta device where they meet the model's tensors.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class _OnValues(TorchFunctionMode):
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         super().__init__()
         self.known: dict[int, torch.Tensor] = {id(t): t for t in tensors}  # held, so no id is reused
+        self.home = tensors[0].device if tensors else torch.device("cpu")
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -53,9 +55,9 @@ class _OnValues(TorchFunctionMode):
         symbolic = any(isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) for x in leaves)
         if symbolic or any(id(t) not in self.known for t in tensors):
             self._forget(_written(func, args, kwargs))
-            return func(*args, **kwargs)
+            return func(*self._on_meta(args, tensors), **self._on_meta(kwargs, tensors))
         with torch._C.DisableTorchFunction(), _disable_current_modes():
-            out = func(*args, **kwargs)
+            out = func(*_at_home(args, self.home), **_at_home(kwargs, self.home))
         results = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         if not tensors and any(t.is_floating_point() or t.is_complex() for t in results):
             return func(*args, **kwargs)
@@ -63,10 +65,29 @@ class _OnValues(TorchFunctionMode):
             self.known[id(tensor)] = tensor
         return out
 
+    def _on_meta(self, tree: Any, tensors: list[torch.Tensor]) -> Any:
+        """`tree` with its known tensors moved to the meta device where the op's other tensors are there (a
+        model on the meta device: the known values stay where they can be read)."""
+        if not any(t.device.type == "meta" for t in tensors if id(t) not in self.known):
+            return tree
+        with torch._C.DisableTorchFunction(), _disable_current_modes():
+            return pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta") if id(t) in self.known and t.dim() else t,
+                                        tree)  # a 0-dim one is a cpu scalar, welcome beside any device
+
     def _forget(self, written: list[Any]) -> None:
         storages = {_storage(t) for t in written if isinstance(t, torch.Tensor) and id(t) in self.known}
         if storages:
             self.known = {i: t for i, t in self.known.items() if _storage(t) not in storages}
+
+
+def _at_home(tree: Any, home: torch.device) -> Any:
+    """`tree` with every meta device in it (`device="meta"`, `.to("meta")`) replaced by `home`, where the values
+    are."""
+    def moved(leaf: Any) -> Any:
+        meta = isinstance(leaf, (torch.device, str)) and str(leaf) == "meta"
+        return home if meta else leaf
+
+    return pytree.tree_map(moved, tree) if home.type != "meta" else tree
 
 
 def _storage(tensor: torch.Tensor) -> int:

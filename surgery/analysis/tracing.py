@@ -191,7 +191,8 @@ def _patch_grids(model: nn.Module, params: Any, device: torch.device) -> list[di
     """Vision towers that take flattened patches and their (time, height, width) grid (Qwen2-VL's and its kin):
     one image of 4x4 patches (2x2 merged tokens at merge size 2) in each layout such towers read:
     [patches, channels*time*patch*patch], [patches, channels, time, patch, patch] and, where time is 1,
-    [patches, channels, patch, patch]. [] for any other model."""
+    [patches, channels, patch, patch]; the grid on the cpu for a model on the meta device (the trace reads its
+    values, `fixed_inputs`). [] for any other model."""
     names = _grid_input(params)
     if names is None:
         return []
@@ -204,12 +205,13 @@ def _patch_grids(model: nn.Module, params: Any, device: torch.device) -> list[di
     side = 2 * merge
     shapes = [(channels * frames * patch * patch,), (channels, frames, patch, patch)] + \
         ([(channels, patch, patch)] if frames == 1 else [])
-    grid = torch.tensor([[1, side, side]], device=device)
+    at = device if device.type != "meta" else torch.device("cpu")  # the grid's values are read: never on meta
+    grid = torch.tensor([[1, side, side]], device=at)
     out = []
     for shape in shapes:
         extra = {patches: torch.zeros(side * side, *shape, device=device), grid_name: grid}
         if "merge_sizes" in params:
-            extra["merge_sizes"] = torch.tensor([merge], device=device)
+            extra["merge_sizes"] = torch.tensor([merge], device=at)
         out.append(extra)
     return out
 
@@ -433,14 +435,14 @@ def _export_once(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.exp
     real values too; then, where that fails or there are none, with every op also run on copies of the real
     tensors (`_real_values`), so that the branch the given inputs take is the one traced (LED: whether any token
     has global attention). That needs real weights and inputs: on the meta device the data-dependent error
-    stands."""
+    stands, unless fixing the value inputs is enough (on the cpu beside a meta model: tried after any error)."""
+    names = value_inputs(kwargs)
     try:
         with _partial_graph_unprinted():
             return torch.export.export(model, args, kwargs, strict=False), False
     except Exception as exc:
-        if not data_dependent(exc):
-            raise
-        names = value_inputs(kwargs)
+        if not data_dependent(exc) and not (names and model_device(model).type == "meta"):
+            raise  # (a meta model's grid is on the cpu: it meets the model's tensors only as fixed values)
         real = all_real(model, args, kwargs) and _real_values() is not None
         attempts = [(names, False)] if names else []
         attempts += ([(names, True)] if names else []) + [([], True)] if real else []
