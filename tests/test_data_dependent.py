@@ -229,3 +229,14 @@ def test_one_test_of_data_dependent_text(text, expected):
 
     assert data_dependent_text(text) is expected
     assert data_dependent(RuntimeError(text)) is expected
+
+
+def test_udop_boxes_that_pick_image_patches_are_fixed_for_the_trace():
+    """UDOP zips the patch indices its boxes' values pick into a tuple of tensors and indexes by it (reading fake
+    tensors' data): the trace fixes the integer `bbox` (`fixed_inputs.value_inputs`), and every attention's q, k,
+    v and output projections are read."""
+    model = zoo.build("udop")
+    facts = analyze(model)
+    for attention in ("encoder.block.0.layer.0.SelfAttention", "decoder.block.1.layer.1.EncDecAttention"):
+        for name, role in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "output")):
+            assert facts.roles[f"{attention}.{name}"] == {f"attention.{role}"}

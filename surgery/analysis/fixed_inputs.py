@@ -23,13 +23,14 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import _disable_current_modes
 
-PER_TOKEN = re.compile(r"ids|mask|label|position|bbox|values|features|embeds|states")
-"""Names of integer inputs that carry data (token ids, masks, labels, positions, boxes), never fixed."""
+PER_TOKEN = re.compile(r"ids|mask|label|position|values|features|embeds|states")
+"""Names of integer inputs that carry per-token data (ids, masks, labels, positions), never fixed."""
 
 
 def value_inputs(kwargs: dict[str, Any]) -> list[str]:
     """The keyword inputs a trace may fix: integer tensors with real values (not on the meta device) whose
-    names do not tell of per-token data (`PER_TOKEN`), such as `grid_thw`, `image_grid_thw`, `merge_sizes`."""
+    names do not tell of per-token data (`PER_TOKEN`), such as `grid_thw`, `image_grid_thw`, `merge_sizes`, and
+    UDOP's `bbox` (the boxes' values pick the image patches kept)."""
     return [name for name, value in kwargs.items()
             if isinstance(value, torch.Tensor) and not value.is_floating_point() and not value.is_complex()
             and value.dtype is not torch.bool and value.device.type != "meta" and not PER_TOKEN.search(name)]

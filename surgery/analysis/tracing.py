@@ -428,6 +428,11 @@ def all_real(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     return all(t.device.type != "meta" for t in tensors)
 
 
+_VALUE_READ = "its data is not allocated yet"
+"""The error of Python code reading a fake tensor's data (UDOP indexes by a tuple of tensors it zipped from the
+boxes' values): like a data-dependent stop, fixing the value inputs may get past it."""
+
+
 def _export_once(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.export.ExportedProgram, bool]:
     """Export on fake tensors; where the model's own code branches on a value of the data, export again on the
     inputs' values (then True: the graph holds for these input values). First with the integer inputs whose values
@@ -435,14 +440,16 @@ def _export_once(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.exp
     real values too; then, where that fails or there are none, with every op also run on copies of the real
     tensors (`_real_values`), so that the branch the given inputs take is the one traced (LED: whether any token
     has global attention). That needs real weights and inputs: on the meta device the data-dependent error
-    stands, unless fixing the value inputs is enough (on the cpu beside a meta model: tried after any error)."""
+    stands, unless fixing the value inputs is enough (on the cpu beside a meta model: tried after any error). A
+    read of a fake tensor's data (`_VALUE_READ`) is tried with the value inputs fixed too."""
     names = value_inputs(kwargs)
     try:
         with _partial_graph_unprinted():
             return torch.export.export(model, args, kwargs, strict=False), False
     except Exception as exc:
-        if not data_dependent(exc) and not (names and model_device(model).type == "meta"):
-            raise  # (a meta model's grid is on the cpu: it meets the model's tensors only as fixed values)
+        fixable = names and (model_device(model).type == "meta" or _VALUE_READ in str(exc))
+        if not data_dependent(exc) and not fixable:
+            raise
         real = all_real(model, args, kwargs) and _real_values() is not None
         attempts = [(names, False)] if names else []
         attempts += ([(names, True)] if names else []) + [([], True)] if real else []
