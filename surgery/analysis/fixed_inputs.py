@@ -8,7 +8,8 @@ all come from them runs on their real values (outside the trace's fake and traci
 `.item()` give Python numbers and the sizes are static. Where such values meet the traced tensors they enter the
 graph as constants. The graph then holds for these values alone, which is all the analysis needs (the roles do not
 depend on the grid). Beside a model on the meta device the values stay on the cpu (an op on them alone that asks for
-the meta device gets theirs), and go to the meta device where they meet the model's tensors.
+the meta device gets theirs), and go to the meta device where they meet the model's tensors. The model's 0-dim
+integer buffers (Encodec's convolution strides, from which it computes paddings) are fixed the same way.
 """
 from __future__ import annotations
 
@@ -102,22 +103,41 @@ def _written(func: Callable, args: tuple, kwargs: dict) -> list[Any]:
     return first + pytree.tree_leaves(kwargs.get("out"))
 
 
+def scalar_buffers(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The 0-dim integer buffers of `model` and its submodules, as (module, name): sizes kept as tensors (Encodec's
+    convolutions' stride and kernel size, from which the padding of each call is computed)."""
+    return [(module, name) for module in model.modules() for name, buffer in module._buffers.items()
+            if isinstance(buffer, torch.Tensor) and buffer.dim() == 0 and not buffer.is_floating_point()
+            and not buffer.is_complex() and buffer.dtype is not torch.bool and buffer.device.type != "meta"]
+
+
 @contextlib.contextmanager
-def fixed_inputs(model: nn.Module, kwargs: dict[str, Any], names: list[str]) -> Iterator[dict[str, Any]]:
+def fixed_inputs(model: nn.Module, kwargs: dict[str, Any], names: list[str],
+                 buffers: list[tuple[nn.Module, str]] = ()) -> Iterator[dict[str, Any]]:
     """Inside the block, `model.forward` takes the inputs `names` of `kwargs` as fixed, closed-over values run
-    on for real (`_OnValues`); yields the other kwargs, the ones to trace with. The model's own forward (an
-    instance attribute included) is put back on exit."""
-    if not names:
+    on for real (`_OnValues`), and the `buffers` (`scalar_buffers`) likewise: while the forward runs, copies of
+    their real tensors replace the ones the trace put in their place; yields the other kwargs, the ones to trace
+    with. The model's own forward (an instance attribute included) is put back on exit; the inputs and buffers
+    fixed are copies, so the model and the inputs are as they were."""
+    if not names and not buffers:
         yield kwargs
         return
-    fixed = {name: kwargs[name] for name in names}
+    fixed = {name: kwargs[name].clone() for name in names}  # copies: an op on them in place changes no input
     rest = {name: value for name, value in kwargs.items() if name not in fixed}
+    real = [(module, name, module._buffers[name].clone()) for module, name in buffers]
     own = vars(model).get("forward")
     original = model.forward
 
     def forward(*args: Any, **inputs: Any) -> Any:
-        with _OnValues(list(fixed.values())):
-            return original(*args, **inputs, **fixed)
+        traced = [(module, name, module._buffers[name]) for module, name, _ in real]
+        try:
+            for module, name, value in real:
+                module._buffers[name] = value
+            with _OnValues([*fixed.values(), *(value for _, _, value in real)]):
+                return original(*args, **inputs, **fixed)
+        finally:
+            for module, name, value in traced:
+                module._buffers[name] = value
 
     signature = inspect.signature(original)
     forward.__signature__ = signature.replace(  # type: ignore[attr-defined]

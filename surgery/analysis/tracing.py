@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from surgery.analysis.fixed_inputs import fixed_inputs, value_inputs
+from surgery.analysis.fixed_inputs import fixed_inputs, scalar_buffers, value_inputs
 from surgery.analysis.stand_ins import analysis_stand_ins
 from surgery.errors import TraceError
 
@@ -436,8 +436,8 @@ boxes' values): like a data-dependent stop, fixing the value inputs may get past
 def _export_once(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.export.ExportedProgram, bool]:
     """Export on fake tensors; where the model's own code branches on a value of the data, export again on the
     inputs' values (then True: the graph holds for these input values). First with the integer inputs whose values
-    drive shapes (`fixed_inputs.value_inputs`: a vision tower's `grid_thw`) fixed, on fake tensors, then on the
-    real values too; then, where that fails or there are none, with every op also run on copies of the real
+    drive shapes (`fixed_inputs.value_inputs`: a vision tower's `grid_thw`) and the 0-dim integer buffers
+    (`fixed_inputs.scalar_buffers`) fixed, on fake tensors, then on the real values too; then, where that fails or there are none, with every op also run on copies of the real
     tensors (`_real_values`), so that the branch the given inputs take is the one traced (LED: whether any token
     has global attention). That needs real weights and inputs: on the meta device the data-dependent error
     stands, unless fixing the value inputs is enough (on the cpu beside a meta model: tried after any error). A
@@ -450,13 +450,14 @@ def _export_once(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.exp
         fixable = names and (model_device(model).type == "meta" or _VALUE_READ in str(exc))
         if not data_dependent(exc) and not fixable:
             raise
+        buffers = scalar_buffers(model)
         real = all_real(model, args, kwargs) and _real_values() is not None
-        attempts = [(names, False)] if names else []
-        attempts += ([(names, True)] if names else []) + [([], True)] if real else []
+        fixes = [(names, buffers)] if names or buffers else []
+        attempts = [(*f, False) for f in fixes] + ([(*f, True) for f in fixes] + [([], [], True)] if real else [])
         errors: list[Exception] = []
-        for fixed, values in attempts:
+        for fixed, scalars, values in attempts:
             try:
-                with fixed_inputs(model, kwargs, fixed) as rest, _partial_graph_unprinted(), \
+                with fixed_inputs(model, kwargs, fixed, scalars) as rest, _partial_graph_unprinted(), \
                         (_real_values() if values else contextlib.nullcontext()):
                     return torch.export.export(model, args, rest, strict=False), True
             except Exception as error:
@@ -464,7 +465,7 @@ def _export_once(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.exp
         if not errors:
             raise
         with contextlib.suppress(AttributeError):  # told in the TraceError: the attempt with the inputs fixed
-            exc.on_values = errors[1 if names and real else 0]  # type: ignore[attr-defined]
+            exc.on_values = errors[1 if fixes and real else 0]  # type: ignore[attr-defined]
         raise exc from None
 
 
