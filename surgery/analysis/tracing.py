@@ -437,11 +437,12 @@ def _export_once(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.exp
     """Export on fake tensors; where the model's own code branches on a value of the data, export again on the
     inputs' values (then True: the graph holds for these input values). First with the integer inputs whose values
     drive shapes (`fixed_inputs.value_inputs`: a vision tower's `grid_thw`) and the 0-dim integer buffers
-    (`fixed_inputs.scalar_buffers`) fixed, on fake tensors, then on the real values too; then, where that fails or there are none, with every op also run on copies of the real
-    tensors (`_real_values`), so that the branch the given inputs take is the one traced (LED: whether any token
-    has global attention). That needs real weights and inputs: on the meta device the data-dependent error
-    stands, unless fixing the value inputs is enough (on the cpu beside a meta model: tried after any error). A
-    read of a fake tensor's data (`_VALUE_READ`) is tried with the value inputs fixed too."""
+    (`fixed_inputs.scalar_buffers`) fixed, on fake tensors, then on the real values too; then, where that fails or
+    there is nothing to fix, with every op also run on copies of the real tensors (`_real_values`), so that the
+    branch the given inputs take is the one traced (LED: whether any token has global attention). That needs real
+    weights and inputs: on the meta device the data-dependent error stands, unless fixing the value inputs is
+    enough (on the cpu beside a meta model: tried after any error). A read of a fake tensor's data (`_VALUE_READ`)
+    is tried with the value inputs fixed too."""
     names = value_inputs(kwargs)
     try:
         with _partial_graph_unprinted():
