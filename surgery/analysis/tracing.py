@@ -190,8 +190,9 @@ def main_input(model: nn.Module) -> str:
 def _patch_grids(model: nn.Module, params: Any, device: torch.device) -> list[dict[str, Any]]:
     """Vision towers that take flattened patches and their (time, height, width) grid (Qwen2-VL's and its kin):
     one image of 4x4 patches (2x2 merged tokens at merge size 2) in each layout such towers read:
-    [patches, channels*time*patch*patch], [patches, channels, time, patch, patch] and, where time is 1,
-    [patches, channels, patch, patch]; the grid on the cpu for a model on the meta device (the trace reads its
+    [patches, channels*time*patch*patch], [patches, channels, time, patch, patch], where time is 1
+    [patches, channels, patch, patch], and last channels-last pixels of each merged token,
+    [tokens, merge*patch, merge*patch, channels] with the grid counted in tokens; the grid on the cpu for a model on the meta device (the trace reads its
     values, `fixed_inputs`). [] for any other model."""
     names = _grid_input(params)
     if names is None:
@@ -207,9 +208,12 @@ def _patch_grids(model: nn.Module, params: Any, device: torch.device) -> list[di
         ([(channels, patch, patch)] if frames == 1 else [])
     at = device if device.type != "meta" else torch.device("cpu")  # the grid's values are read: never on meta
     grid = torch.tensor([[1, side, side]], device=at)
+    layouts = [(torch.zeros(side * side, *shape, device=device), grid) for shape in shapes]
+    layouts.append((torch.zeros(side * side // merge ** 2, merge * patch, merge * patch, channels, device=device),
+                    torch.tensor([[1, side // merge, side // merge]], device=at)))  # by merged token (Inkling2)
     out = []
-    for shape in shapes:
-        extra = {patches: torch.zeros(side * side, *shape, device=device), grid_name: grid}
+    for pixels, sizes in layouts:
+        extra = {patches: pixels, grid_name: sizes}
         if "merge_sizes" in params:
             extra["merge_sizes"] = torch.tensor([merge], device=at)
         out.append(extra)
