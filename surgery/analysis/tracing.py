@@ -696,22 +696,28 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
     Without inputs, the `input_candidates` are tried in order; if none traces, a TraceError names the model, the
     inputs tried with each one's error, and the forward's main input, so the caller can pass inputs (the errors
     are on the exception as `tried`). `failed`: the `tried` of an earlier attempt on a depth-reduced view of
-    the same model; when the first inputs fail here as they failed there, the depth did not matter and the
-    earlier errors are raised at once."""
+    the same model; an error that inputs give here as they gave it there is one the depth did not change, and
+    inputs that gave it there are not tried again (their earlier error stands). Others are: a depth-reduced
+    stack of downsampling blocks (XCodec's semantic feature extractor) changes the lengths two branches join at."""
     if args is None and kwargs is None:
         candidates = input_candidates(model)
         names = list(inspect.signature(model.forward).parameters)
         errors: list[str] = []
+        alike: set[str] = set()  # errors the depth did not change
         program = None
-        for cand_args, cand_kwargs in candidates:
+        for i, (cand_args, cand_kwargs) in enumerate(candidates):
+            prefix = f"({_describe(cand_args, cand_kwargs, names)}): "
+            before = failed[i][len(prefix):] if failed and i < len(failed) and failed[i].startswith(prefix) else None
+            if before is not None and before in alike:
+                errors.append(prefix + before)
+                continue
             try:
                 program, on_values = _export(model, cand_args, cand_kwargs)
                 break
             except Exception as exc:  # try the next inputs
-                errors.append(f"({_describe(cand_args, cand_kwargs, names)}): {_first_line(exc)}")
-                if failed and len(errors) == 1 and errors[0] == failed[0]:
-                    errors = list(failed)
-                    break
+                errors.append(prefix + _first_line(exc))
+                if before is not None and errors[-1] == prefix + before:
+                    alike.add(before)
         if program is None:
             params = names
             main = main_input(model)
