@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -113,7 +113,7 @@ def scalar_buffers(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 @contextlib.contextmanager
 def fixed_inputs(model: nn.Module, kwargs: dict[str, Any], names: list[str],
-                 buffers: list[tuple[nn.Module, str]] = ()) -> Iterator[dict[str, Any]]:
+                 buffers: Sequence[tuple[nn.Module, str]] = ()) -> Iterator[dict[str, Any]]:
     """Inside the block, `model.forward` takes the inputs `names` of `kwargs` as fixed, closed-over values run
     on for real (`_OnValues`), and the `buffers` (`scalar_buffers`) likewise: while the forward runs, copies of
     their real tensors replace the ones the trace put in their place; yields the other kwargs, the ones to trace

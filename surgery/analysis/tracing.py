@@ -192,8 +192,8 @@ def _patch_grids(model: nn.Module, params: Any, device: torch.device) -> list[di
     one image of 4x4 patches (2x2 merged tokens at merge size 2) in each layout such towers read:
     [patches, channels*time*patch*patch], [patches, channels, time, patch, patch], where time is 1
     [patches, channels, patch, patch], and last channels-last pixels of each merged token,
-    [tokens, merge*patch, merge*patch, channels] with the grid counted in tokens; the grid on the cpu for a model on the meta device (the trace reads its
-    values, `fixed_inputs`). [] for any other model."""
+    [tokens, merge*patch, merge*patch, channels] with the grid counted in tokens (Inkling2). The grid is on the cpu
+    for a model on the meta device (the trace reads its values, `fixed_inputs`). [] for any other model."""
     names = _grid_input(params)
     if names is None:
         return []
