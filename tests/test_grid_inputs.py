@@ -148,3 +148,23 @@ def test_fixed_inputs_give_the_forward_back_also_on_an_error():
     with pytest.raises(RuntimeError, match="inside"), fixed_inputs(model, {"grid": grid}, ["grid"]):
         raise RuntimeError("inside")
     assert vars(model)["forward"] is own
+
+
+def test_a_packing_tower_gets_its_image_size_in_patches():
+    """MiniCPM-V's vision tower packs images of any size and reads each one's size in patches from `target_sizes`
+    (position ids by `.tolist()`): surgery makes one image with its size, fixes the sizes for the trace, and reads
+    each layer's q/k/v projections."""
+    import zoo
+
+    from surgery.analysis.tracing import input_candidates
+
+    if "minicpm_ocr_vision" not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no MiniCPM-OCR")
+    tower = zoo.build("minicpm_ocr_vision")
+    args, kwargs = input_candidates(tower)[0]
+    side = tower.config.image_size // tower.config.patch_size
+    assert kwargs["target_sizes"].tolist() == [[side, side]] and args[0].shape[0] == 1  # one image
+    facts = analyze(tower)
+    for layer in range(2):
+        for name, role in (("q_proj", Q), ("k_proj", K), ("v_proj", V), ("out_proj", O)):
+            assert facts.roles[f"encoder.layers.{layer}.self_attn.{name}"] == {role}

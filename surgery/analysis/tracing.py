@@ -220,13 +220,29 @@ def _patch_grids(model: nn.Module, params: Any, device: torch.device) -> list[di
     return out
 
 
+def _patch_sizes(model: nn.Module, params: Any, device: torch.device) -> list[dict[str, Any]]:
+    """Vision towers (not the whole model: no token ids) that pack images of any size and take each one's size in
+    patches as `target_sizes` (MiniCPM-V's): one image of the config's size with its (height, width) in patches
+    (on the cpu for a model on the meta device: the trace reads them). [] for any other model."""
+    if "target_sizes" not in params or "pixel_values" not in params or "input_ids" in params:
+        return []
+    config = model.config
+    channels = _first_int(_config_value(config, ("num_channels", "in_channels"), 3), 3)
+    patch = _first_int(_config_value(config, ("patch_size",), 14), 14)
+    height, width = _image_hw(config)
+    at = device if device.type != "meta" else torch.device("cpu")
+    return [{"pixel_values": torch.zeros(1, channels, height, width, device=device),
+             "target_sizes": torch.tensor([[height // patch, width // patch]], device=at)}]
+
+
 def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tuple[tuple, dict]]:
     """Example inputs to try, best first, for a transformers PreTrainedModel, on the model's device (meta ok).
 
     The main input from `main_input_name` (token ids, pixel values of the config's image size, audio features or
     samples, time series), every required forward argument it can make, decoder ids for encoder-decoders,
     token_type_ids for encoder-only models, pixel values beside token ids for multimodal models (first with, then
-    without), flattened patches with their grid for vision towers that take a `grid_thw` (Qwen2-VL's), video frames
+    without), flattened patches with their grid for vision towers that take a `grid_thw` (Qwen2-VL's), one image
+    with its size in patches for those that take `target_sizes` (MiniCPM-V's), video frames
     for `pixel_values_videos` and, after images, for `pixel_values` where the config has `num_frames`, other layouts
     of audio inputs after the first (`_layouts`) and an all-ones `input_features_mask` where the forward takes one,
     token ids beside an image main input where the forward takes them (then without), `use_cache=False` wherever the
@@ -247,7 +263,7 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
     main = main_input(model)
     required = [n for n, p in params.items() if p.default is inspect.Parameter.empty
                 and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
-    grids = _patch_grids(model, params, device)
+    grids = _patch_grids(model, params, device) or _patch_sizes(model, params, device)
     base: dict[str, Any] = {}
     for name in dict.fromkeys([main, *required]):
         value = _main_tensor(name, model, batch, seq, device) if not grids else None
