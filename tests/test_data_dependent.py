@@ -229,3 +229,30 @@ def test_one_test_of_data_dependent_text(text, expected):
 
     assert data_dependent_text(text) is expected
     assert data_dependent(RuntimeError(text)) is expected
+
+
+def test_udop_boxes_that_pick_image_patches_are_fixed_for_the_trace():
+    """UDOP zips the patch indices its boxes' values pick into a tuple of tensors and indexes by it (reading fake
+    tensors' data): the trace fixes the integer `bbox` (`fixed_inputs.value_inputs`), and every attention's q, k,
+    v and output projections are read."""
+    model = zoo.build("udop")
+    facts = analyze(model)
+    for attention in ("encoder.block.0.layer.0.SelfAttention", "decoder.block.1.layer.1.EncDecAttention"):
+        for name, role in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "output")):
+            assert facts.roles[f"{attention}.{name}"] == {f"attention.{role}"}
+
+
+def test_encodec_paddings_from_scalar_buffers_are_fixed_for_the_trace():
+    """Encodec computes each convolution's padding from its stride and kernel size, kept as 0-dim integer buffers
+    (`if length <= max_pad:`); on real values its LSTM stops the trace. The trace fixes those buffers (copies of
+    them, `fixed_inputs.scalar_buffers`): every convolution of the encoder and the decoder is in the graph, and the
+    model's buffers are as they were."""
+    from surgery.analysis.tracing import export_for_analysis
+
+    model = zoo.build("encodec", attn="eager")
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    trace = export_for_analysis(model)
+    convs = {name for name, module in model.named_modules() if isinstance(module, nn.Conv1d)}
+    assert len(convs) > 4 and convs <= set(trace.module_paths.values())
+    assert trace.on_values
+    assert all(torch.equal(buffer, buffers[name]) for name, buffer in model.named_buffers())

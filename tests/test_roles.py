@@ -449,6 +449,18 @@ def test_trace_error_names_the_model_and_the_inputs_tried():
         analyze(NeedsBoxes(PretrainedConfig(vocab_size=16)))
 
 
+def test_inputs_that_failed_only_on_the_depth_reduced_view_are_tried_again():
+    """XCodec's first inputs (mono audio as [batch, samples]) fail alike at any depth; its second fail only on
+    the depth-reduced view (fewer downsampling convolutions in the semantic branch: lengths that no longer
+    match the acoustic branch's), so at full depth they are tried again and trace."""
+    import zoo
+
+    if "xcodec" not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no xcodec")
+    facts = analyze(zoo.build("xcodec", attn="eager"))
+    assert {"fc", "fc2"} <= set(facts.linears)
+
+
 def _classifier(name: str, **values):
     import transformers
 

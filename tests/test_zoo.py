@@ -20,6 +20,7 @@ SUBSET = [
     "deepseek_v3", "qwen3_next", "mixtral", "fsmt",  # latent and gated attention, MoE, a decoder mask needed
     "led",  # a branch on the data (whether any token has global attention), taken on the inputs' real values
     "siglip",  # nn.MultiheadAttention (the pooling head: a learned query against the encoder's output)
+    "qwen2_5_vl_vision",  # sizes from the values of an input (grid_thw), fixed for the trace
 ]
 """Chosen for coverage of the readings; the whole zoo is behind SURGERY_ZOO=1."""
 

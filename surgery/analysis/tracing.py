@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from surgery.analysis.fixed_inputs import fixed_inputs, scalar_buffers, value_inputs
 from surgery.analysis.stand_ins import analysis_stand_ins
 from surgery.errors import TraceError
 
@@ -189,8 +190,10 @@ def main_input(model: nn.Module) -> str:
 def _patch_grids(model: nn.Module, params: Any, device: torch.device) -> list[dict[str, Any]]:
     """Vision towers that take flattened patches and their (time, height, width) grid (Qwen2-VL's and its kin):
     one image of 4x4 patches (2x2 merged tokens at merge size 2) in each layout such towers read:
-    [patches, channels*time*patch*patch], [patches, channels, time, patch, patch] and, where time is 1,
-    [patches, channels, patch, patch]. [] for any other model."""
+    [patches, channels*time*patch*patch], [patches, channels, time, patch, patch], where time is 1
+    [patches, channels, patch, patch], and last channels-last pixels of each merged token,
+    [tokens, merge*patch, merge*patch, channels] with the grid counted in tokens (Inkling2). The grid is on the cpu
+    for a model on the meta device (the trace reads its values, `fixed_inputs`). [] for any other model."""
     names = _grid_input(params)
     if names is None:
         return []
@@ -203,14 +206,33 @@ def _patch_grids(model: nn.Module, params: Any, device: torch.device) -> list[di
     side = 2 * merge
     shapes = [(channels * frames * patch * patch,), (channels, frames, patch, patch)] + \
         ([(channels, patch, patch)] if frames == 1 else [])
-    grid = torch.tensor([[1, side, side]], device=device)
+    at = device if device.type != "meta" else torch.device("cpu")  # the grid's values are read: never on meta
+    grid = torch.tensor([[1, side, side]], device=at)
+    layouts = [(torch.zeros(side * side, *shape, device=device), grid) for shape in shapes]
+    layouts.append((torch.zeros(side * side // merge ** 2, merge * patch, merge * patch, channels, device=device),
+                    torch.tensor([[1, side // merge, side // merge]], device=at)))  # by merged token (Inkling2)
     out = []
-    for shape in shapes:
-        extra = {patches: torch.zeros(side * side, *shape, device=device), grid_name: grid}
+    for pixels, sizes in layouts:
+        extra = {patches: pixels, grid_name: sizes}
         if "merge_sizes" in params:
-            extra["merge_sizes"] = torch.tensor([merge], device=device)
+            extra["merge_sizes"] = torch.tensor([merge], device=at)
         out.append(extra)
     return out
+
+
+def _patch_sizes(model: nn.Module, params: Any, device: torch.device) -> list[dict[str, Any]]:
+    """Vision towers (not the whole model: no token ids) that pack images of any size and take each one's size in
+    patches as `target_sizes` (MiniCPM-V's): one image of the config's size with its (height, width) in patches
+    (on the cpu for a model on the meta device: the trace reads them). [] for any other model."""
+    if "target_sizes" not in params or "pixel_values" not in params or "input_ids" in params:
+        return []
+    config = model.config
+    channels = _first_int(_config_value(config, ("num_channels", "in_channels"), 3), 3)
+    patch = _first_int(_config_value(config, ("patch_size",), 14), 14)
+    height, width = _image_hw(config)
+    at = device if device.type != "meta" else torch.device("cpu")
+    return [{"pixel_values": torch.zeros(1, channels, height, width, device=device),
+             "target_sizes": torch.tensor([[height // patch, width // patch]], device=at)}]
 
 
 def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tuple[tuple, dict]]:
@@ -219,7 +241,8 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
     The main input from `main_input_name` (token ids, pixel values of the config's image size, audio features or
     samples, time series), every required forward argument it can make, decoder ids for encoder-decoders,
     token_type_ids for encoder-only models, pixel values beside token ids for multimodal models (first with, then
-    without), flattened patches with their grid for vision towers that take a `grid_thw` (Qwen2-VL's), video frames
+    without), flattened patches with their grid for vision towers that take a `grid_thw` (Qwen2-VL's), one image
+    with its size in patches for those that take `target_sizes` (MiniCPM-V's), video frames
     for `pixel_values_videos` and, after images, for `pixel_values` where the config has `num_frames`, other layouts
     of audio inputs after the first (`_layouts`) and an all-ones `input_features_mask` where the forward takes one,
     token ids beside an image main input where the forward takes them (then without), `use_cache=False` wherever the
@@ -240,7 +263,7 @@ def input_candidates(model: nn.Module, batch: int = 2, seq: int = 8) -> list[tup
     main = main_input(model)
     required = [n for n, p in params.items() if p.default is inspect.Parameter.empty
                 and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
-    grids = _patch_grids(model, params, device)
+    grids = _patch_grids(model, params, device) or _patch_sizes(model, params, device)
     base: dict[str, Any] = {}
     for name in dict.fromkeys([main, *required]):
         value = _main_tensor(name, model, batch, seq, device) if not grids else None
@@ -425,26 +448,46 @@ def all_real(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     return all(t.device.type != "meta" for t in tensors)
 
 
+_VALUE_READ = "its data is not allocated yet"
+"""The error of Python code reading a fake tensor's data (UDOP indexes by a tuple of tensors it zipped from the
+boxes' values): like a data-dependent stop, fixing the value inputs may get past it."""
+
+
 def _export_once(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.export.ExportedProgram, bool]:
-    """Export on fake tensors; where the model's own code branches on a value of the data (LED: whether any token
-    has global attention), export again with every op also run on copies of the real tensors
-    (`_real_values`), so that the branch the given inputs take is the one traced (then True: the
-    graph holds for these input values). That needs real weights and inputs: on the meta device the
-    data-dependent error stands."""
+    """Export on fake tensors; where the model's own code branches on a value of the data, export again on the
+    inputs' values (then True: the graph holds for these input values). First with the integer inputs whose values
+    drive shapes (`fixed_inputs.value_inputs`: a vision tower's `grid_thw`) and the 0-dim integer buffers
+    (`fixed_inputs.scalar_buffers`) fixed, on fake tensors, then on the real values too; then, where that fails or
+    there is nothing to fix, with every op also run on copies of the real tensors (`_real_values`), so that the
+    branch the given inputs take is the one traced (LED: whether any token has global attention). That needs real
+    weights and inputs: on the meta device the data-dependent error stands, unless fixing the value inputs is
+    enough (on the cpu beside a meta model: tried after any error). A read of a fake tensor's data (`_VALUE_READ`)
+    is tried with the value inputs fixed too."""
+    names = value_inputs(kwargs)
     try:
         with _partial_graph_unprinted():
             return torch.export.export(model, args, kwargs, strict=False), False
     except Exception as exc:
-        real_values = _real_values()
-        if not data_dependent(exc) or not all_real(model, args, kwargs) or real_values is None:
+        fixable = names and (model_device(model).type == "meta" or _VALUE_READ in str(exc))
+        if not data_dependent(exc) and not fixable:
             raise
-        try:
-            with _partial_graph_unprinted(), real_values:
-                return torch.export.export(model, args, kwargs, strict=False), True
-        except Exception as on_values:
-            with contextlib.suppress(AttributeError):  # told in the TraceError
-                exc.on_values = on_values  # type: ignore[attr-defined]
-            raise exc from None
+        buffers = scalar_buffers(model)
+        real = all_real(model, args, kwargs) and _real_values() is not None
+        fixes = [(names, buffers)] if names or buffers else []
+        attempts = [(*f, False) for f in fixes] + ([(*f, True) for f in fixes] + [([], [], True)] if real else [])
+        errors: list[Exception] = []
+        for fixed, scalars, values in attempts:
+            try:
+                with fixed_inputs(model, kwargs, fixed, scalars) as rest, _partial_graph_unprinted(), \
+                        (_real_values() if values else contextlib.nullcontext()):
+                    return torch.export.export(model, args, rest, strict=False), True
+            except Exception as error:
+                errors.append(error)
+        if not errors:
+            raise
+        with contextlib.suppress(AttributeError):  # told in the TraceError: the attempt with the inputs fixed
+            exc.on_values = errors[1 if fixes and real else 0]  # type: ignore[attr-defined]
+        raise exc from None
 
 
 def _real_values() -> contextlib.AbstractContextManager | None:
@@ -669,22 +712,28 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
     Without inputs, the `input_candidates` are tried in order; if none traces, a TraceError names the model, the
     inputs tried with each one's error, and the forward's main input, so the caller can pass inputs (the errors
     are on the exception as `tried`). `failed`: the `tried` of an earlier attempt on a depth-reduced view of
-    the same model; when the first inputs fail here as they failed there, the depth did not matter and the
-    earlier errors are raised at once."""
+    the same model; an error that inputs give here as they gave it there is one the depth did not change, and
+    inputs that gave it there are not tried again (their earlier error stands). Others are: a depth-reduced
+    stack of downsampling blocks (XCodec's semantic feature extractor) changes the lengths two branches join at."""
     if args is None and kwargs is None:
         candidates = input_candidates(model)
         names = list(inspect.signature(model.forward).parameters)
         errors: list[str] = []
+        alike: set[str] = set()  # errors the depth did not change
         program = None
-        for cand_args, cand_kwargs in candidates:
+        for i, (cand_args, cand_kwargs) in enumerate(candidates):
+            prefix = f"({_describe(cand_args, cand_kwargs, names)}): "
+            before = failed[i][len(prefix):] if failed and i < len(failed) and failed[i].startswith(prefix) else None
+            if before is not None and before in alike:
+                errors.append(prefix + before)
+                continue
             try:
                 program, on_values = _export(model, cand_args, cand_kwargs)
                 break
             except Exception as exc:  # try the next inputs
-                errors.append(f"({_describe(cand_args, cand_kwargs, names)}): {_first_line(exc)}")
-                if failed and len(errors) == 1 and errors[0] == failed[0]:
-                    errors = list(failed)
-                    break
+                errors.append(prefix + _first_line(exc))
+                if before is not None and errors[-1] == prefix + before:
+                    alike.add(before)
         if program is None:
             params = names
             main = main_input(model)
