@@ -417,6 +417,24 @@ def test_plan_lora_qv_with_a_padded_batch_eager():
         assert len(placed.placements) == {"t5": 12, "gpt2": 2}.get(arch, 4)  # gpt2: one fused c_attn a layer
 
 
+def test_plan_with_a_users_batch_as_given():
+    """A batch without use_cache=False (a decoder would return its cache, which export cannot hold): surgery asks
+    for no cache itself, and a forward that cannot take the batch gives a TraceError naming the model."""
+    import surgery
+    from surgery.errors import TraceError
+
+    for arch in ("llama", "gpt2", "t5"):
+        model = tiny.build(arch)
+        batch = {k: v for k, v in _padded_batch(model).items() if k != "use_cache"}
+        placed = surgery.plan(model, "lora-qv", kwargs=batch)
+        assert [p.site.path for p in placed.placements] == \
+            [p.site.path for p in surgery.plan(model, "lora-qv", kwargs=_padded_batch(model)).placements]
+    model = tiny.build("bert")
+    with pytest.raises(TraceError, match="BertForMaskedLM.*inputs given.*attention_mask=int64\\[2, 5\\]"):
+        surgery.inspect(model, kwargs={"input_ids": torch.ones(2, 4, dtype=torch.long),
+                                       "attention_mask": torch.ones(2, 5, dtype=torch.long)})
+
+
 def test_inputs_from_the_models_main_input_and_config():
     from surgery.analysis.tracing import input_candidates
 

@@ -751,19 +751,29 @@ def export_for_analysis(model: nn.Module, args: tuple | None = None, kwargs: dic
     else:
         args = tuple(args or ())
         kwargs = dict(kwargs or {})
-        try:
-            program, on_values = _export(model, args, kwargs)
-        except Exception as exc:
-            line = _first_line(exc)
-            if not data_dependent_text(line):
-                raise
-            names = list(inspect.signature(model.forward).parameters)
-            raise TraceError(
-                f"cannot trace {type(model).__qualname__} for analysis with the inputs given: the trace stopped on "
-                "a data-dependent branch of the model's own code (a value of an input decides the control flow)"
-                + _branch_advice(model, args, kwargs, "often a mask the model otherwise computes from the ids, e.g. "
-                                 "decoder_attention_mask")
-                + f". Inputs ({_describe(args, kwargs, names)}): {line}") from exc
+        params = inspect.signature(model.forward).parameters
+        names = list(params)
+        tries = [kwargs]
+        if "use_cache" not in kwargs and ("use_cache" in params
+                                          or any(p.kind is p.VAR_KEYWORD for p in params.values())):
+            tries.insert(0, {**kwargs, "use_cache": False})  # a cache in the output is neither traceable nor needed
+        for attempt, given in enumerate(tries):
+            try:
+                program, on_values = _export(model, args, given)
+                break
+            except Exception as exc:
+                line = _first_line(exc)
+                if data_dependent_text(line):
+                    raise TraceError(
+                        f"cannot trace {type(model).__qualname__} for analysis with the inputs given: the trace "
+                        "stopped on a data-dependent branch of the model's own code (a value of an input decides "
+                        "the control flow)"
+                        + _branch_advice(model, args, kwargs, "often a mask the model otherwise computes from the "
+                                         "ids, e.g. decoder_attention_mask")
+                        + f". Inputs ({_describe(args, kwargs, names)}): {line}") from exc
+                if attempt + 1 == len(tries):
+                    raise TraceError(f"cannot trace {type(model).__qualname__} for analysis with the inputs given "
+                                     f"({_describe(args, kwargs, names)}): {line}") from exc
     graph_module = program.graph_module
     graph = graph_module.graph
     kinds: dict[str, str] = {}
