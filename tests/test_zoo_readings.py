@@ -97,3 +97,17 @@ def test_wavlm_s_functional_attention_reads_and_adapts_the_projections_weights()
     out = model(inputs).last_hidden_state
     assert (out - base).abs().max() > 1e-2  # the adapters act
     torch.testing.assert_close(out, reference(inputs).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_gemma3n_audio_local_attention_reads_keys_and_values_through_unfold():
+    """Gemma 3n's audio conformer attends in chunks: keys and values are padded and cut into overlapping blocks
+    with `unfold` (a layout op, channels kept) before the scores and the context: k_proj and v_proj get the key
+    and value roles, as the oracle sees them."""
+    model = zoo.build("gemma3n_audio")
+    args, kwargs = zoo.INPUTS["gemma3n_audio"](model)  # mel features and their mask, as a user gives them
+    facts = analyze(model, args, kwargs)
+    attn = "conformer.0.attention.attn"
+    assert facts.roles[f"{attn}.q_proj"] == {"attention.query"}
+    assert facts.roles[f"{attn}.k_proj"] == {"attention.key"}
+    assert facts.roles[f"{attn}.v_proj"] == {"attention.value"}
+    assert zoo.compare(facts, zoo.oracle(model, args, kwargs)) == ("agree", "")

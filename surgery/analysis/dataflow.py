@@ -20,6 +20,7 @@ LAYOUT_OPS = frozenset({
     "unsqueeze", "squeeze", "flatten", "unflatten", "narrow", "index", "index_select", "broadcast_to", "repeat",
     "repeat_interleave", "clone", "alias", "to", "_to_copy", "type_as", "movedim", "swapaxes", "lift_fresh_copy",
     "dropout", "feature_dropout", "alpha_dropout", "detach", "float", "half", "bfloat16", "pad", "constant_pad_nd",
+    "unfold",
 })
 ELEMENTWISE_OPS = frozenset({
     "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "pow", "sqrt", "rsqrt", "exp",
