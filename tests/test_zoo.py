@@ -10,6 +10,7 @@ import os
 import re
 
 import pytest
+import transformers
 
 import zoo
 
@@ -59,6 +60,8 @@ ACCEPTED_SKIPS = ("sdpa not supported", "no attention_mask input", "eager not su
 def test_zoo_agrees_with_the_oracle(model_type):
     results = zoo.check(model_type)
     if results[0].variant == "build":
+        if results[0].why.startswith(f"KeyError: 'no model class for {model_type}'"):
+            pytest.skip(f"transformers {transformers.__version__} has no model class for {model_type}")
         if model_type in SUBSET:
             pytest.fail(f"{model_type} no longer builds: {results[0].why}")
         pytest.skip(f"does not build from a small config: {results[0].why}")

@@ -105,6 +105,7 @@ class Host(nn.Module):
             found = self._routes["kind"] = (names, branches, kind if batched else None)
         return found[1], found[2]
 
+    @torch.compiler.disable  # routing keeps Python state (caches per routing, outputs kept for the next site)
     def _routed(self, args: tuple, kwargs: dict) -> Any:
         x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if x is None:
