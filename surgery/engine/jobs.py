@@ -26,7 +26,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class Jobs:
     """Jobs `optimizers` (attachment name -> its optimizer) on `model`. `step(batches)` takes each job's batch
     (`input_ids`, optional `attention_mask` and `labels`; lengths may differ: shorter ones are right-padded and
-    masked) and returns each job's loss. `loss(logits, labels)` defaults to the causal LM loss."""
+    masked) and returns each job's loss, a detached 0-dim tensor: reading it (`float(loss)`) waits for the device,
+    so a loop that reads the losses every few steps lets the next step's kernels queue meanwhile. `loss(logits,
+    labels)` defaults to the causal LM loss."""
 
     def __init__(self, model: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer],
                  loss: LossFn = causal_lm_loss, pad_token_id: int | None = None):
@@ -39,7 +41,7 @@ class Jobs:
         config = getattr(unwrap(model), "config", None)
         self.pad = pad_token_id if pad_token_id is not None else (getattr(config, "pad_token_id", None) or 0)
 
-    def step(self, batches: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, float]:
+    def step(self, batches: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """One joint forward, backward and optimizer step of every job in `batches` (a subset of the jobs)."""
         unknown = sorted(set(batches) - set(self.optimizers))
         if unknown:
@@ -67,7 +69,7 @@ class Jobs:
         for name in batches:
             self.optimizers[name].step()
             self.optimizers[name].zero_grad(set_to_none=True)
-        return {name: loss.item() for name, loss in losses.items()}
+        return {name: loss.detach() for name, loss in losses.items()}  # no wait for the device here
 
 
 def jobs(model: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer], loss: LossFn = causal_lm_loss,
