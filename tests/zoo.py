@@ -39,7 +39,7 @@ _WIDTH = ("hidden_size", "d_model", "n_embd", "embed_dim", "hidden_dim", "dim", 
           "embedding_size", "d_embed", "n_embed", "projection_dim", "text_embed_dim", "vision_embed_dim",
           "encoder_hidden_size", "decoder_hidden_size", "qformer_hidden_size", "cross_attention_hidden_size",
           "hidden_size_per_head_times_heads", "output_hidden_size", "proj_dim", "projection_size",
-          "classifier_proj_size", "conv_dim_last", "mit_hidden_size")
+          "classifier_proj_size", "conv_dim_last", "mit_hidden_size", "fpn_hidden_size", "hidden_size_global")
 _DEPTH = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers",
           "n_layers", "num_encoder_layers", "decoder_num_layers", "num_text_layers", "num_vision_layers",
           "text_num_layers", "num_blocks")
@@ -144,6 +144,9 @@ def _shrunk(config: Any) -> dict[str, Any]:
             values["qk_head_dim"] = values["qk_rope_head_dim"] + values["qk_nope_head_dim"]
     if "mlp_only_layers" in own:
         values["mlp_only_layers"] = []
+    stages = own.get("embed_dim_per_stage")
+    if isinstance(stages, (list, tuple)) and stages and "hidden_size" in values:  # the first stage's width is
+        values["hidden_size"] = stages[0]  # the patch embedding's (sam2's hiera), a list the rules leave full
     experts = next((values[n] for n in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
                     if isinstance(values.get(n), int)), None)
     for name in ("num_experts_per_tok", "n_group", "topk_group"):  # unset where the defaults leave routing open
@@ -179,6 +182,21 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "seggpt": {"image_size": [64, 32]},  # (height, width): a list the generic rule leaves
     "timesfm": {"context_length": 64},  # a whole number of 32-step patches, not 512 or 16384 steps
     "timesfm2_5": {"context_length": 64},
+    # efficientnet's channels scale by width_coefficient; the last (320 or 1280 at scale 1) must match the
+    # projection (align) or hidden_dim (efficientnet), which the generic rule makes 64
+    "align": {"vision_config": {"width_coefficient": 0.2}},
+    "efficientnet": {"width_coefficient": 0.05},
+    "levit": {"patch_size": 16},  # the patch embedding is 4 stride-2 convolutions: 16, whatever patch_size says
+    "lilt": {"hidden_size": 96},  # 6 layout embeddings of hidden_size // 6, and a layout stream 4 times narrower
+    "mobilevitv2": {"patch_size": 2},  # unfolded from the 4x4 map the tiny image leaves
+    # the mask decoder reads the image embedding (4x and 2x the prompt grid below it) at these sizes: a 64-pixel
+    # image, 16 pixels a prompt-grid cell
+    "sam2": {"vision_config": {"backbone_config": {"image_size": [64, 64]},
+                               "backbone_feature_sizes": [[16, 16], [8, 8], [4, 4]]},
+             "prompt_encoder_config": {"patch_size": 16}},
+    "tvp": {"max_img_size": 128, "visual_prompt_size": 8},  # frames of 128 pixels, padded by a prompt 8 wide
+    "qwen3_asr_encoder": {"n_window": 50},  # its output lengths count 13 frames per 100-frame chunk, fixed
+    "sam3_tracker": {"vision_config": {"backbone_feature_sizes": [[32, 32], [16, 16], [8, 8]]}},
 }
 """model_type -> config values no generic rule gives (with the reason)."""
 
@@ -705,11 +723,45 @@ def _vibevoice_encoder(model: nn.Module) -> tuple[tuple, dict]:
     return (), {"hidden_states": torch.randn(2, 1, 3200)}  # mono audio
 
 
+def _tvp(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config
+    side = config.max_img_size
+    ids = _token_ids(model)[:1]  # one clip: the grid's column positions are viewed with batch size 1 in transformers
+    return (), {"input_ids": ids, "attention_mask": torch.ones(ids.shape, dtype=torch.long),
+                "pixel_values": torch.rand(1, config.num_frames, 3, side, side)}  # a clip of frames
+
+
+def _gemma4_audio(model: nn.Module) -> tuple[tuple, dict]:
+    mels = model.config.subsampling_conv_channels[0]  # the projection after two stride-2 convolutions takes
+    frames = 48  # mels // 4 of them: 128 mel bins, as gemma4's feature extractor gives
+    return (), {"input_features": torch.randn(2, frames, mels), "attention_mask": torch.ones(2, frames, dtype=torch.bool)}
+
+
+def _granite_speech5(model: nn.Module) -> tuple[tuple, dict]:
+    config = getattr(model.config, "encoder_config", model.config)
+    width = 4 * config.num_mel_bins  # the feature extractor stacks 4 frames of mel bins into one
+    return (), {"input_features": torch.randn(2, 16, width), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+
+
+def _fun_asr_nano(model: nn.Module) -> tuple[tuple, dict]:
+    width = model.config.num_mel_bins * model.config.num_stacked_frames  # low-frame-rate features: stacked frames
+    return (), {"input_features": torch.randn(2, 16, width), "input_features_mask": torch.ones(2, 16, dtype=torch.long)}
+
+
+def _qwen3_asr(model: nn.Module) -> tuple[tuple, dict]:
+    frames = 4 * model.config.n_window  # mel frames padded to whole windows of n_window * 2
+    return (), {"input_features": torch.randn(2, model.config.num_mel_bins, frames),
+                "input_features_mask": torch.ones(2, frames, dtype=torch.long)}
+
+
 INPUTS = {"kosmos-2": _kosmos2, "lxmert": _lxmert, "blip_2_qformer": _qformer, "seggpt": _seggpt,
           "decision_transformer": _decision_transformer, "siglip2": _siglip2, "gemma4_vision": _gemma4_vision,
           "siglip2_vision_model": lambda model: ((), _siglip2_image(model)), "pix2struct": _pix2struct,
           "idefics": _idefics, "xmod": _xmod, "gemma3n_audio": _gemma3n_audio,
-          "vibevoice_acoustic_tokenizer_encoder": _vibevoice_encoder}
+          "vibevoice_acoustic_tokenizer_encoder": _vibevoice_encoder, "tvp": _tvp,
+          "gemma4_audio": _gemma4_audio, "granite_speech5_ctc": _granite_speech5,
+          "granite_speech5_encoder": _granite_speech5, "fun_asr_nano_encoder": _fun_asr_nano,
+          "qwen3_asr_encoder": _qwen3_asr}
 """model_type -> the inputs a user gives (surgery cannot make them from the config): the zoo passes them to the
 analysis as a user would, on every variant."""
 
