@@ -196,6 +196,13 @@ OVERRIDES: dict[str, dict[str, Any]] = {
              "prompt_encoder_config": {"patch_size": 16}},
     "tvp": {"max_img_size": 128, "visual_prompt_size": 8},  # frames of 128 pixels, padded by a prompt 8 wide
     "qwen3_asr_encoder": {"n_window": 50},  # its output lengths count 13 frames per 100-frame chunk, fixed
+    "sam2_vision_model": {"backbone_config": {"image_size": [64, 64]},
+                          "backbone_feature_sizes": [[16, 16], [8, 8], [4, 4]]},
+    "sam2_hiera_det_model": {"image_size": [64, 64]},  # not 1024 pixels (8 GB on the CPU)
+    "fastspeech2_conformer_with_hifigan": {"vocoder_config": {"model_in_dim": 16}},  # the mel bins it is given
+    "instructblipvideo": {"video_token_id": 255},  # unset by default; the processor adds it (the last token here)
+    "clap": {"audio_config": {"patch_embeds_hidden_size": 32}},  # doubled per stage: 2 stages end at hidden_size
+    "clvp": {"speech_config": {"vocab_size": 8194}},  # the speech encoder reads the decoder's tokens (its vocabulary)
     "sam3_tracker": {"vision_config": {"backbone_feature_sizes": [[32, 32], [16, 16], [8, 8]]}},
 }
 """model_type -> config values no generic rule gives (with the reason)."""
@@ -754,6 +761,35 @@ def _qwen3_asr(model: nn.Module) -> tuple[tuple, dict]:
                 "input_features_mask": torch.ones(2, frames, dtype=torch.long)}
 
 
+def _instructblipvideo(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config
+    frames, side = 4, config.vision_config.image_size  # the processor samples 4 frames, each num_query_tokens long
+    ids = torch.cat([torch.full((2, frames * config.num_query_tokens), config.video_token_id), _token_ids(model)], 1)
+    return (), {"pixel_values": torch.rand(2, frames, 3, side, side), "qformer_input_ids": _token_ids(model),
+                "input_ids": ids, "attention_mask": torch.ones(ids.shape, dtype=torch.long), "use_cache": False}
+
+
+def _lightglue(model: nn.Module) -> tuple[tuple, dict]:
+    return (), {"pixel_values": torch.rand(2, 2, 3, 64, 64)}  # pairs of images to match
+
+
+def _clap(model: nn.Module) -> tuple[tuple, dict]:
+    mels = model.config.audio_config.num_mel_bins
+    return (), {"input_ids": _token_ids(model), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+                "input_features": torch.rand(2, 1, 256, mels)}  # (batch, 1, time, mel bins), with the text
+
+
+def _clvp(model: nn.Module) -> tuple[tuple, dict]:
+    mels = model.config.decoder_config.feature_size
+    return (), {"input_ids": _token_ids(model), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+                "input_features": torch.rand(2, mels, 32)}  # the text and a mel spectrogram of the voice
+
+
+def _voxtral_realtime(model: nn.Module) -> tuple[tuple, dict]:
+    mels = model.config.audio_config.num_mel_bins
+    return (), {"input_ids": _token_ids(model), "input_features": torch.randn(2, mels, 64), "use_cache": False}
+
+
 INPUTS = {"kosmos-2": _kosmos2, "lxmert": _lxmert, "blip_2_qformer": _qformer, "seggpt": _seggpt,
           "decision_transformer": _decision_transformer, "siglip2": _siglip2, "gemma4_vision": _gemma4_vision,
           "siglip2_vision_model": lambda model: ((), _siglip2_image(model)), "pix2struct": _pix2struct,
@@ -761,7 +797,8 @@ INPUTS = {"kosmos-2": _kosmos2, "lxmert": _lxmert, "blip_2_qformer": _qformer, "
           "vibevoice_acoustic_tokenizer_encoder": _vibevoice_encoder, "tvp": _tvp,
           "gemma4_audio": _gemma4_audio, "granite_speech5_ctc": _granite_speech5,
           "granite_speech5_encoder": _granite_speech5, "fun_asr_nano_encoder": _fun_asr_nano,
-          "qwen3_asr_encoder": _qwen3_asr}
+          "qwen3_asr_encoder": _qwen3_asr, "instructblipvideo": _instructblipvideo,
+          "lightglue": _lightglue, "clap": _clap, "clvp": _clvp, "voxtral_realtime": _voxtral_realtime}
 """model_type -> the inputs a user gives (surgery cannot make them from the config): the zoo passes them to the
 analysis as a user would, on every variant."""
 
