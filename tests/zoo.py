@@ -202,7 +202,10 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "fastspeech2_conformer_with_hifigan": {"vocoder_config": {"model_in_dim": 16}},  # the mel bins it is given
     "instructblipvideo": {"video_token_id": 255},  # unset by default; the processor adds it (the last token here)
     "clap": {"audio_config": {"patch_embeds_hidden_size": 32}},  # doubled per stage: 2 stages end at hidden_size
-    "clvp": {"speech_config": {"vocab_size": 8194}},  # the speech encoder reads the decoder's tokens (its vocabulary)
+    # the speech encoder reads the decoder's tokens (its vocabulary); the rotary part of a head is 32 at least
+    "clvp": {"speech_config": {"vocab_size": 8194, "hidden_size": 128}, "text_config": {"hidden_size": 128}},
+    "xcodec2": {"quantization_dim": 128},  # the semantic and acoustic features side by side: twice hidden_size
+    "neucodec": {"quantization_dim": 128},
     "sam3_tracker": {"vision_config": {"backbone_feature_sizes": [[32, 32], [16, 16], [8, 8]]}},
 }
 """model_type -> config values no generic rule gives (with the reason)."""
@@ -790,6 +793,12 @@ def _voxtral_realtime(model: nn.Module) -> tuple[tuple, dict]:
     return (), {"input_ids": _token_ids(model), "input_features": torch.randn(2, mels, 64), "use_cache": False}
 
 
+def _codec2(model: nn.Module) -> tuple[tuple, dict]:
+    config, frames = model.config, 10  # audio and its semantic features (2 stacked mel frames), frame for frame
+    return (), {"input_values": torch.randn(2, 1, frames * config.hop_length),
+                "input_features": torch.randn(2, frames, config.semantic_model_config.feature_projection_input_dim)}
+
+
 INPUTS = {"kosmos-2": _kosmos2, "lxmert": _lxmert, "blip_2_qformer": _qformer, "seggpt": _seggpt,
           "decision_transformer": _decision_transformer, "siglip2": _siglip2, "gemma4_vision": _gemma4_vision,
           "siglip2_vision_model": lambda model: ((), _siglip2_image(model)), "pix2struct": _pix2struct,
@@ -798,7 +807,8 @@ INPUTS = {"kosmos-2": _kosmos2, "lxmert": _lxmert, "blip_2_qformer": _qformer, "
           "gemma4_audio": _gemma4_audio, "granite_speech5_ctc": _granite_speech5,
           "granite_speech5_encoder": _granite_speech5, "fun_asr_nano_encoder": _fun_asr_nano,
           "qwen3_asr_encoder": _qwen3_asr, "instructblipvideo": _instructblipvideo,
-          "lightglue": _lightglue, "clap": _clap, "clvp": _clvp, "voxtral_realtime": _voxtral_realtime}
+          "lightglue": _lightglue, "clap": _clap, "clvp": _clvp, "voxtral_realtime": _voxtral_realtime,
+          "xcodec2": _codec2, "neucodec": _codec2}
 """model_type -> the inputs a user gives (surgery cannot make them from the config): the zoo passes them to the
 analysis as a user would, on every variant."""
 
