@@ -799,6 +799,22 @@ def _codec2(model: nn.Module) -> tuple[tuple, dict]:
                 "input_features": torch.randn(2, frames, config.semantic_model_config.feature_projection_input_dim)}
 
 
+def _vibevoice_decoder(model: nn.Module) -> tuple[tuple, dict]:
+    return (), {"hidden_states": torch.randn(2, model.config.hidden_size, 4)}  # latent frames, channels first
+
+
+def _nemotron_word_timestamp(model: nn.Module) -> tuple[tuple, dict]:
+    return (), {"inputs_embeds": torch.randn(2, 8, model.config.hidden_size),  # the speech encoder's states
+                "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+
+
+def _muse_glimmer(model: nn.Module) -> tuple[tuple, dict]:
+    config, context = model.config, 6  # a drafter: noisy block embeddings and the target's accepted context
+    return (), {"noise_embeds": torch.randn(2, config.block_size, config.hidden_size),
+                "context_hidden_states": torch.randn(2, context, config.hidden_size * len(config.target_layer_ids)),
+                "use_cache": False}
+
+
 INPUTS = {"kosmos-2": _kosmos2, "lxmert": _lxmert, "blip_2_qformer": _qformer, "seggpt": _seggpt,
           "decision_transformer": _decision_transformer, "siglip2": _siglip2, "gemma4_vision": _gemma4_vision,
           "siglip2_vision_model": lambda model: ((), _siglip2_image(model)), "pix2struct": _pix2struct,
@@ -808,7 +824,8 @@ INPUTS = {"kosmos-2": _kosmos2, "lxmert": _lxmert, "blip_2_qformer": _qformer, "
           "granite_speech5_encoder": _granite_speech5, "fun_asr_nano_encoder": _fun_asr_nano,
           "qwen3_asr_encoder": _qwen3_asr, "instructblipvideo": _instructblipvideo,
           "lightglue": _lightglue, "clap": _clap, "clvp": _clvp, "voxtral_realtime": _voxtral_realtime,
-          "xcodec2": _codec2, "neucodec": _codec2}
+          "xcodec2": _codec2, "neucodec": _codec2, "vibevoice_acoustic_tokenizer_decoder": _vibevoice_decoder,
+          "nemotron3_5_transcribe_word_timestamp": _nemotron_word_timestamp, "muse_glimmer_assistant": _muse_glimmer}
 """model_type -> the inputs a user gives (surgery cannot make them from the config): the zoo passes them to the
 analysis as a user would, on every variant."""
 
