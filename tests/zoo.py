@@ -206,6 +206,12 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "clvp": {"speech_config": {"vocab_size": 8194, "hidden_size": 128}, "text_config": {"hidden_size": 128}},
     "xcodec2": {"quantization_dim": 128},  # the semantic and acoustic features side by side: twice hidden_size
     "neucodec": {"quantization_dim": 128},
+    # its rope pairs the height and width sections, so they must be equal (the default sections are 22, 22, 20)
+    "ernie4_5_vl_moe": {"text_config": {"rope_parameters": {"rope_theta": 500000.0, "rope_type": "default",
+                                                            "mrope_section": [3, 3, 2]}}},
+    # the image token in the shrunk text vocabulary (its own ids say nothing of the image's); a sliding window
+    # set, as the modeling code always builds the sliding mask
+    "step3p7": {"image_token_id": 255, "text_config": {"sliding_window": 64}},
     "sam3_tracker": {"vision_config": {"backbone_feature_sizes": [[32, 32], [16, 16], [8, 8]]}},
 }
 """model_type -> config values no generic rule gives (with the reason)."""
@@ -815,6 +821,13 @@ def _muse_glimmer(model: nn.Module) -> tuple[tuple, dict]:
                 "use_cache": False}
 
 
+def _step3p7(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config  # 4 image tokens an image at the tiny size, ahead of the text
+    ids = torch.cat([torch.full((2, 4), config.image_token_id), _token_ids(model)], 1)
+    return (), {"input_ids": ids, "pixel_values": torch.rand(2, 3, 64, 64),
+                "attention_mask": torch.ones(ids.shape, dtype=torch.long), "use_cache": False}
+
+
 INPUTS = {"kosmos-2": _kosmos2, "lxmert": _lxmert, "blip_2_qformer": _qformer, "seggpt": _seggpt,
           "decision_transformer": _decision_transformer, "siglip2": _siglip2, "gemma4_vision": _gemma4_vision,
           "siglip2_vision_model": lambda model: ((), _siglip2_image(model)), "pix2struct": _pix2struct,
@@ -825,7 +838,8 @@ INPUTS = {"kosmos-2": _kosmos2, "lxmert": _lxmert, "blip_2_qformer": _qformer, "
           "qwen3_asr_encoder": _qwen3_asr, "instructblipvideo": _instructblipvideo,
           "lightglue": _lightglue, "clap": _clap, "clvp": _clvp, "voxtral_realtime": _voxtral_realtime,
           "xcodec2": _codec2, "neucodec": _codec2, "vibevoice_acoustic_tokenizer_decoder": _vibevoice_decoder,
-          "nemotron3_5_transcribe_word_timestamp": _nemotron_word_timestamp, "muse_glimmer_assistant": _muse_glimmer}
+          "nemotron3_5_transcribe_word_timestamp": _nemotron_word_timestamp, "muse_glimmer_assistant": _muse_glimmer,
+          "step3p7": _step3p7}
 """model_type -> the inputs a user gives (surgery cannot make them from the config): the zoo passes them to the
 analysis as a user would, on every variant."""
 
