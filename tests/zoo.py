@@ -828,6 +828,20 @@ def _step3p7(model: nn.Module) -> tuple[tuple, dict]:
                 "attention_mask": torch.ones(ids.shape, dtype=torch.long), "use_cache": False}
 
 
+def _pi0(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config  # a robot policy: one camera's image tokens and a prompt, the state, noisy actions
+    vision = config.vlm_config.vision_config
+    side, tokens = vision.image_size, (vision.image_size // vision.patch_size) ** 2
+    ids = torch.cat([torch.full((2, tokens), config.vlm_config.image_token_id), _token_ids(model)], 1)
+    kwargs = {"input_ids": ids, "pixel_values": torch.rand(2, 1, 3, side, side),
+              "pixel_attention_mask": torch.ones(2, 1, dtype=torch.bool),
+              "attention_mask": torch.ones(ids.shape, dtype=torch.long),
+              "noise": torch.randn(2, config.chunk_size, config.max_action_dim), "timestep": torch.full((2,), 0.5)}
+    if hasattr(config, "max_state_dim"):  # pi0 takes the state as an input; pi05 as text
+        kwargs["state"] = torch.randn(2, config.max_state_dim)
+    return (), kwargs
+
+
 INPUTS = {"kosmos-2": _kosmos2, "lxmert": _lxmert, "blip_2_qformer": _qformer, "seggpt": _seggpt,
           "decision_transformer": _decision_transformer, "siglip2": _siglip2, "gemma4_vision": _gemma4_vision,
           "siglip2_vision_model": lambda model: ((), _siglip2_image(model)), "pix2struct": _pix2struct,
@@ -839,7 +853,7 @@ INPUTS = {"kosmos-2": _kosmos2, "lxmert": _lxmert, "blip_2_qformer": _qformer, "
           "lightglue": _lightglue, "clap": _clap, "clvp": _clvp, "voxtral_realtime": _voxtral_realtime,
           "xcodec2": _codec2, "neucodec": _codec2, "vibevoice_acoustic_tokenizer_decoder": _vibevoice_decoder,
           "nemotron3_5_transcribe_word_timestamp": _nemotron_word_timestamp, "muse_glimmer_assistant": _muse_glimmer,
-          "step3p7": _step3p7}
+          "step3p7": _step3p7, "pi0": _pi0, "pi05": _pi0}
 """model_type -> the inputs a user gives (surgery cannot make them from the config): the zoo passes them to the
 analysis as a user would, on every variant."""
 
