@@ -212,6 +212,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # the image token in the shrunk text vocabulary (its own ids say nothing of the image's); a sliding window
     # set, as the modeling code always builds the sliding mask
     "step3p7": {"image_token_id": 255, "text_config": {"sliding_window": 64}},
+    # the head concatenates all 6 bridge stages' maps (as the released config names them): the default names the last
+    "uvdoc": {"backbone_config": {"out_features": [f"stage{i}" for i in range(1, 7)], "out_indices": list(range(1, 7))}},
     "sam3_tracker": {"vision_config": {"backbone_feature_sizes": [[32, 32], [16, 16], [8, 8]]}},
 }
 """model_type -> config values no generic rule gives (with the reason)."""
