@@ -213,7 +213,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # set, as the modeling code always builds the sliding mask
     "step3p7": {"image_token_id": 255, "text_config": {"sliding_window": 64}},
     # the head concatenates all 6 bridge stages' maps (as the released config names them): the default names the last
-    "uvdoc": {"backbone_config": {"out_features": [f"stage{i}" for i in range(1, 7)], "out_indices": list(range(1, 7))}},
+    "uvdoc": {"backbone_config": {"out_features": [f"stage{i}" for i in range(1, 7)],
+                                  "out_indices": list(range(1, 7))}},
     "sam3_tracker": {"vision_config": {"backbone_feature_sizes": [[32, 32], [16, 16], [8, 8]]}},
 }
 """model_type -> config values no generic rule gives (with the reason)."""
@@ -752,7 +753,8 @@ def _tvp(model: nn.Module) -> tuple[tuple, dict]:
 def _gemma4_audio(model: nn.Module) -> tuple[tuple, dict]:
     mels = model.config.subsampling_conv_channels[0]  # the projection after two stride-2 convolutions takes
     frames = 48  # mels // 4 of them: 128 mel bins, as gemma4's feature extractor gives
-    return (), {"input_features": torch.randn(2, frames, mels), "attention_mask": torch.ones(2, frames, dtype=torch.bool)}
+    return (), {"input_features": torch.randn(2, frames, mels),
+                "attention_mask": torch.ones(2, frames, dtype=torch.bool)}
 
 
 def _granite_speech5(model: nn.Module) -> tuple[tuple, dict]:
