@@ -822,7 +822,8 @@ def _muse_glimmer(model: nn.Module) -> tuple[tuple, dict]:
     config, context = model.config, 6  # a drafter: noisy block embeddings and the target's accepted context
     return (), {"noise_embeds": torch.randn(2, config.block_size, config.hidden_size),
                 "context_hidden_states": torch.randn(2, context, config.hidden_size * len(config.target_layer_ids)),
-                "use_cache": False}
+                "attention_mask": torch.ones(2, context + config.block_size, dtype=torch.long),  # context and block
+                "position_ids": torch.arange(context + config.block_size).expand(2, -1), "use_cache": False}
 
 
 def _step3p7(model: nn.Module) -> tuple[tuple, dict]:
@@ -840,7 +841,8 @@ def _pi0(model: nn.Module) -> tuple[tuple, dict]:
     kwargs = {"input_ids": ids, "pixel_values": torch.rand(2, 1, 3, side, side),
               "pixel_attention_mask": torch.ones(2, 1, dtype=torch.bool),
               "attention_mask": torch.ones(ids.shape, dtype=torch.long),
-              "noise": torch.randn(2, config.chunk_size, config.max_action_dim), "timestep": torch.full((2,), 0.5)}
+              "noise": torch.randn(2, config.chunk_size, config.max_action_dim), "timestep": torch.full((2,), 0.5),
+              "use_cache": False}
     if hasattr(config, "max_state_dim"):  # pi0 takes the state as an input; pi05 as text
         kwargs["state"] = torch.randn(2, config.max_state_dim)
     return (), kwargs
