@@ -39,7 +39,7 @@ _WIDTH = ("hidden_size", "d_model", "n_embd", "embed_dim", "hidden_dim", "dim", 
           "embedding_size", "d_embed", "n_embed", "projection_dim", "text_embed_dim", "vision_embed_dim",
           "encoder_hidden_size", "decoder_hidden_size", "qformer_hidden_size", "cross_attention_hidden_size",
           "hidden_size_per_head_times_heads", "output_hidden_size", "proj_dim", "projection_size",
-          "classifier_proj_size", "conv_dim_last", "mit_hidden_size")
+          "classifier_proj_size", "conv_dim_last", "mit_hidden_size", "fpn_hidden_size", "hidden_size_global")
 _DEPTH = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers",
           "n_layers", "num_encoder_layers", "decoder_num_layers", "num_text_layers", "num_vision_layers",
           "text_num_layers", "num_blocks")
@@ -144,6 +144,9 @@ def _shrunk(config: Any) -> dict[str, Any]:
             values["qk_head_dim"] = values["qk_rope_head_dim"] + values["qk_nope_head_dim"]
     if "mlp_only_layers" in own:
         values["mlp_only_layers"] = []
+    stages = own.get("embed_dim_per_stage")
+    if isinstance(stages, (list, tuple)) and stages and "hidden_size" in values:  # the first stage's width is
+        values["hidden_size"] = stages[0]  # the patch embedding's (sam2's hiera), a list the rules leave full
     experts = next((values[n] for n in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
                     if isinstance(values.get(n), int)), None)
     for name in ("num_experts_per_tok", "n_group", "topk_group"):  # unset where the defaults leave routing open
@@ -179,6 +182,40 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "seggpt": {"image_size": [64, 32]},  # (height, width): a list the generic rule leaves
     "timesfm": {"context_length": 64},  # a whole number of 32-step patches, not 512 or 16384 steps
     "timesfm2_5": {"context_length": 64},
+    # efficientnet's channels scale by width_coefficient; the last (320 or 1280 at scale 1) must match the
+    # projection (align) or hidden_dim (efficientnet), which the generic rule makes 64
+    "align": {"vision_config": {"width_coefficient": 0.2}},
+    "efficientnet": {"width_coefficient": 0.05},
+    "levit": {"patch_size": 16},  # the patch embedding is 4 stride-2 convolutions: 16, whatever patch_size says
+    "lilt": {"hidden_size": 96},  # 6 layout embeddings of hidden_size // 6, and a layout stream 4 times narrower
+    "mobilevitv2": {"patch_size": 2},  # unfolded from the 4x4 map the tiny image leaves
+    # the mask decoder reads the image embedding (4x and 2x the prompt grid below it) at these sizes: a 64-pixel
+    # image, 16 pixels a prompt-grid cell
+    "sam2": {"vision_config": {"backbone_config": {"image_size": [64, 64]},
+                               "backbone_feature_sizes": [[16, 16], [8, 8], [4, 4]]},
+             "prompt_encoder_config": {"patch_size": 16}},
+    "tvp": {"max_img_size": 128, "visual_prompt_size": 8},  # frames of 128 pixels, padded by a prompt 8 wide
+    "qwen3_asr_encoder": {"n_window": 50},  # its output lengths count 13 frames per 100-frame chunk, fixed
+    "sam2_vision_model": {"backbone_config": {"image_size": [64, 64]},
+                          "backbone_feature_sizes": [[16, 16], [8, 8], [4, 4]]},
+    "sam2_hiera_det_model": {"image_size": [64, 64]},  # not 1024 pixels (8 GB on the CPU)
+    "fastspeech2_conformer_with_hifigan": {"vocoder_config": {"model_in_dim": 16}},  # the mel bins it is given
+    "instructblipvideo": {"video_token_id": 255},  # unset by default; the processor adds it (the last token here)
+    "clap": {"audio_config": {"patch_embeds_hidden_size": 32}},  # doubled per stage: 2 stages end at hidden_size
+    # the speech encoder reads the decoder's tokens (its vocabulary); the rotary part of a head is 32 at least
+    "clvp": {"speech_config": {"vocab_size": 8194, "hidden_size": 128}, "text_config": {"hidden_size": 128}},
+    "xcodec2": {"quantization_dim": 128},  # the semantic and acoustic features side by side: twice hidden_size
+    "neucodec": {"quantization_dim": 128},
+    # its rope pairs the height and width sections, so they must be equal (the default sections are 22, 22, 20)
+    "ernie4_5_vl_moe": {"text_config": {"rope_parameters": {"rope_theta": 500000.0, "rope_type": "default",
+                                                            "mrope_section": [3, 3, 2]}}},
+    # the image token in the shrunk text vocabulary (its own ids say nothing of the image's); a sliding window
+    # set, as the modeling code always builds the sliding mask
+    "step3p7": {"image_token_id": 255, "text_config": {"sliding_window": 64}},
+    # the head concatenates all 6 bridge stages' maps (as the released config names them): the default names the last
+    "uvdoc": {"backbone_config": {"out_features": [f"stage{i}" for i in range(1, 7)],
+                                  "out_indices": list(range(1, 7))}},
+    "sam3_tracker": {"vision_config": {"backbone_feature_sizes": [[32, 32], [16, 16], [8, 8]]}},
 }
 """model_type -> config values no generic rule gives (with the reason)."""
 
@@ -705,11 +742,124 @@ def _vibevoice_encoder(model: nn.Module) -> tuple[tuple, dict]:
     return (), {"hidden_states": torch.randn(2, 1, 3200)}  # mono audio
 
 
+def _tvp(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config
+    side = config.max_img_size
+    ids = _token_ids(model)[:1]  # one clip: the grid's column positions are viewed with batch size 1 in transformers
+    return (), {"input_ids": ids, "attention_mask": torch.ones(ids.shape, dtype=torch.long),
+                "pixel_values": torch.rand(1, config.num_frames, 3, side, side)}  # a clip of frames
+
+
+def _gemma4_audio(model: nn.Module) -> tuple[tuple, dict]:
+    mels = model.config.subsampling_conv_channels[0]  # the projection after two stride-2 convolutions takes
+    frames = 48  # mels // 4 of them: 128 mel bins, as gemma4's feature extractor gives
+    return (), {"input_features": torch.randn(2, frames, mels),
+                "attention_mask": torch.ones(2, frames, dtype=torch.bool)}
+
+
+def _granite_speech5(model: nn.Module) -> tuple[tuple, dict]:
+    config = getattr(model.config, "encoder_config", model.config)
+    width = 4 * config.num_mel_bins  # the feature extractor stacks 4 frames of mel bins into one
+    return (), {"input_features": torch.randn(2, 16, width), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+
+
+def _fun_asr_nano(model: nn.Module) -> tuple[tuple, dict]:
+    width = model.config.num_mel_bins * model.config.num_stacked_frames  # low-frame-rate features: stacked frames
+    return (), {"input_features": torch.randn(2, 16, width), "input_features_mask": torch.ones(2, 16, dtype=torch.long)}
+
+
+def _qwen3_asr(model: nn.Module) -> tuple[tuple, dict]:
+    frames = 4 * model.config.n_window  # mel frames padded to whole windows of n_window * 2
+    return (), {"input_features": torch.randn(2, model.config.num_mel_bins, frames),
+                "input_features_mask": torch.ones(2, frames, dtype=torch.long)}
+
+
+def _instructblipvideo(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config
+    frames, side = 4, config.vision_config.image_size  # the processor samples 4 frames, each num_query_tokens long
+    ids = torch.cat([torch.full((2, frames * config.num_query_tokens), config.video_token_id), _token_ids(model)], 1)
+    return (), {"pixel_values": torch.rand(2, frames, 3, side, side), "qformer_input_ids": _token_ids(model),
+                "input_ids": ids, "attention_mask": torch.ones(ids.shape, dtype=torch.long), "use_cache": False}
+
+
+def _lightglue(model: nn.Module) -> tuple[tuple, dict]:
+    return (), {"pixel_values": torch.rand(2, 2, 3, 64, 64)}  # pairs of images to match
+
+
+def _clap(model: nn.Module) -> tuple[tuple, dict]:
+    mels = model.config.audio_config.num_mel_bins
+    return (), {"input_ids": _token_ids(model), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+                "input_features": torch.rand(2, 1, 256, mels)}  # (batch, 1, time, mel bins), with the text
+
+
+def _clvp(model: nn.Module) -> tuple[tuple, dict]:
+    mels = model.config.decoder_config.feature_size
+    return (), {"input_ids": _token_ids(model), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+                "input_features": torch.rand(2, mels, 32)}  # the text and a mel spectrogram of the voice
+
+
+def _voxtral_realtime(model: nn.Module) -> tuple[tuple, dict]:
+    mels = model.config.audio_config.num_mel_bins
+    return (), {"input_ids": _token_ids(model), "input_features": torch.randn(2, mels, 64), "use_cache": False}
+
+
+def _codec2(model: nn.Module) -> tuple[tuple, dict]:
+    config, frames = model.config, 10  # audio and its semantic features (2 stacked mel frames), frame for frame
+    return (), {"input_values": torch.randn(2, 1, frames * config.hop_length),
+                "input_features": torch.randn(2, frames, config.semantic_model_config.feature_projection_input_dim)}
+
+
+def _vibevoice_decoder(model: nn.Module) -> tuple[tuple, dict]:
+    return (), {"hidden_states": torch.randn(2, model.config.hidden_size, 4)}  # latent frames, channels first
+
+
+def _nemotron_word_timestamp(model: nn.Module) -> tuple[tuple, dict]:
+    return (), {"inputs_embeds": torch.randn(2, 8, model.config.hidden_size),  # the speech encoder's states
+                "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+
+
+def _muse_glimmer(model: nn.Module) -> tuple[tuple, dict]:
+    config, context = model.config, 6  # a drafter: noisy block embeddings and the target's accepted context
+    return (), {"noise_embeds": torch.randn(2, config.block_size, config.hidden_size),
+                "context_hidden_states": torch.randn(2, context, config.hidden_size * len(config.target_layer_ids)),
+                "attention_mask": torch.ones(2, context + config.block_size, dtype=torch.long),  # context and block
+                "position_ids": torch.arange(context + config.block_size).expand(2, -1), "use_cache": False}
+
+
+def _step3p7(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config  # 4 image tokens an image at the tiny size, ahead of the text
+    ids = torch.cat([torch.full((2, 4), config.image_token_id), _token_ids(model)], 1)
+    return (), {"input_ids": ids, "pixel_values": torch.rand(2, 3, 64, 64),
+                "attention_mask": torch.ones(ids.shape, dtype=torch.long), "use_cache": False}
+
+
+def _pi0(model: nn.Module) -> tuple[tuple, dict]:
+    config = model.config  # a robot policy: one camera's image tokens and a prompt, the state, noisy actions
+    vision = config.vlm_config.vision_config
+    side, tokens = vision.image_size, (vision.image_size // vision.patch_size) ** 2
+    ids = torch.cat([torch.full((2, tokens), config.vlm_config.image_token_id), _token_ids(model)], 1)
+    kwargs = {"input_ids": ids, "pixel_values": torch.rand(2, 1, 3, side, side),
+              "pixel_attention_mask": torch.ones(2, 1, dtype=torch.bool),
+              "attention_mask": torch.ones(ids.shape, dtype=torch.long),
+              "noise": torch.randn(2, config.chunk_size, config.max_action_dim), "timestep": torch.full((2,), 0.5),
+              "use_cache": False}
+    if hasattr(config, "max_state_dim"):  # pi0 takes the state as an input; pi05 as text
+        kwargs["state"] = torch.randn(2, config.max_state_dim)
+    return (), kwargs
+
+
 INPUTS = {"kosmos-2": _kosmos2, "lxmert": _lxmert, "blip_2_qformer": _qformer, "seggpt": _seggpt,
           "decision_transformer": _decision_transformer, "siglip2": _siglip2, "gemma4_vision": _gemma4_vision,
           "siglip2_vision_model": lambda model: ((), _siglip2_image(model)), "pix2struct": _pix2struct,
           "idefics": _idefics, "xmod": _xmod, "gemma3n_audio": _gemma3n_audio,
-          "vibevoice_acoustic_tokenizer_encoder": _vibevoice_encoder}
+          "vibevoice_acoustic_tokenizer_encoder": _vibevoice_encoder, "tvp": _tvp,
+          "gemma4_audio": _gemma4_audio, "granite_speech5_ctc": _granite_speech5,
+          "granite_speech5_encoder": _granite_speech5, "fun_asr_nano_encoder": _fun_asr_nano,
+          "qwen3_asr_encoder": _qwen3_asr, "instructblipvideo": _instructblipvideo,
+          "lightglue": _lightglue, "clap": _clap, "clvp": _clvp, "voxtral_realtime": _voxtral_realtime,
+          "xcodec2": _codec2, "neucodec": _codec2, "vibevoice_acoustic_tokenizer_decoder": _vibevoice_decoder,
+          "nemotron3_5_transcribe_word_timestamp": _nemotron_word_timestamp, "muse_glimmer_assistant": _muse_glimmer,
+          "step3p7": _step3p7, "pi0": _pi0, "pi05": _pi0}
 """model_type -> the inputs a user gives (surgery cannot make them from the config): the zoo passes them to the
 analysis as a user would, on every variant."""
 
