@@ -256,3 +256,29 @@ def test_encodec_paddings_from_scalar_buffers_are_fixed_for_the_trace():
     assert len(convs) > 4 and convs <= set(trace.module_paths.values())
     assert trace.on_values
     assert all(torch.equal(buffer, buffers[name]) for name, buffer in model.named_buffers())
+
+
+def test_a_model_returning_an_object_export_cannot_flatten_is_read_from_its_tensors():
+    """A forward that returns a cache-like object beside its tensors (PI0.5 returns its DynamicCache whatever
+    use_cache says): traced with only the output's tensors kept, its q/k/v read; its forward is its own after."""
+    from surgery.analysis.facts import analyze
+
+    class Cache:  # no pytree registration: export cannot flatten it
+        pass
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (torch.nn.Linear(16, 16) for _ in range(4))
+
+        def forward(self, x):
+            q, k, v = (m(x).view(2, 4, 2, 8).transpose(1, 2) for m in (self.q, self.k, self.v))
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 4, 16)
+            return {"hidden": self.o(y), "cache": Cache()}
+
+    model = Attention()
+    facts = analyze(model, (torch.randn(2, 4, 16),), {})
+    assert (facts.roles["q"], facts.roles["k"], facts.roles["v"], facts.roles["o"]) == (
+        {"attention.query"}, {"attention.key"}, {"attention.value"}, {"attention.output"})
+    assert "forward" not in vars(model)
+    assert isinstance(model(torch.randn(2, 4, 16))["cache"], Cache)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import io
 import logging
@@ -595,11 +596,55 @@ def _traceable_experts(model: nn.Module) -> Iterator[bool]:
         model.set_experts_implementation(before)
 
 
+def _unknown_output(exc: BaseException) -> bool:
+    """Whether export stopped on an object of a type it cannot flatten in the model's output (a cache)."""
+    return "in output, which is not a known type" in str(exc)
+
+
+def _tensors_only(value: Any) -> Any:
+    """`value` with only its tensors kept: dicts (a ModelOutput too), lists and tuples of them, nested."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, dict):
+        kept = {k: _tensors_only(v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        kept = [_tensors_only(v) for v in value]
+        return tuple(v for v in kept if v is not None)
+    return None
+
+
+@contextlib.contextmanager
+def _tensor_outputs(model: nn.Module) -> Iterator[None]:
+    """Inside the block, `model.forward` returns only the tensors of its output: a model that returns an object
+    export cannot flatten (PI0.5 builds a `DynamicCache` and returns it whatever `use_cache` says) traces, and
+    the analysis reads the graph, not the output. The model's own forward is put back on exit."""
+    own = vars(model).get("forward")
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return _tensors_only(original(*args, **kwargs))
+
+    forward.tensors_only = True  # type: ignore[attr-defined]
+    model.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own is None:
+            del model.forward
+        else:
+            model.forward = own  # type: ignore[method-assign]
+
+
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.export.ExportedProgram, bool]:
     with eval_mode(model), _no_stack_traces(), _quiet_guard_logs(), _conversions_kept():
         try:
             return _export_once(model, args, kwargs)
         except Exception as exc:
+            if _unknown_output(exc) and not getattr(model.forward, "tensors_only", False):
+                with _tensor_outputs(model):
+                    return _export(model, args, kwargs)
             if data_dependent(exc):
                 with _traceable_experts(model) as switched:
                     if switched:
