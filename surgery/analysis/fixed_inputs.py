@@ -125,7 +125,6 @@ def fixed_inputs(model: nn.Module, kwargs: dict[str, Any], names: list[str],
     fixed = {name: kwargs[name].clone() for name in names}  # copies: an op on them in place changes no input
     rest = {name: value for name, value in kwargs.items() if name not in fixed}
     real = [(module, name, module._buffers[name].clone()) for module, name in buffers]
-    own = vars(model).get("forward")
     original = model.forward
 
     def forward(*args: Any, **inputs: Any) -> Any:
@@ -142,9 +141,18 @@ def fixed_inputs(model: nn.Module, kwargs: dict[str, Any], names: list[str],
     signature = inspect.signature(original)
     forward.__signature__ = signature.replace(  # type: ignore[attr-defined]
         parameters=[p for p in signature.parameters.values() if p.name not in fixed])  # export names inputs by it
+    with replaced_forward(model, forward):
+        yield rest
+
+
+@contextlib.contextmanager
+def replaced_forward(model: nn.Module, forward: Callable) -> Iterator[None]:
+    """Inside the block, `model.forward` is `forward`; on exit the model's own forward (an instance attribute
+    included) is put back, also on errors."""
+    own = vars(model).get("forward")
     model.forward = forward  # type: ignore[method-assign]
     try:
-        yield rest
+        yield
     finally:
         if own is None:
             del model.forward

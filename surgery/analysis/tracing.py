@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from surgery.analysis.fixed_inputs import fixed_inputs, scalar_buffers, value_inputs
+from surgery.analysis.fixed_inputs import fixed_inputs, replaced_forward, scalar_buffers, value_inputs
 from surgery.analysis.stand_ins import analysis_stand_ins
 from surgery.errors import TraceError
 
@@ -619,7 +619,6 @@ def _tensor_outputs(model: nn.Module) -> Iterator[None]:
     """Inside the block, `model.forward` returns only the tensors of its output: a model that returns an object
     export cannot flatten (PI0.5 builds a `DynamicCache` and returns it whatever `use_cache` says) traces, and
     the analysis reads the graph, not the output. The model's own forward is put back on exit."""
-    own = vars(model).get("forward")
     original = model.forward
 
     @functools.wraps(original)
@@ -627,14 +626,8 @@ def _tensor_outputs(model: nn.Module) -> Iterator[None]:
         return _tensors_only(original(*args, **kwargs))
 
     forward.tensors_only = True  # type: ignore[attr-defined]
-    model.forward = forward  # type: ignore[method-assign]
-    try:
+    with replaced_forward(model, forward):
         yield
-    finally:
-        if own is None:
-            del model.forward
-        else:
-            model.forward = own  # type: ignore[method-assign]
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.export.ExportedProgram, bool]:
