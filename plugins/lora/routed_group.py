@@ -3,7 +3,7 @@
 Each site of the group routes the batch's samples to their own pairs (routes.py's joined form). Computed site by
 site, x is read once per site for h, the pairs of every site are joined apart, and the input's gradient is summed
 from one autograd node per site. Here the first site called computes every site's output at once, in one autograd
-node (`GroupedJoinedLora`):
+node (`routes.GroupedJoinedLora`):
 
 - forward: h = x @ [A_site1; A_site2; ...]ᵀ, every group's A at every site joined, in one matmul; one mask holds
   each sample's scale on its own pairs' columns (`routes.mask_of`); y_i = x @ W_iᵀ + b_i + (h · mask)_i @ B_iᵀ;
@@ -20,13 +20,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from surgery_plugins.lora import dispatch, routes
-
-PER_SITE = 2  # weight, bias; then the site's A of every group and its B of every group
-
 
 def sites(stack: routes.Stack, x: torch.Tensor) -> list[tuple[int, nn.Module, list]] | None:
     """The sites that compute together with `stack`'s ((member index, base linear, one branch per group in the
@@ -58,7 +54,7 @@ def sites(stack: routes.Stack, x: torch.Tensor) -> list[tuple[int, nn.Module, li
 
 
 def outputs(stack: routes.Stack, group: torch.Tensor, x: torch.Tensor, found: list) -> dict[int, torch.Tensor]:
-    """Every site's output on `x` (member index -> output), by one GroupedJoinedLora."""
+    """Every site's output on `x` (member index -> output), by one routes.GroupedJoinedLora."""
     flat = x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
     n = len(stack.branches)
     ranks = tuple(b.lora_A.shape[0] for _, _, branches in found for b in branches)
@@ -68,7 +64,7 @@ def outputs(stack: routes.Stack, group: torch.Tensor, x: torch.Tensor, found: li
     for _, base, branches in found:
         tensors += [base.weight, base.bias, *(b.lora_A for b in branches), *(b.lora_B for b in branches)]
     every = routes.mask_of(ranks, scales, x.dtype, n, group)
-    outs = GroupedJoinedLora.apply(flat, every, layout, *tensors)
+    outs = routes.GroupedJoinedLora.apply(flat, every, layout, *tensors)
     return {i: out if flat is x else out.view(*x.shape[:-1], out.shape[-1]) for (i, _, _), out in zip(found, outs)}
 
 
@@ -93,78 +89,3 @@ def call(stack: routes.Stack, group: torch.Tensor, base: nn.Module, x: Any) -> A
     shared.keep_routed(index, x, group, outs, {i: (b.weight, b.bias, *(br.lora_A for br in branches),
                                                    *(br.lora_B for br in branches)) for i, b, branches in found})
     return outs[index]
-
-
-class GroupedJoinedLora(torch.autograd.Function):
-    """The outputs of several routed LoRA linears on one input (see the module docstring). Inputs: x [samples,
-    tokens, in], the mask of every site's columns [samples, 1, ΣR], the layout ((has bias, ranks) per site), then
-    per site its weight, bias (or None), its A of every group, its B of every group."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, every: torch.Tensor, layout: tuple, *tensors: Any) -> tuple:
-        x2 = x.reshape(-1, x.shape[-1])
-        weights, biases, a_s, b_cats, start = [], [], [], [], 0
-        for _, ranks in layout:
-            n = len(ranks)
-            pairs = tensors[start + PER_SITE:start + PER_SITE + 2 * n]
-            weights.append(tensors[start])
-            biases.append(tensors[start + 1])
-            a_s += pairs[:n]
-            b_cats.append(torch.cat(pairs[n:], dim=1))
-            start += PER_SITE + 2 * n
-        a_all = torch.cat(a_s)
-        hs = torch.mm(x2, a_all.t()).view(x.shape[0], -1, a_all.shape[0]).mul_(every).view(x2.shape[0], -1)
-        outs, col = [], 0
-        for w, bias, b_cat in zip(weights, biases, b_cats):
-            r = b_cat.shape[1]
-            out = F.linear(x2, w, bias).addmm_(hs[:, col:col + r], b_cat.t())
-            outs.append(out.view(*x.shape[:-1], w.shape[0]))
-            col += r
-        ctx.save_for_backward(x2, hs, every, a_all, *weights, *b_cats)
-        ctx.layout, ctx.x_shape = layout, x.shape
-        ctx.set_materialize_grads(False)
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx: Any, *dys: torch.Tensor | None):
-        x2, hs, every, a_all, *rest = ctx.saved_tensors
-        layout, sites = ctx.layout, len(ctx.layout)
-        weights, b_cats = rest[:sites], rest[sites:]
-        needs = ctx.needs_input_grad
-        grads: list = []
-        dx = None
-        dh = hs.new_empty(hs.shape) if all(dy is not None for dy in dys) else hs.new_zeros(hs.shape)
-        col, start = 0, 3  # x, every, layout; then the sites' tensors
-        for (has_bias, ranks), dy, w, b_cat in zip(layout, dys, weights, b_cats):
-            n, width = len(ranks), sum(ranks)
-            site = [None] * (PER_SITE + 2 * n)
-            if dy is not None:
-                dy2 = dy.reshape(x2.shape[0], -1)
-                if needs[0]:
-                    dx = torch.mm(dy2, w) if dx is None else dx.addmm_(dy2, w)
-                dh[:, col:col + width].addmm_(dy2, b_cat, beta=0)
-                if needs[start]:
-                    site[0] = torch.mm(dy2.t(), x2)
-                if has_bias and needs[start + 1]:
-                    site[1] = dy2.sum(0)
-                c = col
-                for j, r in enumerate(ranks):  # dB of each group's pair, in its own layout
-                    if needs[start + PER_SITE + n + j]:
-                        site[PER_SITE + n + j] = torch.mm(dy2.t(), hs[:, c:c + r])
-                    c += r
-            grads.append(site)
-            col += width
-            start += PER_SITE + 2 * n
-        dh = dh.view(ctx.x_shape[0], -1, dh.shape[1]).mul_(every).view(dh.shape)
-        if needs[0]:
-            dx = torch.mm(dh, a_all) if dx is None else dx.addmm_(dh, a_all)
-        d_a = torch.mm(dh.t(), x2).split([r for _, ranks in layout for r in ranks])
-        k, start = 0, 3
-        for (_, ranks), site, dy in zip(layout, grads, dys):
-            n = len(ranks)
-            for j in range(n):
-                if dy is not None and needs[start + PER_SITE + j]:
-                    site[PER_SITE + j] = d_a[k]
-                k += 1
-            start += PER_SITE + 2 * n
-        return (None if dx is None else dx.view(ctx.x_shape), None, None, *(g for site in grads for g in site))

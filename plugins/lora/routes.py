@@ -11,8 +11,8 @@ Two forms of the same sum, out + s_g · B_g(A_g(dropout(x))) for each sample of 
   last for the samples that take none; each sample gathers its own pair and two batched matmuls apply them. Each
   token computes one pair, but every sample copies its pair and the batched matmuls are more kernels.
 
-In training the joined form is one autograd node (`JoinedLora`), which also computes the base linear where it can
-(`call`, the Host's `route_call`): dx = dy @ W + dh @ A in one update.
+In training the joined form is one autograd node (`JoinedLora`); where the base is a plain linear, one node computes
+it too (`call`, the Host's `route_call`, by `GroupedJoinedLora`): dx = dy @ W + dh @ A in one update.
 
 `joined_pays` chooses per call, by a model of the two costs. Dropout (one rate for every group) is drawn once on
 x, before A, in either form; dispatch.py sends the rest (a branch with channels, rates that differ) to the Host's
@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery_plugins.lora import dispatch, formula
+
+PER_SITE = 2  # GroupedJoinedLora's inputs per site: weight, bias; then its A of every group, its B of every group
 
 # The cost model of `joined_pays`, in units of one element read from memory: a multiply-add costs 1 / INTENSITY
 # (a GPU's matmul throughput over its memory bandwidth, in elements: about 400 for bf16 on an H100 or H200), and
@@ -147,7 +149,8 @@ def call(stack: Stack, group: torch.Tensor, base: nn.Module, x: torch.Tensor) ->
     flat = x if x.dim() == 3 else x.reshape(samples, -1, x.shape[-1])  # no view node where none is needed
     if not stack.joins(samples * flat.shape[1], samples):
         return NotImplemented
-    y = JoinedLora.apply(flat, None, weight, base.bias, mask(stack, group), stack.ranks, *stack.pairs)
+    y, = GroupedJoinedLora.apply(flat, mask(stack, group), ((base.bias is not None, stack.ranks),), weight, base.bias,
+                                 *stack.pairs)
     return y if flat is x else y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -164,7 +167,7 @@ def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor
     tokens = samples * flat.shape[1]
     if stack.joins(tokens, samples):
         if torch.is_grad_enabled() and out.dtype == stack.dtype and stack.same_dtype:
-            return JoinedLora.apply(flat, out, None, None, mask(stack, group), stack.ranks, *stack.pairs)
+            return JoinedLora.apply(flat, out, mask(stack, group), stack.ranks, *stack.pairs)
         a_t, b_t = stack.joined()
         h = torch.matmul(flat, a_t).mul_(mask(stack, group))  # matmul keeps its inputs for backward, not h
         if out.dtype == stack.dtype:
@@ -181,49 +184,119 @@ def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor
 
 
 class JoinedLora(torch.autograd.Function):
-    """The joined form in training, as one autograd node: y = base + (x @ Aᵀ · mask) @ Bᵀ, from the groups' own
-    A_i and B_i (joined inside, not recorded), with each pair's gradients computed apart: dA_i as rows of one
+    """The joined form in training, as one autograd node: out + (x @ Aᵀ · mask) @ Bᵀ, from the groups' own A_i
+    and B_i (joined inside, not recorded), with each pair's gradients computed apart: dA_i as rows of one
     dh.T @ x (kept as is, no copy), dB_i = dy.T @ hs_i each in B_i's own layout. Autograd would record ten
     nodes here and copy every group's dA and dB slice out of the joined gradients: on a step bound by the host's
     issue time (several small jobs), those nodes and copies are what the joined form costs over one adapter.
-
-    Inputs: x [samples, tokens, in] (after dropout, if any); the base: its output `out`, or (out None) a linear's
-    `weight` and `bias`, computed here so that dx = dy @ W + dh @ A is one update instead of two gradients
-    summed; the [samples, 1, R] `mask`; the ranks; then every A_i and every B_i."""
+    Inputs: x [samples, tokens, in] (after dropout, if any), the base's output `out`, the [samples, 1, R] `mask`,
+    the ranks, then every A_i and every B_i. Where the base is a plain linear, `GroupedJoinedLora` computes it
+    too."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, out: torch.Tensor | None, weight: torch.Tensor | None,
-                bias: torch.Tensor | None, mask: torch.Tensor, ranks: tuple[int, ...], *pairs: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, ranks: tuple[int, ...],
+                *pairs: torch.Tensor) -> torch.Tensor:
         n = len(ranks)
         a_cat, b_cat = torch.cat(pairs[:n]), torch.cat(pairs[n:], dim=1)
         x2 = x.reshape(-1, x.shape[-1])
         hs = torch.mm(x2, a_cat.t()).view(x.shape[0], -1, a_cat.shape[0]).mul_(mask).view(x2.shape[0], -1)
-        ctx.save_for_backward(x2, hs, mask, a_cat, b_cat, weight)
+        ctx.save_for_backward(x2, hs, mask, a_cat, b_cat)
         ctx.ranks, ctx.x_shape = ranks, x.shape
-        if out is None:  # the base linear, here: its fresh output takes the update in place
-            return F.linear(x2, weight, bias).addmm_(hs, b_cat.t()).view(*x.shape[:-1], weight.shape[0])
         return torch.addmm(out.reshape(x2.shape[0], -1), hs, b_cat.t()).view(out.shape)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, hs, mask, a_cat, b_cat, weight = ctx.saved_tensors
+        x2, hs, mask, a_cat, b_cat = ctx.saved_tensors
         needs, ranks, n = ctx.needs_input_grad, ctx.ranks, len(ctx.ranks)
         dy2 = dy.reshape(x2.shape[0], -1)
         dx = d_a = None
-        if needs[0] and weight is not None:
-            dx = torch.mm(dy2, weight)
-        if needs[0] or any(needs[6:6 + n]):
+        if needs[0] or any(needs[4:4 + n]):
             dh = torch.mm(dy2, b_cat).view(ctx.x_shape[0], -1, hs.shape[1]).mul_(mask).view(hs.shape)
             if needs[0]:
-                dx = torch.mm(dh, a_cat) if dx is None else dx.addmm_(dh, a_cat)
-            if any(needs[6:6 + n]):
+                dx = torch.mm(dh, a_cat).view(ctx.x_shape)
+            if any(needs[4:4 + n]):
                 d_a = torch.mm(dh.t(), x2).split(ranks)
         grads_a, grads_b, col = [], [], 0
         for i, r in enumerate(ranks):
-            grads_a.append(d_a[i] if needs[6 + i] else None)
-            grads_b.append(torch.mm(dy2.t(), hs[:, col:col + r]) if needs[6 + n + i] else None)
+            grads_a.append(d_a[i] if needs[4 + i] else None)
+            grads_b.append(torch.mm(dy2.t(), hs[:, col:col + r]) if needs[4 + n + i] else None)
             col += r
-        return (None if dx is None else dx.view(ctx.x_shape), dy if needs[1] else None,
-                torch.mm(dy2.t(), x2) if needs[2] else None, dy2.sum(0) if needs[3] else None, None, None,
-                *grads_a, *grads_b)
+        return dx, dy if needs[1] else None, None, None, *grads_a, *grads_b
+
+
+class GroupedJoinedLora(torch.autograd.Function):
+    """The outputs of one or several routed LoRA linears on one input, their bases computed too (one: `call`;
+    several reading one x: routed_group.py): h = x @ [A ...]ᵀ for every site's pairs in one matmul, one mask, each
+    site's y_i = x @ W_iᵀ + b_i + (h · mask)_i @ B_iᵀ; in backward dx = Σ dy_i @ W_i + dh @ [A ...] in one
+    buffer, every dA a row slice of one product, each dB in its own layout. Inputs: x [samples,
+    tokens, in], the mask of every site's columns [samples, 1, ΣR], the layout ((has bias, ranks) per site), then
+    per site its weight, bias (or None), its A of every group, its B of every group."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, every: torch.Tensor, layout: tuple, *tensors: torch.Tensor | None) -> tuple:
+        x2 = x.reshape(-1, x.shape[-1])
+        weights, biases, a_s, b_cats, start = [], [], [], [], 0
+        for _, ranks in layout:
+            n = len(ranks)
+            pairs = tensors[start + PER_SITE:start + PER_SITE + 2 * n]
+            weights.append(tensors[start])
+            biases.append(tensors[start + 1])
+            a_s += pairs[:n]
+            b_cats.append(torch.cat(pairs[n:], dim=1))
+            start += PER_SITE + 2 * n
+        a_all = torch.cat(a_s)
+        hs = torch.mm(x2, a_all.t()).view(x.shape[0], -1, a_all.shape[0]).mul_(every).view(x2.shape[0], -1)
+        outs, col = [], 0
+        for w, bias, b_cat in zip(weights, biases, b_cats):
+            r = b_cat.shape[1]
+            out = F.linear(x2, w, bias).addmm_(hs[:, col:col + r], b_cat.t())
+            outs.append(out.view(*x.shape[:-1], w.shape[0]))
+            col += r
+        ctx.save_for_backward(x2, hs, every, a_all, *weights, *b_cats)
+        ctx.layout, ctx.x_shape = layout, x.shape
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys: torch.Tensor | None):
+        x2, hs, every, a_all, *rest = ctx.saved_tensors
+        layout, sites = ctx.layout, len(ctx.layout)
+        weights, b_cats = rest[:sites], rest[sites:]
+        needs = ctx.needs_input_grad
+        grads: list = []
+        dx = None
+        dh = hs.new_empty(hs.shape) if all(dy is not None for dy in dys) else hs.new_zeros(hs.shape)
+        col, start = 0, 3  # x, every, layout; then the sites' tensors
+        for (has_bias, ranks), dy, w, b_cat in zip(layout, dys, weights, b_cats):
+            n, width = len(ranks), sum(ranks)
+            site = [None] * (PER_SITE + 2 * n)
+            if dy is not None:
+                dy2 = dy.reshape(x2.shape[0], -1)
+                if needs[0]:
+                    dx = torch.mm(dy2, w) if dx is None else dx.addmm_(dy2, w)
+                dh[:, col:col + width].addmm_(dy2, b_cat, beta=0)
+                if needs[start]:
+                    site[0] = torch.mm(dy2.t(), x2)
+                if has_bias and needs[start + 1]:
+                    site[1] = dy2.sum(0)
+                c = col
+                for j, r in enumerate(ranks):  # dB of each group's pair, in its own layout
+                    if needs[start + PER_SITE + n + j]:
+                        site[PER_SITE + n + j] = torch.mm(dy2.t(), hs[:, c:c + r])
+                    c += r
+            grads.append(site)
+            col += width
+            start += PER_SITE + 2 * n
+        dh = dh.view(ctx.x_shape[0], -1, dh.shape[1]).mul_(every).view(dh.shape)
+        if needs[0]:
+            dx = torch.mm(dh, a_all) if dx is None else dx.addmm_(dh, a_all)
+        d_a = torch.mm(dh.t(), x2).split([r for _, ranks in layout for r in ranks])
+        k, start = 0, 3
+        for (_, ranks), site, dy in zip(layout, grads, dys):
+            n = len(ranks)
+            for j in range(n):
+                if dy is not None and needs[start + PER_SITE + j]:
+                    site[PER_SITE + j] = d_a[k]
+                k += 1
+            start += PER_SITE + 2 * n
+        return (None if dx is None else dx.view(ctx.x_shape), None, None, *(g for site in grads for g in site))
