@@ -184,12 +184,20 @@ class Bench(harness.Workload):
             for name_, p in model.named_parameters():
                 if "lora_B" in name_:
                     torch.nn.init.normal_(p, std=0.01)
-            with surgery.disabled(model):
-                res["surgery_no_adapter"] = self.time_ms(lambda: model(input_ids=ids, use_cache=False))
-            surgery.set_active(model, ["a0"])
-            res["surgery_one_adapter"] = self.time_ms(lambda: model(input_ids=ids, use_cache=False))
-            with surgery.per_sample(model, names):
-                res["surgery_8_mixed"] = self.time_ms(lambda: model(input_ids=ids, use_cache=False))
+            runs: dict[str, list[float]] = {}
+            for _ in range(self.repeat):  # the three rows interleaved, each the median of its repeats
+                with surgery.disabled(model):
+                    runs.setdefault("surgery_no_adapter", []).append(
+                        self.time_ms(lambda: model(input_ids=ids, use_cache=False)))
+                surgery.set_active(model, ["a0"])
+                runs.setdefault("surgery_one_adapter", []).append(
+                    self.time_ms(lambda: model(input_ids=ids, use_cache=False)))
+                with surgery.per_sample(model, names):
+                    runs.setdefault("surgery_8_mixed", []).append(
+                        self.time_ms(lambda: model(input_ids=ids, use_cache=False)))
+            res.update({k: statistics.median(v) for k, v in runs.items()})
+            if self.repeat > 1:
+                self.results["mixed_ms_runs"] = {k: [round(t, 2) for t in v] for k, v in runs.items()}
             for i in range(n):
                 surgery.detach(model, f"a{i}")
             cfg = lambda: LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -365,7 +373,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--sections", nargs="*", default=["train", "dora", "fwd", "mixed", "attach"], choices=SECTIONS)
-    parser.add_argument("--repeat", type=int, default=1, help="measure each training row this many times")
+    parser.add_argument("--repeat", type=int, default=1, help="measure each training row (and the mixed rows) this many times")
     parser.add_argument("--tag", default="surgery", help="the rows section's label (e.g. old / new in an A/B)")
     parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/bench_vs_peft-<device>.json)")
     args = parser.parse_args()

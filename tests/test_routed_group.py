@@ -1,6 +1,6 @@
-"""Per-sample routing in training at the linears that read one input (plugins/lora/routed_group.py): q/k/v and
-gate/up computed together, checked in float64 against each sample run alone on its own adapter; kept outputs are
-not reused once an input or a pair changed."""
+"""Per-sample routing at the linears that read one input (plugins/lora/routed_group.py): q/k/v and gate/up
+computed together, in training and in inference, checked in float64 against each sample run alone on its own
+adapter; kept outputs are not reused once an input or a pair changed."""
 import pytest
 import torch
 
@@ -88,6 +88,32 @@ def test_a_kept_output_is_not_taken_after_its_input_or_pair_changed():
     assert not torch.allclose(k[1], k2[1])
     torch.testing.assert_close(k2, torch.cat([k_a, k_b]), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(k3, k2, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_routing_in_inference_equals_each_sample_alone(counted, monkeypatch, mode, grouped):
+    """In inference, large inputs group (here: the threshold lowered to the tiny model's); a decode step's few
+    tokens are routed site by site (the default threshold), the grouping's host work would not pay. Either way a
+    pair written in place between two calls is read again (each site's joined pairs are kept across calls)."""
+    if grouped:
+        monkeypatch.setattr(routed_group, "INFERENCE_ELEMENTS", 1)
+    model = model_with_jobs().eval()
+    names = ["c", None, "a", "b"]
+    ids = torch.randint(1, 100, (len(names), 7), generator=torch.Generator().manual_seed(5))
+    with mode():
+        with surgery.per_sample(model, names):
+            first = model(input_ids=ids, use_cache=False).logits
+            assert bool(counted) == grouped
+            for p in model.parameters():
+                if p.requires_grad:  # every pair, written in place (as an optimizer step does)
+                    p.mul_(1.5)
+            got = model(input_ids=ids, use_cache=False).logits
+        for i, name in enumerate(names):
+            surgery.set_active(model, [name] if name else [])
+            alone = model(input_ids=ids[i:i + 1], use_cache=False).logits
+            torch.testing.assert_close(got[i:i + 1], alone, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(first[0], got[0])
 
 
 def test_routing_inside_a_compiled_model():

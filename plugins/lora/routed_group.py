@@ -1,4 +1,4 @@
-"""Per-sample routing in training at linears that read one input (q/k/v, gate/up), computed together.
+"""Per-sample routing at linears that read one input (q/k/v, gate/up), computed together.
 
 Each site of the group routes the batch's samples to their own pairs (routes.py's joined form). Computed site by
 site, x is read once per site for h, the pairs of every site are joined apart, and the input's gradient is summed
@@ -14,6 +14,10 @@ The other sites take their output when they are called next, with that very inpu
 counters), under the same routing (`shared.SharedInput.keep_routed`/`take_routed`). The group is the one the
 first group's branch belongs to (`LoraBranch.shared`); a site joins when it is routed alike, holds a branch of
 every group in use, at a plain nn.Linear reading x's width, all in x's dtype, without dropout.
+
+In inference the same function computes the outputs (nothing is recorded) where x is large enough that the reads
+of x it saves outweigh the host work it adds (`pays`); a decode step's few tokens are left to each site's own
+call (routes.output), which keeps its joined pairs across calls.
 """
 from __future__ import annotations
 
@@ -23,6 +27,17 @@ import torch
 from torch import nn
 
 from surgery_plugins.lora import dispatch, routes
+
+# In inference, computing the sites together saves each site after the first a read of x (and its own h matmul
+# and mask) but adds host work: finding the sites, the version counters of every kept output's tensors. The GPU
+# work of the base matmuls hides that host work from about this many elements of x (2048 tokens of width 2048).
+INFERENCE_ELEMENTS = 1 << 22
+
+
+def pays(x: torch.Tensor) -> bool:
+    """Whether the sites reading `x` compute together: always in training, from INFERENCE_ELEMENTS in inference."""
+    return torch.is_grad_enabled() or x.numel() >= INFERENCE_ELEMENTS
+
 
 def sites(stack: routes.Stack, x: torch.Tensor) -> list[tuple[int, nn.Module, list]] | None:
     """The sites that compute together with `stack`'s ((member index, base linear, one branch per group in the
@@ -69,11 +84,11 @@ def outputs(stack: routes.Stack, group: torch.Tensor, x: torch.Tensor, found: li
 
 
 def call(stack: routes.Stack, group: torch.Tensor, base: nn.Module, x: Any) -> Any:
-    """This site's output, taken from the group's call on `x` or computing the group's (in training, without
-    dropout, where the joined form is chosen); else NotImplemented."""
+    """This site's output, taken from the group's call on `x` or computing the group's (without dropout, where the
+    joined form is chosen and grouping `pays`); else NotImplemented."""
     first = stack.branches[0]
     shared = first.shared
-    if shared is None or not isinstance(x, torch.Tensor) or not torch.is_grad_enabled():
+    if shared is None or not isinstance(x, torch.Tensor) or not pays(x):
         return NotImplemented
     index = first.shared_index
     done = shared.take_routed(index, x, group, (base.weight, base.bias, *stack.pairs))
