@@ -116,6 +116,27 @@ def test_routing_in_inference_equals_each_sample_alone(counted, monkeypatch, mod
     assert not torch.allclose(first[0], got[0])
 
 
+def test_generate_with_grouped_routing_equals_each_sample_alone(counted, monkeypatch):
+    """generate() with the KV cache, every call grouped (prompt and decode steps): each sample's tokens and scores
+    as generated alone on its own adapter."""
+    monkeypatch.setattr(routed_group, "INFERENCE_ELEMENTS", 1)
+    model = model_with_jobs().eval()
+    names = ["b", "a", None]
+    ids = torch.randint(1, 100, (len(names), 5), generator=torch.Generator().manual_seed(8))
+    gen = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "output_scores": True,
+           "return_dict_in_generate": True}
+    with torch.no_grad():
+        with surgery.per_sample(model, names):
+            got = model.generate(ids, **gen)
+        assert counted, "the grouped path did not run"
+        for i, name in enumerate(names):
+            surgery.set_active(model, [name] if name else [])
+            alone = model.generate(ids[i:i + 1], **gen)
+            assert torch.equal(got.sequences[i], alone.sequences[0])
+            for a, b in zip(got.scores, alone.scores):
+                torch.testing.assert_close(a[i:i + 1], b, rtol=1e-10, atol=1e-10)
+
+
 def test_routing_inside_a_compiled_model():
     """torch.compile over a model routed per sample: the routed sites run eagerly (their Python state is not
     compiled), outputs and gradients as without compile."""
