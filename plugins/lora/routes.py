@@ -21,14 +21,13 @@ per-group path.
 from __future__ import annotations
 
 import functools
-import operator
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery_plugins.lora import dispatch, formula
+from surgery_plugins.lora import dispatch, formula, versions
 
 PER_SITE = 2  # GroupedJoinedLora's inputs per site: weight, bias; then its A of every group, its B of every group
 
@@ -71,10 +70,10 @@ class Stack:
 
     def _fresh(self) -> None:
         """Drop the forms made from the pairs if one has changed since they were made."""
-        versions = versions_of(self.pairs)
-        if versions != self._versions:
+        now = versions.of(self.pairs)
+        if now != self._versions:
             self._gathered = self._joined = None
-            self._versions = versions
+            self._versions = now
 
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, s·B) of every group stacked, [groups + 1, r, in] and [groups + 1, out, r], the last group zero."""
@@ -110,18 +109,6 @@ class Stack:
     def rate(self) -> float:
         """The dropout rate of this call (dispatch.py routes here only when every group's is the same)."""
         return dispatch.rate(self.branches[0])
-
-
-_VERSION = operator.attrgetter("_version")
-
-
-def versions_of(tensors: tuple[torch.Tensor, ...]) -> tuple:
-    """The version counters of `tensors` (an inference tensor has none: None); counters only grow, so equal
-    tuples mean no tensor was written in between."""
-    try:
-        return tuple(map(_VERSION, tensors))
-    except RuntimeError:
-        return tuple(None if t.is_inference() else t._version for t in tensors)
 
 
 _masks: dict[int, dict] = {}  # id(group) -> {(ranks, scales, dtype, groups): mask}, dropped when the group dies

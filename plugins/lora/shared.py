@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from surgery_plugins.lora import kernels, merged_weight
+from surgery_plugins.lora import kernels, merged_weight, versions
 
 PER_MEMBER = 4  # weight, bias, A, B
 
@@ -199,12 +199,8 @@ def _split_a_grads(grads: list, da: torch.Tensor, ranks: list[int], needs: tuple
 
 def _versions(x: torch.Tensor, tensors: tuple) -> tuple:
     """Grad mode and the version counters of `x` and `tensors` (None skipped): an output computed earlier is
-    still valid while these are equal, since counters only grow. Inference tensors have no counter (None)."""
-    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]  # a quantized weight is frozen: not counted
-    try:
-        return (torch.is_grad_enabled(), x._version, *[t._version for t in tensors])
-    except RuntimeError:
-        return (torch.is_grad_enabled(), *[None if t.is_inference() else t._version for t in (x, *tensors)])
+    still valid while these are equal. A quantized weight is frozen: not counted."""
+    return (torch.is_grad_enabled(), *versions.of((x, *[t for t in tensors if isinstance(t, torch.Tensor)])))
 
 
 class SharedInput:
