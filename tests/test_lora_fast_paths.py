@@ -238,7 +238,7 @@ def test_batched_routing_matches_float64_loop():
     host = model.model.layers[0].self_attn.q_proj
     with torch.no_grad(), surgery.per_sample(model, names):
         mixed = logits(model, x)
-        assert any(k[0] == "state" for k in host._routes), "the batched LoRA route was not used"
+        assert "state" in host._routes, "the batched LoRA route was not used"
     for i, n in enumerate(names):
         if n is None:
             with surgery.disabled(model):

@@ -44,7 +44,7 @@ def alone(model, name, x):
 
 def batched_sites(model):
     """Paths of the hosts that routed the batch at once (their prepare_routes state is kept in inference)."""
-    return {path for path, m in model.named_modules() if isinstance(m, Host) and ("state", False) in m._routes}
+    return {path for path, m in model.named_modules() if isinstance(m, Host) and "state" in m._routes}
 
 
 def assert_mixed_batch_equals_each_sample_alone(model, names=NAMES):
@@ -134,3 +134,29 @@ def test_serial_adapters_with_dropout_in_training_run_per_group():
     model.train()
     with pytest.raises(NotImplementedError):
         state([host.branches["a"], host.branches["b"]])
+
+
+LORA_QV = surgery.RuleSet(name="qv", rules=[surgery.Rule(
+    select=surgery.Selector(roles=["attention.query", "attention.value"]), method="lora", params={"r": 3})])
+
+
+@pytest.mark.parametrize("attachments", [
+    {"a": "ia3", "b": "ia3"},
+    {"a": adapter("a", bottleneck=8, layer_norm=True), "b": adapter("b", bottleneck=3, layer_norm=True)},
+    {"a": LORA_QV, "b": LORA_QV}], ids=["ia3", "adapters", "lora"])
+def test_a_routing_kept_in_inference_sees_branches_written_in_place(attachments):
+    """What a batched route keeps in inference (stacked vectors, weights or pairs) is made again once a branch's
+    parameter is written in place inside the same per_sample block (as an optimizer step between two evaluations
+    does): the second call equals each sample alone on the new parameters."""
+    model = build(attachments)
+    x = ids(batch=len(NAMES))
+    with torch.no_grad(), surgery.per_sample(model, NAMES):
+        first = logits(model, x)
+        assert batched_sites(model), "no site routed the batch at once"
+        randomize(model, "a", seed=7)
+        randomize(model, "b", seed=8)
+        again = logits(model, x)
+    with torch.no_grad():
+        for i, name in enumerate(NAMES):
+            torch.testing.assert_close(again[i:i + 1], alone(model, name, x[i:i + 1]), rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(first[0], again[0])

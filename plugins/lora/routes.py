@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery_plugins.lora import dispatch, formula, versions
+from surgery_plugins.lora import dispatch, formula
 
 PER_SITE = 2  # GroupedJoinedLora's inputs per site: weight, bias; then its A of every group, its B of every group
 
@@ -51,9 +51,8 @@ def joined_pays(tokens: int, samples: int, total_rank: int, rank: int, width: in
 
 class Stack:
     """The groups' branches (all LoRA, one per group, none with channels), in the form each call needs, built on
-    first use: kept across calls in inference (the Host keeps it until the routing changes) until a pair changes in
-    place (an optimizer step or a load between two calls: version counters), rebuilt per call while autograd
-    records (the pairs change every step)."""
+    first use: kept across calls in inference (the Host keeps it until the routing changes or a pair is written in
+    place), rebuilt per call while autograd records (the pairs change every step)."""
 
     def __init__(self, branches: list) -> None:
         self.branches = branches
@@ -66,18 +65,9 @@ class Stack:
         self._joins: dict[tuple[int, int], bool] = {}
         self.pairs = tuple(b.lora_A for b in branches) + tuple(b.lora_B for b in branches)  # every A, every B
         self.same_dtype = all(t.dtype == self.dtype for t in self.pairs)
-        self._versions: tuple | None = None  # the pairs' version counters when _gathered and _joined were made
-
-    def _fresh(self) -> None:
-        """Drop the forms made from the pairs if one has changed since they were made."""
-        now = versions.of(self.pairs)
-        if now != self._versions:
-            self._gathered = self._joined = None
-            self._versions = now
 
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, s·B) of every group stacked, [groups + 1, r, in] and [groups + 1, out, r], the last group zero."""
-        self._fresh()
         if self._gathered is None:
             r, dtype, first = max(self.ranks), self.dtype, self.branches[0]
             a = torch.stack([F.pad(b.lora_A.to(dtype), (0, 0, 0, r - b.lora_A.shape[0])) for b in self.branches]
@@ -90,7 +80,6 @@ class Stack:
     def joined(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every group's A and B side by side, transposed for the matmuls: Aᵀ [in, R] and Bᵀ [R, out] (the scales
         are in the mask)."""
-        self._fresh()
         if self._joined is None:
             dtype = self.dtype
             self._joined = (torch.cat([b.lora_A.to(dtype) for b in self.branches]).t(),

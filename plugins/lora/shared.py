@@ -36,7 +36,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from surgery_plugins.lora import kernels, merged_weight, versions
+from surgery.plugin import versions
+from surgery_plugins.lora import kernels, merged_weight
 
 PER_MEMBER = 4  # weight, bias, A, B
 
@@ -200,7 +201,7 @@ def _split_a_grads(grads: list, da: torch.Tensor, ranks: list[int], needs: tuple
 def _versions(x: torch.Tensor, tensors: tuple) -> tuple:
     """Grad mode and the version counters of `x` and `tensors` (None skipped): an output computed earlier is
     still valid while these are equal. A quantized weight is frozen: not counted."""
-    return (torch.is_grad_enabled(), *versions.of((x, *[t for t in tensors if isinstance(t, torch.Tensor)])))
+    return (torch.is_grad_enabled(), *versions((x, *[t for t in tensors if isinstance(t, torch.Tensor)])))
 
 
 class SharedInput:

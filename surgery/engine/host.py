@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from surgery.core.method import Branch
+from surgery.core.versions import versions
 from surgery.errors import SurgeryError
 
 
@@ -94,16 +95,17 @@ class Host(nn.Module):
             self._routes[key] = (names, _group_index(tuple(per_sample), batch // len(per_sample), device))
         return self._routes[key]
 
-    def _route_kind(self, names: list[str]) -> tuple[list[Branch], type[Branch] | None]:
-        """The branches of `names` and, where they are all of one class that batches routes, that class (kept
-        for the routing: this runs on every call)."""
+    def _route_kind(self, names: list[str]) -> tuple[list[Branch], type[Branch] | None, tuple[torch.Tensor, ...]]:
+        """The branches of `names`, where they are all of one class that batches routes that class, and the
+        branches' parameters and buffers (kept for the routing: this runs on every call)."""
         found = self._routes.get("kind")
         if found is None or found[0] is not names:
             branches = [self.branches[n] for n in names]
             kind = type(branches[0]) if branches else None
             batched = kind is not None and all(type(b) is kind for b in branches) and _batches_routes(kind)
-            found = self._routes["kind"] = (names, branches, kind if batched else None)
-        return found[1], found[2]
+            tensors = tuple(t for b in branches for t in (*b.parameters(), *b.buffers()))
+            found = self._routes["kind"] = (names, branches, kind if batched else None, tensors)
+        return found[1], found[2], found[3]
 
     @torch.compiler.disable  # routing keeps Python state (caches per routing, outputs kept for the next site)
     def _routed(self, args: tuple, kwargs: dict) -> Any:
@@ -111,17 +113,20 @@ class Host(nn.Module):
         if x is None:
             raise SurgeryError("per-sample adapters: the call has no tensor input to route")
         names, index = self._groups(x.shape[0], x.device)
-        branches, kind = self._route_kind(names)
+        branches, kind, tensors = self._route_kind(names)
         if kind is not None:
-            key = ("state", torch.is_grad_enabled())
-            state = self._routes.get(key) if not torch.is_grad_enabled() else None
+            state = now = None
+            if not torch.is_grad_enabled():  # kept while no branch tensor is written in place (version counters)
+                kept, now = self._routes.get("state"), versions(tensors)
+                if kept is not None and kept[1] == now:
+                    state = kept[0]
             if state is None:
                 try:
                     state = kind.prepare_routes(branches)
                 except NotImplementedError:  # e.g. dropout in training: run the groups one by one
                     return self._run_groups(branches, index, x.shape[0], args, kwargs)
-                if not torch.is_grad_enabled():
-                    self._routes[key] = state
+                if now is not None:
+                    self._routes["state"] = (state, now)
             base = self._modules["base"]
             out = kind.route_call(state, index, base, args, kwargs)
             if out is NotImplemented:
