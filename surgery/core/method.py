@@ -94,10 +94,10 @@ class Branch(nn.Module):
         """Optional batched per-sample routing: gather what `route_output` needs from `branches` (one per group
         of samples, all of this class; group len(branches) runs no branch). Called once per routing in inference
         (the Host keeps the result until the routing changes or a parameter or buffer of `branches` is written in
-        place: version counters), on every call in training. Raise NotImplementedError to
-        decline (e.g. dropout in training, or a change `route_output` cannot make on the base output): the Host
-        then runs each group of samples through the base and its own branch. Used by LoRA (stacked pairs), IA3
-        (stacked output vectors) and serial bottleneck adapters (stacked weights)."""
+        place: version counters), on every call in training. Raise NotImplementedError to decline (e.g. dropout
+        in training, or a change `route_output` cannot make on the base output): the Host then runs each group of
+        samples through the base and its own branch. Used by LoRA (stacked pairs), IA3 (stacked output vectors)
+        and serial bottleneck adapters (stacked weights)."""
         raise NotImplementedError
 
     @classmethod
