@@ -30,7 +30,8 @@ from surgery_plugins.lora import dispatch, routes
 
 # In inference, computing the sites together saves each site after the first a read of x (and its own h matmul
 # and mask) but adds host work: finding the sites, the version counters of every kept output's tensors. The GPU
-# work of the base matmuls hides that host work from about this many elements of x (2048 tokens of width 2048).
+# work of the base matmuls should hide that host work from about this many elements of x (2048 tokens of width
+# 2048): an estimate; the gain was measured only at 32 × 512 tokens of width 2048 (docs/performance.md).
 INFERENCE_ELEMENTS = 1 << 22
 
 
