@@ -31,8 +31,6 @@ Within FUSED, SHARED and their inference forms:
 - `kernels` (kernels.py): Triton importable, x on KERNEL_DEVICES in KERNEL_DTYPES, rank <= kernels.MAX_RANK.
   FUSED uses them with dropout (the mask drawn in the kernels) or for an input kept as its factors; SHARED for dh
   and dB in one pass over each dy (and for the masks with dropout); the inference forms to build merged weights.
-  Where they serve (`serve`), an unmerged output's base matmul and update may be one kernel (linear_update.py,
-  which times it against cuBLAS per shape).
 - `saved` (FUSED; saved_input.py): x kept as the two factors autograd keeps anyway, unless saved-tensor hooks
   (checkpointing, offloading) are active.
 
@@ -68,7 +66,6 @@ class Path(NamedTuple):
     tensors: tuple = ()  # FUSED, INFERENCE: the linear's weight and bias, and the pair A, B
     live: tuple = ()  # SHARED: (index, (weight, bias, A, B)) of each of the group's members that compute together
     taken: Any = None  # TAKEN: the output
-    serve: bool = False  # the kernels serve x and the rank: linear_update.py may take its kernel
 
 
 _PLAIN, _ROUTED, _GROUPS = Path(PLAIN), Path(ROUTED), Path(GROUPS)
@@ -140,7 +137,7 @@ def choose(branch: Any, base: nn.Module | None, x: Any, groups: list | None = No
                 tokens = x.numel() // width
                 merged = p == 0 and all(merged_pays(tokens, tensors[0]) for _, tensors in live)
                 kind = SHARED if p > 0 or grad else SHARED_INFERENCE
-                return _path(Path, (kind, p, merged, serve, (), (), tuple(live), None, serve))
+                return _path(Path, (kind, p, merged, serve, (), (), tuple(live), None))
     a, dropout = branch.lora_A, branch.dropout
     weight = base.weight if type(base) is nn.Linear else branch.quantized if torch.is_grad_enabled() else None
     if branch.channels is not None or weight is None or not x.dtype == a.dtype == weight.dtype:
@@ -148,11 +145,11 @@ def choose(branch: Any, base: nn.Module | None, x: Any, groups: list | None = No
     p = dropout.p if branch.training and isinstance(dropout, nn.Dropout) else 0.0  # rate(branch)
     merged = p == 0 and merged_pays(x.numel() // x.shape[-1], weight)
     tensors = (weight, base.bias, a, branch.lora_B)
-    serve = kernels_serve(x, a.shape[0])
-    if p == 0 and not torch.is_grad_enabled():  # the kernels build the merged weight, or add the update (unmerged)
-        return _path(Path, (INFERENCE, 0.0, merged, merged and serve, (), tensors, (), None, serve))
+    if p == 0 and not torch.is_grad_enabled():  # the kernels only build the merged weight
+        return _path(Path, (INFERENCE, 0.0, merged, merged and kernels_serve(x, a.shape[0]), (), tensors, (), None))
     saved = kept(x)
-    return _path(Path, (FUSED, p, merged, serve and (p > 0 or len(saved) == 2), saved, tensors, (), None, serve))
+    use_kernels = kernels_serve(x, a.shape[0]) and (p > 0 or len(saved) == 2)
+    return _path(Path, (FUSED, p, merged, use_kernels, saved, tensors, (), None))
 
 
 def forward(branch: Any, base: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -164,7 +161,7 @@ def forward(branch: Any, base: nn.Module, args: tuple, kwargs: dict) -> Any:
     if kind is FUSED:
         return fused.LoraLinear.apply(x, *path.tensors, branch.scale, path)
     if kind is INFERENCE:
-        return fused.inference(x, *path.tensors, branch.scale, path.merged, path.kernels, path.serve)
+        return fused.inference(x, *path.tensors, branch.scale, path.merged, path.kernels)
     if kind is TAKEN:
         return path.taken
     if kind is SHARED or kind is SHARED_INFERENCE:

@@ -1,8 +1,7 @@
 """Triton kernels for the two LoRA steps that read the whole layer input: h = drop(x) @ A.T in forward, and
 dA = dh.T @ drop(x) with dx += drop'(dh @ A) in backward, each in one pass over x; one for the backward step
 that reads the output gradient, dh = dy @ B with dB = dy.T @ h in one pass over dy (for the groups of
-shared.py); one that builds merged weights W + s·B @ A in one pass over W (for merged_weight.py); and a GEMM
-whose accumulator starts from a LoRA update, y = s·h @ B.T + x @ W.T + b, writing y once (for linear_update.py).
+shared.py); and one that builds merged weights W + s·B @ A in one pass over W (for merged_weight.py).
 
 With dropout, every member i of a group reading one x gets its own keep mask, a pure function of (seed + i,
 row, column): the forward kernel draws it, the backward kernel draws it again, so no mask and no dropped copy of
@@ -249,47 +248,6 @@ if triton is not None:
                            S_DH2, S_DB2, ROW2, BN, BM, ACC)
 
 
-    @triton.jit
-    def _linear_update_kernel(x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, y_ptr, M, alpha, N: tl.constexpr,
-                              K: tl.constexpr, R: tl.constexpr, SX: tl.constexpr, SH: tl.constexpr,
-                              SB: tl.constexpr, HAS_BIAS: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
-                              BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, ACC: tl.constexpr):
-        """y[BM, BN] tile = alpha * h @ B.T + x @ W.T + bias, in one accumulator: the update first, then the K loop
-        over x and W, one rounding at the store. Tiles run in bands of GROUP_M row blocks (for L2 reuse of W)."""
-        tile = tl.program_id(0)
-        blocks_m, blocks_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-        per_band = GROUP_M * blocks_n
-        first = (tile // per_band) * GROUP_M
-        size = min(blocks_m - first, GROUP_M)
-        pid_m = first + (tile % per_band) % size
-        pid_n = (tile % per_band) // size
-        rows = pid_m * BM + tl.arange(0, BM)
-        cols = pid_n * BN + tl.arange(0, BN)
-        rows_in = rows % M  # loads read a valid row (the store masks the tail)
-        cols_in = cols % N
-        rr = tl.arange(0, RP)
-        h = tl.load(h_ptr + rows_in[:, None].to(tl.int64) * SH + rr[None, :], mask=rr[None, :] < R, other=0.0)
-        b = tl.load(b_ptr + cols_in[None, :].to(tl.int64) * SB + rr[:, None], mask=rr[:, None] < R, other=0.0)
-        acc = tl.dot(h, b, out_dtype=ACC) * alpha
-        kk = tl.arange(0, BK)
-        xp = x_ptr + rows_in[:, None].to(tl.int64) * SX + kk[None, :]
-        wp = w_ptr + cols_in[None, :].to(tl.int64) * K + kk[:, None]
-        for k0 in range(0, K, BK):
-            if K % BK == 0:
-                x = tl.load(xp)
-                w = tl.load(wp)
-            else:
-                x = tl.load(xp, mask=kk[None, :] < K - k0, other=0.0)
-                w = tl.load(wp, mask=kk[:, None] < K - k0, other=0.0)
-            acc = tl.dot(x, w, acc, out_dtype=ACC)
-            xp += BK
-            wp += BK
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols_in).to(ACC)[None, :]
-        tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < M) & (cols[None, :] < N))
-
-
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -514,31 +472,9 @@ def _merged_launch(dtype: torch.dtype, scales: tuple[float, ...], *members: tupl
     return Launch(_merged_kernel, (_cdiv(rows, c["BM"]), _cdiv(consts["IN"], c["BN"]), len(members)), consts)
 
 
-def linear_update(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, b: torch.Tensor,
-                  alpha: float, config: dict) -> torch.Tensor:
-    """y = x @ W.T + bias + alpha * h @ B.T in one pass, for x [M, K], W [N, K] contiguous, h [M, R], B [N, R]
-    (x, h, B with unit column stride), rank R <= MAX_RANK, with `config`'s tiles (linear_update.py chooses)."""
-    m, k = x.shape
-    n, r = b.shape
-    launch = _update_launch(x.dtype, m, n, k, r, x.stride(0), h.stride(0), b.stride(0), bias is not None,
-                            tuple(sorted(config.items())))
-    y = x.new_empty(m, n)
-    launch(x, w, w if bias is None else bias, h, b, y, m, float(alpha))
-    return y
-
-
-@functools.lru_cache(maxsize=256)
-def _update_launch(dtype: torch.dtype, m: int, n: int, k: int, r: int, sx: int, sh: int, sb: int, bias: bool,
-                   config: tuple) -> Launch:
-    c = dict(config)
-    return Launch(_linear_update_kernel, (_cdiv(m, c["BM"]) * _cdiv(n, c["BN"]),), dict(
-        N=n, K=k, R=r, SX=sx, SH=sh, SB=sb, HAS_BIAS=bias, RP=_padded(r), BM=c["BM"], BN=c["BN"], BK=c["BK"],
-        GROUP_M=c["GROUP_M"], ACC=_acc_dtype(dtype), num_warps=c["num_warps"], num_stages=c["num_stages"]))
-
-
 def clear_launches() -> None:
     """Forget the cached launches (after a change to CONFIGS: the tile-size benchmarks do that)."""
-    for cached in (_down_launch, _grads_launches, _up_launch, _merged_launch, _update_launch):
+    for cached in (_down_launch, _grads_launches, _up_launch, _merged_launch):
         cached.cache_clear()
 
 

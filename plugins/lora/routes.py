@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery_plugins.lora import dispatch, formula
-from surgery_plugins.lora.linear_update import linear_update
 
 PER_SITE = 2  # GroupedJoinedLora's inputs per site: weight, bias; then its A of every group, its B of every group
 
@@ -137,14 +136,11 @@ def mask(stack: Stack, group: torch.Tensor) -> torch.Tensor:
 
 
 def call(stack: Stack, group: torch.Tensor, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The base linear's output and every sample's update at once, without dropout at a plain nn.Linear whose
-    weight, x and pairs share one dtype, where the joined form is chosen: in training by GroupedJoinedLora (the
-    base inside its autograd node), in inference by linear_update.py where the kernels serve; else NotImplemented
-    (the Host then runs the base and `output`)."""
-    if type(base) is not nn.Linear or not isinstance(x, torch.Tensor):
+    """The base linear's output and every sample's update at once (JoinedLora, the base inside), in training
+    without dropout at a plain nn.Linear whose weight, x and pairs share one dtype, where the joined form is
+    chosen; else NotImplemented (the Host then runs the base and `output`)."""
+    if not torch.is_grad_enabled() or type(base) is not nn.Linear or not isinstance(x, torch.Tensor):
         return NotImplemented
-    if not torch.is_grad_enabled():
-        return _inference_call(stack, group, base, x)
     weight = base.weight
     if not x.dtype == weight.dtype == stack.dtype or not stack.same_dtype or stack.rate() > 0 \
             or x.shape[-1] != stack.in_features:
@@ -156,24 +152,6 @@ def call(stack: Stack, group: torch.Tensor, base: nn.Module, x: torch.Tensor) ->
     y, = GroupedJoinedLora.apply(flat, mask(stack, group), ((base.bias is not None, stack.ranks),), weight, base.bias,
                                  *stack.pairs)
     return y if flat is x else y.view(*x.shape[:-1], y.shape[-1])
-
-
-def _inference_call(stack: Stack, group: torch.Tensor, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`call` in inference: y = x @ Wᵀ + b + (x @ Aᵀ · mask) @ Bᵀ, the update inside the base's matmul where
-    linear_update.py finds that faster; NotImplemented where the kernels don't serve (`output` then adds it)."""
-    weight = base.weight
-    if not x.dtype == weight.dtype == stack.dtype or not stack.same_dtype or x.shape[-1] != stack.in_features \
-            or stack.rate() > 0 or not dispatch.kernels_serve(x, sum(stack.ranks)):
-        return NotImplemented
-    samples = x.shape[0]
-    flat = x.reshape(samples, -1, x.shape[-1])
-    tokens = samples * flat.shape[1]
-    if not stack.joins(tokens, samples):
-        return NotImplemented
-    a_t, b_t = stack.joined()
-    h = torch.matmul(flat, a_t).mul_(mask(stack, group)).view(tokens, -1)
-    y = linear_update(flat.view(tokens, -1), weight, base.bias, h, b_t.t(), 1.0, True)
-    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -271,7 +249,7 @@ class GroupedJoinedLora(torch.autograd.Function):
         outs, col = [], 0
         for w, bias, b_cat in zip(weights, biases, b_cats):
             r = b_cat.shape[1]
-            out = linear_update(x2, w, bias, hs[:, col:col + r], b_cat, 1.0, dispatch.kernels_serve(x2, r))
+            out = F.linear(x2, w, bias).addmm_(hs[:, col:col + r], b_cat.t())
             outs.append(out.view(*x.shape[:-1], w.shape[0]))
             col += r
         ctx.save_for_backward(x2, hs, every, a_all, *weights, *b_cats)

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 
 from surgery.plugin import versions
 from surgery_plugins.lora import kernels, merged_weight
-from surgery_plugins.lora.linear_update import linear_update
 
 PER_MEMBER = 4  # weight, bias, A, B
 
@@ -65,8 +64,7 @@ def _update_inside(w: torch.Tensor) -> bool:
     return w.shape[0] > w.shape[1]
 
 
-def _outputs(x: torch.Tensor, hs: torch.Tensor, weights: tuple, biases: tuple, b_s: tuple, serve: bool
-             ) -> list[torch.Tensor]:
+def _outputs(x: torch.Tensor, hs: torch.Tensor, weights: tuple, biases: tuple, b_s: tuple) -> list[torch.Tensor]:
     """y_i = x @ W_i.T + b_i + hs_i @ B_i.T for every member (hs: h with each member's scale).
 
     A member wider out than in takes its LoRA term inside the base matmul, y_i = [x | hs] @ [W_i | 0 .. B_i .. 0].T,
@@ -82,22 +80,21 @@ def _outputs(x: torch.Tensor, hs: torch.Tensor, weights: tuple, biases: tuple, b
                                _zeros(out, width - col - r, w.dtype, w.device)], dim=1)  # the zero blocks are cached
             y = F.linear(x_ext, w_ext, bias)
         else:
-            y = linear_update(x2, w, bias, hs[:, col:col + r], b, 1.0, serve)
+            y = F.linear(x2, w, bias).addmm_(hs[:, col:col + r], b.t())
         outs.append(y.view(*x.shape[:-1], out))
         col += r
     return outs
 
 
-def inference(x: torch.Tensor, scales: tuple[float, ...], merged: bool, one_pass: bool, serve: bool,
-              *members: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+def inference(x: torch.Tensor, scales: tuple[float, ...], merged: bool, one_pass: bool, *members: torch.Tensor | None
+              ) -> tuple[torch.Tensor, ...]:
     """`SharedInputLora`'s outputs without autograd and dropout, by the same plain ops and without the autograd
-    function's per-call cost (merged weights built by the kernel with `one_pass`; linear_update.py's kernel
-    allowed with `serve`)."""
+    function's per-call cost (merged weights built by the kernel with `one_pass`)."""
     weights, biases, a_s, b_s = (members[k::PER_MEMBER] for k in range(PER_MEMBER))
     if merged:
         return tuple(_merged_outputs(x, scales, weights, biases, a_s, b_s, one_pass))
     hs = _scaled(x.reshape(-1, x.shape[-1]) @ torch.cat(a_s).t(), scales, [a.shape[0] for a in a_s])
-    return tuple(_outputs(x, hs, weights, biases, b_s, serve))
+    return tuple(_outputs(x, hs, weights, biases, b_s))
 
 
 def _merged_outputs(x: torch.Tensor, scales: tuple[float, ...], weights: tuple, biases: tuple, a_s: tuple,
@@ -133,7 +130,7 @@ class SharedInputLora(torch.autograd.Function):
             x2, a_cat = x.reshape(-1, x.shape[-1]), torch.cat(a_s)
             h = kernels.dropped_down(x2, a_cat, len(a_s), p, ctx.seed) if p > 0 else x2 @ a_cat.t()
             hs = _scaled(h, scales, ctx.ranks)
-            outs = _outputs(x, hs, weights, biases, b_s, path.serve)
+            outs = _outputs(x, hs, weights, biases, b_s)
             ctx.save_for_backward(x, hs, *kept, *b_s, a_cat)
         ctx.scales = scales
         ctx.has_bias = [b is not None for b in biases]
@@ -248,7 +245,7 @@ class SharedInput:
         if autograd:
             outs = SharedInputLora.apply(x, scales, path, *flat)
         else:
-            outs = inference(x, scales, path.merged, path.kernels, path.serve, *flat)
+            outs = inference(x, scales, path.merged, path.kernels, *flat)
         own = None
         pending = {}
         for (i, tensors), out in zip(live, outs):

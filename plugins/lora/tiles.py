@@ -35,12 +35,6 @@ CANDIDATES: dict[str, list[dict]] = {
            {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 3},
            {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
            {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3}],
-    # y = x @ W.T + b + s·h @ B.T (linear_update.py): cuBLAS then addmm_ (the default), or the kernel's tiles
-    "update": [{"cublas": True},
-               {"BM": 128, "BN": 256, "BK": 64, "num_warps": 8, "num_stages": 3, "GROUP_M": 8},
-               {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 4, "GROUP_M": 8},
-               {"BM": 128, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4, "GROUP_M": 8},
-               {"BM": 64, "BN": 128, "BK": 64, "num_warps": 4, "num_stages": 4, "GROUP_M": 8}],
 }
 
 _chosen: dict[str, dict] = {}  # "kind|key" -> config, this process's choices (and the file's, once read)

@@ -5,15 +5,15 @@ Triton's JIT launcher binds and specializes every argument on each call, compile
 LoRA kernels' 15 to 37 arguments that cost the lent H100 hosts 8 to 48 µs more per call than launching the
 compiled kernel (`benchmarks/launch_host_cost.py`; a torch op costs them about 10 µs).
 
-A `Launch` is built once per shape (its callers cache it). The first call with each specialization of the run-time
-arguments goes through Triton's launcher and keeps the compiled kernel that it returns; later calls with that
-specialization launch the compiled kernel directly, with the arguments, stream and launch hooks that Triton's
-launcher would pass. The key is at least as fine as Triton's own specialization of run-time arguments (a tensor's
-dtype and 16-byte alignment; an integer's being 1, its divisibility by 16 and its width; a float is never
-specialized), plus the device, so a direct launch runs the kernel that Triton would have chosen. Anything else
-(Triton's interpreter, pre-run hooks, an argument of another type) takes Triton's launcher. A direct launch skips
-one check of Triton's: that the global values a kernel read when compiled are unchanged (the LoRA kernels read no
-globals but other jitted functions).
+A `Launch` is built once per shape (its callers cache it). The first call with each specialization of the
+run-time arguments goes through Triton's launcher and keeps the compiled kernel that it returns; later calls
+with that specialization launch the compiled kernel directly, with the arguments, stream and launch hooks that
+Triton's launcher would pass. The key is at least as fine as Triton's own specialization of run-time arguments
+(a tensor's dtype and 16-byte alignment; an integer's being 1, its divisibility by 16 and its width), plus the
+device, so a direct launch runs the kernel that Triton would have chosen. Anything else (Triton's interpreter,
+pre-run hooks, an argument of another type) takes Triton's launcher. A direct launch skips one check of Triton's:
+that the global values a kernel read when compiled are unchanged (the LoRA kernels read no globals but other
+jitted functions).
 """
 from __future__ import annotations
 
@@ -36,8 +36,6 @@ def specialization(arg: Any) -> tuple | None:
         return arg.dtype, arg.data_ptr() % 16 == 0
     if type(arg) is int:
         return arg == 1, arg % 16 == 0, -2 ** 31 <= arg < 2 ** 31, arg >= 2 ** 63
-    if type(arg) is float:  # passed as fp32, never specialized
-        return float
     return None
 
 
