@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from surgery_plugins.lora import kernels, merged_weight
+from surgery_plugins.lora import kernels, merged_weight, update_first
 from surgery_plugins.lora.saved_input import restored
 
 
@@ -47,13 +47,13 @@ def replay_dropout(x: torch.Tensor, p: float, state: torch.Tensor) -> tuple[torc
 def inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
               s: float, merged: bool, one_pass: bool) -> torch.Tensor:
     """`LoraLinear`'s output without autograd and dropout, by the same plain ops and without the autograd
-    function's per-call cost: through the merged weight (built by the kernel with `one_pass`), or with the
-    update added in place."""
+    function's per-call cost: through the merged weight (built by the kernel with `one_pass`), or the base
+    matmul and the update in the order update_first.py takes for the shape."""
     x2 = x.reshape(-1, x.shape[-1])
     if merged:
         y = F.linear(x2, merged_weight.merged(weight, a, b, s, one_pass), bias)
     else:
-        y = F.linear(x2, weight, bias).addmm_(x2 @ a.t(), b.t(), alpha=s)
+        y = update_first.linear(x2, weight, bias, x2 @ a.t(), b, s)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -83,7 +83,7 @@ class LoraLinear(torch.autograd.Function):
         if merged:
             y = F.linear(x2, merged_weight.merged(weight, a, b, s, one_pass=False), bias)
         else:
-            y = F.linear(x2, weight, bias).addmm_(h, b.t(), alpha=s)
+            y = update_first.linear(x2, weight, bias, h, b, s)
         ctx.save_for_backward(weight if ctx.quantized is None else None, a, b, h, *saved)
         ctx.scale, ctx.p, ctx.has_bias, ctx.shape = s, p, bias is not None, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])

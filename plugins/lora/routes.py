@@ -12,7 +12,8 @@ Two forms of the same sum, out + s_g · B_g(A_g(dropout(x))) for each sample of 
   token computes one pair, but every sample copies its pair and the batched matmuls are more kernels.
 
 In training the joined form is one autograd node (`JoinedLora`); where the base is a plain linear, one node computes
-it too (`call`, the Host's `route_call`, by `GroupedJoinedLora`): dx = dy @ W + dh @ A in one update.
+it too (`call`, the Host's `route_call`, by `GroupedJoinedLora`): dx = dy @ W + dh @ A in one update. In inference
+`call` computes the base too, with the update in the order update_first.py takes for the shape.
 
 `joined_pays` chooses per call, by a model of the two costs. Dropout (one rate for every group) is drawn once on
 x, before A, in either form; dispatch.py sends the rest (a branch with channels, rates that differ) to the Host's
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgery_plugins.lora import dispatch, formula
+from surgery_plugins.lora import dispatch, formula, update_first
 
 PER_SITE = 2  # GroupedJoinedLora's inputs per site: weight, bias; then its A of every group, its B of every group
 
@@ -136,10 +137,11 @@ def mask(stack: Stack, group: torch.Tensor) -> torch.Tensor:
 
 
 def call(stack: Stack, group: torch.Tensor, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The base linear's output and every sample's update at once (JoinedLora, the base inside), in training
-    without dropout at a plain nn.Linear whose weight, x and pairs share one dtype, where the joined form is
-    chosen; else NotImplemented (the Host then runs the base and `output`)."""
-    if not torch.is_grad_enabled() or type(base) is not nn.Linear or not isinstance(x, torch.Tensor):
+    """The base linear's output and every sample's update at once, without dropout at a plain nn.Linear whose
+    weight, x and pairs share one dtype, where the joined form is chosen: in training one autograd node
+    (GroupedJoinedLora, the base inside), in inference the update first and the base matmul added onto it
+    (update_first.py); else NotImplemented (the Host then runs the base and `output`)."""
+    if type(base) is not nn.Linear or not isinstance(x, torch.Tensor):
         return NotImplemented
     weight = base.weight
     if not x.dtype == weight.dtype == stack.dtype or not stack.same_dtype or stack.rate() > 0 \
@@ -147,8 +149,14 @@ def call(stack: Stack, group: torch.Tensor, base: nn.Module, x: torch.Tensor) ->
         return NotImplemented
     samples = x.shape[0]
     flat = x if x.dim() == 3 else x.reshape(samples, -1, x.shape[-1])  # no view node where none is needed
-    if not stack.joins(samples * flat.shape[1], samples):
+    tokens = samples * flat.shape[1]
+    if not stack.joins(tokens, samples):
         return NotImplemented
+    if not torch.is_grad_enabled():
+        a_t, b_t = stack.joined()
+        h = torch.matmul(flat, a_t).mul_(mask(stack, group))
+        y = update_first.linear(flat.reshape(tokens, -1), weight, base.bias, h.view(tokens, -1), b_t.t())
+        return y.view(*x.shape[:-1], y.shape[-1])
     y, = GroupedJoinedLora.apply(flat, mask(stack, group), ((base.bias is not None, stack.ranks),), weight, base.bias,
                                  *stack.pairs)
     return y if flat is x else y.view(*x.shape[:-1], y.shape[-1])
@@ -249,7 +257,7 @@ class GroupedJoinedLora(torch.autograd.Function):
         outs, col = [], 0
         for w, bias, b_cat in zip(weights, biases, b_cats):
             r = b_cat.shape[1]
-            out = F.linear(x2, w, bias).addmm_(hs[:, col:col + r], b_cat.t())
+            out = update_first.linear(x2, w, bias, hs[:, col:col + r], b_cat)
             outs.append(out.view(*x.shape[:-1], w.shape[0]))
             col += r
         ctx.save_for_backward(x2, hs, every, a_all, *weights, *b_cats)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from surgery.plugin import versions
-from surgery_plugins.lora import kernels, merged_weight
+from surgery_plugins.lora import kernels, merged_weight, update_first
 
 PER_MEMBER = 4  # weight, bias, A, B
 
@@ -80,7 +80,7 @@ def _outputs(x: torch.Tensor, hs: torch.Tensor, weights: tuple, biases: tuple, b
                                _zeros(out, width - col - r, w.dtype, w.device)], dim=1)  # the zero blocks are cached
             y = F.linear(x_ext, w_ext, bias)
         else:
-            y = F.linear(x2, w, bias).addmm_(hs[:, col:col + r], b.t())
+            y = update_first.linear(x2, w, bias, hs[:, col:col + r], b)
         outs.append(y.view(*x.shape[:-1], out))
         col += r
     return outs

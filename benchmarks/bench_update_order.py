@@ -1,0 +1,57 @@
+"""The two orders of a LoRA output's base matmul and update (plugins/lora/update_first.py), per shape: the base
+matmul then the update added in place (`F.linear(x, W).addmm_(h, B.T)`), against the update first with the base
+matmul added onto it (`torch.mm(h, B.T).addmm_(x, W.T)`), each as × the base matmul alone; and which order
+`update_first` takes. h = x @ A.T is given, not timed.
+
+    python benchmarks/bench_update_order.py --device cuda
+
+Use it to check `update_first.FIRST_OUT` and `FIRST_ELEMENTS` on another GPU. Results:
+benchmarks/results/bench_update_order-<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+
+import harness
+import torch
+import torch.nn.functional as F
+
+# (tokens, in, out, rank): the mixed batch's q/o and k/v (8 adapters of rank 16 joined), one adapter's, the grid's
+SHAPES = [(16384, 2048, 2048, 128), (16384, 2048, 512, 128), (16384, 2048, 2048, 16), (4096, 4096, 4096, 16),
+          (4096, 4096, 1024, 16), (4096, 4096, 14336, 16), (2048, 2048, 2048, 8), (32, 2048, 2048, 128)]
+
+
+def orders_ms(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, b: torch.Tensor, device: str) -> tuple:
+    """ms of the base matmul alone, of the update after it, and of the update first (medians of 30)."""
+    def time(fn):
+        return harness.time_ms(fn, device, 30, 3)
+    return (time(lambda: F.linear(x, w)), time(lambda: F.linear(x, w).addmm_(h, b.t())),
+            time(lambda: torch.mm(h, b.t()).addmm_(x, w.t())))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    from surgery_plugins.lora import update_first  # internal: path may move
+
+    device, dtype, rows = args.device, torch.bfloat16, []
+    for tokens, k, n, r in SHAPES:
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(tokens, k, device=device, generator=g).to(dtype)
+        w = (torch.randn(n, k, device=device, generator=g) / k ** 0.5).to(dtype)
+        h = torch.randn(tokens, r, device=device, generator=g).to(dtype)
+        b = (torch.randn(n, r, device=device, generator=g) * 0.05).to(dtype)
+        base, after, first = orders_ms(x, w, h, b, device)
+        row = {"shape": {"tokens": tokens, "in": k, "out": n, "rank": r}, "base_ms": base,
+               "after_x_base": round(after / base, 3), "first_x_base": round(first / base, 3),
+               "takes_first": update_first.update_first(tokens, n)}
+        print(f"{tokens} x {k} -> {n}, r {r}: base {base:.4f} ms, update after {row['after_x_base']}, update first "
+              f"{row['first_x_base']}; takes {'first' if row['takes_first'] else 'after'}", flush=True)
+        rows.append(row)
+    print("wrote", harness.write_results("bench_update_order", device, {"shapes": rows}, args.out))
+
+
+if __name__ == "__main__":
+    main()
