@@ -89,8 +89,11 @@ class LoraBranch(Branch):
     def route_call(cls, state: routes.Stack, group: torch.Tensor, base: nn.Module, args: tuple, kwargs: dict
                    ) -> torch.Tensor:
         """The base linear and every sample's LoRA at once: with the other linears that read the same input
-        (routed_group.py; in inference only for large inputs), else alone (routes.call); or NotImplemented."""
+        (routed_group.py; in inference only for large inputs), else alone (routes.call); or NotImplemented, and
+        always under autocast, whose casts apply to the Host's base call and to `route_output`'s ops."""
         x = input_of(args, kwargs)
+        if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+            return NotImplemented
         out = routed_group.call(state, group, base, x)  # with the linears that read x too, where they can
         return routes.call(state, group, base, x) if out is NotImplemented else out
 
