@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    from surgery_plugins.lora import update_first  # internal: path may move
+    update_first = harness.lora_internals().update_first
 
     device, dtype, rows = args.device, torch.bfloat16, []
     for tokens, k, n, r in SHAPES:

@@ -346,9 +346,18 @@ def write_results(name: str, device: str, results: dict, out: str | Path | None 
 # ---- the engine's private modules that some benchmarks switch (paths may move: update them here) -----------------
 
 def lora_internals() -> SimpleNamespace:
-    """LoRA's private modules: the kernels, the fused and shared autograd paths, and the merged-weight switch."""
-    from surgery_plugins.lora import fused, kernels, merged_weight, shared, tiles  # internal: path may move
-    return SimpleNamespace(fused=fused, kernels=kernels, merged_weight=merged_weight, shared=shared, tiles=tiles)
+    """LoRA's private modules: the kernels, the fused and shared autograd paths, the merged-weight switch, and the
+    order of base and update (update_first)."""
+    from surgery_plugins.lora import (  # internal: path may move
+        fused,
+        kernels,
+        merged_weight,
+        shared,
+        tiles,
+        update_first,
+    )
+    return SimpleNamespace(fused=fused, kernels=kernels, merged_weight=merged_weight, shared=shared, tiles=tiles,
+                           update_first=update_first)
 
 
 def analysis_cache() -> dict:

@@ -136,6 +136,12 @@ def mask(stack: Stack, group: torch.Tensor) -> torch.Tensor:
     return mask_of(stack.ranks, stack.scales, stack.dtype, len(stack.ranks), group)
 
 
+def joined_h(stack: Stack, group: torch.Tensor, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The joined form's h = (x @ Aᵀ) · mask for `flat` [samples, tokens, in], and Bᵀ to apply it with."""
+    a_t, b_t = stack.joined()
+    return torch.matmul(flat, a_t).mul_(mask(stack, group)), b_t  # matmul keeps its inputs for backward, not h
+
+
 def call(stack: Stack, group: torch.Tensor, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The base linear's output and every sample's update at once, without dropout at a plain nn.Linear whose
     weight, x and pairs share one dtype, where the joined form is chosen: in training one autograd node
@@ -153,8 +159,7 @@ def call(stack: Stack, group: torch.Tensor, base: nn.Module, x: torch.Tensor) ->
     if not stack.joins(tokens, samples):
         return NotImplemented
     if not torch.is_grad_enabled():
-        a_t, b_t = stack.joined()
-        h = torch.matmul(flat, a_t).mul_(mask(stack, group))
+        h, b_t = joined_h(stack, group, flat)
         y = update_first.linear(flat.reshape(tokens, -1), weight, base.bias, h.view(tokens, -1), b_t.t())
         return y.view(*x.shape[:-1], y.shape[-1])
     y, = GroupedJoinedLora.apply(flat, mask(stack, group), ((base.bias is not None, stack.ranks),), weight, base.bias,
@@ -176,8 +181,7 @@ def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor
     if stack.joins(tokens, samples):
         if torch.is_grad_enabled() and out.dtype == stack.dtype and stack.same_dtype:
             return JoinedLora.apply(flat, out, mask(stack, group), stack.ranks, *stack.pairs)
-        a_t, b_t = stack.joined()
-        h = torch.matmul(flat, a_t).mul_(mask(stack, group))  # matmul keeps its inputs for backward, not h
+        h, b_t = joined_h(stack, group, flat)
         if out.dtype == stack.dtype:
             if not torch.is_grad_enabled() and out._base is None and out.is_contiguous():
                 # inference: the base's own fresh output, updated in place (one read and write of it saved)

@@ -39,8 +39,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: 
         return F.linear(x, weight, bias).addmm_(h, b.t(), alpha=s)
     if bias is not None:
         u = torch.addmm(bias, h, b.t(), alpha=s)
-    elif s == 1.0:
-        u = torch.mm(h, b.t())
-    else:
-        u = torch.mm(h, b.t()).mul_(s)
+    else:  # beta = 0: the empty u is written, not read; s applied in the matmul, not in a pass of its own
+        u = h.new_empty(x.shape[0], weight.shape[0]).addmm_(h, b.t(), beta=0, alpha=s)
     return u.addmm_(x, weight.t())
