@@ -160,3 +160,27 @@ def test_a_routing_kept_in_inference_sees_branches_written_in_place(attachments)
         for i, name in enumerate(NAMES):
             torch.testing.assert_close(again[i:i + 1], alone(model, name, x[i:i + 1]), rtol=1e-10, atol=1e-10)
     assert not torch.allclose(first[0], again[0])
+
+
+def test_a_routing_is_kept_across_blocks_routed_alike_and_its_copies_dropped_when_a_block_ends():
+    """A site keeps what it derived for a routing (groups, branches) for the next per_sample block routed alike,
+    as surgery.jobs enters one per step, and drops the copies of branch tensors a route kept in inference when
+    its block ends. A branch replaced between two such blocks (detached, attached again) is the one that runs."""
+    model = build({"a": LORA_QV, "b": LORA_QV})
+    host = model.model.layers[0].self_attn.q_proj
+    x = ids(batch=len(NAMES))
+    with torch.no_grad(), surgery.per_sample(model, NAMES):
+        logits(model, x)
+        kept = host._routes
+        assert "state" in kept
+    assert "state" not in kept and host.routing is None
+    with torch.no_grad(), surgery.per_sample(model, NAMES):
+        assert host._routes is kept  # the groups and branches found before
+        logits(model, x)
+    with torch.no_grad(), surgery.per_sample(model, ["b", "a"]):
+        assert host._routes is not kept  # another routing
+    assert_mixed_batch_equals_each_sample_alone(model)
+    surgery.detach(model, "b")
+    surgery.attach(model, LORA_QV, name="b")
+    randomize(model, "b", seed=11)
+    assert_mixed_batch_equals_each_sample_alone(model)  # routed alike again: the new "b" runs

@@ -103,8 +103,8 @@ def choose(branch: Any, base: nn.Module | None, x: Any, groups: list | None = No
     group of samples, under per-sample routing; `branch`, `base` and `x` unused), the routed path or GROUPS.
     A group member's pending output is taken (or, stale, dropped) here."""
     if groups is not None:
-        return _GROUPS if any(b.channels is not None for b in groups) or len({rate(b) for b in groups}) > 1 \
-            else _ROUTED
+        first = rate(groups[0])
+        return _GROUPS if any(b.channels is not None or rate(b) != first for b in groups) else _ROUTED
     if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return _PLAIN
     group = branch.shared

@@ -40,9 +40,10 @@ def pays(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() or x.numel() >= INFERENCE_ELEMENTS
 
 
-def sites(stack: routes.Stack, x: torch.Tensor) -> list[tuple[int, nn.Module, list]] | None:
+def sites(stack: routes.Stack, x: torch.Tensor) -> list[tuple[int, nn.Module, list, tuple]] | None:
     """The sites that compute together with `stack`'s ((member index, base linear, one branch per group in the
-    stack's order)), this one included; None where fewer than two can."""
+    stack's order, and the site's tensors: weight, bias, every group's A, every group's B)), this one included;
+    None where fewer than two can."""
     first = stack.branches[0]
     shared, host = first.shared, getattr(first, "host", None)
     if shared is None or host is None or host.routing is None:
@@ -59,12 +60,15 @@ def sites(stack: routes.Stack, x: torch.Tensor) -> list[tuple[int, nn.Module, li
             continue
         branches = [site.branches[n] if n in site.branches else None for n in names]
         base = member.base_module
-        if type(base) is not nn.Linear or base.weight.shape[1] != width or base.weight.dtype != dtype \
-                or any(type(b) is not kind or b.channels is not None or dispatch.rate(b) > 0
-                       or b.lora_A.dtype != dtype or b.lora_B.dtype != dtype for b in branches):
+        weight = base.weight
+        if type(base) is not nn.Linear or weight.shape[1] != width or weight.dtype != dtype \
+                or any(type(b) is not kind or b.channels is not None or dispatch.rate(b) > 0 for b in branches):
             continue
-        found.append((i, base, branches))
-    if len(found) < 2 or all(i != first.shared_index for i, _, _ in found):
+        a_s, b_s = [b.lora_A for b in branches], [b.lora_B for b in branches]  # each read once: this runs per call
+        if any(t.dtype != dtype for t in a_s) or any(t.dtype != dtype for t in b_s):
+            continue
+        found.append((i, base, branches, (weight, base.bias, *a_s, *b_s)))
+    if len(found) < 2 or all(i != first.shared_index for i, *_ in found):
         return None
     return found
 
@@ -73,15 +77,16 @@ def outputs(stack: routes.Stack, group: torch.Tensor, x: torch.Tensor, found: li
     """Every site's output on `x` (member index -> output), by one routes.GroupedJoinedLora."""
     flat = x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
     n = len(stack.branches)
-    ranks = tuple(b.lora_A.shape[0] for _, _, branches in found for b in branches)
-    scales = tuple(float(b.scale) for _, _, branches in found for b in branches)
-    layout = tuple((base.bias is not None, ranks[k * n:(k + 1) * n]) for k, (_, base, _) in enumerate(found))
-    tensors: list = []
-    for _, base, branches in found:
-        tensors += [base.weight, base.bias, *(b.lora_A for b in branches), *(b.lora_B for b in branches)]
+    layout, ranks, scales, tensors = [], (), (), []
+    for _, _, branches, site in found:
+        site_ranks = tuple(a.shape[0] for a in site[routes.PER_SITE:routes.PER_SITE + n])
+        layout.append((site[1] is not None, site_ranks))
+        ranks += site_ranks
+        scales += tuple(float(b.scale) for b in branches)
+        tensors += site
     every = routes.mask_of(ranks, scales, x.dtype, n, group)
-    outs = routes.GroupedJoinedLora.apply(flat, every, layout, *tensors)
-    return {i: out if flat is x else out.view(*x.shape[:-1], out.shape[-1]) for (i, _, _), out in zip(found, outs)}
+    outs = routes.GroupedJoinedLora.apply(flat, every, tuple(layout), *tensors)
+    return {i: out if flat is x else out.view(*x.shape[:-1], out.shape[-1]) for (i, *_), out in zip(found, outs)}
 
 
 def call(stack: routes.Stack, group: torch.Tensor, base: nn.Module, x: Any) -> Any:
@@ -99,9 +104,8 @@ def call(stack: routes.Stack, group: torch.Tensor, base: nn.Module, x: Any) -> A
     if stack.rate() > 0 or not stack.joins(x.numel() // x.shape[-1], samples):
         return NotImplemented
     found = sites(stack, x)
-    if found is None or next(b for i, b, _ in found if i == index) is not base:
+    if found is None or next(b for i, b, *_ in found if i == index) is not base:
         return NotImplemented
     outs = outputs(stack, group, x, found)
-    shared.keep_routed(index, x, group, outs, {i: (b.weight, b.bias, *(br.lora_A for br in branches),
-                                                   *(br.lora_B for br in branches)) for i, b, branches in found})
+    shared.keep_routed(index, x, group, outs, {i: tensors for i, _, _, tensors in found})
     return outs[index]

@@ -57,14 +57,14 @@ class Stack:
 
     def __init__(self, branches: list) -> None:
         self.branches = branches
-        self.ranks = tuple(b.lora_A.shape[0] for b in branches)
+        a_s, b_s = [b.lora_A for b in branches], [b.lora_B for b in branches]  # each read once: this runs per call
+        self.ranks = tuple(a.shape[0] for a in a_s)
         self.scales = tuple(float(b.scale) for b in branches)
-        first = branches[0]
-        self.dtype, self.in_features, self.out_features = first.lora_A.dtype, first.lora_A.shape[1], first.lora_B.shape[0]
+        self.dtype, self.in_features, self.out_features = a_s[0].dtype, a_s[0].shape[1], b_s[0].shape[0]
         self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None
         self._joined: tuple[torch.Tensor, torch.Tensor] | None = None
         self._joins: dict[tuple[int, int], bool] = {}
-        self.pairs = tuple(b.lora_A for b in branches) + tuple(b.lora_B for b in branches)  # every A, every B
+        self.pairs = (*a_s, *b_s)  # every A, every B
         self.same_dtype = all(t.dtype == self.dtype for t in self.pairs)
 
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@ branches around it; the base module object is kept untouched and put back on det
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -36,7 +37,8 @@ class Host(nn.Module):
         self.branches = nn.ModuleDict()
         self.running = ()  # active and unmerged branch names, in order; set by the ledger
         self.routing: tuple[str | None, ...] | None = None  # per-sample names; set by the ledger
-        self._routes: dict[Any, Any] = {}
+        self._routes: dict[Any, Any] = {}  # what this site derived for the routing in force (see set_routing)
+        self._last_routes: tuple[tuple, dict] | None = None
 
     @property
     def running(self) -> tuple[str, ...]:
@@ -50,18 +52,33 @@ class Host(nn.Module):
     def add(self, name: str, branch: Branch) -> None:
         self.branches[name] = branch
         self.running = self.running  # a replaced branch is the one that runs
-        self._routes = {}
+        self._routes, self._last_routes = {}, None
 
     def remove(self, name: str) -> Branch:
         self.running = tuple(n for n in self.running if n != name)
-        self._routes = {}
+        self._routes, self._last_routes = {}, None
         return self.branches.pop(name)
 
-    def set_routing(self, routing: tuple[str | None, ...] | None, usable: set[str]) -> None:
-        """Route sample i to branch routing[i] (if it is in `usable`, else to the base alone)."""
+    def set_routing(self, routing: tuple[str | None, ...] | None, usable: Collection[str]) -> None:
+        """Route sample i to branch routing[i] (if it is in `usable`, else to the base alone).
+
+        What the site derived for a routing (its groups, their branches) is kept for the next block routed
+        alike (a training step of surgery.jobs enters one per step); a branch's kept inference state is dropped
+        when the block ends."""
         # plain attributes, set in __dict__ directly: nn.Module's __setattr__ costs more, on every per_sample block
-        self.__dict__["routing"] = None if routing is None else tuple(n if n in usable else None for n in routing)
-        self.__dict__["_routes"] = {}
+        state = self.__dict__
+        routing = None if routing is None else tuple(n if n in usable else None for n in routing)
+        state["routing"] = routing
+        last = state["_last_routes"]
+        if routing is None:
+            if last is not None:
+                last[1].pop("state", None)  # may hold copies of the branches' tensors
+            state["_routes"] = {}
+        elif last is not None and last[0] == routing:
+            state["_routes"] = last[1]
+        else:
+            state["_routes"] = {}
+            state["_last_routes"] = (routing, state["_routes"])
 
     def _run(self, branches: tuple[Branch, ...] | list[Branch], args: tuple, kwargs: dict) -> Any:
         if len(branches) == 1:
@@ -95,17 +112,24 @@ class Host(nn.Module):
             self._routes[key] = (names, _group_index(tuple(per_sample), batch // len(per_sample), device))
         return self._routes[key]
 
-    def _route_kind(self, names: list[str]) -> tuple[list[Branch], type[Branch] | None, tuple[torch.Tensor, ...]]:
-        """The branches of `names`, where they are all of one class that batches routes that class, and the
-        branches' parameters and buffers (kept for the routing: this runs on every call)."""
+    def _route_kind(self, names: list[str]) -> tuple[list[Branch], type[Branch] | None]:
+        """The branches of `names` and, where they are all of one class that batches routes, that class (kept for
+        the routing: this runs on every call)."""
         found = self._routes.get("kind")
         if found is None or found[0] is not names:
             branches = [self.branches[n] for n in names]
             kind = type(branches[0]) if branches else None
             batched = kind is not None and all(type(b) is kind for b in branches) and _batches_routes(kind)
-            tensors = tuple(t for b in branches for t in (*b.parameters(), *b.buffers()))
-            found = self._routes["kind"] = (names, branches, kind if batched else None, tensors)
-        return found[1], found[2], found[3]
+            found = self._routes["kind"] = (names, branches, kind if batched else None)
+        return found[1], found[2]
+
+    def _route_tensors(self, branches: list[Branch]) -> tuple[torch.Tensor, ...]:
+        """The parameters and buffers of the routed branches (kept for the routing), whose version counters tell
+        whether a kept inference state still holds."""
+        found = self._routes.get("tensors")
+        if found is None:
+            found = self._routes["tensors"] = tuple(t for b in branches for t in (*b.parameters(), *b.buffers()))
+        return found
 
     @torch.compiler.disable  # routing keeps Python state (caches per routing, outputs kept for the next site)
     def _routed(self, args: tuple, kwargs: dict) -> Any:
@@ -113,11 +137,11 @@ class Host(nn.Module):
         if x is None:
             raise SurgeryError("per-sample adapters: the call has no tensor input to route")
         names, index = self._groups(x.shape[0], x.device)
-        branches, kind, tensors = self._route_kind(names)
+        branches, kind = self._route_kind(names)
         if kind is not None:
             state = now = None
             if not torch.is_grad_enabled():  # kept while no branch tensor is written in place (version counters)
-                kept, now = self._routes.get("state"), versions(tensors)
+                kept, now = self._routes.get("state"), versions(self._route_tensors(branches))
                 if kept is not None and kept[1] == now:
                     state = kept[0]
             if state is None:
@@ -225,7 +249,7 @@ class ParameterHost(nn.Module):
         self._routes = {}
         return self.branches.pop(name)
 
-    def set_routing(self, routing: tuple[str | None, ...] | None, usable: set[str]) -> None:
+    def set_routing(self, routing: tuple[str | None, ...] | None, usable: Collection[str]) -> None:
         self.routing = None if routing is None else tuple(n if n in usable else None for n in routing)
         self._cached = None
 

@@ -109,16 +109,23 @@ class Ledger:
     def refresh(self) -> None:
         """Tell every host which of its branches run: active, not merged, not disabled; or, while routing per
         sample, which branch each sample takes."""
-        for host in self.hosts.values():  # runs on every per_sample block (a training step of surgery.jobs)
-            unmerged = [n for n, b in host.branches.items() if self.attachments[n].merged is None or b.kept_when_merged]
-            running = () if self.disabled else tuple(n for n in unmerged if n in self.active)
+        # runs twice per per_sample block (every training step of surgery.jobs): what every host shares is read once
+        merged = {n for n, a in self.attachments.items() if a.merged is not None}
+        active, disabled = set(self.active), self.disabled
+        routing = None if disabled else self.routing
+        for host in self.hosts.values():
+            branches = host.branches._modules
+            unmerged = [n for n, b in branches.items() if n not in merged or b.kept_when_merged] if merged \
+                else list(branches)
+            running = () if disabled else tuple(n for n in unmerged if n in active)
             if running != host.running:
                 host.running = running
-            host.set_routing(None if self.disabled else self.routing, set(unmerged))
+            host.set_routing(routing, unmerged)
             alone = running[0] if len(running) == 1 and host.routing is None else None
-            for n, branch in host.branches.items():
+            for n, branch in branches.items():
                 flags = (n in running, n == alone)
-                if (getattr(branch, "running", None), getattr(branch, "runs_alone", None)) != flags:
+                state = branch.__dict__
+                if (state.get("running"), state.get("runs_alone")) != flags:
                     branch.running, branch.runs_alone = flags
 
 
