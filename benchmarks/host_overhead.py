@@ -6,6 +6,9 @@ so the LoRA path is the one a CUDA run takes.
     python benchmarks/host_overhead.py            # ms per step and ratios to the floor, median of 60
     python benchmarks/host_overhead.py --n 20     # quicker, noisier
 
+Also the several-jobs step (surgery.jobs, 4 jobs of 1 x 8 tokens, r 16 on every linear but the head) against one
+adapter trained on the same 4 x 8 batch, as bench_jobs.py measures it on a GPU.
+
 On the lent H100s the eager LoRA step is bound by the host (docs/performance.md); this is the quick way to see what
 a change does to that, without a GPU. Compare the ratios of one run (or of two installs run alternately, as in
 docs/performance.md), not milliseconds between machines. Writes benchmarks/results/host_overhead-cpu.json.
@@ -17,6 +20,8 @@ import warnings
 
 import harness
 import torch
+
+import surgery
 
 TINY = {"config": {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 16, "num_attention_heads": 4,
                    "num_key_value_heads": 1, "vocab_size": 128, "max_position_embeddings": 64},
@@ -37,6 +42,32 @@ def take_the_cuda_path() -> None:
     kernels._down_kernel = kernels._grads_kernel = kernels._merged_kernel = kernels._up_kernel = _NoLaunch()
     for module in (lora.fused, lora.shared):
         module.pays = lambda tokens, weight: True
+
+
+JOBS, JOBS_ONE = 4, "one adapter, the jobs' 4 x 8 tokens"
+
+
+def jobs_rows(w: harness.Workload, ms) -> dict[str, float]:
+    """The joint step of JOBS jobs (1 x 8 tokens each, their own AdamW) and one adapter on the same batch."""
+    g = torch.Generator().manual_seed(1)
+    vocab = TINY["config"]["vocab_size"]
+    data = {f"j{i}": {"input_ids": torch.randint(0, vocab, (1, TINY["seq"]), generator=g)} for i in range(JOBS)}
+    model = w.base()
+    for name in data:
+        surgery.attach(model, harness.lora_rules(r=16), name=name)
+    model.train()
+    jobs = surgery.jobs(model, {n: torch.optim.AdamW(surgery.adapter_parameters(model, n), lr=1e-4, fused=True)
+                                for n in data})
+    joint = ms(lambda: jobs.step(data))
+    one = w.ours(0.0).train()
+    ids = torch.cat([b["input_ids"] for b in data.values()])
+    opt = torch.optim.AdamW([p for p in one.parameters() if p.requires_grad], lr=1e-4, fused=True)
+
+    def step():
+        one(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {JOBS_ONE: ms(step), f"jobs: {JOBS} jobs of 1 x 8, joint step": joint}
 
 
 def main() -> None:
@@ -65,12 +96,13 @@ def main() -> None:
     model = w.ours(0.0).eval()
     with torch.no_grad():
         rows["forward surgery unmerged"] = ms(lambda: model(input_ids=ids, use_cache=False))
+    rows.update(jobs_rows(w, ms))
     result = {}
     for name, value in rows.items():
-        forward = name.startswith("forward")
-        ratio = value / (rows["forward base"] if forward else rows["floor"])
-        result[name] = {"ms": round(value, 2), f"x {'base' if forward else 'floor'}": round(ratio, 3)}
-        print(f"{name:42s} {value:7.2f} ms  {ratio:5.2f} x {'base' if forward else 'floor'}")
+        against = "base" if name.startswith("forward") else "one adapter" if name.startswith("jobs") else "floor"
+        ratio = value / rows["forward base" if against == "base" else JOBS_ONE if against == "one adapter" else "floor"]
+        result[name] = {"ms": round(value, 2), f"x {against}": round(ratio, 3)}
+        print(f"{name:42s} {value:7.2f} ms  {ratio:5.2f} x {against}")
     shapes = {k: v for k, v in TINY.items() if k != "dtype"} | {"dtype": str(TINY["dtype"]), "n": args.n}
     out = harness.write_results("host_overhead", "cpu", {"meta": {"shapes": shapes}, "host_ms": result}, args.out)
     print(f"wrote {out}")
