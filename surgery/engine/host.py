@@ -38,7 +38,6 @@ class Host(nn.Module):
         self.running = ()  # active and unmerged branch names, in order; set by the ledger
         self.routing: tuple[str | None, ...] | None = None  # per-sample names; set by the ledger
         self._routes: dict[Any, Any] = {}  # what this site derived for the routing in force (see set_routing)
-        self._last_routes: tuple[tuple, dict] | None = None
 
     @property
     def running(self) -> tuple[str, ...]:
@@ -48,23 +47,25 @@ class Host(nn.Module):
     def running(self, names: tuple[str, ...]) -> None:
         self._running = tuple(names)
         self._running_branches = tuple(self.branches[n] for n in self._running)  # looked up once, not per call
+        self.__dict__["_last_routes"] = None  # the branches may have changed: nothing kept for a routing holds
 
     def add(self, name: str, branch: Branch) -> None:
         self.branches[name] = branch
         self.running = self.running  # a replaced branch is the one that runs
-        self._routes, self._last_routes = {}, None
+        self._routes = {}
 
     def remove(self, name: str) -> Branch:
         self.running = tuple(n for n in self.running if n != name)
-        self._routes, self._last_routes = {}, None
+        self._routes = {}
         return self.branches.pop(name)
 
     def set_routing(self, routing: tuple[str | None, ...] | None, usable: Collection[str]) -> None:
         """Route sample i to branch routing[i] (if it is in `usable`, else to the base alone).
 
         What the site derived for a routing (its groups, their branches) is kept for the next block routed
-        alike (a training step of surgery.jobs enters one per step); a branch's kept inference state is dropped
-        when the block ends."""
+        alike (a training step of surgery.jobs enters one per step) until the branches change (`running` is
+        set); a branch's kept inference state, and the tensors whose versions guard it, are dropped when the
+        block ends."""
         # plain attributes, set in __dict__ directly: nn.Module's __setattr__ costs more, on every per_sample block
         state = self.__dict__
         routing = None if routing is None else tuple(n if n in usable else None for n in routing)
@@ -73,6 +74,7 @@ class Host(nn.Module):
         if routing is None:
             if last is not None:
                 last[1].pop("state", None)  # may hold copies of the branches' tensors
+                last[1].pop("tensors", None)  # found again per block: a parameter object may be replaced between
             state["_routes"] = {}
         elif last is not None and last[0] == routing:
             state["_routes"] = last[1]
