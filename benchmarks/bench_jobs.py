@@ -17,8 +17,6 @@ import argparse
 import harness
 import torch
 
-import surgery
-
 JOBS = 4
 
 
@@ -30,18 +28,9 @@ def examine(work: harness.Workload, out: dict, key: str, step) -> None:
 
 
 def rows(work: harness.Workload, per_job: tuple[int, int], profile: bool = False) -> dict:
-    batch, seq = per_job
-    vocab = work.shape["config"]["vocab_size"]
-    g = torch.Generator().manual_seed(1)
-    data = {f"j{i}": {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g).to(work.device)}
-            for i in range(JOBS)}
+    data = work.job_batches(JOBS, *per_job)
     work.fresh()
-    model = work.base()
-    for name in data:
-        surgery.attach(model, harness.lora_rules(r=16), name=name)
-    model.train()
-    opts = {n: torch.optim.AdamW(surgery.adapter_parameters(model, n), lr=1e-4, fused=work.cuda) for n in data}
-    jobs = surgery.jobs(model, opts)
+    _, jobs = work.jobs(data)  # jobs holds the model
     out = {"joint_ms": work.time_ms(lambda: jobs.step(data))}
     out["joint_gib"] = work.peak_gib()
     if profile:
@@ -51,23 +40,14 @@ def rows(work: harness.Workload, per_job: tuple[int, int], profile: bool = False
         for name, batch in data.items():
             jobs.step({name: batch})
     out["sequential_ms"] = work.time_ms(sequential)
-    model = jobs = opts = None  # freed before the next model
+    jobs = None  # the model freed before the next one
     work.fresh()
-    model = work.base()
-    surgery.attach(model, harness.lora_rules(r=16), name="one")
-    model.train()
-    ids = torch.cat([b["input_ids"] for b in data.values()])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=work.cuda)
-
-    def one():
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    one = work.train_step(work.ours(0.0, name="one").train(), ids=torch.cat([b["input_ids"] for b in data.values()]))
     out["one_ms"] = work.time_ms(one)
     out["one_gib"] = work.peak_gib()
     if profile:
         examine(work, out, "one", one)
-    model = opt = None
+    one = None  # the step holds the model
     work.fresh()
     out = {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
     out["joint_x_one"] = round(out["joint_ms"] / out["one_ms"], 3)

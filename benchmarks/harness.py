@@ -255,11 +255,12 @@ class Workload:
         ids = self.ids
         return lambda: model(input_ids=ids, labels=ids, use_cache=False).loss
 
-    def train_step(self, model, fused: bool | None = None):
-        """One training step of `model` on the benchmark's batch; AdamW fused where asked (default: on CUDA)."""
+    def train_step(self, model, fused: bool | None = None, ids: torch.Tensor | None = None):
+        """One training step of `model` on the benchmark's batch (or on `ids`); AdamW fused where asked (default: on
+        CUDA)."""
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=self.cuda if fused is None else fused) if params else None
-        loss = self.train_loss(model)
+        loss = self.train_loss(model) if ids is None else lambda: model(input_ids=ids, labels=ids, use_cache=False).loss
 
         def step():
             loss().backward()
@@ -267,6 +268,24 @@ class Workload:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         return step
+
+    def job_batches(self, jobs: int, batch: int, seq: int) -> dict[str, dict[str, torch.Tensor]]:
+        """`jobs` training jobs' batches of `batch` x `seq` random token ids (seeded), by job name j0, j1, ..."""
+        g = torch.Generator().manual_seed(1)
+        vocab = self.shape["config"]["vocab_size"]
+        return {f"j{i}": {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g).to(self.device)}
+                for i in range(jobs)}
+
+    def jobs(self, data: dict, fused: bool | None = None):
+        """A base with one LoRA attachment (r 16, every linear but the head) per job of `data`, in training, and
+        `surgery.jobs` over them, each with its own AdamW (fused where asked; default: on CUDA): (model, jobs)."""
+        model = self.base()
+        for name in data:
+            surgery.attach(model, lora_rules(r=16), name=name)
+        model.train()
+        fused = self.cuda if fused is None else fused
+        return model, surgery.jobs(model, {n: torch.optim.AdamW(surgery.adapter_parameters(model, n), lr=1e-4,
+                                                                fused=fused) for n in data})
 
     def floor_loss(self, model):
         """The floor's forward: a function giving frozen `model`'s loss, its input embeddings requiring gradients."""

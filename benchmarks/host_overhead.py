@@ -21,8 +21,6 @@ import warnings
 import harness
 import torch
 
-import surgery
-
 TINY = {"config": {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 16, "num_attention_heads": 4,
                    "num_key_value_heads": 1, "vocab_size": 128, "max_position_embeddings": 64},
         "batch": 1, "seq": 8, "mixed_batch": 2, "mixed_seq": 8, "dtype": torch.float32, "steps": 60, "warm": 5}
@@ -49,25 +47,17 @@ JOBS, JOBS_ONE = 4, "one adapter, the jobs' 4 x 8 tokens"
 
 def jobs_rows(w: harness.Workload, ms) -> dict[str, float]:
     """The joint step of JOBS jobs (1 x 8 tokens each, their own AdamW) and one adapter on the same batch."""
-    g = torch.Generator().manual_seed(1)
-    vocab = TINY["config"]["vocab_size"]
-    data = {f"j{i}": {"input_ids": torch.randint(0, vocab, (1, TINY["seq"]), generator=g)} for i in range(JOBS)}
-    model = w.base()
-    for name in data:
-        surgery.attach(model, harness.lora_rules(r=16), name=name)
-    model.train()
-    jobs = surgery.jobs(model, {n: torch.optim.AdamW(surgery.adapter_parameters(model, n), lr=1e-4, fused=True)
-                                for n in data})
-    joint = ms(lambda: jobs.step(data))
-    one = w.ours(0.0).train()
-    ids = torch.cat([b["input_ids"] for b in data.values()])
-    opt = torch.optim.AdamW([p for p in one.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    data = w.job_batches(JOBS, 1, TINY["seq"])
+    _, jobs = w.jobs(data, fused=True)  # the fused AdamW a CUDA run uses
+    one = w.train_step(w.ours(0.0).train(), fused=True, ids=torch.cat([b["input_ids"] for b in data.values()]))
+    return {JOBS_ONE: ms(one), f"jobs: {JOBS} jobs of 1 x 8, joint step": ms(lambda: jobs.step(data))}
 
-    def step():
-        one(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return {JOBS_ONE: ms(step), f"jobs: {JOBS} jobs of 1 x 8, joint step": joint}
+
+def against(name: str) -> tuple[str, str]:
+    """What row `name` is a ratio to: (its label, its row)."""
+    if name.startswith("forward"):
+        return "base", "forward base"
+    return ("one adapter", JOBS_ONE) if name.startswith("jobs") else ("floor", "floor")
 
 
 def main() -> None:
@@ -99,10 +89,10 @@ def main() -> None:
     rows.update(jobs_rows(w, ms))
     result = {}
     for name, value in rows.items():
-        against = "base" if name.startswith("forward") else "one adapter" if name.startswith("jobs") else "floor"
-        ratio = value / rows["forward base" if against == "base" else JOBS_ONE if against == "one adapter" else "floor"]
-        result[name] = {"ms": round(value, 2), f"x {against}": round(ratio, 3)}
-        print(f"{name:42s} {value:7.2f} ms  {ratio:5.2f} x {against}")
+        label, row = against(name)
+        ratio = value / rows[row]
+        result[name] = {"ms": round(value, 2), f"x {label}": round(ratio, 3)}
+        print(f"{name:42s} {value:7.2f} ms  {ratio:5.2f} x {label}")
     shapes = {k: v for k, v in TINY.items() if k != "dtype"} | {"dtype": str(TINY["dtype"]), "n": args.n}
     out = harness.write_results("host_overhead", "cpu", {"meta": {"shapes": shapes}, "host_ms": result}, args.out)
     print(f"wrote {out}")
