@@ -6,16 +6,20 @@ run one after another, in one process.
 
 Rows per job size: `one` (a single adapter trained on all jobs' samples as one batch), `joint` (the 4 jobs in one
 step: one forward and backward, each job's optimizer stepped), `sequential` (each job's step alone, one after
-another). LoRA r 16 on every linear but the head, no dropout, AdamW. With `--profile`, also the host's time to issue
+another). On CUDA also `joint_graph` and `one_graph`: the same steps replayed as CUDA graphs (`surgery.jobs(...,
+cuda_graph=True)`; capturable AdamW). LoRA r 16 on every linear but the head, no dropout, AdamW. With `--profile`, also the host's time to issue
 each step against its wall time (the host is the bound where they meet) and each step's kernels under
 torch.profiler. Results: benchmarks/results/bench_jobs-<device>.json.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 
 import harness
 import torch
+
+import surgery
 
 JOBS = 4
 
@@ -29,6 +33,7 @@ def examine(work: harness.Workload, out: dict, key: str, step) -> None:
 
 def rows(work: harness.Workload, per_job: tuple[int, int], profile: bool = False) -> dict:
     data = work.job_batches(JOBS, *per_job)
+    ids = torch.cat([b["input_ids"] for b in data.values()])
     work.fresh()
     _, jobs = work.jobs(data)  # jobs holds the model
     out = {"joint_ms": work.time_ms(lambda: jobs.step(data))}
@@ -42,16 +47,33 @@ def rows(work: harness.Workload, per_job: tuple[int, int], profile: bool = False
     out["sequential_ms"] = work.time_ms(sequential)
     jobs = None  # the model freed before the next one
     work.fresh()
-    one = work.train_step(work.ours(0.0, name="one").train(), ids=torch.cat([b["input_ids"] for b in data.values()]))
+    one = work.train_step(work.ours(0.0, name="one").train(), ids=ids)
     out["one_ms"] = work.time_ms(one)
     out["one_gib"] = work.peak_gib()
     if profile:
         examine(work, out, "one", one)
     one = None  # the step holds the model
+    if work.cuda and "cuda_graph" in inspect.signature(surgery.jobs).parameters:  # the same steps as CUDA graphs
+        work.fresh()
+        _, jobs = work.jobs(data, graph=True)
+        out["joint_graph_ms"] = work.time_ms(lambda: jobs.step(data))
+        out["joint_graph_gib"] = work.peak_gib()
+        if profile:
+            examine(work, out, "joint_graph", lambda: jobs.step(data))
+        jobs = None
+        work.fresh()
+        one = work.train_step(work.ours(0.0, name="one").train(), ids=ids, graph=True)
+        out["one_graph_ms"] = work.time_ms(one)
+        out["one_graph_gib"] = work.peak_gib()
+        one = None
     work.fresh()
     out = {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
     out["joint_x_one"] = round(out["joint_ms"] / out["one_ms"], 3)
     out["throughput_x_sequential"] = round(out["sequential_ms"] / out["joint_ms"], 3)
+    if "joint_graph_ms" in out:
+        out["joint_graph_x_one"] = round(out["joint_graph_ms"] / out["one_ms"], 3)
+        out["joint_graph_x_one_graph"] = round(out["joint_graph_ms"] / out["one_graph_ms"], 3)
+        out["joint_graph_throughput_x_sequential"] = round(out["sequential_ms"] / out["joint_graph_ms"], 3)
     return out
 
 

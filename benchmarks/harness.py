@@ -255,19 +255,25 @@ class Workload:
         ids = self.ids
         return lambda: model(input_ids=ids, labels=ids, use_cache=False).loss
 
-    def train_step(self, model, fused: bool | None = None, ids: torch.Tensor | None = None):
+    def train_step(self, model, fused: bool | None = None, ids: torch.Tensor | None = None, graph: bool = False):
         """One training step of `model` on the benchmark's batch (or on `ids`); AdamW fused where asked (default: on
-        CUDA)."""
+        CUDA); with `graph`, the step replayed as a CUDA graph (capturable AdamW, the graphs surgery.jobs uses)."""
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=self.cuda if fused is None else fused) if params else None
-        loss = self.train_loss(model) if ids is None else lambda: model(input_ids=ids, labels=ids, use_cache=False).loss
+        fused = self.cuda if fused is None else fused
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=fused, capturable=graph) if params else None
+        ids = self.ids if ids is None else ids
 
-        def step():
-            loss().backward()
+        def step(inputs=(ids,)):
+            loss = model(input_ids=inputs[0], labels=inputs[0], use_cache=False).loss
+            loss.backward()
             if opt:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        return step
+            return {"loss": loss.detach()}
+        if not graph:
+            return step
+        graphs = step_graphs().StepGraphs()
+        return lambda: graphs.run("one", (ids,), step, lambda: params, lambda: None)
 
     def job_batches(self, jobs: int, batch: int, seq: int) -> dict[str, dict[str, torch.Tensor]]:
         """`jobs` training jobs' batches of `batch` x `seq` random token ids (seeded), by job name j0, j1, ..."""
@@ -276,16 +282,18 @@ class Workload:
         return {f"j{i}": {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g).to(self.device)}
                 for i in range(jobs)}
 
-    def jobs(self, data: dict, fused: bool | None = None):
+    def jobs(self, data: dict, fused: bool | None = None, graph: bool = False):
         """A base with one LoRA attachment (r 16, every linear but the head) per job of `data`, in training, and
-        `surgery.jobs` over them, each with its own AdamW (fused where asked; default: on CUDA): (model, jobs)."""
+        `surgery.jobs` over them, each with its own AdamW (fused where asked; default: on CUDA; capturable and the
+        steps CUDA graphs with `graph`): (model, jobs)."""
         model = self.base()
         for name in data:
             surgery.attach(model, lora_rules(r=16), name=name)
         model.train()
         fused = self.cuda if fused is None else fused
-        return model, surgery.jobs(model, {n: torch.optim.AdamW(surgery.adapter_parameters(model, n), lr=1e-4,
-                                                                fused=fused) for n in data})
+        opts = {n: torch.optim.AdamW(surgery.adapter_parameters(model, n), lr=1e-4, fused=fused, capturable=graph)
+                for n in data}
+        return model, surgery.jobs(model, opts, cuda_graph=True) if graph else surgery.jobs(model, opts)
 
     def floor_loss(self, model):
         """The floor's forward: a function giving frozen `model`'s loss, its input embeddings requiring gradients."""
@@ -363,6 +371,12 @@ def write_results(name: str, device: str, results: dict, out: str | Path | None 
 
 
 # ---- the engine's private modules that some benchmarks switch (paths may move: update them here) -----------------
+
+def step_graphs():
+    """The engine's CUDA graphs of a training step (what `surgery.jobs(cuda_graph=True)` replays)."""
+    from surgery.engine import step_graphs  # internal: path may move
+    return step_graphs
+
 
 def lora_internals() -> SimpleNamespace:
     """LoRA's private modules: the kernels, the fused and shared autograd paths, the merged-weight switch, and the

@@ -86,3 +86,24 @@ def test_unknown_jobs_are_refused_by_name():
     jobs = surgery.jobs(model, {"a": torch.optim.SGD(params_of(model, "a").values(), lr=1)})
     with pytest.raises(surgery.SurgeryError, match="'q'"):
         jobs.step({"q": batches()["a"]})
+
+
+def test_cuda_graph_refuses_an_optimizer_that_cannot_be_captured_naming_its_job():
+    model = model_with(["a", "b"])
+    opts = {"a": torch.optim.AdamW(params_of(model, "a").values(), capturable=True),
+            "b": torch.optim.AdamW(params_of(model, "b").values())}
+    with pytest.raises(surgery.SurgeryError, match="job 'b'.*capturable=True"):
+        surgery.jobs(model, opts, cuda_graph=True)
+
+
+def test_cuda_graph_refuses_batches_off_cuda_and_changes_nothing():
+    model = model_with(["a"])
+    opt = torch.optim.AdamW(params_of(model, "a").values(), capturable=False)
+    opt.param_groups[0]["capturable"] = True  # as made on a GPU; the batches below are on the CPU
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    jobs = surgery.jobs(model, {"a": opt}, cuda_graph=True)
+    with pytest.raises(surgery.SurgeryError, match="cuda_graph=True.*on cpu"):
+        jobs.step({"a": batches()["a"]})
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items()) and not opt.state
+    assert all(p.grad is None for p in params_of(model, "a").values())

@@ -50,7 +50,10 @@ def threshold(p: float) -> tuple[int, float]:
 
 
 def new_seed() -> int:
-    """A seed for one call's masks, from torch's CPU generator (so torch.manual_seed makes runs repeatable)."""
+    """A seed for one call's masks, from torch's CPU generator (so torch.manual_seed makes runs repeatable).
+    Refused inside a CUDA graph capture, where it would become one fixed mask for every replay."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("LoRA dropout draws its mask seed on the host: it cannot be captured in a CUDA graph")
     return int(torch.randint(0, 2 ** 31 - 1, ()))
 
 

@@ -5,13 +5,15 @@ if it trained alone, and the attachments share no parameter, so each job's gradi
 alone on its batch (to float rounding)."""
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
+from operator import itemgetter
 
 import torch
 from torch import nn
 
 from surgery.engine.ledger import require_ledger, unwrap
 from surgery.engine.passes import per_sample
+from surgery.engine.step_graphs import StepGraphs
 from surgery.errors import SurgeryError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -28,16 +30,30 @@ class Jobs:
     (`input_ids`, optional `attention_mask` and `labels`; lengths may differ: shorter ones are right-padded and
     masked) and returns each job's loss, a detached 0-dim tensor: reading it (`float(loss)`) waits for the device,
     so a loop that reads the losses every few steps lets the next step's kernels queue meanwhile. `loss(logits,
-    labels)` defaults to the causal LM loss."""
+    labels)` defaults to the causal LM loss.
+
+    `cuda_graph=True` replays each step as one CUDA graph (surgery/engine/step_graphs.py), for steps bound by the
+    host's time to issue kernels (small batches). One graph per step signature (the jobs' names, batch shapes,
+    masks; the model's and the optimizers' settings), made on the signature's third step; the first two run
+    eagerly. Needs batches on a CUDA device, optimizers made with `capturable=True`, float hyperparameters that stay
+    put (a scheduled lr goes in as a tensor on the device), and a model and loss that never wait for the device."""
 
     def __init__(self, model: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer],
-                 loss: LossFn = causal_lm_loss, pad_token_id: int | None = None):
+                 loss: LossFn = causal_lm_loss, pad_token_id: int | None = None, cuda_graph: bool = False):
         ledger = require_ledger(unwrap(model))
         if not optimizers:
             raise SurgeryError("jobs: no job given (a mapping of attachment name -> optimizer)")
         for name in optimizers:
             ledger.get(name)  # an unknown name raises, naming it
+        if cuda_graph:
+            for name, optimizer in optimizers.items():
+                for i, group in enumerate(optimizer.param_groups):
+                    if group.get("capturable", True) is False:
+                        raise SurgeryError(f"jobs(cuda_graph=True): job {name!r}: param group {i} of its "
+                                           f"{type(optimizer).__name__} is not capturable; make it with "
+                                           f"capturable=True")
         self.model, self.optimizers, self.loss = model, dict(optimizers), loss
+        self.graphs = StepGraphs() if cuda_graph else None
         config = getattr(unwrap(model), "config", None)
         self.pad = pad_token_id if pad_token_id is not None else (getattr(config, "pad_token_id", None) or 0)
 
@@ -58,21 +74,56 @@ class Jobs:
             labels.append(nn.functional.pad(lab, (0, pad), value=-100))
             rows[name] = slice(len(names), len(names) + x.shape[0])
             names += [name] * x.shape[0]
-        labels_all = torch.cat(labels)
         # no mask where none was given and nothing was padded: the model's own causal attention, as for one job
         masked = any("attention_mask" in b or b["input_ids"].shape[1] < width for b in batches.values())
+        inputs = (torch.cat(ids), torch.cat(labels)) + ((torch.cat(masks),) if masked else ())
+
+        def run(tensors: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+            return self._run(names, rows, *tensors)
+        if self.graphs is None:
+            return run(inputs)
+        if inputs[0].device.type != "cuda":
+            raise SurgeryError(f"jobs(cuda_graph=True): the batches are on {inputs[0].device}; CUDA graphs need "
+                               f"them on a CUDA device")
+        ledger = require_ledger(unwrap(self.model))
+
+        def held() -> tuple:  # the routings' group indices the graph reads; what the signature names by id()
+            return ([getattr(host, "_routes", None) for host in ledger.hosts.values()],
+                    list(ledger.attachments.values()), self._parameters(batches), self.loss)
+        return self.graphs.run(self._signature(names, inputs), inputs, run, lambda: self._parameters(batches), held)
+
+    def _run(self, names: list[str], rows: dict[str, slice], ids: torch.Tensor, labels: torch.Tensor,
+             mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         with per_sample(self.model, names):
-            logits = self.model(input_ids=torch.cat(ids), attention_mask=torch.cat(masks) if masked else None,
-                                use_cache=False).logits
-        losses = {name: self.loss(logits[r], labels_all[r]) for name, r in rows.items()}
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        losses = {name: self.loss(logits[r], labels[r]) for name, r in rows.items()}
         torch.stack(list(losses.values())).sum().backward()
-        for name in batches:
+        for name in rows:
             self.optimizers[name].step()
             self.optimizers[name].zero_grad(set_to_none=True)
         return {name: loss.detach() for name, loss in losses.items()}  # no wait for the device here
 
+    def _parameters(self, batches: Mapping) -> list[torch.Tensor]:
+        return [p for name in batches for group in self.optimizers[name].param_groups for p in group["params"]]
+
+    def _signature(self, names: list[str], inputs: tuple[torch.Tensor, ...]) -> tuple:
+        """What a captured step depends on beyond its input values: a change in any of it is another graph."""
+        model = unwrap(self.model)
+        ledger = require_ledger(model)
+        attached = tuple((n, id(a), a.merged is None) for n, a in ledger.attachments.items())
+        settings = tuple((name, id(optimizer), tuple(
+            (tuple(map(id, group["params"])),
+             tuple((k, v if isinstance(v, Hashable) else repr(v)) for k, v in sorted(group.items(), key=_first)
+                   if k != "params" and not isinstance(v, torch.Tensor)))
+            for group in optimizer.param_groups)) for name, optimizer in self.optimizers.items() if name in names)
+        return (tuple(names), tuple((x.shape, x.dtype, x.device) for x in inputs), model.training, ledger.disabled,
+                tuple(ledger.active), attached, settings, id(self.loss))
+
+
+_first = itemgetter(0)
+
 
 def jobs(model: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer], loss: LossFn = causal_lm_loss,
-         pad_token_id: int | None = None) -> Jobs:
+         pad_token_id: int | None = None, cuda_graph: bool = False) -> Jobs:
     """Several adapters trained at once on one base, each with its own data and optimizer (see `Jobs`)."""
-    return Jobs(model, optimizers, loss, pad_token_id)
+    return Jobs(model, optimizers, loss, pad_token_id, cuda_graph)
