@@ -7,9 +7,9 @@ run one after another, in one process.
 Rows per job size: `one` (a single adapter trained on all jobs' samples as one batch), `joint` (the 4 jobs in one
 step: one forward and backward, each job's optimizer stepped), `sequential` (each job's step alone, one after
 another). On CUDA also `joint_graph` and `one_graph`: the same steps replayed as CUDA graphs (`surgery.jobs(...,
-cuda_graph=True)`; capturable AdamW). LoRA r 16 on every linear but the head, no dropout, AdamW. With `--profile`, also the host's time to issue
-each step against its wall time (the host is the bound where they meet) and each step's kernels under
-torch.profiler. Results: benchmarks/results/bench_jobs-<device>.json.
+cuda_graph=True)`, capturable AdamW). LoRA r 16 on every linear but the head, no dropout, AdamW. With `--profile`,
+also the host's time to issue each step against its wall time (the host is the bound where they meet) and each
+step's kernels under torch.profiler. Results: benchmarks/results/bench_jobs-<device>.json.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ if it trained alone, and the attachments share no parameter, so each job's gradi
 alone on its batch (to float rounding)."""
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 from operator import itemgetter
 
 import torch
@@ -113,7 +113,7 @@ class Jobs:
         attached = tuple((n, id(a), a.merged is None) for n, a in ledger.attachments.items())
         settings = tuple((name, id(optimizer), tuple(
             (tuple(map(id, group["params"])),
-             tuple((k, v if isinstance(v, Hashable) else repr(v)) for k, v in sorted(group.items(), key=_first)
+             tuple((k, _hashable(v)) for k, v in sorted(group.items(), key=_first)
                    if k != "params" and not isinstance(v, torch.Tensor)))
             for group in optimizer.param_groups)) for name, optimizer in self.optimizers.items() if name in names)
         return (tuple(names), tuple((x.shape, x.dtype, x.device) for x in inputs), model.training, ledger.disabled,
@@ -121,6 +121,15 @@ class Jobs:
 
 
 _first = itemgetter(0)
+
+
+def _hashable(value: object) -> object:
+    """`value`, or its repr where it cannot be hashed (a list among an optimizer's settings)."""
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
 
 
 def jobs(model: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer], loss: LossFn = causal_lm_loss,
