@@ -107,3 +107,28 @@ def test_cuda_graph_refuses_batches_off_cuda_and_changes_nothing():
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items()) and not opt.state
     assert all(p.grad is None for p in params_of(model, "a").values())
+
+
+def test_jobs_of_one_dropout_rate_route_together_without_reading_the_device(monkeypatch):
+    """What a CUDA graph of the step needs (jobs(cuda_graph=True)): no generic routing (`nonzero`, which waits for
+    the device) when every job has the same dropout rate."""
+    model = tiny.build("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rules = surgery.RuleSet(name="d", rules=[surgery.Rule(
+        select=surgery.Selector(kinds=["linear"]), exclude=surgery.Selector(roles=["lm_head"]), method="lora",
+        params={"r": 4, "alpha": 8, "dropout": 0.1})])
+    for name in "ab":
+        surgery.attach(model, rules, name=name)
+    model.train()
+    opts = {n: torch.optim.SGD(params_of(model, n).values(), lr=0.1) for n in "ab"}
+    before = {n: {k: v.detach().clone() for k, v in params_of(model, n).items()} for n in "ab"}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("nonzero: the generic routing ran")
+    monkeypatch.setattr(torch.Tensor, "nonzero", refuse)
+    losses = surgery.jobs(model, opts).step({n: equal_batches()[n] for n in "ab"})
+    assert all(torch.isfinite(v) for v in losses.values())
+    for n in "ab":  # both jobs trained (B starts at zero, so A moves from the second step: B is checked)
+        moved = [k for k, p in params_of(model, n).items() if not torch.equal(p, before[n][k])]
+        assert any("lora_B" in k for k in moved)
