@@ -11,7 +11,7 @@ from operator import itemgetter
 import torch
 from torch import nn
 
-from surgery.engine.ledger import require_ledger, unwrap
+from surgery.engine.ledger import Ledger, require_ledger, unwrap
 from surgery.engine.passes import per_sample
 from surgery.engine.step_graphs import StepGraphs
 from surgery.errors import SurgeryError
@@ -90,7 +90,8 @@ class Jobs:
         def held() -> tuple:  # the routings' group indices the graph reads; what the signature names by id()
             return ([getattr(host, "_routes", None) for host in ledger.hosts.values()],
                     list(ledger.attachments.values()), self._parameters(batches), self.loss)
-        return self.graphs.run(self._signature(names, inputs), inputs, run, lambda: self._parameters(batches), held)
+        return self.graphs.run(self._signature(names, rows, inputs, ledger), inputs, run,
+                               lambda: self._parameters(batches), held)
 
     def _run(self, names: list[str], rows: dict[str, slice], ids: torch.Tensor, labels: torch.Tensor,
              mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -106,18 +107,21 @@ class Jobs:
     def _parameters(self, batches: Mapping) -> list[torch.Tensor]:
         return [p for name in batches for group in self.optimizers[name].param_groups for p in group["params"]]
 
-    def _signature(self, names: list[str], inputs: tuple[torch.Tensor, ...]) -> tuple:
+    def _signature(self, names: list[str], rows: Mapping[str, slice], inputs: tuple[torch.Tensor, ...],
+                   ledger: Ledger) -> tuple:
         """What a captured step depends on beyond its input values: a change in any of it is another graph."""
-        model = unwrap(self.model)
-        ledger = require_ledger(model)
         attached = tuple((n, id(a), a.merged is None) for n, a in ledger.attachments.items())
-        settings = tuple((name, id(optimizer), tuple(
-            (tuple(map(id, group["params"])),
-             tuple((k, _hashable(v)) for k, v in sorted(group.items(), key=_first)
-                   if k != "params" and not isinstance(v, torch.Tensor)))
-            for group in optimizer.param_groups)) for name, optimizer in self.optimizers.items() if name in names)
-        return (tuple(names), tuple((x.shape, x.dtype, x.device) for x in inputs), model.training, ledger.disabled,
-                tuple(ledger.active), attached, settings, id(self.loss))
+        settings = tuple((name, id(self.optimizers[name]), _settings(self.optimizers[name])) for name in rows)
+        return (tuple(names), tuple((x.shape, x.dtype, x.device) for x in inputs), unwrap(self.model).training,
+                ledger.disabled, tuple(ledger.active), attached, settings, id(self.loss))
+
+
+def _settings(optimizer: torch.optim.Optimizer) -> tuple:
+    """Each param group's parameters (by id) and its settings but tensors: a captured step reads those by value."""
+    return tuple((tuple(map(id, group["params"])),
+                  tuple((k, _hashable(v)) for k, v in sorted(group.items(), key=_first)
+                        if k != "params" and not isinstance(v, torch.Tensor)))
+                 for group in optimizer.param_groups)
 
 
 _first = itemgetter(0)

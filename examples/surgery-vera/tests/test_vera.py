@@ -11,7 +11,7 @@ from surgery_vera import projections
 
 import surgery
 from surgery import tiny
-from surgery.errors import AdapterFileError, SurgeryError
+from surgery.plugin import AdapterFileError, SurgeryError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
