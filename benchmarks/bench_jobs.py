@@ -22,6 +22,7 @@ import torch
 import surgery
 
 JOBS = 4
+GRAPH_WARM = 8  # steps before timing a graphed step: 2 eager, the capture, 3 timed replays, the graph kept or dropped
 
 
 def examine(work: harness.Workload, out: dict, key: str, step) -> None:
@@ -56,15 +57,17 @@ def rows(work: harness.Workload, per_job: tuple[int, int], profile: bool = False
     if work.cuda and "cuda_graph" in inspect.signature(surgery.jobs).parameters:  # the same steps as CUDA graphs
         work.fresh()
         _, jobs = work.jobs(data, graph=True)
-        out["joint_graph_ms"] = work.time_ms(lambda: jobs.step(data))
+        out["joint_graph_ms"] = work.time_ms(lambda: jobs.step(data), warm=GRAPH_WARM)
         out["joint_graph_gib"] = work.peak_gib()
+        out["joint_graph_eager"] = list(getattr(jobs.graphs, "eager", {}).values())  # graph dropped: why
         if profile:
             examine(work, out, "joint_graph", lambda: jobs.step(data))
         jobs = None
         work.fresh()
         one = work.train_step(work.ours(0.0, name="one").train(), ids=ids, graph=True)
-        out["one_graph_ms"] = work.time_ms(one)
+        out["one_graph_ms"] = work.time_ms(one, warm=GRAPH_WARM)
         out["one_graph_gib"] = work.peak_gib()
+        out["one_graph_eager"] = list(getattr(one.graphs, "eager", {}).values())
         one = None
     work.fresh()
     out = {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}

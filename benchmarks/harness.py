@@ -273,7 +273,11 @@ class Workload:
         if not graph:
             return step
         graphs = step_graphs().StepGraphs()
-        return lambda: graphs.run("one", (ids,), step, lambda: params, lambda: None)
+
+        def graphed():
+            return graphs.run("one", (ids,), step, lambda: params, lambda: None)
+        graphed.graphs = graphs  # what ran eagerly, and why (`StepGraphs.eager`)
+        return graphed
 
     def job_batches(self, jobs: int, batch: int, seq: int) -> dict[str, dict[str, torch.Tensor]]:
         """`jobs` training jobs' batches of `batch` x `seq` random token ids (seeded), by job name j0, j1, ..."""

@@ -37,6 +37,7 @@ from surgery.core.method import (
 from surgery.core.registry import manager
 from surgery.core.sites import KINDS, ROLES, AttentionInfo, Site
 from surgery.core.versions import versions
+from surgery.engine.host import group_numbers
 from surgery.engine.ledger import Attachment, base_module, find_ledger, require_ledger, unwrap
 from surgery.engine.reading import inspect
 from surgery.errors import (
@@ -92,7 +93,7 @@ __all__ = [
     "hookimpl", "hookspec",
     # methods: what a method plugin implements, and helpers for building branches
     "Method", "MethodParams", "Branch", "SlicedBranch", "WeightEdit", "DTYPES", "branch_dtype", "check_rank", "first_float_dtype",
-    "module_device", "input_of", "versions",
+    "module_device", "input_of", "versions", "group_numbers",
     # sites: what the analysis found, and the vocabulary of roles and kinds
     "Site", "AttentionInfo", "ROLES", "KINDS", "Report", "inspect",
     # formats: weight formats (quantized layers) and adapter file formats

@@ -1,6 +1,6 @@
 """surgery.jobs(cuda_graph=True) on a GPU: the graphed steps give the eager steps' losses and parameters, step after
 step, on fresh data each step; a changed float lr is another graph; a step that cannot be captured (it reads a value
-to the host) runs eagerly, with a warning, and still right. Skipped without CUDA; the CPU refusals are in
+to the host) runs eagerly, with a warning, and still right; a graph slower than the eager step is dropped. Skipped without CUDA; the CPU refusals are in
 tests/test_jobs.py."""
 from __future__ import annotations
 
@@ -61,7 +61,30 @@ def test_graphed_steps_equal_eager_steps():
         warnings.simplefilter("error", RuntimeWarning)  # a failed capture warns: here it must not happen
         got = run(graphed, graphed_opts, 6)
     assert len(graphed.graphs._graphs) == 1  # steps 3-6 replayed one graph
+    assert graphed.graphs.eager == {}  # and timed against the eager step (step 2), it was kept
     same_losses(got, run(eager, eager_opts, 6))
+    same(eager_model, graphed_model)
+
+
+def test_a_graph_slower_than_the_eager_step_is_dropped_and_the_steps_stay_right(monkeypatch):
+    from surgery.engine import step_graphs
+    side = step_graphs._on_side_stream
+
+    def instant(step, inputs, timing=None):  # the eager step timed as if it took no time at all
+        outputs = side(step, inputs)
+        if timing is not None:
+            timing[0].record()
+            timing[1].record()
+        return outputs
+    monkeypatch.setattr(step_graphs, "_on_side_stream", instant)
+    eager_model, eager_opts, eager = setup(False)
+    graphed_model, graphed_opts, graphed = setup(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # dropping a slower graph is no failure: no warning
+        got = run(graphed, graphed_opts, 9)  # 2 eager warm-ups, 3 timed replays, then eager again
+    assert not graphed.graphs._graphs
+    assert [reason.startswith("its graph was slower") for reason in graphed.graphs.eager.values()] == [True]
+    same_losses(got, run(eager, eager_opts, 9))
     same(eager_model, graphed_model)
 
 

@@ -184,3 +184,19 @@ def test_a_routing_is_kept_across_blocks_routed_alike_and_its_copies_dropped_whe
     surgery.attach(model, LORA_QV, name="b")
     randomize(model, "b", seed=11)
     assert_mixed_batch_equals_each_sample_alone(model)  # routed alike again: the new "b" runs
+
+
+def test_a_routed_call_knows_each_samples_group_on_the_host(monkeypatch):
+    """`surgery.plugin.group_numbers`: the `group` tensor a branch class is given, as host integers (a routed
+    call's repeated samples, as generate's beams make them, included); None for a tensor the engine did not make."""
+    from surgery import plugin
+    from surgery_plugins.lora.branches import LoraBranch
+    model = build({"a": LORA_QV, "b": LORA_QV})
+    seen = []
+    monkeypatch.setattr(LoraBranch, "route_call", classmethod(
+        lambda cls, state, group, base, args, kwargs: seen.append(group) or NotImplemented))
+    with torch.no_grad(), surgery.per_sample(model, ["b", "a", None, "b"]):
+        logits(model, ids(batch=8))  # each name's sample twice
+    assert seen and all(plugin.group_numbers(g) == (0, 0, 1, 1, 2, 2, 0, 0) for g in seen)
+    assert torch.equal(seen[0].cpu(), torch.tensor([0, 0, 1, 1, 2, 2, 0, 0]))
+    assert plugin.group_numbers(torch.tensor([0, 0, 1, 1, 2, 2, 0, 0])) is None

@@ -17,11 +17,11 @@ def rules(r):
         params={"r": r, "alpha": 8})])
 
 
-def model_with_jobs(arch="llama"):
+def model_with_jobs(arch="llama", ranks=RANKS):
     model = tiny.build(arch).double()
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, r in RANKS.items():
+    for name, r in ranks.items():
         surgery.attach(model, rules(r), name=name)
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
@@ -39,16 +39,30 @@ def counted(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_grouped_routing_equals_each_sample_alone(counted, arch):
-    model = model_with_jobs(arch)
+EQUAL = {"a": 4, "b": 4, "c": 4}
+
+# Each LoRA dB is computed over all rows (a group's samples apart), over its group's rows (consecutive samples), or
+# as one batched product (equal consecutive blocks, equal ranks): routes.grads_b.
+ROUTINGS = {
+    "apart": (RANKS, ["b", None, "a", "c", "a"]),  # a sample on the base alone
+    "consecutive": (RANKS, ["b", "b", "a", "c", None]),
+    "blocks": (EQUAL, ["b", "b", "a", "a", "c", "c"]),
+}
+
+
+@pytest.mark.parametrize("arch,routing", [("llama", "apart"), ("qwen2", "apart"), ("llama", "consecutive"),
+                                          ("llama", "blocks"), ("qwen2", "blocks")])
+def test_grouped_routing_equals_each_sample_alone(counted, monkeypatch, arch, routing):
+    ranks, names = ROUTINGS[routing]
+    model = model_with_jobs(arch, ranks)
     q = model.model.layers[1].self_attn.q_proj
     q.weight.requires_grad_(True)  # a base linear trained too: its weight's (and qwen2's bias's) gradient
     if q.bias is not None:
         q.bias.requires_grad_(True)
-    names = ["b", None, "a", "c", "a"]  # a sample on the base alone
     ids = torch.randint(1, 100, (len(names), 6), generator=torch.Generator().manual_seed(9))
     trainable = [p for p in model.parameters() if p.requires_grad]
+    batched, bmm = [], torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: batched.append(1) or bmm(*a, **k))
     with surgery.per_sample(model, names):
         logits = model(input_ids=ids, use_cache=False).logits
     assert counted, "the grouped path did not run"
@@ -64,6 +78,7 @@ def test_grouped_routing_equals_each_sample_alone(counted, arch):
                 w += g
     for p, g, w in zip(trainable, got, want):
         torch.testing.assert_close(torch.zeros_like(p) if g is None else g, w, rtol=1e-9, atol=1e-12)
+    assert bool(batched) == (routing == "blocks"), "the dB products did not take the form the routing allows"
 
 
 def test_a_kept_output_is_not_taken_after_its_input_or_pair_changed():
@@ -192,3 +207,31 @@ def test_routing_under_autocast_is_as_accurate_as_each_sample_alone_under_autoca
     assert error(got.float(), want) <= 1.25 * error(cast, want) + 1e-4
     if grad:
         assert error(got_grads, want_grads) <= 1.25 * error(cast_grads, want_grads) + 1e-4
+
+
+@pytest.mark.parametrize("numbers,ranks", [((0, 0, 1, 1, 2, 2), (3, 3, 3)), ((1, 0, 0, 2, 3), (2, 5, 3))])
+def test_joined_node_gradients_over_each_groups_rows_equal_the_formula(numbers, ranks):
+    """routes.JoinedLora (a routed site whose base is not a plain linear, or with dropout) given each group's rows:
+    its gradients equal autograd's of out + Σ_g mask_g · (x @ A_gᵀ) @ B_gᵀ, in float64 (3: no adapter)."""
+    from surgery_plugins.lora import routes
+    g = torch.Generator().manual_seed(3)
+    groups, tokens, width, out_width = len(ranks), 4, 6, 5
+    group = torch.tensor(numbers)
+    scales = tuple(0.5 + i for i in range(groups))
+    rows = tuple((numbers.index(i) * tokens, (len(numbers) - numbers[::-1].index(i)) * tokens) for i in range(groups))
+    x = torch.randn(len(numbers), tokens, width, dtype=torch.float64, generator=g, requires_grad=True)
+    out = torch.randn(len(numbers), tokens, out_width, dtype=torch.float64, generator=g, requires_grad=True)
+    a_s = [torch.randn(r, width, dtype=torch.float64, generator=g, requires_grad=True) for r in ranks]
+    b_s = [torch.randn(out_width, r, dtype=torch.float64, generator=g, requires_grad=True) for r in ranks]
+    mask = routes.mask_of(ranks, scales, torch.float64, groups, group)
+    dy = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    y = routes.JoinedLora.apply(x, out, mask, ranks, rows, *a_s, *b_s)
+    got = torch.autograd.grad(y, [x, out, *a_s, *b_s], dy)
+    want_y = out.clone()
+    for i, n in enumerate(numbers):
+        if n < groups:
+            want_y = want_y.index_add(0, torch.tensor([i]), scales[n] * (x[i:i + 1] @ a_s[n].t()) @ b_s[n].t())
+    want = torch.autograd.grad(want_y, [x, out, *a_s, *b_s], dy)
+    torch.testing.assert_close(y, want_y, rtol=1e-12, atol=1e-12)
+    for g_, w in zip(got, want):
+        torch.testing.assert_close(g_, w, rtol=1e-12, atol=1e-12)

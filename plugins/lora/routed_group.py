@@ -8,7 +8,7 @@ node (`routes.GroupedJoinedLora`):
 - forward: h = x @ [A_site1; A_site2; ...]ᵀ, every group's A at every site joined, in one matmul; one mask holds
   each sample's scale on its own pairs' columns (`routes.mask_of`); y_i = x @ W_iᵀ + b_i + (h · mask)_i @ B_iᵀ;
 - backward: dx = Σ dy_i @ W_i + dh @ [A ...] in one buffer; dA of every pair as rows of one dh.T @ x; each dB
-  in its own layout.
+  in its own layout, from its group's rows only where the groups' samples are consecutive (routes.grads_b).
 
 The other sites take their output when they are called next, with that very input, unchanged since (version
 counters), under the same routing (`shared.SharedInput.keep_routed`/`take_routed`). The group is the one the
@@ -85,7 +85,8 @@ def outputs(stack: routes.Stack, group: torch.Tensor, x: torch.Tensor, found: li
         scales += tuple(float(b.scale) for b in branches)
         tensors += site
     every = routes.mask_of(ranks, scales, x.dtype, n, group)
-    outs = routes.GroupedJoinedLora.apply(flat, every, tuple(layout), *tensors)
+    outs = routes.GroupedJoinedLora.apply(flat, every, tuple(layout), routes.rows_of(group, n, flat.shape[1]),
+                                          *tensors)
     return {i: out if flat is x else out.view(*x.shape[:-1], out.shape[-1]) for (i, *_), out in zip(found, outs)}
 
 

@@ -12,7 +12,9 @@ Two forms of the same sum, out + s_g · B_g(A_g(dropout(x))) for each sample of 
   token computes one pair, but every sample copies its pair and the batched matmuls are more kernels.
 
 In training the joined form is one autograd node (`JoinedLora`); where the base is a plain linear, one node computes
-it too (`call`, the Host's `route_call`, by `GroupedJoinedLora`): dx = dy @ W + dh @ A in one update. In inference
+it too (`call`, the Host's `route_call`, by `GroupedJoinedLora`): dx = dy @ W + dh @ A in one update. Each pair's dB
+reads only its group's rows of dy where each group's samples are consecutive, as `surgery.jobs` puts them
+(`grads_b`): else every pair's product reads all of dy, the groups' times over. In inference
 `call` computes the base too, with the update in the order update_first.py takes for the shape.
 
 `joined_pays` chooses per call, by a model of the two costs. Dropout (one rate for every group) is drawn once on
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgery.plugin import group_numbers
 from surgery_plugins.lora import dispatch, formula, update_first
 
 PER_SITE = 2  # GroupedJoinedLora's inputs per site: weight, bias; then its A of every group, its B of every group
@@ -131,6 +134,64 @@ def mask_of(ranks: tuple[int, ...], scales: tuple[float, ...], dtype: torch.dtyp
     return found
 
 
+_rows: dict[int, dict] = {}  # id(group) -> {(groups, tokens): rows_of(...)}, dropped when the group dies
+
+
+def spans_of(group: torch.Tensor, groups: int) -> tuple[tuple[int, int], ...] | None:
+    """Where each of the `groups` groups' samples lie, (start, stop) per group, where each group's samples are
+    consecutive (as `surgery.jobs` routes them); None where they are not, or where the engine did not make `group`
+    (read from `surgery.plugin.group_numbers`, on the host)."""
+    numbers = group_numbers(group)
+    if numbers is None:
+        return None
+    starts: dict[int, int] = {}
+    stops: dict[int, int] = {}
+    for i, n in enumerate(numbers):
+        starts.setdefault(n, i)
+        stops[n] = i + 1
+    if any(g not in starts or stops[g] - starts[g] != numbers.count(g) for g in range(groups)):
+        return None
+    return tuple((starts[g], stops[g]) for g in range(groups))
+
+
+def rows_of(group: torch.Tensor, groups: int, tokens: int) -> tuple[tuple[int, int], ...] | None:
+    """`spans_of` in rows of the batch flattened to [samples · tokens, ...]; kept for as long as `group` lives (the
+    Host keeps one per routing): this runs on every routed call."""
+    kept = _rows.get(id(group))
+    if kept is None:
+        kept = _rows[id(group)] = {}
+        weakref.finalize(group, _rows.pop, id(group), None)
+    key = (groups, tokens)
+    if key not in kept:
+        spans = spans_of(group, groups)
+        kept[key] = None if spans is None else tuple((start * tokens, stop * tokens) for start, stop in spans)
+    return kept[key]
+
+
+def grads_b(dy: torch.Tensor, hs: torch.Tensor, ranks: tuple[int, ...], rows: tuple | None, needs: tuple
+            ) -> list[torch.Tensor | None]:
+    """dB_i = dyᵀ @ hs_i for each group's pair i ([out, r_i], B_i's layout) where needs[i]; hs [T, Σr] holds each
+    group's masked h in its own columns, zero on the other groups' rows. With `rows` ((start, stop) per group,
+    `rows_of`), each product reads only its group's rows of dy, not all of them: as one batched product where the
+    groups' rows are equal blocks, in order, covering the batch, and their ranks equal (the jobs' usual case)."""
+    n = len(ranks)
+    if rows is not None and all(needs) and len(set(ranks)) == 1:
+        block = rows[0][1]
+        if n * block == dy.shape[0] and rows == tuple((i * block, (i + 1) * block) for i in range(n)):
+            r = ranks[0]
+            own = hs.view(n, block, n, r).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # group i's rows and columns
+            return list(torch.bmm(dy.view(n, block, -1).transpose(1, 2), own).unbind())
+    out, col = [], 0
+    for i, (r, need) in enumerate(zip(ranks, needs)):
+        if need:
+            part = slice(None) if rows is None else slice(*rows[i])
+            out.append(torch.mm(dy[part].t(), hs[part, col:col + r]))
+        else:
+            out.append(None)
+        col += r
+    return out
+
+
 def mask(stack: Stack, group: torch.Tensor) -> torch.Tensor:
     """The mask of `stack`'s pairs (`mask_of`)."""
     return mask_of(stack.ranks, stack.scales, stack.dtype, len(stack.ranks), group)
@@ -162,8 +223,8 @@ def call(stack: Stack, group: torch.Tensor, base: nn.Module, x: torch.Tensor) ->
         h, b_t = joined_h(stack, group, flat)
         y = update_first.linear(flat.reshape(tokens, -1), weight, base.bias, h.view(tokens, -1), b_t.t())
         return y.view(*x.shape[:-1], y.shape[-1])
-    y, = GroupedJoinedLora.apply(flat, mask(stack, group), ((base.bias is not None, stack.ranks),), weight, base.bias,
-                                 *stack.pairs)
+    y, = GroupedJoinedLora.apply(flat, mask(stack, group), ((base.bias is not None, stack.ranks),),
+                                 rows_of(group, len(stack.ranks), flat.shape[1]), weight, base.bias, *stack.pairs)
     return y if flat is x else y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -180,7 +241,8 @@ def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor
     tokens = samples * flat.shape[1]
     if stack.joins(tokens, samples):
         if torch.is_grad_enabled() and out.dtype == stack.dtype and stack.same_dtype:
-            return JoinedLora.apply(flat, out, mask(stack, group), stack.ranks, *stack.pairs)
+            return JoinedLora.apply(flat, out, mask(stack, group), stack.ranks,
+                                    rows_of(group, len(stack.ranks), flat.shape[1]), *stack.pairs)
         h, b_t = joined_h(stack, group, flat)
         if out.dtype == stack.dtype:
             if not torch.is_grad_enabled() and out._base is None and out.is_contiguous():
@@ -198,22 +260,22 @@ def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor
 class JoinedLora(torch.autograd.Function):
     """The joined form in training, as one autograd node: out + (x @ Aᵀ · mask) @ Bᵀ, from the groups' own A_i
     and B_i (joined inside, not recorded), with each pair's gradients computed apart: dA_i as rows of one
-    dh.T @ x (kept as is, no copy), dB_i = dy.T @ hs_i each in B_i's own layout. Autograd would record ten
+    dh.T @ x (kept as is, no copy), dB_i = dy.T @ hs_i each in B_i's own layout, over its group's rows (`grads_b`). Autograd would record ten
     nodes here and copy every group's dA and dB slice out of the joined gradients: on a step bound by the host's
     issue time (several small jobs), those nodes and copies are what the joined form costs over one adapter.
     Inputs: x [samples, tokens, in] (after dropout, if any), the base's output `out`, the [samples, 1, R] `mask`,
-    the ranks, then every A_i and every B_i. Where the base is a plain linear, `GroupedJoinedLora` computes it
+    the ranks, each group's rows (`rows_of`, or None), then every A_i and every B_i. Where the base is a plain linear, `GroupedJoinedLora` computes it
     too."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, ranks: tuple[int, ...],
-                *pairs: torch.Tensor) -> torch.Tensor:
+                rows: tuple | None, *pairs: torch.Tensor) -> torch.Tensor:
         n = len(ranks)
         a_cat, b_cat = torch.cat(pairs[:n]), torch.cat(pairs[n:], dim=1)
         x2 = x.reshape(-1, x.shape[-1])
         hs = torch.mm(x2, a_cat.t()).view(x.shape[0], -1, a_cat.shape[0]).mul_(mask).view(x2.shape[0], -1)
         ctx.save_for_backward(x2, hs, mask, a_cat, b_cat)
-        ctx.ranks, ctx.x_shape = ranks, x.shape
+        ctx.ranks, ctx.rows, ctx.x_shape = ranks, rows, x.shape
         return torch.addmm(out.reshape(x2.shape[0], -1), hs, b_cat.t()).view(out.shape)
 
     @staticmethod
@@ -222,30 +284,29 @@ class JoinedLora(torch.autograd.Function):
         needs, ranks, n = ctx.needs_input_grad, ctx.ranks, len(ctx.ranks)
         dy2 = dy.reshape(x2.shape[0], -1)
         dx = d_a = None
-        if needs[0] or any(needs[4:4 + n]):
+        if needs[0] or any(needs[5:5 + n]):
             dh = torch.mm(dy2, b_cat).view(ctx.x_shape[0], -1, hs.shape[1]).mul_(mask).view(hs.shape)
             if needs[0]:
                 dx = torch.mm(dh, a_cat).view(ctx.x_shape)
-            if any(needs[4:4 + n]):
+            if any(needs[5:5 + n]):
                 d_a = torch.mm(dh.t(), x2).split(ranks)
-        grads_a, grads_b, col = [], [], 0
-        for i, r in enumerate(ranks):
-            grads_a.append(d_a[i] if needs[4 + i] else None)
-            grads_b.append(torch.mm(dy2.t(), hs[:, col:col + r]) if needs[4 + n + i] else None)
-            col += r
-        return dx, dy if needs[1] else None, None, None, *grads_a, *grads_b
+        grads_a = [d_a[i] if needs[5 + i] else None for i in range(n)]
+        return (dx, dy if needs[1] else None, None, None, None, *grads_a,
+                *grads_b(dy2, hs, ranks, ctx.rows, needs[5 + n:]))
 
 
 class GroupedJoinedLora(torch.autograd.Function):
     """The outputs of one or several routed LoRA linears on one input, their bases computed too (one: `call`;
     several reading one x: routed_group.py): h = x @ [A ...]ᵀ for every site's pairs in one matmul, one mask, each
     site's y_i = x @ W_iᵀ + b_i + (h · mask)_i @ B_iᵀ; in backward dx = Σ dy_i @ W_i + dh @ [A ...] in one
-    buffer, every dA a row slice of one product, each dB in its own layout. Inputs: x [samples,
-    tokens, in], the mask of every site's columns [samples, 1, ΣR], the layout ((has bias, ranks) per site), then
-    per site its weight, bias (or None), its A of every group, its B of every group."""
+    buffer, every dA a row slice of one product, each dB in its own layout over its group's rows (`grads_b`).
+    Inputs: x [samples, tokens, in], the mask of every site's columns [samples, 1, ΣR], the layout ((has bias,
+    ranks) per site), each group's rows (`rows_of`, or None), then per site its weight, bias (or None), its A of
+    every group, its B of every group."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, every: torch.Tensor, layout: tuple, *tensors: torch.Tensor | None) -> tuple:
+    def forward(ctx, x: torch.Tensor, every: torch.Tensor, layout: tuple, rows: tuple | None,
+                *tensors: torch.Tensor | None) -> tuple:
         x2 = x.reshape(-1, x.shape[-1])
         weights, biases, a_s, b_cats, start = [], [], [], [], 0
         for _, ranks in layout:
@@ -265,7 +326,7 @@ class GroupedJoinedLora(torch.autograd.Function):
             outs.append(out.view(*x.shape[:-1], w.shape[0]))
             col += r
         ctx.save_for_backward(x2, hs, every, a_all, *weights, *b_cats)
-        ctx.layout, ctx.x_shape = layout, x.shape
+        ctx.layout, ctx.rows, ctx.x_shape = layout, rows, x.shape
         ctx.set_materialize_grads(False)
         return tuple(outs)
 
@@ -278,7 +339,7 @@ class GroupedJoinedLora(torch.autograd.Function):
         grads: list = []
         dx = None
         dh = hs.new_empty(hs.shape) if all(dy is not None for dy in dys) else hs.new_zeros(hs.shape)
-        col, start = 0, 3  # x, every, layout; then the sites' tensors
+        col, start = 0, 4  # x, every, layout, rows; then the sites' tensors
         for (has_bias, ranks), dy, w, b_cat in zip(layout, dys, weights, b_cats):
             n, width = len(ranks), sum(ranks)
             site = [None] * (PER_SITE + 2 * n)
@@ -291,11 +352,8 @@ class GroupedJoinedLora(torch.autograd.Function):
                     site[0] = torch.mm(dy2.t(), x2)
                 if has_bias and needs[start + 1]:
                     site[1] = dy2.sum(0)
-                c = col
-                for j, r in enumerate(ranks):  # dB of each group's pair, in its own layout
-                    if needs[start + PER_SITE + n + j]:
-                        site[PER_SITE + n + j] = torch.mm(dy2.t(), hs[:, c:c + r])
-                    c += r
+                site[PER_SITE + n:] = grads_b(dy2, hs[:, col:col + width], ranks, ctx.rows,
+                                              needs[start + PER_SITE + n:start + PER_SITE + 2 * n])
             grads.append(site)
             col += width
             start += PER_SITE + 2 * n
@@ -303,7 +361,7 @@ class GroupedJoinedLora(torch.autograd.Function):
         if needs[0]:
             dx = torch.mm(dh, a_all) if dx is None else dx.addmm_(dh, a_all)
         d_a = torch.mm(dh.t(), x2).split([r for _, ranks in layout for r in ranks])
-        k, start = 0, 3
+        k, start = 0, 4
         for (_, ranks), site, dy in zip(layout, grads, dys):
             n = len(ranks)
             for j in range(n):
@@ -311,4 +369,4 @@ class GroupedJoinedLora(torch.autograd.Function):
                     site[PER_SITE + j] = d_a[k]
                 k += 1
             start += PER_SITE + 2 * n
-        return (None if dx is None else dx.view(ctx.x_shape), None, None, *(g for site in grads for g in site))
+        return (None if dx is None else dx.view(ctx.x_shape), None, None, None, *(g for site in grads for g in site))

@@ -104,7 +104,8 @@ class Branch(nn.Module):
     def route_output(cls, state: Any, group: torch.Tensor, args: tuple, kwargs: dict, out: Any) -> Any:
         """Optional, with `prepare_routes`: apply each sample's branch (group[i] indexes the branches given to
         `prepare_routes`; len(branches) means none) to `out`, the base module's output for the whole batch on
-        `args`/`kwargs`, at once. The result must equal running each sample alone through its branch."""
+        `args`/`kwargs`, at once. The result must equal running each sample alone through its branch.
+        `surgery.plugin.group_numbers(group)` gives group's numbers on the host, without waiting for the device."""
         raise NotImplementedError
 
     @classmethod

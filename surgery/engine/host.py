@@ -3,6 +3,7 @@ branches around it; the base module object is kept untouched and put back on det
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Collection
 from typing import Any
 
@@ -191,16 +192,31 @@ class Host(nn.Module):
         return f"running={list(self.running)}"
 
 
+_numbers: dict[int, tuple[int, ...]] = {}  # id(group index) -> its numbers on the host, while the tensor lives
+
+
 @functools.lru_cache(maxsize=256)
 def _group_index(per_sample: tuple[int, ...], repeat: int, device: torch.device) -> torch.Tensor:
     """Each sample's group number, every entry of `per_sample` repeated `repeat` times (generate's beams), on
     `device`. One tensor per routing, shared by every host routed alike and kept across calls and steps (never
     written), so that what branches derive from it is made once (LoRA's masks); copied without waiting for the
-    device's queue."""
-    index = torch.tensor(per_sample).repeat_interleave(repeat)
+    device's queue. Its numbers stay readable on the host (`group_numbers`)."""
+    numbers = tuple(n for n in per_sample for _ in range(repeat))
+    index = torch.tensor(numbers)
     if device.type == "cuda":
-        return index.pin_memory().to(device, non_blocking=True)
-    return index.to(device)
+        index = index.pin_memory().to(device, non_blocking=True)
+    else:
+        index = index.to(device)
+    _numbers[id(index)] = numbers
+    weakref.finalize(index, _numbers.pop, id(index), None)
+    return index
+
+
+def group_numbers(group: torch.Tensor) -> tuple[int, ...] | None:
+    """The group number of each sample of a routed call, as the `group` tensor given to `Branch.route_output` and
+    `route_call` holds them, read on the host without waiting for the device: for work that depends on where each
+    group's samples lie (e.g. products over one group's rows only). None for a tensor the engine did not make."""
+    return _numbers.get(id(group))
 
 
 def _batches_routes(kind: type[Branch]) -> bool:

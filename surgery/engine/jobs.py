@@ -20,9 +20,11 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The mean next-token cross-entropy over labels that are not -100 (what transformers' causal LMs return)."""
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                       ignore_index=-100)
+    """The mean next-token cross-entropy over labels that are not -100 (what transformers' causal LMs return). The
+    labels are shifted, not the logits, as transformers does: a slice of the logits would cost its backward a
+    zero-filled copy of their gradient."""
+    shifted = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
 
 
 class Jobs:
@@ -36,7 +38,8 @@ class Jobs:
     host's time to issue kernels (small batches). One graph per step signature (the jobs' names, batch shapes,
     masks; the model's and the optimizers' settings), made on the signature's third step; the first two run
     eagerly. Needs batches on a CUDA device, optimizers made with `capturable=True`, float hyperparameters that stay
-    put (a scheduled lr goes in as a tensor on the device), and a model and loss that never wait for the device."""
+    put (a scheduled lr goes in as a tensor on the device), and a model and loss that never wait for the device. A
+    graph slower than the eager step over its first replays is dropped (`graphs.eager` says which, and why)."""
 
     def __init__(self, model: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer],
                  loss: LossFn = causal_lm_loss, pad_token_id: int | None = None, cuda_graph: bool = False):
@@ -97,7 +100,10 @@ class Jobs:
              mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         with per_sample(self.model, names):
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        losses = {name: self.loss(logits[r], labels[r]) for name, r in rows.items()}
+        # one split, not a slice per job: in backward the jobs' logit gradients are concatenated once, where each
+        # slice's would be a zero-filled full-size gradient, added up (rows: consecutive, in order)
+        parts = logits.split([r.stop - r.start for r in rows.values()])
+        losses = {name: self.loss(part, labels[r]) for (name, r), part in zip(rows.items(), parts)}
         torch.stack(list(losses.values())).sum().backward()
         for name in rows:
             self.optimizers[name].step()

@@ -5,7 +5,12 @@ batches, many adapters: `surgery.jobs`) then costs about its GPU time.
 A signature's first `warmup` steps run eagerly on a side stream (optimizer state, kernel tuning and cached tensors
 are made there, outside any graph); the next one is captured and replayed. A capture that fails (the step waits
 for the device, or reads a value to the host) leaves nothing changed: that signature runs eagerly from then on,
-with a warning."""
+with a warning.
+
+A graph is kept only where it pays. The last warm-up step and the first `TIMED` replays are timed on the device
+(CUDA events, read once they have completed, never waited for); a graph whose replays take longer than the eager
+step is dropped, and its signature runs eagerly from then on (`eager` says why). Where the GPU bounds a step, its
+graph can be the slower (docs/performance.md: cuDNN's attention backward inside a graph)."""
 from __future__ import annotations
 
 import warnings
@@ -17,11 +22,27 @@ import torch
 Step = Callable[[tuple[torch.Tensor, ...]], dict[str, torch.Tensor]]
 
 
+TIMED = 3  # replays timed against the eager step before a graph is kept for good
+
+Timing = tuple[torch.cuda.Event, torch.cuda.Event]
+
+
 class _Captured:
-    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: tuple[torch.Tensor, ...], outputs: dict, held: object):
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: tuple[torch.Tensor, ...], outputs: dict, held: object,
+                 eager: Timing | None):
         # held: what the step made before its capture and read inside it (e.g. a routing's group index), which the
         # graph reads by address at every replay and so must outlive it
         self.graph, self.inputs, self.outputs, self.held = graph, inputs, outputs, held
+        self.eager = eager  # the last warm-up step's events; None once the graph is kept for good
+        self.replays: list[Timing] = []
+
+
+def _events() -> Timing:
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+
+def _median_ms(timings: list[Timing]) -> float:
+    return sorted(start.elapsed_time(end) for start, end in timings)[len(timings) // 2]
 
 
 class StepGraphs:
@@ -34,7 +55,8 @@ class StepGraphs:
         self.warmup, self.keep = warmup, keep
         self._graphs: OrderedDict[Hashable, _Captured] = OrderedDict()
         self._seen: dict[Hashable, int] = {}
-        self._eager: dict[Hashable, str] = {}  # signatures whose capture failed, and why
+        self._eager: dict[Hashable, str] = {}  # signatures run eagerly (their capture failed, or lost), and why
+        self._timed: dict[Hashable, Timing] = {}  # the last warm-up step's events, until its capture
         self._warned = False
         self._pool = None
 
@@ -53,18 +75,49 @@ class StepGraphs:
                 self._too_many()
                 self._seen = {signature: seen}
             if seen <= self.warmup:
-                return _on_side_stream(step, inputs)
+                if seen < self.warmup:
+                    return _on_side_stream(step, inputs)
+                self._timed[signature] = _events()
+                return _on_side_stream(step, inputs, self._timed[signature])
             captured = self._capture(signature, inputs, step, grads, held)
             if captured is None:
                 return step(inputs)
+        elif captured.eager is not None and not self._keeps(signature, captured):
+            return step(inputs)
         self._graphs.move_to_end(signature)
         for static, value in zip(captured.inputs, inputs):
             static.copy_(value)
-        captured.graph.replay()
+        if captured.eager is not None and len(captured.replays) < TIMED:
+            start, end = _events()
+            start.record()
+            captured.graph.replay()
+            end.record()
+            captured.replays.append((start, end))
+        else:
+            captured.graph.replay()
         return {name: value.clone() for name, value in captured.outputs.items()}
+
+    @property
+    def eager(self) -> dict[Hashable, str]:
+        """The signatures that run eagerly, and why: their capture failed, or their graph was slower."""
+        return dict(self._eager)
+
+    def _keeps(self, signature: Hashable, captured: _Captured) -> bool:
+        """Whether the graph of `signature` stays, once its timed replays and the eager step have completed (until
+        then, and after it is kept for good, True); a graph slower than the eager step is dropped."""
+        if len(captured.replays) < TIMED or not captured.replays[-1][1].query() or not captured.eager[1].query():
+            return True
+        eager, graphed = captured.eager[0].elapsed_time(captured.eager[1]), _median_ms(captured.replays)
+        captured.eager, captured.replays = None, []
+        if graphed <= eager:
+            return True
+        del self._graphs[signature]
+        self._eager[signature] = f"its graph was slower than the eager step ({graphed:.2f} ms against {eager:.2f})"
+        return False
 
     def _capture(self, signature: Hashable, inputs: tuple[torch.Tensor, ...], step: Step,
                  grads: Callable[[], Sequence[torch.Tensor]], held: Callable[[], object]) -> _Captured | None:
+        eager = self._timed.pop(signature, None)
         static = tuple(x.clone() for x in inputs)
         params = list(grads())
         for p in params:
@@ -84,7 +137,7 @@ class StepGraphs:
             return None
         for p in params:
             p.grad = None  # the graph writes its gradients into its own memory; outside it they stay None
-        captured = self._graphs[signature] = _Captured(graph, static, outputs, held())
+        captured = self._graphs[signature] = _Captured(graph, static, outputs, held(), eager)
         self._seen.pop(signature, None)
         while len(self._graphs) > self.keep:
             self._graphs.popitem(last=False)
@@ -98,14 +151,19 @@ class StepGraphs:
                           "give the optimizer lr as a tensor on the device)", RuntimeWarning, stacklevel=4)
 
 
-def _on_side_stream(step: Step, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+def _on_side_stream(step: Step, inputs: tuple[torch.Tensor, ...], timing: Timing | None = None
+                    ) -> dict[str, torch.Tensor]:
     """`step(inputs)` on a side stream, ordered after and before the current stream's work (how a capture's
-    warm-up runs)."""
+    warm-up runs); `timing`'s events recorded around it there."""
     main = torch.cuda.current_stream(inputs[0].device)
     side = torch.cuda.Stream(inputs[0].device)
     side.wait_stream(main)
     with torch.cuda.stream(side):
+        if timing is not None:
+            timing[0].record()
         outputs = step(inputs)
+        if timing is not None:
+            timing[1].record()
     main.wait_stream(side)
     for value in outputs.values():
         value.record_stream(main)  # made on the side stream, read on the main one
