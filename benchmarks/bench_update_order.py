@@ -32,12 +32,14 @@ def orders_ms(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, b: torch.Tensor
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--shapes", nargs="*", type=int, default=None, help="tokens, in, out, rank quadruples")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    shapes = SHAPES if not args.shapes else list(zip(*[iter(args.shapes)] * 4))
     update_first = harness.lora_internals().update_first
 
     device, dtype, rows = args.device, torch.bfloat16, []
-    for tokens, k, n, r in SHAPES:
+    for tokens, k, n, r in shapes:
         g = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(tokens, k, device=device, generator=g).to(dtype)
         w = (torch.randn(n, k, device=device, generator=g) / k ** 0.5).to(dtype)

@@ -260,12 +260,12 @@ def output(stack: Stack, group: torch.Tensor, x: torch.Tensor, out: torch.Tensor
 class JoinedLora(torch.autograd.Function):
     """The joined form in training, as one autograd node: out + (x @ Aᵀ · mask) @ Bᵀ, from the groups' own A_i
     and B_i (joined inside, not recorded), with each pair's gradients computed apart: dA_i as rows of one
-    dh.T @ x (kept as is, no copy), dB_i = dy.T @ hs_i each in B_i's own layout, over its group's rows (`grads_b`). Autograd would record ten
-    nodes here and copy every group's dA and dB slice out of the joined gradients: on a step bound by the host's
-    issue time (several small jobs), those nodes and copies are what the joined form costs over one adapter.
-    Inputs: x [samples, tokens, in] (after dropout, if any), the base's output `out`, the [samples, 1, R] `mask`,
-    the ranks, each group's rows (`rows_of`, or None), then every A_i and every B_i. Where the base is a plain linear, `GroupedJoinedLora` computes it
-    too."""
+    dh.T @ x (kept as is, no copy), dB_i = dy.T @ hs_i each in B_i's own layout, over its group's rows
+    (`grads_b`). Autograd would record ten nodes here and copy every group's dA and dB slice out of the joined
+    gradients: on a step bound by the host's issue time (several small jobs), those nodes and copies are what the
+    joined form costs over one adapter. Inputs: x [samples, tokens, in] (after dropout, if any), the base's output
+    `out`, the [samples, 1, R] `mask`, the ranks, each group's rows (`rows_of`, or None), then every A_i and every
+    B_i. Where the base is a plain linear, `GroupedJoinedLora` computes it too."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, ranks: tuple[int, ...],
