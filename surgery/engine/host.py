@@ -104,6 +104,11 @@ class Host(nn.Module):
         return self._run(self._running_branches, args, kwargs)
 
     # ---- per-sample routing ---------------------------------------------------------------------------------
+    def routing_state(self) -> dict[Any, Any]:
+        """What this site derived for the routing in force (its group index, its branches' batched state), kept
+        until the routing changes. A CUDA graph of a routed step reads those tensors by address: it keeps this."""
+        return self._routes
+
     def _groups(self, batch: int, device: torch.device) -> tuple[list[str], torch.Tensor]:
         """The branch names in use and, per sample of a batch of `batch`, its group number (len(names) = none)."""
         key = (batch, device)

@@ -11,6 +11,7 @@ from operator import itemgetter
 import torch
 from torch import nn
 
+from surgery.engine.host import Host
 from surgery.engine.ledger import Ledger, require_ledger, unwrap
 from surgery.engine.passes import per_sample
 from surgery.engine.step_graphs import StepGraphs
@@ -91,7 +92,7 @@ class Jobs:
         ledger = require_ledger(unwrap(self.model))
 
         def held() -> tuple:  # the routings' group indices the graph reads; what the signature names by id()
-            return ([getattr(host, "_routes", None) for host in ledger.hosts.values()],
+            return ([host.routing_state() for host in ledger.hosts.values() if isinstance(host, Host)],
                     list(ledger.attachments.values()), self._parameters(batches), self.loss)
         return self.graphs.run(self._signature(names, rows, inputs, ledger), inputs, run,
                                lambda: self._parameters(batches), held)
