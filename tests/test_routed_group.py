@@ -209,10 +209,13 @@ def test_routing_under_autocast_is_as_accurate_as_each_sample_alone_under_autoca
         assert error(got_grads, want_grads) <= 1.25 * error(cast_grads, want_grads) + 1e-4
 
 
-@pytest.mark.parametrize("numbers,ranks", [((0, 0, 1, 1, 2, 2), (3, 3, 3)), ((1, 0, 0, 2, 3), (2, 5, 3))])
-def test_joined_node_gradients_over_each_groups_rows_equal_the_formula(numbers, ranks):
+@pytest.mark.parametrize("numbers,ranks,frozen", [((0, 0, 1, 1, 2, 2), (3, 3, 3), None),
+                                                  ((0, 0, 1, 1, 2, 2), (3, 3, 3), 1),
+                                                  ((1, 0, 0, 2, 3), (2, 5, 3), None)])
+def test_joined_node_gradients_over_each_groups_rows_equal_the_formula(numbers, ranks, frozen):
     """routes.JoinedLora (a routed site whose base is not a plain linear, or with dropout) given each group's rows:
-    its gradients equal autograd's of out + Σ_g mask_g · (x @ A_gᵀ) @ B_gᵀ, in float64 (3: no adapter)."""
+    its gradients equal autograd's of out + Σ_g mask_g · (x @ A_gᵀ) @ B_gᵀ, in float64 (3: no adapter); a frozen
+    B (`frozen`: its group) gets none, the others theirs."""
     from surgery_plugins.lora import routes
     g = torch.Generator().manual_seed(3)
     groups, tokens, width, out_width = len(ranks), 4, 6, 5
@@ -222,16 +225,18 @@ def test_joined_node_gradients_over_each_groups_rows_equal_the_formula(numbers, 
     x = torch.randn(len(numbers), tokens, width, dtype=torch.float64, generator=g, requires_grad=True)
     out = torch.randn(len(numbers), tokens, out_width, dtype=torch.float64, generator=g, requires_grad=True)
     a_s = [torch.randn(r, width, dtype=torch.float64, generator=g, requires_grad=True) for r in ranks]
-    b_s = [torch.randn(out_width, r, dtype=torch.float64, generator=g, requires_grad=True) for r in ranks]
+    b_s = [torch.randn(out_width, r, dtype=torch.float64, generator=g, requires_grad=i != frozen)
+           for i, r in enumerate(ranks)]
     mask = routes.mask_of(ranks, scales, torch.float64, groups, group)
     dy = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    trained = [x, out, *a_s, *(b for b in b_s if b.requires_grad)]
     y = routes.JoinedLora.apply(x, out, mask, ranks, rows, *a_s, *b_s)
-    got = torch.autograd.grad(y, [x, out, *a_s, *b_s], dy)
+    got = torch.autograd.grad(y, trained, dy)
     want_y = out.clone()
     for i, n in enumerate(numbers):
         if n < groups:
             want_y = want_y.index_add(0, torch.tensor([i]), scales[n] * (x[i:i + 1] @ a_s[n].t()) @ b_s[n].t())
-    want = torch.autograd.grad(want_y, [x, out, *a_s, *b_s], dy)
+    want = torch.autograd.grad(want_y, trained, dy)
     torch.testing.assert_close(y, want_y, rtol=1e-12, atol=1e-12)
     for g_, w in zip(got, want):
         torch.testing.assert_close(g_, w, rtol=1e-12, atol=1e-12)
