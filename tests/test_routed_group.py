@@ -221,7 +221,8 @@ def test_joined_node_gradients_over_each_groups_rows_equal_the_formula(numbers, 
     groups, tokens, width, out_width = len(ranks), 4, 6, 5
     group = torch.tensor(numbers)
     scales = tuple(0.5 + i for i in range(groups))
-    rows = tuple((numbers.index(i) * tokens, (len(numbers) - numbers[::-1].index(i)) * tokens) for i in range(groups))
+    spans = tuple((numbers.index(i), len(numbers) - numbers[::-1].index(i)) for i in range(groups))
+    rows = routes.rows_from(spans, len(numbers), tokens)
     x = torch.randn(len(numbers), tokens, width, dtype=torch.float64, generator=g, requires_grad=True)
     out = torch.randn(len(numbers), tokens, out_width, dtype=torch.float64, generator=g, requires_grad=True)
     a_s = [torch.randn(r, width, dtype=torch.float64, generator=g, requires_grad=True) for r in ranks]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +135,14 @@ def mask_of(ranks: tuple[int, ...], scales: tuple[float, ...], dtype: torch.dtyp
     return found
 
 
+class Rows(NamedTuple):
+    """Where each group's samples lie in a batch flattened to [samples · tokens, ...] (`rows_of`): (start, stop)
+    rows per group, and `block`, the rows of each where the groups are equal blocks in order covering the whole
+    batch (else None): what `grads_b` reads, decided once per routing, not per call."""
+    spans: tuple[tuple[int, int], ...]
+    block: int | None
+
+
 _rows: dict[int, dict] = {}  # id(group) -> {(groups, tokens): rows_of(...)}, dropped when the group dies
 
 
@@ -154,9 +163,17 @@ def spans_of(group: torch.Tensor, groups: int) -> tuple[tuple[int, int], ...] | 
     return tuple((starts[g], stops[g]) for g in range(groups))
 
 
-def rows_of(group: torch.Tensor, groups: int, tokens: int) -> tuple[tuple[int, int], ...] | None:
-    """`spans_of` in rows of the batch flattened to [samples · tokens, ...]; kept for as long as `group` lives (the
-    Host keeps one per routing): this runs on every routed call."""
+def rows_from(spans: tuple[tuple[int, int], ...], samples: int, tokens: int) -> Rows:
+    """`Rows` of sample `spans` (`spans_of`) in a batch of `samples` samples of `tokens` tokens."""
+    size = spans[0][1] - spans[0][0]
+    equal = spans == tuple((i * size, (i + 1) * size) for i in range(len(spans))) and len(spans) * size == samples
+    return Rows(tuple((start * tokens, stop * tokens) for start, stop in spans), size * tokens if equal else None)
+
+
+def rows_of(group: torch.Tensor, groups: int, tokens: int) -> Rows | None:
+    """`Rows` of `group`'s batch, flattened from `tokens` per sample, where each group's samples are consecutive
+    (`spans_of`), else None; kept for as long as `group` lives (the Host keeps one per routing): this runs on
+    every routed call."""
     kept = _rows.get(id(group))
     if kept is None:
         kept = _rows[id(group)] = {}
@@ -164,27 +181,24 @@ def rows_of(group: torch.Tensor, groups: int, tokens: int) -> tuple[tuple[int, i
     key = (groups, tokens)
     if key not in kept:
         spans = spans_of(group, groups)
-        kept[key] = None if spans is None else tuple((start * tokens, stop * tokens) for start, stop in spans)
+        kept[key] = None if spans is None else rows_from(spans, group.shape[0], tokens)
     return kept[key]
 
 
-def grads_b(dy: torch.Tensor, hs: torch.Tensor, ranks: tuple[int, ...], rows: tuple | None, needs: tuple
+def grads_b(dy: torch.Tensor, hs: torch.Tensor, ranks: tuple[int, ...], rows: Rows | None, needs: tuple
             ) -> list[torch.Tensor | None]:
     """dB_i = dyᵀ @ hs_i for each group's pair i ([out, r_i], B_i's layout) where needs[i]; hs [T, Σr] holds each
-    group's masked h in its own columns, zero on the other groups' rows. With `rows` ((start, stop) per group,
-    `rows_of`), each product reads only its group's rows of dy, not all of them: as one batched product where the
-    groups' rows are equal blocks, in order, covering the batch, and their ranks equal (the jobs' usual case)."""
-    n = len(ranks)
-    if rows is not None and all(needs) and len(set(ranks)) == 1:
-        block = rows[0][1]
-        if n * block == dy.shape[0] and rows == tuple((i * block, (i + 1) * block) for i in range(n)):
-            r = ranks[0]
-            own = hs.view(n, block, n, r).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # group i's rows and columns
-            return list(torch.bmm(dy.view(n, block, -1).transpose(1, 2), own).unbind())
+    group's masked h in its own columns, zero on the other groups' rows. With `rows` (`rows_of`), each product
+    reads only its group's rows of dy, not all of them: as one batched product where the groups' rows are equal
+    blocks covering the batch (`Rows.block`) and their ranks equal (the jobs' usual case)."""
+    if rows is not None and rows.block is not None and all(needs) and len(set(ranks)) == 1:
+        n, block, r = len(ranks), rows.block, ranks[0]
+        own = hs.view(n, block, n, r).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # group i's rows and columns
+        return list(torch.bmm(dy.view(n, block, -1).transpose(1, 2), own).unbind())
     out, col = [], 0
     for i, (r, need) in enumerate(zip(ranks, needs)):
         if need:
-            part = slice(None) if rows is None else slice(*rows[i])
+            part = slice(None) if rows is None else slice(*rows.spans[i])
             out.append(torch.mm(dy[part].t(), hs[part, col:col + r]))
         else:
             out.append(None)
@@ -269,7 +283,7 @@ class JoinedLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, ranks: tuple[int, ...],
-                rows: tuple | None, *pairs: torch.Tensor) -> torch.Tensor:
+                rows: Rows | None, *pairs: torch.Tensor) -> torch.Tensor:
         n = len(ranks)
         a_cat, b_cat = torch.cat(pairs[:n]), torch.cat(pairs[n:], dim=1)
         x2 = x.reshape(-1, x.shape[-1])
@@ -305,7 +319,7 @@ class GroupedJoinedLora(torch.autograd.Function):
     every group, its B of every group."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, every: torch.Tensor, layout: tuple, rows: tuple | None,
+    def forward(ctx, x: torch.Tensor, every: torch.Tensor, layout: tuple, rows: Rows | None,
                 *tensors: torch.Tensor | None) -> tuple:
         x2 = x.reshape(-1, x.shape[-1])
         weights, biases, a_s, b_cats, start = [], [], [], [], 0
