@@ -125,7 +125,7 @@ class Bench(harness.Workload):
         separate form (x @ A.T @ B.T added to the output), and HF PEFT with adapters in the same dtype. B is drawn
         so that ‖s·B·A‖ is 1 % or 10 % of ‖W‖ per layer (std 0.02 weights). Errors are relative to the float32
         logits and to the adapter's effect on them (float32 logits with minus without the adapter)."""
-        lora_merged_weight = harness.lora_internals().merged_weight  # its DEVICES switches the merged form on and off
+        dispatch = harness.lora_internals().dispatch  # its MERGED_DEVICES switches the merged form on and off
         ids, out = self.ids, {}
         kaiming_std = (1 / (3 * self.shape["config"]["hidden_size"])) ** 0.5  # of A; s = 2, r = 16
         for label, relative in (("delta_1pct", 0.01), ("delta_10pct", 0.10)):
@@ -142,13 +142,13 @@ class Bench(harness.Workload):
                         pairs[name] = (branch.lora_A.clone(), branch.lora_B.clone())
 
                 def run(forms: set[str], model=model) -> torch.Tensor:
-                    real = lora_merged_weight.DEVICES
-                    lora_merged_weight.DEVICES = forms
+                    real = dispatch.MERGED_DEVICES
+                    dispatch.MERGED_DEVICES = forms
                     try:
                         return model(input_ids=ids, use_cache=False).logits.float()
                     finally:
-                        lora_merged_weight.DEVICES = real
-                got = {"surgery_default": run(lora_merged_weight.DEVICES), "surgery_separate": run(set())}
+                        dispatch.MERGED_DEVICES = real
+                got = {"surgery_default": run(dispatch.MERGED_DEVICES), "surgery_separate": run(set())}
                 model.float()
                 ref = run(set())
                 with surgery.disabled(model):

@@ -383,9 +383,10 @@ def step_graphs():
 
 
 def lora_internals() -> SimpleNamespace:
-    """LoRA's private modules: the kernels, the fused and shared autograd paths, the merged-weight switch, and the
-    order of base and update (update_first)."""
+    """LoRA's private modules: the dispatch and its knobs, the kernels, the fused and shared autograd paths, the
+    merged-weight switch, and the order of base and update (update_first)."""
     from surgery_plugins.lora import (  # internal: path may move
+        dispatch,
         fused,
         kernels,
         merged_weight,
@@ -393,7 +394,7 @@ def lora_internals() -> SimpleNamespace:
         tiles,
         update_first,
     )
-    return SimpleNamespace(fused=fused, kernels=kernels, merged_weight=merged_weight, shared=shared, tiles=tiles,
+    return SimpleNamespace(dispatch=dispatch, fused=fused, kernels=kernels, merged_weight=merged_weight, shared=shared, tiles=tiles,
                            update_first=update_first)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
+from types import SimpleNamespace
 
 import harness
 import torch
@@ -31,15 +32,25 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+KERNELS = ("_down_kernel", "_grads_kernel", "_merged_kernel", "_up_kernel", "_mask_kernel")
+
+
 def take_the_cuda_path() -> None:
-    """Make the CPU take the kernels' path (float32 allowed), with launches that do nothing, and the merged-weight
-    form that a CUDA run takes at the benchmark's 8192 tokens."""
+    """Make the CPU take the path a CUDA run takes: the Triton kernels' (float32 allowed, Triton or not), with
+    launches that do nothing, and the merged weight wherever it is allowed (a CUDA run takes it from as many tokens
+    as input features: every training linear at the grid's and bench_jobs' shapes). The dispatch's own knobs are
+    set (dispatch.py), so `dispatch.choose` picks on the CPU what it picks on a GPU."""
     lora = harness.lora_internals()
-    kernels = lora.kernels
-    kernels.DEVICES, kernels.DTYPES = {"cpu"}, {torch.float32}
-    kernels._down_kernel = kernels._grads_kernel = kernels._merged_kernel = kernels._up_kernel = _NoLaunch()
-    for module in (lora.fused, lora.shared):
-        module.pays = lambda tokens, weight: True
+    kernels, dispatch = lora.kernels, lora.dispatch
+    dispatch.KERNEL_DEVICES.add("cpu")
+    dispatch.KERNEL_DTYPES.add(torch.float32)
+    dispatch.merged_pays = lambda tokens, weight: True
+    kernels.AVAILABLE = True
+    if kernels.triton is None:  # the launches' constants name Triton's accumulator types
+        kernels.tl = SimpleNamespace(float32="float32", float64="float64")
+    for name in KERNELS:
+        setattr(kernels, name, _NoLaunch())
+    kernels.clear_launches()
 
 
 JOBS, JOBS_ONE = 4, "one adapter, the jobs' 4 x 8 tokens"
