@@ -444,3 +444,33 @@ def test_under_autocast_lora_takes_the_plain_path_and_matches_peft():
     torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-2)
     for name, (p, q) in pairs.items():
         torch.testing.assert_close(p.grad, q.grad, rtol=5e-2, atol=5e-3, msg=name)
+
+
+def test_the_per_call_reads_give_what_the_attributes_give_however_a_module_holds_them():
+    """reads.py reads nn.Module's dictionaries, falling back to the attribute: a pair held as parameters, as plain
+    tensors (branch_of) or through a parametrization reads the same as `branch.lora_A`, `branch.lora_B`."""
+    from torch.nn.utils import parametrize
+
+    from surgery_plugins.lora import reads
+    from surgery_plugins.lora.branches import LoraBranch
+    from surgery_plugins.lora.plugin import LoraParams
+    held = single()[0]  # plain tensors
+    params = LoraBranch(IN, OUT, LoraParams(r=R, dropout=0.1), torch.float64, torch.device("cpu"))
+    turned = LoraBranch(IN, OUT, LoraParams(r=R), torch.float64, torch.device("cpu"))
+    parametrize.register_parametrization(turned, "lora_A", Twice())
+    for branch in (held, params, turned):
+        a, b = reads.pair(branch)
+        assert torch.equal(a, branch.lora_A) and b is branch.lora_B
+        assert reads.dropout(branch) is branch.dropout and reads.channels(branch) is branch.channels
+    assert reads.pair(params)[0] is params.lora_A
+    torch.testing.assert_close(reads.pair(turned)[0], 2 * turned.parametrizations.lora_A.original)
+    linear, plain = nn.Linear(IN, OUT, bias=False), nn.Linear(IN, OUT)
+    assert reads.weight_bias(linear) == (linear.weight, None)
+    assert all(x is y for x, y in zip(reads.weight_bias(plain), (plain.weight, plain.bias)))
+    parametrize.register_parametrization(plain, "weight", Twice())
+    torch.testing.assert_close(reads.weight_bias(plain)[0], 2 * plain.parametrizations.weight.original)
+
+
+class Twice(nn.Module):
+    def forward(self, t):
+        return 2 * t

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from surgery.plugin import input_of
-from surgery_plugins.lora import fused, kernels, saved_input
+from surgery_plugins.lora import fused, kernels, reads, saved_input
 
 PLAIN, TAKEN, SHARED, SHARED_INFERENCE, FUSED, INFERENCE, ROUTED, GROUPS = (
     "plain", "taken", "shared", "shared inference", "fused", "inference", "routed", "groups")
@@ -74,7 +74,7 @@ _path = tuple.__new__  # _path(Path, (all fields)): a Path without its construct
 
 def rate(branch: Any) -> float:
     """The branch's dropout rate in this call: its rate while training, else 0."""
-    dropout = branch.dropout
+    dropout = reads.dropout(branch)
     return dropout.p if branch.training and isinstance(dropout, nn.Dropout) else 0.0
 
 
@@ -104,7 +104,7 @@ def choose(branch: Any, base: nn.Module | None, x: Any, groups: list | None = No
     A group member's pending output is taken (or, stale, dropped) here."""
     if groups is not None:
         first = rate(groups[0])
-        return _GROUPS if any(b.channels is not None or rate(b) != first for b in groups) else _ROUTED
+        return _GROUPS if any(reads.channels(b) is not None or rate(b) != first for b in groups) else _ROUTED
     if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return _PLAIN
     group = branch.shared
@@ -127,8 +127,7 @@ def choose(branch: Any, base: nn.Module | None, x: Any, groups: list | None = No
                 if tensors[0].dtype == x.dtype == tensors[2].dtype == tensors[3].dtype:
                     live.append((i, tensors))
                     caller_live = caller_live or i == index
-                    dropout = m.dropout
-                    rates.add(dropout.p if m.training and isinstance(dropout, nn.Dropout) else 0.0)  # rate(m)
+                    rates.add(rate(m))
         if len(live) > 1 and caller_live and len(rates) == 1:
             p = rates.pop()
             ranks = {tensors[2].shape[0] for _, tensors in live}
@@ -138,13 +137,14 @@ def choose(branch: Any, base: nn.Module | None, x: Any, groups: list | None = No
                 merged = p == 0 and all(merged_pays(tokens, tensors[0]) for _, tensors in live)
                 kind = SHARED if p > 0 or grad else SHARED_INFERENCE
                 return _path(Path, (kind, p, merged, serve, (), (), tuple(live), None))
-    a, dropout = branch.lora_A, branch.dropout
-    weight = base.weight if type(base) is nn.Linear else branch.quantized if torch.is_grad_enabled() else None
-    if branch.channels is not None or weight is None or not x.dtype == a.dtype == weight.dtype:
+    a, b = reads.pair(branch)
+    linear = type(base) is nn.Linear
+    weight = reads.weight_bias(base)[0] if linear else branch.quantized if torch.is_grad_enabled() else None
+    if reads.channels(branch) is not None or weight is None or not x.dtype == a.dtype == weight.dtype:
         return _PLAIN
-    p = dropout.p if branch.training and isinstance(dropout, nn.Dropout) else 0.0  # rate(branch)
+    p = rate(branch)
     merged = p == 0 and merged_pays(x.numel() // x.shape[-1], weight)
-    tensors = (weight, base.bias, a, branch.lora_B)
+    tensors = (weight, reads.weight_bias(base)[1] if linear else base.bias, a, b)
     if p == 0 and not torch.is_grad_enabled():  # the kernels only build the merged weight
         return _path(Path, (INFERENCE, 0.0, merged, merged and kernels_serve(x, a.shape[0]), (), tensors, (), None))
     saved = kept(x)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery_plugins.lora import dispatch, routes
+from surgery_plugins.lora import dispatch, reads, routes
 
 # In inference, computing the sites together saves each site after the first a read of x (and its own h matmul
 # and mask) but adds host work: finding the sites, the version counters of every kept output's tensors. The GPU
@@ -58,16 +58,19 @@ def sites(stack: routes.Stack, x: torch.Tensor) -> list[tuple[int, nn.Module, li
         site = getattr(member, "host", None)
         if site is None or site.routing != routing:
             continue
-        branches = [site.branches[n] if n in site.branches else None for n in names]
+        named = site.branches
+        branches = [named[n] if n in named else None for n in names]  # noqa: SIM401 -- a ModuleDict has no get
         base = member.base_module
-        weight = base.weight
-        if type(base) is not nn.Linear or weight.shape[1] != width or weight.dtype != dtype \
-                or any(type(b) is not kind or b.channels is not None or dispatch.rate(b) > 0 for b in branches):
+        if type(base) is not nn.Linear:
             continue
-        a_s, b_s = [b.lora_A for b in branches], [b.lora_B for b in branches]  # each read once: this runs per call
+        weight, bias = reads.weight_bias(base)
+        if weight.shape[1] != width or weight.dtype != dtype or any(
+                type(b) is not kind or reads.channels(b) is not None or dispatch.rate(b) > 0 for b in branches):
+            continue
+        a_s, b_s = zip(*map(reads.pair, branches))  # each read once: this runs per call
         if any(t.dtype != dtype for t in a_s) or any(t.dtype != dtype for t in b_s):
             continue
-        found.append((i, base, branches, (weight, base.bias, *a_s, *b_s)))
+        found.append((i, base, branches, (weight, bias, *a_s, *b_s)))
     if len(found) < 2 or all(i != first.shared_index for i, *_ in found):
         return None
     return found
@@ -98,7 +101,7 @@ def call(stack: routes.Stack, group: torch.Tensor, base: nn.Module, x: Any) -> A
     if shared is None or not isinstance(x, torch.Tensor) or not pays(x):
         return NotImplemented
     index = first.shared_index
-    done = shared.take_routed(index, x, group, (base.weight, base.bias, *stack.pairs))
+    done = shared.take_routed(index, x, group, (*reads.weight_bias(base), *stack.pairs))
     if done is not None:
         return done
     samples = x.shape[0]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.plugin import group_numbers
-from surgery_plugins.lora import dispatch, formula, update_first
+from surgery_plugins.lora import dispatch, formula, reads, update_first
 
 PER_SITE = 2  # GroupedJoinedLora's inputs per site: weight, bias; then its A of every group, its B of every group
 
@@ -61,7 +61,7 @@ class Stack:
 
     def __init__(self, branches: list) -> None:
         self.branches = branches
-        a_s, b_s = [b.lora_A for b in branches], [b.lora_B for b in branches]  # each read once: this runs per call
+        a_s, b_s = zip(*map(reads.pair, branches))  # each read once: this runs per call
         self.ranks = tuple(a.shape[0] for a in a_s)
         self.scales = tuple(float(b.scale) for b in branches)
         self.dtype, self.in_features, self.out_features = a_s[0].dtype, a_s[0].shape[1], b_s[0].shape[0]
@@ -224,7 +224,7 @@ def call(stack: Stack, group: torch.Tensor, base: nn.Module, x: torch.Tensor) ->
     (update_first.py); else NotImplemented (the Host then runs the base and `output`)."""
     if type(base) is not nn.Linear or not isinstance(x, torch.Tensor):
         return NotImplemented
-    weight = base.weight
+    weight, bias = reads.weight_bias(base)
     if not x.dtype == weight.dtype == stack.dtype or not stack.same_dtype or stack.rate() > 0 \
             or x.shape[-1] != stack.in_features:
         return NotImplemented
@@ -235,10 +235,10 @@ def call(stack: Stack, group: torch.Tensor, base: nn.Module, x: torch.Tensor) ->
         return NotImplemented
     if not torch.is_grad_enabled():
         h, b_t = joined_h(stack, group, flat)
-        y = update_first.linear(flat.reshape(tokens, -1), weight, base.bias, h.view(tokens, -1), b_t.t())
+        y = update_first.linear(flat.reshape(tokens, -1), weight, bias, h.view(tokens, -1), b_t.t())
         return y.view(*x.shape[:-1], y.shape[-1])
-    y, = GroupedJoinedLora.apply(flat, mask(stack, group), ((base.bias is not None, stack.ranks),),
-                                 rows_of(group, len(stack.ranks), flat.shape[1]), weight, base.bias, *stack.pairs)
+    y, = GroupedJoinedLora.apply(flat, mask(stack, group), ((bias is not None, stack.ranks),),
+                                 rows_of(group, len(stack.ranks), flat.shape[1]), weight, bias, *stack.pairs)
     return y if flat is x else y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from surgery.plugin import versions
-from surgery_plugins.lora import kernels, merged_weight, update_first
+from surgery_plugins.lora import kernels, merged_weight, reads, update_first
 
 PER_MEMBER = 4  # weight, bias, A, B
 
@@ -224,8 +224,9 @@ class SharedInput:
         and B."""
         branch = self.members[index]
         base = branch.base_module
-        weight = branch.quantized if branch.quantized is not None else base.weight
-        return weight, base.bias, branch.lora_A, branch.lora_B
+        if branch.quantized is not None:
+            return branch.quantized, base.bias, *reads.pair(branch)
+        return *reads.weight_bias(base), *reads.pair(branch)
 
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """Member `index`'s output on `x` if the group computed it on this very input, unchanged since; else None.

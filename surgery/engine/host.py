@@ -84,11 +84,12 @@ class Host(nn.Module):
             state["_last_routes"] = (routing, state["_routes"])
 
     def _run(self, branches: tuple[Branch, ...] | list[Branch], args: tuple, kwargs: dict) -> Any:
+        base = self._modules["base"]  # not through nn.Module.__getattr__ (and this class's): this runs on every call
         if len(branches) == 1:
-            out = branches[0].fused_call(self.base, args, kwargs)
+            out = branches[0].fused_call(base, args, kwargs)
             if out is not NotImplemented:
                 return out
-        call = self.base
+        call = base
         for branch in branches:
             args, kwargs = branch.adapt_call(args, kwargs)
             if branch.replaces_base:

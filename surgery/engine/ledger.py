@@ -114,7 +114,7 @@ class Ledger:
         active, disabled = set(self.active), self.disabled
         routing = None if disabled else self.routing
         for host in self.hosts.values():
-            branches = host.branches._modules
+            branches = host._modules["branches"]._modules  # not through nn.Module.__getattr__: hosts × 2 per step
             unmerged = [n for n, b in branches.items() if n not in merged or b.kept_when_merged] if merged \
                 else list(branches)
             running = () if disabled else tuple(n for n in unmerged if n in active)
