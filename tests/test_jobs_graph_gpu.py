@@ -1,7 +1,7 @@
 """surgery.jobs(cuda_graph=True) on a GPU: the graphed steps give the eager steps' losses and parameters, step after
 step, on fresh data each step; a changed float lr is another graph; a step that cannot be captured (it reads a value
-to the host) runs eagerly, with a warning, and still right; a graph slower than the eager step is dropped. Skipped without CUDA; the CPU refusals are in
-tests/test_jobs.py."""
+to the host) runs eagerly, with a warning, and still right; a graph slower than the eager step is dropped; padded
+batches and LoRA dropout are captured too. Skipped without CUDA; the CPU refusals are in tests/test_jobs.py."""
 from __future__ import annotations
 
 import warnings
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import surgery
+from surgery import tiny
 from tests.test_jobs import model_with, params_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -120,8 +121,55 @@ def test_a_step_that_reads_to_the_host_runs_eagerly_with_a_warning():
     same(eager_model, graphed_model)
 
 
-def test_a_host_drawn_dropout_seed_refuses_to_be_captured():
-    from surgery_plugins.lora import kernels  # a fixed seed in a graph would be one dropout mask for every replay
+def padded(step: int) -> dict:
+    """Fresh data whose jobs' rows differ in length: the joint batch is right-padded and masked."""
+    g = torch.Generator().manual_seed(200 + step)
+    return {n: {"input_ids": torch.randint(1, 100, (b, t), generator=g).cuda()}
+            for n, b, t in zip(NAMES, (1, 2, 1), (6, 4, 5))}
 
-    with pytest.raises(RuntimeError, match="seed"), torch.cuda.graph(torch.cuda.CUDAGraph()):
-        kernels.new_seed()
+
+def test_graphed_steps_of_padded_batches_equal_eager_steps():
+    eager_model, _, eager = setup(False)
+    graphed_model, _, graphed = setup(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = [{n: float(v) for n, v in graphed.step(padded(i)).items()} for i in range(6)]
+    assert len(graphed.graphs._graphs) + len(graphed.graphs.eager) == 1
+    assert all("slower" in reason for reason in graphed.graphs.eager.values())  # captured, whatever was kept
+    same_losses(got, [{n: float(v) for n, v in eager.step(padded(i)).items()} for i in range(6)])
+    same(eager_model, graphed_model)
+
+
+def test_graphed_steps_with_lora_dropout_are_captured_and_draw_new_masks_each_replay():
+    """Dropout in a graph: torch's generator is graph-safe, so each replay draws new masks. With lr 0 the weights
+    stay put and every step sees the same batch: the replays' losses differ from each other (new masks), and
+    their mean is the eager steps' (the same distribution of masks)."""
+    def build(graph):
+        model = tiny.build("llama").cuda()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        rules = surgery.RuleSet(name="d", rules=[surgery.Rule(select=surgery.Selector(kinds=["linear"]),
+                                exclude=surgery.Selector(roles=["lm_head"]), method="lora",
+                                params={"r": 4, "dropout": 0.3})])
+        g = torch.Generator().manual_seed(3)
+        for name in NAMES:
+            surgery.attach(model, rules, name=name)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        model.train()
+        opts = {n: torch.optim.AdamW(params_of(model, n).values(), lr=0.0, capturable=True) for n in NAMES}
+        return surgery.jobs(model, opts, cuda_graph=graph)
+    batch = data(0)
+    graphed, eager = build(True), build(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = [graphed.step(batch)["a"].item() for _ in range(40)]
+    assert len(graphed.graphs._graphs) + len(graphed.graphs.eager) == 1
+    assert all("slower" in reason for reason in graphed.graphs.eager.values())
+    want = [eager.step(batch)["a"].item() for _ in range(40)]
+    replays = got[2:]
+    assert len(set(replays)) > len(replays) // 2  # new masks at (nearly) every replay
+    spread = torch.tensor(want).std().item()
+    assert abs(sum(got) / len(got) - sum(want) / len(want)) < 3 * spread / len(want) ** 0.5 * 1.5

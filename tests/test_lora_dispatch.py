@@ -250,7 +250,7 @@ def test_every_single_linear_path_equals_the_formula(monkeypatch, path, p, froze
         if not TRITON:
             pytest.skip("no Triton interpreter")
         serve(monkeypatch)
-        monkeypatch.setattr(kernels, "new_seed", lambda: SEED)
+        monkeypatch.setattr(kernels, "new_seed", lambda device: SEED)
     if "merged" in path:
         monkeypatch.setattr(dispatch, "MERGED_DEVICES", {"cpu"})
     g = torch.Generator().manual_seed(4)
@@ -291,7 +291,7 @@ def test_every_group_path_equals_the_formula(monkeypatch, path, p):
         if not TRITON:
             pytest.skip("no Triton interpreter")
         serve(monkeypatch)
-        monkeypatch.setattr(kernels, "new_seed", lambda: SEED)
+        monkeypatch.setattr(kernels, "new_seed", lambda device: SEED)
     if "merged" in path:
         monkeypatch.setattr(dispatch, "MERGED_DEVICES", {"cpu"})
     g = torch.Generator().manual_seed(5)

@@ -4,7 +4,8 @@ Against a plain module composition it saves kernels and memory: the LoRA update 
 output in place (addmm), the input gradient of base and branch is one matmul plus one in-place addmm (or, for a
 layer wider in than out, one matmul over [dy | dh] and [W; A], which moves fewer bytes than updating dx), and
 no copy of the layer input is made for backward: with dropout the mask is drawn again in backward (by the
-kernels of kernels.py, or by replaying torch's dropout from the saved random state), and an input that is a
+kernels of kernels.py, or by replaying torch's dropout from the saved random state; inside a CUDA graph capture,
+where that state cannot be read, torch's mask is kept), and an input that is a
 product autograd keeps anyway is kept as its factors (saved_input.py). With `merged`, y and dx come through the
 merged weight W + s·B @ A built per call instead (merged_weight.py). Where autograd records nothing and there
 is no dropout, `inference` computes the same output by plain ops.
@@ -27,6 +28,11 @@ from surgery_plugins.lora.saved_input import restored
 def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverted dropout in one fused kernel: (dropped x, keep mask)."""
     return torch.native_dropout(x, p, True)
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether work on `device` is being captured in a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def rng_state(device: torch.device) -> torch.Tensor:
@@ -74,23 +80,30 @@ class LoraLinear(torch.autograd.Function):
         ctx.quantized = None if isinstance(weight, torch.Tensor) else weight
         if ctx.quantized is not None:
             weight = ctx.quantized()  # dense for this call only: backward dequantizes again
-        ctx.seed = kernels.new_seed() if use_kernels and p > 0 else 0
-        ctx.rng = rng_state(x.device) if p > 0 and not use_kernels else None
+        ctx.seed = kernels.new_seed(x.device) if use_kernels and p > 0 else 0
+        # torch's dropout is drawn again in backward from the random state it started with; inside a CUDA graph
+        # capture, where that state cannot be read, its mask is kept instead
+        keep = p > 0 and not use_kernels and capturing(x.device)
+        ctx.rng = rng_state(x.device) if p > 0 and not use_kernels and not keep else None
+        mask = None
         if use_kernels and p > 0:
             h = kernels.dropped_down(x2, a, 1, p, ctx.seed)
+        elif p > 0:
+            dropped, mask = dropout(x2, p)
+            h = dropped @ a.t()
         else:
-            h = (dropout(x2, p)[0] if p > 0 else x2) @ a.t()
+            h = x2 @ a.t()
         if merged:
             y = F.linear(x2, merged_weight.merged(weight, a, b, s, one_pass=False), bias)
         else:
             y = update_first.linear(x2, weight, bias, h, b, s)
-        ctx.save_for_backward(weight if ctx.quantized is None else None, a, b, h, *saved)
+        ctx.save_for_backward(weight if ctx.quantized is None else None, a, b, h, mask if keep else None, *saved)
         ctx.scale, ctx.p, ctx.has_bias, ctx.shape = s, p, bias is not None, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
-        weight, a, b, h, *saved = ctx.saved_tensors
+        weight, a, b, h, kept_mask, *saved = ctx.saved_tensors
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         if need_x and ctx.quantized is not None:
             weight = ctx.quantized()
@@ -114,7 +127,10 @@ class LoraLinear(torch.autograd.Function):
             x2 = restored(factors) if need_w else None
         else:
             x2 = restored(saved).reshape(-1, d_in)
-            xd, mask = replay_dropout(x2, ctx.p, ctx.rng) if ctx.p > 0 else (x2, None)
+            if kept_mask is not None:
+                xd, mask = torch.ops.aten.native_dropout_backward(x2, kept_mask, 1.0 / (1.0 - ctx.p)), kept_mask
+            else:
+                xd, mask = replay_dropout(x2, ctx.p, ctx.rng) if ctx.p > 0 else (x2, None)
             if need_a:
                 da = dh.t() @ xd
             del xd

@@ -5,7 +5,8 @@ shared.py); and one that builds merged weights W + s·B @ A in one pass over W (
 
 With dropout, every member i of a group reading one x gets its own keep mask, a pure function of (seed + i,
 row, column): the forward kernel draws it, the backward kernel draws it again, so no mask and no dropped copy of
-x is ever stored. The mask uses 16-bit uniforms from Philox-4x32 (7 rounds; 8 uniforms per draw): an element is
+x is ever stored. The seed is a one-element tensor on the device (`new_seed`), read by the kernels there, so a step
+with dropout can be captured in a CUDA graph and draws new masks at every replay. The mask uses 16-bit uniforms from Philox-4x32 (7 rounds; 8 uniforms per draw): an element is
 kept when its uniform is at least round(p * 65536), and kept values are scaled by 65536 / (65536 - that), the
 exact inverse of the keep probability, so the dropout stays unbiased (its drop rate is p to within 2**-17).
 
@@ -49,12 +50,17 @@ def threshold(p: float) -> tuple[int, float]:
     return t, 65536.0 / (65536 - t)
 
 
-def new_seed() -> int:
-    """A seed for one call's masks, from torch's CPU generator (so torch.manual_seed makes runs repeatable).
-    Refused inside a CUDA graph capture, where it would become one fixed mask for every replay."""
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("LoRA dropout draws its mask seed on the host: it cannot be captured in a CUDA graph")
-    return int(torch.randint(0, 2 ** 31 - 1, ()))
+def new_seed(device: torch.device) -> torch.Tensor:
+    """A seed for one call's masks: a one-element int64 tensor drawn on `device` by torch's generator there, which
+    the kernels read on the device. So torch.manual_seed makes runs repeatable, nothing waits for the device, and a
+    CUDA graph that captured the draw draws a new seed at every replay (torch's generator is graph-safe)."""
+    return torch.randint(0, 2 ** 31 - 1, (1,), device=device)
+
+
+def _seed(seed: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`seed` as the kernels read it: a one-element int64 tensor on `device` (an int, as the tests give, is copied
+    there)."""
+    return seed if isinstance(seed, torch.Tensor) else torch.tensor([seed], dtype=torch.int64, device=device)
 
 
 if triton is not None:
@@ -69,8 +75,9 @@ if triton is not None:
         hi = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))
         return tl.reshape(tl.join(lo, hi), [BM, BK]) >= T16
 
-    @triton.jit(do_not_specialize=["seed"])
-    def _mask_kernel(out_ptr, M, seed, K: tl.constexpr, T16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    @triton.jit
+    def _mask_kernel(out_ptr, M, seed_ptr, K: tl.constexpr, T16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+        seed = tl.load(seed_ptr)
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         col0 = tl.program_id(1) * BK
         cols = col0 + tl.arange(0, BK)
@@ -78,11 +85,12 @@ if triton is not None:
         inside = (rows[:, None] < M) & (cols[None, :] < K)
         tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8), mask=inside)
 
-    @triton.jit(do_not_specialize=["seed"])
-    def _down_kernel(x_ptr, a_ptr, h_ptr, M, seed, SX: tl.constexpr, SH: tl.constexpr, K: tl.constexpr,
+    @triton.jit
+    def _down_kernel(x_ptr, a_ptr, h_ptr, M, seed_ptr, SX: tl.constexpr, SH: tl.constexpr, K: tl.constexpr,
                      T16: tl.constexpr, SCALE: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
                      BK: tl.constexpr, ACC: tl.constexpr):
         """h[:, i*R:(i+1)*R] = (x * keep_i) @ A_i.T * SCALE for member i = program_id(0)."""
+        seed = tl.load(seed_ptr)
         member = tl.program_id(0)
         rows = tl.program_id(1) * BM + tl.arange(0, BM)
         rr = tl.arange(0, RP)
@@ -118,14 +126,18 @@ if triton is not None:
             upd += d
         return acc, upd
 
-    @triton.jit(do_not_specialize=["seed"])
-    def _grads_kernel(x_ptr, y_ptr, dh_ptr, a_ptr, dx_ptr, part_ptr, M, rows_per_program, seed, SX: tl.constexpr,
+    @triton.jit
+    def _grads_kernel(x_ptr, y_ptr, dh_ptr, a_ptr, dx_ptr, part_ptr, M, rows_per_program, seed_ptr, SX: tl.constexpr,
                       SDH: tl.constexpr, SDX: tl.constexpr, SP: tl.constexpr, K: tl.constexpr, T16: tl.constexpr,
                       SCALE: tl.constexpr, FIRST: tl.constexpr, N: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
                       BM: tl.constexpr, BK: tl.constexpr, PRODUCT: tl.constexpr, DROPOUT: tl.constexpr,
                       UPDATE_DX: tl.constexpr, ACC: tl.constexpr):
         """For columns col0 .. col0 + BK and one range of rows: partial dA_i of members FIRST .. FIRST + N - 1,
         and dx updated with their terms."""
+        if DROPOUT:
+            seed = tl.load(seed_ptr)
+        else:
+            seed = 0
         col0 = tl.program_id(0) * BK
         group = tl.program_id(1)
         cols = col0 + tl.arange(0, BK)
@@ -272,20 +284,22 @@ def _grads_grid(m: int, k: int, device: torch.device, bm: int, bk: int, waves: i
     return col_blocks, _cdiv(m, rows_per_program), rows_per_program
 
 
-def keep_mask(rows: int, cols: int, seed: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+def keep_mask(rows: int, cols: int, seed: int | torch.Tensor, p: float, device: torch.device | str = "cpu"
+              ) -> torch.Tensor:
     """The [rows, cols] keep mask (bool) of member 0 of a call with `seed` and dropout `p` (member i: seed + i)."""
     out = torch.empty(rows, cols, dtype=torch.int8, device=device)
     grid = (_cdiv(rows, 32), _cdiv(cols, 32))
-    _mask_kernel[grid](out, rows, seed, K=cols, T16=threshold(p)[0], BM=32, BK=32)
+    _mask_kernel[grid](out, rows, _seed(seed, out.device), K=cols, T16=threshold(p)[0], BM=32, BK=32)
     return out.bool()
 
 
-def dropped_down(x: torch.Tensor, a: torch.Tensor, members: int, p: float, seed: int) -> torch.Tensor:
+def dropped_down(x: torch.Tensor, a: torch.Tensor, members: int, p: float, seed: int | torch.Tensor) -> torch.Tensor:
     """h = [drop_1(x) @ A_1.T | drop_2(x) @ A_2.T | ...] for x [M, K] and A = [A_1; A_2; ...] (equal ranks)."""
     m, k = x.shape
     x, a = _last_contiguous(x), a.contiguous()
     h = x.new_empty(m, a.shape[0])
-    _down_launch(x.dtype, m, k, x.stride(0), members, a.shape[0] // members, p, x.device)(x, a, h, m, seed)
+    _down_launch(x.dtype, m, k, x.stride(0), members, a.shape[0] // members, p, x.device)(x, a, h, m,
+                                                                                      _seed(seed, x.device))
     return h
 
 
@@ -308,7 +322,8 @@ def _down_launch(dtype: torch.dtype, m: int, k: int, sx: int, members: int, r: i
     def trial(c: dict):
         x, a = _scratch(m, sx, k, dtype, device), torch.randn(members * r, k, dtype=dtype, device=device)
         h, launch = x.new_empty(m, members * r), _down_launch_with(c, dtype, m, k, sx, members, r, p)
-        return lambda: launch(x, a, h, m, 1)
+        seed = _seed(1, device)
+        return lambda: launch(x, a, h, m, seed)
     c = _config("down", (dtype, m, k, sx, members, r, p), device, trial)
     return _down_launch_with(c, dtype, m, k, sx, members, r, p)
 
@@ -320,8 +335,8 @@ def _down_launch_with(c: dict, dtype: torch.dtype, m: int, k: int, sx: int, memb
         ACC=_acc_dtype(dtype), num_warps=c["num_warps"], num_stages=c["num_stages"]))
 
 
-def input_grads(x: tuple[torch.Tensor, ...], dh: torch.Tensor, a: torch.Tensor, members: int, p: float, seed: int,
-                dx: torch.Tensor | None) -> torch.Tensor:
+def input_grads(x: tuple[torch.Tensor, ...], dh: torch.Tensor, a: torch.Tensor, members: int, p: float,
+                seed: int | torch.Tensor, dx: torch.Tensor | None) -> torch.Tensor:
     """dA = [dh_i.T @ drop_i(x)]_i (float32, or float64 for float64 input), and, if dx is given, in place
     dx += Σ_i drop_i'(dh_i @ A_i). `x` is (x,) or (u, v) for x = u * v; dh [M, members * r] may be a column
     view, as may dx [M, K]. p = 0 means no dropout."""
@@ -335,12 +350,13 @@ def input_grads(x: tuple[torch.Tensor, ...], dh: torch.Tensor, a: torch.Tensor, 
     launches, groups, rows_per_program = _grads_launches(first.dtype, m, k, first.device, x[0].stride(0), dh.stride(0),
                                                          dx.stride(0) if dx is not None else None, members, r, p,
                                                          len(x) == 2)
+    seed = _seed(seed, first.device) if p > 0 else first  # without dropout the kernel reads no seed: any pointer
     return _run_grads(launches, groups, rows_per_program, x, dh, a, dx, members, r, seed).sum(0)
 
 
 def _run_grads(launches: list[Launch], groups: int, rows_per_program: int, x: tuple[torch.Tensor, ...],
                dh: torch.Tensor, a: torch.Tensor, dx: torch.Tensor | None, members: int, r: int,
-               seed: int) -> torch.Tensor:
+               seed: torch.Tensor) -> torch.Tensor:
     """Runs `_grads_kernel`'s launches; returns the partial dA per row range [groups, members * r, k]."""
     m, k = x[0].shape
     part = torch.empty(groups, members * r, k, dtype=torch.float64 if x[0].dtype == torch.float64 else torch.float32,
@@ -363,7 +379,8 @@ def _grads_launches(dtype: torch.dtype, m: int, k: int, device: torch.device, sx
         dh, a = _scratch(m, sdh, members * r, dtype, device), torch.randn(members * r, k, dtype=dtype, device=device)
         dx = _scratch(m, sdx, k, dtype, device) if sdx is not None else None
         launches, groups, rows = _grads_launches_with(c, *args)
-        return lambda: _run_grads(launches, groups, rows, x, dh, a, dx, members, r, 1)
+        seed = _seed(1, device)
+        return lambda: _run_grads(launches, groups, rows, x, dh, a, dx, members, r, seed)
     c = _config("grads", (dtype, m, k, sx, sdh, sdx, members, r, p, product), device, trial)
     return _grads_launches_with(c, *args)
 

@@ -121,7 +121,7 @@ class SharedInputLora(torch.autograd.Function):
         weights = tuple(w if q is None else q() for w, q in zip(weights, ctx.quantized))
         kept = [w if q is None else None for w, q in zip(weights, ctx.quantized)]
         ctx.ranks = [a.shape[0] for a in a_s]
-        ctx.p, ctx.seed = p, kernels.new_seed() if p > 0 else 0
+        ctx.p, ctx.seed = p, kernels.new_seed(x.device) if p > 0 else 0
         ctx.merged, ctx.kernels = merged, use_kernels
         if merged:  # h is only needed for the gradients: computed in backward, off the forward's host time
             outs = _merged_outputs(x, scales, weights, biases, a_s, b_s, one_pass=False)
