@@ -5,12 +5,15 @@ model's dtype; peak memory of each; and the unmerged no-grad forward against the
     python benchmarks/bench_grid.py --device cuda                 # every row of GRID
     python benchmarks/bench_grid.py --device cuda --rows 0 3 7    # some rows
     python benchmarks/bench_grid.py                               # CPU: tiny versions of the rows, a smoke run
+    python benchmarks/bench_grid.py --device cuda --rows 0 7 8 --graphed   # also each step as one CUDA graph
 
 Deep models are measured as a slice of a few layers (`layers`), which keeps every row on one GPU and within a
 call; the per-layer work is the full model's. The rows are spread over the grid's axes (hidden 1024-8192,
 r 8-128, MHA and GQA, with and without attention bias, dropout 0-0.1, sequence 512-4096, bf16 and fp16), not its
 full product. On a GPU, the first steps of each shape tune the LoRA kernels' tiles (plugins/lora/tiles.py), before
-the timed steps. Results: benchmarks/results/bench_grid-<device>.json, each row written as soon as it is measured.
+the timed steps. With `--graphed`, the floor, PEFT (adapters in the model's dtype) and surgery are measured again
+with each step replayed as one CUDA graph (`harness.graphed`), which takes the host's issue time out of all three:
+what the small rows, bound by the host, cost on the GPU. Results: benchmarks/results/bench_grid-<device>.json, each row written as soon as it is measured.
 """
 from __future__ import annotations
 
@@ -63,19 +66,40 @@ def cpu_version(config: dict) -> dict:
     return {**config, **small}
 
 
-def measure(work: harness.Workload, build, step_of) -> tuple[float, float | None]:
+GRAPH_WARM = 8  # steps before the timed ones of a graphed row: 2 eager, the capture, 3 replays timed, then kept
+
+
+def measure(work: harness.Workload, build, step_of, warm: int | None = None) -> tuple[float, float | None, dict]:
+    """(ms per step, peak GiB, and for a graphed step what ran eagerly and why) of `step_of(build())`."""
     work.fresh()
     model = build()
     model.train()
-    ms = work.time_ms(step_of(model))
+    step = step_of(model)
+    ms = work.time_ms(step, warm=warm)
     peak = work.peak_gib()
-    del model
+    eager = {str(k): v for k, v in step.graphs.eager.items()} if hasattr(step, "graphs") else {}
+    del model, step
     work.fresh()
-    return ms, peak
+    return ms, peak, eager
+
+
+def graphed_rows(work: harness.Workload, r: int, p: float, warm: int) -> dict:
+    """The floor, PEFT with adapters in the model's dtype, and surgery, each step replayed as one CUDA graph
+    (harness.graphed: the graphs of surgery.jobs, capturable AdamW), against each other."""
+    warm = max(warm, GRAPH_WARM)
+    out: dict = {}
+    rows = (("floor", work.base, lambda m: work.floor_step(m, graph=True)),
+            ("peft_dtype", lambda: work.peft(p, autocast=False, r=r), lambda m: work.train_step(m, graph=True)),
+            ("surgery", lambda: work.ours(p, r=r), lambda m: work.train_step(m, graph=True)))
+    for name, build, step_of in rows:
+        out[f"{name}_graph_ms"], out[f"{name}_graph_gib"], eager = measure(work, build, step_of, warm)
+        if eager:
+            out[f"{name}_graph_eager"] = eager
+    return out
 
 
 def row(device: str, name: str, config: dict, batch: int, seq: int, r: int, p: float, dtype: str,
-        steps: int, warm: int) -> dict:
+        steps: int, warm: int, graph: bool = False) -> dict:
     cuda = device.startswith("cuda")
     config = {**BASE, **config} if cuda else cpu_version({**BASE, **config})
     batch, seq = (batch, seq) if cuda else (2, 64)
@@ -83,12 +107,14 @@ def row(device: str, name: str, config: dict, batch: int, seq: int, r: int, p: f
                                      "dtype": DTYPES[dtype] if cuda else torch.float32, "steps": steps,
                                      "warm": warm})
     out: dict = {"config": config, "batch": batch, "seq": seq, "r": r, "dropout": p, "dtype": dtype}
-    out["floor_ms"], out["floor_gib"] = measure(work, work.base, work.floor_step)
-    out["peft_default_ms"], out["peft_default_gib"] = measure(
+    out["floor_ms"], out["floor_gib"], _ = measure(work, work.base, work.floor_step)
+    out["peft_default_ms"], out["peft_default_gib"], _ = measure(
         work, lambda: work.peft(p, autocast=True, r=r), work.train_step)
-    out["peft_dtype_ms"], out["peft_dtype_gib"] = measure(
+    out["peft_dtype_ms"], out["peft_dtype_gib"], _ = measure(
         work, lambda: work.peft(p, autocast=False, r=r), work.train_step)
-    out["surgery_ms"], out["surgery_gib"] = measure(work, lambda: work.ours(p, r=r), work.train_step)
+    out["surgery_ms"], out["surgery_gib"], _ = measure(work, lambda: work.ours(p, r=r), work.train_step)
+    if graph:
+        out |= graphed_rows(work, r, p, warm)
     with torch.no_grad():  # unmerged inference forward against the base's
         model = work.base().eval()
         ids = work.ids
@@ -107,6 +133,13 @@ def row(device: str, name: str, config: dict, batch: int, seq: int, r: int, p: f
     out["fwd_x_base"] = round(out["fwd_unmerged_ms"] / out["fwd_base_ms"], 3)
     print(f"| {name} | {out['floor_ms']} | {out['peft_default_ms']} | {out['peft_dtype_ms']} | {out['surgery_ms']} "
           f"| {out['x_floor']} | {out['x_peft_dtype']} | {out['mem_x_floor']} | {out['fwd_x_base']} |", flush=True)
+    if graph:
+        out["x_floor_graph"] = round(out["surgery_graph_ms"] / out["floor_graph_ms"], 3)
+        out["x_peft_dtype_graph"] = round(out["surgery_graph_ms"] / out["peft_dtype_graph_ms"], 3)
+        out["x_floor_graph_vs_eager_floor"] = round(out["surgery_graph_ms"] / out["floor_ms"], 3)
+        print(f"|   graphed | {out['floor_graph_ms']} | | {out['peft_dtype_graph_ms']} | {out['surgery_graph_ms']} "
+              f"| {out['x_floor_graph']} | {out['x_peft_dtype_graph']} | | | dropped graphs: "
+              f"{ {k: v for k, v in out.items() if k.endswith('_graph_eager')} }", flush=True)
     return out
 
 
@@ -116,6 +149,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", type=int, default=list(range(len(GRID))))
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warm", type=int, default=3)
+    parser.add_argument("--graphed", action="store_true",
+                        help="also the floor, PEFT dtype and surgery with each step one CUDA graph (CUDA only)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.device == "cpu":
@@ -125,7 +160,8 @@ def main() -> None:
     rows = {}
     for i in args.rows:
         name, config, batch, seq, r, p, dtype = GRID[i]
-        rows[name] = row(args.device, name, config, batch, seq, r, p, dtype, args.steps, args.warm)
+        rows[name] = row(args.device, name, config, batch, seq, r, p, dtype, args.steps, args.warm,
+                         args.graphed and args.device.startswith("cuda"))
         harness.write_results("bench_grid", args.device, {"rows": {name: rows[name]}}, args.out)  # kept if cut off
     summary = {k: statistics.median(v[k] for v in rows.values()) for k in ("x_floor", "x_peft_dtype", "fwd_x_base")}
     summary |= {f"worst_{k}": max(v[k] for v in rows.values()) for k in ("x_floor", "x_peft_dtype", "fwd_x_base")}

@@ -270,14 +270,7 @@ class Workload:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             return {"loss": loss.detach()}
-        if not graph:
-            return step
-        graphs = step_graphs().StepGraphs()
-
-        def graphed():
-            return graphs.run("one", (ids,), step, lambda: params, lambda: None)
-        graphed.graphs = graphs  # what ran eagerly, and why (`StepGraphs.eager`)
-        return graphed
+        return graphed(step, ids, params) if graph else step
 
     def job_batches(self, jobs: int, batch: int, seq: int) -> dict[str, dict[str, torch.Tensor]]:
         """`jobs` training jobs' batches of `batch` x `seq` random token ids (seeded), by job name j0, j1, ..."""
@@ -299,16 +292,30 @@ class Workload:
                 for n in data}
         return model, surgery.jobs(model, opts, cuda_graph=True) if graph else surgery.jobs(model, opts)
 
-    def floor_loss(self, model):
-        """The floor's forward: a function giving frozen `model`'s loss, its input embeddings requiring gradients."""
+    def floor_step(self, model, graph: bool = False):
+        """The floor's step on the benchmark's batch: `model` frozen, gradients to its input embeddings only; with
+        `graph`, replayed as a CUDA graph (as `train_step`'s)."""
         emb = model.get_input_embeddings()
-        ids = self.ids
-        return lambda: model(inputs_embeds=emb(ids).detach().requires_grad_(True), labels=ids, use_cache=False).loss
 
-    def floor_step(self, model):
-        """The floor's step on the benchmark's batch: `model` frozen, gradients to its input embeddings only."""
-        loss = self.floor_loss(model)
-        return lambda: loss().backward()
+        def step(inputs=(self.ids,)):
+            embeds = emb(inputs[0]).detach().requires_grad_(True)
+            loss = model(inputs_embeds=embeds, labels=inputs[0], use_cache=False).loss
+            loss.backward()
+            return {"loss": loss.detach()}
+        return graphed(step, self.ids, []) if graph else lambda: step()
+
+
+def graphed(step: Callable, ids: torch.Tensor, params: list[torch.Tensor]) -> Callable[[], dict]:
+    """`step((ids,))` replayed as a CUDA graph, by the graphs surgery.jobs uses (the engine's StepGraphs: two eager
+    steps, then a capture; a graph slower than the eager step over its first replays is dropped and the step runs
+    eagerly from then on). `params`: those whose gradients the step sets. The function returned carries `.graphs`,
+    whose `eager` says what ran eagerly, and why."""
+    graphs = step_graphs().StepGraphs()
+
+    def run():
+        return graphs.run("one", (ids,), step, lambda: params, lambda: None)
+    run.graphs = graphs
+    return run
 
 
 # ---- results files -----------------------------------------------------------------------------------------------
