@@ -5,10 +5,10 @@ output in place (addmm), the input gradient of base and branch is one matmul plu
 layer wider in than out, one matmul over [dy | dh] and [W; A], which moves fewer bytes than updating dx), and
 no copy of the layer input is made for backward: with dropout the mask is drawn again in backward (by the
 kernels of kernels.py, or by replaying torch's dropout from the saved random state; inside a CUDA graph capture,
-where that state cannot be read, torch's mask is kept), and an input that is a
-product autograd keeps anyway is kept as its factors (saved_input.py). With `merged`, y and dx come through the
-merged weight W + s·B @ A built per call instead (merged_weight.py). Where autograd records nothing and there
-is no dropout, `inference` computes the same output by plain ops.
+where that state cannot be read, torch's mask is kept), and an input that is a product autograd keeps anyway is
+kept as its factors (saved_input.py). With `merged`, y and dx come through the merged weight W + s·B @ A built
+per call instead (merged_weight.py). Where autograd records nothing and there is no dropout, `inference`
+computes the same output by plain ops.
 
 dispatch.py decides when this runs and with which of kernels, merged weight and saved factors; nothing here
 checks a condition of its own (the one choice left, dx from one widened matmul for a layer wider in than out,

@@ -6,9 +6,10 @@ shared.py); and one that builds merged weights W + s·B @ A in one pass over W (
 With dropout, every member i of a group reading one x gets its own keep mask, a pure function of (seed + i,
 row, column): the forward kernel draws it, the backward kernel draws it again, so no mask and no dropped copy of
 x is ever stored. The seed is a one-element tensor on the device (`new_seed`), read by the kernels there, so a step
-with dropout can be captured in a CUDA graph and draws new masks at every replay. The mask uses 16-bit uniforms from Philox-4x32 (7 rounds; 8 uniforms per draw): an element is
-kept when its uniform is at least round(p * 65536), and kept values are scaled by 65536 / (65536 - that), the
-exact inverse of the keep probability, so the dropout stays unbiased (its drop rate is p to within 2**-17).
+with dropout can be captured in a CUDA graph and draws new masks at every replay. The mask uses 16-bit uniforms
+from Philox-4x32 (7 rounds; 8 uniforms per draw): an element is kept when its uniform is at least
+round(p * 65536), and kept values are scaled by 65536 / (65536 - that), the exact inverse of the keep
+probability, so the dropout stays unbiased (its drop rate is p to within 2**-17).
 
 The backward kernel can also read x as the product of two saved tensors (see saved_input.py), so a layer
 input such as an MLP's act(gate) * up need not be kept. The kernels run where dispatch.py sends them (CUDA,
