@@ -15,17 +15,20 @@ import host_overhead
 
 
 @pytest.fixture
-def cuda_path(monkeypatch):
-    """host_overhead.take_the_cuda_path(), undone afterwards (and its no-op launches forgotten)."""
-    monkeypatch.setattr(dispatch, "KERNEL_DEVICES", set(dispatch.KERNEL_DEVICES))
-    monkeypatch.setattr(dispatch, "KERNEL_DTYPES", set(dispatch.KERNEL_DTYPES))
-    for name in ("merged_pays",):
-        monkeypatch.setattr(dispatch, name, getattr(dispatch, name))
-    for name in ("AVAILABLE", "tl", *host_overhead.KERNELS):
-        monkeypatch.setattr(kernels, name, getattr(kernels, name, None), raising=False)
-    host_overhead.take_the_cuda_path()
-    yield
-    kernels.clear_launches()
+def cuda_path():
+    """host_overhead.take_the_cuda_path(), undone afterwards (its no-op launches forgotten), and checked undone: the
+    benchmark's knobs are global, and the tests after this one must see the CPU's path again."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dispatch, "KERNEL_DEVICES", set(dispatch.KERNEL_DEVICES))
+        mp.setattr(dispatch, "KERNEL_DTYPES", set(dispatch.KERNEL_DTYPES))
+        mp.setattr(dispatch, "merged_pays", dispatch.merged_pays)
+        for name in ("AVAILABLE", "tl", *host_overhead.KERNELS):
+            mp.setattr(kernels, name, getattr(kernels, name, None), raising=False)
+        host_overhead.take_the_cuda_path()
+        yield
+        kernels.clear_launches()
+    assert "cpu" not in dispatch.KERNEL_DEVICES and torch.float32 not in dispatch.KERNEL_DTYPES
+    assert not dispatch.merged_pays(1 << 20, torch.empty(4, 4))
 
 
 def paths(model, ids) -> list[dispatch.Path]:
@@ -54,8 +57,3 @@ def test_host_overhead_takes_the_cuda_path(cuda_path, p):
         assert all(path.kernels and path.p == p for path in computed)
     else:  # the merged weight, as on CUDA at the benchmarks' token counts
         assert all(path.merged for path in computed)
-
-
-def test_the_knobs_are_undone_after_the_cuda_path_test():
-    assert "cpu" not in dispatch.KERNEL_DEVICES and torch.float32 not in dispatch.KERNEL_DTYPES
-    assert not dispatch.merged_pays(1 << 20, torch.empty(4, 4))
