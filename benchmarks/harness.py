@@ -302,7 +302,7 @@ class Workload:
             loss = model(inputs_embeds=embeds, labels=inputs[0], use_cache=False).loss
             loss.backward()
             return {"loss": loss.detach()}
-        return graphed(step, self.ids, []) if graph else lambda: step()
+        return graphed(step, self.ids, []) if graph else step
 
 
 def graphed(step: Callable, ids: torch.Tensor, params: list[torch.Tensor]) -> Callable[[], dict]:

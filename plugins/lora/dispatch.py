@@ -139,12 +139,12 @@ def choose(branch: Any, base: nn.Module | None, x: Any, groups: list | None = No
                 return _path(Path, (kind, p, merged, serve, (), (), tuple(live), None))
     a, b = reads.pair(branch)
     linear = type(base) is nn.Linear
-    weight = reads.weight_bias(base)[0] if linear else branch.quantized if torch.is_grad_enabled() else None
+    weight, bias = reads.weight_bias(base) if linear else (branch.quantized if torch.is_grad_enabled() else None, None)
     if reads.channels(branch) is not None or weight is None or not x.dtype == a.dtype == weight.dtype:
         return _PLAIN
     p = rate(branch)
     merged = p == 0 and merged_pays(x.numel() // x.shape[-1], weight)
-    tensors = (weight, reads.weight_bias(base)[1] if linear else base.bias, a, b)
+    tensors = (weight, bias if linear else base.bias, a, b)
     if p == 0 and not torch.is_grad_enabled():  # the kernels only build the merged weight
         return _path(Path, (INFERENCE, 0.0, merged, merged and kernels_serve(x, a.shape[0]), (), tensors, (), None))
     saved = kept(x)

@@ -83,12 +83,13 @@ class LoraLinear(torch.autograd.Function):
         ctx.seed = kernels.new_seed(x.device) if use_kernels and p > 0 else 0
         # torch's dropout is drawn again in backward from the random state it started with; inside a CUDA graph
         # capture, where that state cannot be read, its mask is kept instead
-        keep = p > 0 and not use_kernels and capturing(x.device)
-        ctx.rng = rng_state(x.device) if p > 0 and not use_kernels and not keep else None
+        torch_dropout = p > 0 and not use_kernels
+        keep = torch_dropout and capturing(x.device)
+        ctx.rng = rng_state(x.device) if torch_dropout and not keep else None
         mask = None
-        if use_kernels and p > 0:
+        if p > 0 and use_kernels:
             h = kernels.dropped_down(x2, a, 1, p, ctx.seed)
-        elif p > 0:
+        elif torch_dropout:
             dropped, mask = dropout(x2, p)
             h = dropped @ a.t()
         else:
