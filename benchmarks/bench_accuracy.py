@@ -20,11 +20,12 @@ import torch
 import surgery
 
 
-def lora_model(config: dict, device: str, dtype: torch.dtype, state: dict | None, delta: float, r: int):
+def lora_model(config: dict, device: str, dtype: torch.dtype, state: dict | None, delta: float, r: int,
+               seed: int = 0):
     model = harness.llama(config, device, torch.float64 if state is None else dtype)
     surgery.attach(model, harness.lora_rules(r=r), name="a")
     if state is None:  # draw B so that ‖s·B·A‖ is about `delta` of ‖W‖ at each site
-        g = torch.Generator(device="cpu").manual_seed(5)
+        g = torch.Generator(device="cpu").manual_seed(5 + seed)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("lora_B"):
@@ -43,22 +44,13 @@ def rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--delta", type=float, default=0.05)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    cuda = args.device.startswith("cuda")
-    config = ({"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 4, "num_attention_heads": 32,
-               "num_key_value_heads": 8, "vocab_size": 32000} if cuda else
-              {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "vocab_size": 512})
-    batch, seq, r = (4, 512, 16) if cuda else (2, 32, 8)
-    ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(args.device)
-
-    ref = lora_model(config, args.device, torch.float64, None, args.delta, r).train()
+def errors(config: dict, device: str, batch: int, seq: int, r: int, delta: float, seed: int = 0
+           ) -> dict[str, dict[str, float]]:
+    """{"surgery_bf16": ..., "peft_bf16": ...}, each {"logits_rel_err", "lora_grads_rel_err"} against float64; `seed`
+    draws the tokens and B (the base's weights are harness.llama's)."""
+    ids = torch.randint(0, config["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(device)
+    ref = lora_model(config, device, torch.float64, None, delta, r, seed).train()
     state = {k: v.detach().clone() for k, v in ref.state_dict().items()}
     out = ref(input_ids=ids, labels=ids, use_cache=False)
     out.loss.backward()
@@ -68,14 +60,14 @@ def main() -> None:
         surgery.save(ref, tmp, name="a", format="peft")
         del ref, out
 
-        ours = lora_model(config, args.device, torch.bfloat16, state, args.delta, r).train()
+        ours = lora_model(config, device, torch.bfloat16, state, delta, r).train()
         o = ours(input_ids=ids, labels=ids, use_cache=False)
         o.loss.backward()
         got = {"surgery_bf16": (rel(o.logits, want_logits), grads_of(ours, lambda n: n.replace(".branches.a.", ".")))}
         del ours, o
 
         from peft import PeftModel
-        base = harness.llama(config, args.device, torch.bfloat16)
+        base = harness.llama(config, device, torch.bfloat16)
         base.load_state_dict({k.replace(".base.", "."): v.to(torch.bfloat16) for k, v in state.items()
                               if "branches" not in k}, strict=False)
         peft = PeftModel.from_pretrained(base, tmp, is_trainable=True, autocast_adapter_dtype=False).train()
@@ -91,12 +83,29 @@ def main() -> None:
     for name, (logits_err, grads) in got.items():
         missing = [k for k in keys if k not in grads]
         if missing:
-            raise SystemExit(f"{name}: no gradient for {missing[:3]} ...")
-        results[name] = {"logits_rel_err": round(logits_err, 5),
-                         "lora_grads_rel_err": round(rel(torch.cat([grads[k] for k in keys]), want), 5)}
-        print(name, results[name], flush=True)
-    results["meta"] = harness.run_meta(args.device, config=config, batch=batch, seq=seq, r=r, delta=args.delta)
-    meta = results.pop("meta")
+            raise RuntimeError(f"{name}: no gradient for {missing[:3]} ...")
+        results[name] = {"logits_rel_err": logits_err,
+                         "lora_grads_rel_err": rel(torch.cat([grads[k] for k in keys]), want)}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--delta", type=float, default=0.05)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    config = ({"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 4, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "vocab_size": 32000} if cuda else
+              {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": 512})
+    batch, seq, r = (4, 512, 16) if cuda else (2, 32, 8)
+    results = {name: {k: round(v, 5) for k, v in errs.items()}
+               for name, errs in errors(config, args.device, batch, seq, r, args.delta).items()}
+    for name, errs in results.items():
+        print(name, errs, flush=True)
+    meta = harness.run_meta(args.device, config=config, batch=batch, seq=seq, r=r, delta=args.delta)
     print(f"wrote {harness.write_results('bench_accuracy', args.device, {'meta': meta, 'errors': results}, args.out)}")
 
 

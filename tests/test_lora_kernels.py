@@ -112,7 +112,7 @@ def lora_formula(x, w, bias, a, b, scale, mask):
 @pytest.mark.parametrize("frozen", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("out_features", [12, 4])  # 4: wider in than out
-@pytest.mark.parametrize("merged", [False, True])  # the forward (and dx) through the merged weight, where p = 0
+@pytest.mark.parametrize("merged", [False, True])  # dx through the merged weight, where p = 0
 def test_fused_linear_on_kernels_matches_formula_and_keeps_no_copy_of_a_product_input(monkeypatch, kernels_here,
                                                                                       frozen, p, out_features, merged):
     monkeypatch.setattr(dispatch, "MERGED_DEVICES", {DEVICE} if merged else set())
@@ -142,7 +142,7 @@ def test_fused_linear_on_kernels_matches_formula_and_keeps_no_copy_of_a_product_
 
 @pytest.mark.parametrize("frozen", [True, False])
 @pytest.mark.parametrize("unused", [None, 1])  # a member whose output takes no part in the loss
-@pytest.mark.parametrize("p, merged", [(0.3, False), (0.0, False), (0.0, True)])
+@pytest.mark.parametrize("p, merged", [(0.3, False), (0.0, False), (0.0, True)])  # merged: a device that would merge
 def test_shared_function_on_kernels_matches_formula_with_one_mask_per_member(monkeypatch, kernels_here, up_launches,
                                                                             frozen, unused, p, merged):
     monkeypatch.setattr(dispatch, "MERGED_DEVICES", {DEVICE} if merged else set())

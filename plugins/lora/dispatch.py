@@ -26,8 +26,10 @@ Paths (`Path.kind`), what computes the call, and when:
 
 Within FUSED, SHARED and their inference forms:
 
-- `merged` (merged_weight.py): y, and for FUSED dx, through W + s·B @ A built per call: no dropout, the weights
-  on MERGED_DEVICES and as many tokens as input features (every member's).
+- `merged` (merged_weight.py): through W + s·B @ A built per call, where there is no dropout, the weights are on
+  MERGED_DEVICES and there are as many tokens as input features (every member's): the inference forms' y, and
+  FUSED's dx in backward. Never a training forward's y, which keeps the update in the output's rounding: a bf16
+  merged weight made the logits less accurate than PEFT's (fused.py).
 - `kernels` (kernels.py): Triton importable, x on KERNEL_DEVICES in KERNEL_DTYPES, rank <= kernels.MAX_RANK.
   FUSED uses them with dropout (the mask drawn in the kernels) or for an input kept as its factors; SHARED for dh
   and dB in one pass over each dy (and for the masks with dropout); the inference forms to build merged weights.
@@ -60,7 +62,7 @@ class Path(NamedTuple):
 
     kind: str
     p: float = 0.0  # dropout rate of this call
-    merged: bool = False  # through the merged weight built per call
+    merged: bool = False  # through the merged weight built per call: inference's y, FUSED's dx
     kernels: bool = False  # with the Triton kernels (inference forms: merged weights built by the kernel)
     saved: tuple = ()  # FUSED: what to keep of x for backward, (x,) or its factors
     tensors: tuple = ()  # FUSED, INFERENCE: the linear's weight and bias, and the pair A, B
@@ -134,8 +136,8 @@ def choose(branch: Any, base: nn.Module | None, x: Any, groups: list | None = No
             serve = kernels_serve(x, max(ranks))
             if p == 0 or serve and len(ranks) == 1:
                 tokens = x.numel() // width
-                merged = p == 0 and all(merged_pays(tokens, tensors[0]) for _, tensors in live)
                 kind = SHARED if p > 0 or grad else SHARED_INFERENCE
+                merged = kind is SHARED_INFERENCE and all(merged_pays(tokens, tensors[0]) for _, tensors in live)
                 return _path(Path, (kind, p, merged, serve, (), (), tuple(live), None))
     a, b = reads.pair(branch)
     linear = type(base) is nn.Linear

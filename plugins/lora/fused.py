@@ -6,9 +6,11 @@ layer wider in than out, one matmul over [dy | dh] and [W; A], which moves fewer
 no copy of the layer input is made for backward: with dropout the mask is drawn again in backward (by the
 kernels of kernels.py, or by replaying torch's dropout from the saved random state; inside a CUDA graph capture,
 where that state cannot be read, torch's mask is kept), and an input that is a product autograd keeps anyway is
-kept as its factors (saved_input.py). With `merged`, y and dx come through the merged weight W + s·B @ A built
-per call instead (merged_weight.py). Where autograd records nothing and there is no dropout, `inference`
-computes the same output by plain ops.
+kept as its factors (saved_input.py). With `merged`, dx comes through the merged weight W + s·B @ A built in
+backward (merged_weight.py). y never does here: a merged bf16 weight rounds the update into the weight, which made
+the logits less accurate than PEFT's against float64, where y = x @ W.T + b + s·h @ B.T rounds it into the output
+once (docs/performance.md, bf16 accuracy). Where autograd records nothing and there is no dropout, `inference`
+computes the same output by plain ops, through the merged weight where it pays.
 
 dispatch.py decides when this runs and with which of kernels, merged weight and saved factors; nothing here
 checks a condition of its own (the one choice left, dx from one widened matmul for a layer wider in than out,
@@ -68,15 +70,15 @@ class LoraLinear(torch.autograd.Function):
 
     After the tensors and the scale s comes the dispatch's `path` (dispatch.Path): its `p` the dropout rate,
     `saved` what to keep of x for backward ((x,) or its factors), `kernels` the Triton kernels for the passes
-    over x, `merged` the merged weight for y and dx (p = 0 only). `weight` is a tensor, or a quantized layer's
+    over x, `merged` the merged weight for dx (p = 0 only). `weight` is a tensor, or a quantized layer's
     (quantized_base.QuantizedWeight), dequantized here in forward and again in backward where dx is needed."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, s: float, path: Any) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        p, saved, use_kernels, merged = path.p, path.saved, path.kernels, path.merged
-        ctx.kernels, ctx.merged = use_kernels, merged
+        p, saved, use_kernels = path.p, path.saved, path.kernels
+        ctx.kernels, ctx.merged = use_kernels, path.merged
         ctx.quantized = None if isinstance(weight, torch.Tensor) else weight
         if ctx.quantized is not None:
             weight = ctx.quantized()  # dense for this call only: backward dequantizes again
@@ -94,10 +96,7 @@ class LoraLinear(torch.autograd.Function):
             h = dropped @ a.t()
         else:
             h = x2 @ a.t()
-        if merged:
-            y = F.linear(x2, merged_weight.merged(weight, a, b, s, one_pass=False), bias)
-        else:
-            y = update_first.linear(x2, weight, bias, h, b, s)
+        y = update_first.linear(x2, weight, bias, h, b, s)
         ctx.save_for_backward(weight if ctx.quantized is None else None, a, b, h, mask if keep else None, *saved)
         ctx.scale, ctx.p, ctx.has_bias, ctx.shape = s, p, bias is not None, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])

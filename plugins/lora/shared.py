@@ -14,10 +14,10 @@ function computes every y_i = formula.linear(x, W_i, b_i, A_i, B_i, s_i) at once
   dx matmuls to [dx | dh] instead cost the H100 more than the skinny dh matmuls: cuBLAS runs the widened shapes
   slower, and the widened weights had to be copied again.)
 
-With `merged` (without dropout, from as many tokens as inputs on CUDA: merged_weight.py), the forward computes
-y_i = x @ (W_i + s_i B_i @ A_i).T from merged weights built per call, and h only in backward, where the
-gradients need it; the backward is the same. (dx there stays Σ dy_i @ W_i + dh @ A: building the merged
-weights again would cost the host more ops than the one update of dx it saves.)
+Only `inference` goes through merged weights (without dropout, from as many tokens as inputs on CUDA:
+merged_weight.py). In training the outputs keep the update in the output's rounding, as fused.py does and for the
+same reason (accuracy), and dx stays Σ dy_i @ W_i + dh @ A: building merged weights in backward would cost the
+host more ops than the one update of dx it saves.
 
 With dropout (CUDA, equal ranks: the kernels of kernels.py), every member keeps its own mask: h comes from
 one kernel that drops x per member on the fly, and dA with the masked dx update from one kernel in backward,
@@ -106,15 +106,15 @@ def _merged_outputs(x: torch.Tensor, scales: tuple[float, ...], weights: tuple, 
 
 class SharedInputLora(torch.autograd.Function):
     """Outputs of several LoRA-adapted linears on one input; then the dispatch's `path` (dispatch.Path: its `p`
-    the dropout rate, > 0 with the kernels only; `merged` through merged weights, p = 0 only; `kernels` the
-    Triton kernels for dh and dB), and 4 tensors per member (weight, bias or None, A, B). A member's weight may
+    the dropout rate, > 0 with the kernels only; `kernels` the Triton kernels for dh and dB), and 4 tensors per
+    member (weight, bias or None, A, B). A member's weight may
     be a quantized layer's (quantized_base.QuantizedWeight): dequantized in forward, and again in backward where
     dx is needed, nothing dense kept between. See the module docstring."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scales: tuple[float, ...], path: Any, *members: torch.Tensor | None
                 ) -> tuple[torch.Tensor, ...]:
-        p, merged, use_kernels = path.p, path.merged, path.kernels
+        p, use_kernels = path.p, path.kernels
         weights, biases, a_s, b_s = (members[k::PER_MEMBER] for k in range(PER_MEMBER))
         # a quantized layer's weight, dense for this call only: backward dequantizes it again where dx is needed
         ctx.quantized = [None if isinstance(w, torch.Tensor) else w for w in weights]
@@ -122,16 +122,12 @@ class SharedInputLora(torch.autograd.Function):
         kept = [w if q is None else None for w, q in zip(weights, ctx.quantized)]
         ctx.ranks = [a.shape[0] for a in a_s]
         ctx.p, ctx.seed = p, kernels.new_seed(x.device) if p > 0 else 0
-        ctx.merged, ctx.kernels = merged, use_kernels
-        if merged:  # h is only needed for the gradients: computed in backward, off the forward's host time
-            outs = _merged_outputs(x, scales, weights, biases, a_s, b_s, one_pass=False)
-            ctx.save_for_backward(x, None, *kept, *b_s, *a_s)
-        else:
-            x2, a_cat = x.reshape(-1, x.shape[-1]), torch.cat(a_s)
-            h = kernels.dropped_down(x2, a_cat, len(a_s), p, ctx.seed) if p > 0 else x2 @ a_cat.t()
-            hs = _scaled(h, scales, ctx.ranks)
-            outs = _outputs(x, hs, weights, biases, b_s)
-            ctx.save_for_backward(x, hs, *kept, *b_s, a_cat)
+        ctx.kernels = use_kernels
+        x2, a_cat = x.reshape(-1, x.shape[-1]), torch.cat(a_s)
+        h = kernels.dropped_down(x2, a_cat, len(a_s), p, ctx.seed) if p > 0 else x2 @ a_cat.t()
+        hs = _scaled(h, scales, ctx.ranks)
+        outs = _outputs(x, hs, weights, biases, b_s)
+        ctx.save_for_backward(x, hs, *kept, *b_s, a_cat)
         ctx.scales = scales
         ctx.has_bias = [b is not None for b in biases]
         ctx.set_materialize_grads(False)
@@ -141,14 +137,11 @@ class SharedInputLora(torch.autograd.Function):
     def backward(ctx: Any, *dys: torch.Tensor | None):
         x, hs, *rest = ctx.saved_tensors
         n = len(dys)
-        weights, b_s = rest[:n], rest[n:2 * n]
-        a_cat = torch.cat(rest[2 * n:]) if ctx.merged else rest[2 * n]
+        weights, b_s, a_cat = rest[:n], rest[n:2 * n], rest[2 * n]
         needs = ctx.needs_input_grad[:2] + ctx.needs_input_grad[3:]  # x, scales, then 4 per member
         if all(dy is None for dy in dys):
             return (None, None, None, *[None] * (PER_MEMBER * len(dys)))
         x2 = x.reshape(-1, x.shape[-1])
-        if hs is None:  # merged forward
-            hs = _scaled(x2 @ a_cat.t(), ctx.scales, ctx.ranks)
         grads: list[torch.Tensor | None] = [None] * (PER_MEMBER * len(dys))
         dx = None
         dh = hs.new_empty(hs.shape) if all(dy is not None for dy in dys) else hs.new_zeros(hs.shape)
