@@ -1,7 +1,8 @@
 """The two orders of a LoRA output's base matmul and update (plugins/lora/update_first.py), per shape: the base
 matmul then the update added in place (`F.linear(x, W).addmm_(h, B.T)`), against the update first with the base
-matmul added onto it (`torch.mm(h, B.T).addmm_(x, W.T)`), each as × the base matmul alone; and which order
-`update_first` takes. h = x @ A.T is given, not timed.
+matmul added onto it (`torch.mm(h, B.T).addmm_(x, W.T)`), and the update inside the base matmul (shared.py's
+`_update_inside`), each as × the base matmul alone; and which order `update_first` takes. h = x @ A.T is given, not
+timed.
 
     python benchmarks/bench_update_order.py --device cuda
 
@@ -22,11 +23,14 @@ SHAPES = [(16384, 2048, 2048, 128), (16384, 2048, 512, 128), (16384, 2048, 2048,
 
 
 def orders_ms(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, b: torch.Tensor, device: str) -> tuple:
-    """ms of the base matmul alone, of the update after it, and of the update first (medians of 30)."""
+    """ms of the base matmul alone, of the update after it, of the update first, and of the update inside the base
+    matmul as shared.py's wide members take it, [x | h] @ [W | B].T with both concatenations made per call (medians
+    of 30)."""
     def time(fn):
         return harness.time_ms(fn, device, 30, 3)
     return (time(lambda: F.linear(x, w)), time(lambda: F.linear(x, w).addmm_(h, b.t())),
-            time(lambda: torch.mm(h, b.t()).addmm_(x, w.t())))
+            time(lambda: torch.mm(h, b.t()).addmm_(x, w.t())),
+            time(lambda: F.linear(torch.cat([x, h], dim=1), torch.cat([w, b], dim=1))))
 
 
 def main() -> None:
@@ -45,12 +49,13 @@ def main() -> None:
         w = (torch.randn(n, k, device=device, generator=g) / k ** 0.5).to(dtype)
         h = torch.randn(tokens, r, device=device, generator=g).to(dtype)
         b = (torch.randn(n, r, device=device, generator=g) * 0.05).to(dtype)
-        base, after, first = orders_ms(x, w, h, b, device)
+        base, after, first, inside = orders_ms(x, w, h, b, device)
         row = {"shape": {"tokens": tokens, "in": k, "out": n, "rank": r}, "base_ms": base,
                "after_x_base": round(after / base, 3), "first_x_base": round(first / base, 3),
-               "takes_first": update_first.update_first(tokens, n)}
+               "inside_x_base": round(inside / base, 3), "takes_first": update_first.update_first(tokens, n)}
         print(f"{tokens} x {k} -> {n}, r {r}: base {base:.4f} ms, update after {row['after_x_base']}, update first "
-              f"{row['first_x_base']}; takes {'first' if row['takes_first'] else 'after'}", flush=True)
+              f"{row['first_x_base']}, inside {row['inside_x_base']}; takes "
+              f"{'first' if row['takes_first'] else 'after'}", flush=True)
         rows.append(row)
     print("wrote", harness.write_results("bench_update_order", device, {"shapes": rows}, args.out))
 
