@@ -107,9 +107,9 @@ def _merged_outputs(x: torch.Tensor, scales: tuple[float, ...], weights: tuple, 
 class SharedInputLora(torch.autograd.Function):
     """Outputs of several LoRA-adapted linears on one input; then the dispatch's `path` (dispatch.Path: its `p`
     the dropout rate, > 0 with the kernels only; `kernels` the Triton kernels for dh and dB), and 4 tensors per
-    member (weight, bias or None, A, B). A member's weight may
-    be a quantized layer's (quantized_base.QuantizedWeight): dequantized in forward, and again in backward where
-    dx is needed, nothing dense kept between. See the module docstring."""
+    member (weight, bias or None, A, B). A member's weight may be a quantized layer's
+    (quantized_base.QuantizedWeight): dequantized in forward, and again in backward where dx is needed, nothing
+    dense kept between. See the module docstring."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scales: tuple[float, ...], path: Any, *members: torch.Tensor | None
