@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 
 import surgery
 from surgery import tiny
+from tests.conftest import gloo_group
 
 WORLD = 2
 GLOBAL_BATCH = 4
@@ -59,7 +60,7 @@ def _reference() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
 def _worker(rank: int, out: str) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD)
+    gloo_group(f"file://{out}/store", rank=rank, world_size=WORLD)
     try:
         x = _batch()
         mine = x.chunk(WORLD)[rank]

@@ -4,7 +4,7 @@ from transformers import Trainer, TrainingArguments
 
 import surgery
 from surgery import tiny
-from tests.conftest import assert_bit_identical, ids, snapshot
+from tests.conftest import assert_bit_identical, gloo_group, ids, snapshot
 
 
 class Rows(torch.utils.data.Dataset):
@@ -38,7 +38,7 @@ def test_ddp_wrapped_model_trains_and_detaches(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    gloo_group(f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         model = tiny.build("llama").train()
         before = snapshot(model)
