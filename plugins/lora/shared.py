@@ -91,17 +91,11 @@ def inference(x: torch.Tensor, scales: tuple[float, ...], merged: bool, one_pass
     """`SharedInputLora`'s outputs without autograd and dropout, by the same plain ops and without the autograd
     function's per-call cost (merged weights built by the kernel with `one_pass`)."""
     weights, biases, a_s, b_s = (members[k::PER_MEMBER] for k in range(PER_MEMBER))
-    if merged:
-        return tuple(_merged_outputs(x, scales, weights, biases, a_s, b_s, one_pass))
+    if merged:  # y_i = x @ (W_i + s_i B_i @ A_i).T + b_i (merged_weight.py)
+        built = merged_weight.merged_all(weights, a_s, b_s, scales, one_pass)
+        return tuple(F.linear(x, w, bias) for w, bias in zip(built, biases))
     hs = _scaled(x.reshape(-1, x.shape[-1]) @ torch.cat(a_s).t(), scales, [a.shape[0] for a in a_s])
     return tuple(_outputs(x, hs, weights, biases, b_s))
-
-
-def _merged_outputs(x: torch.Tensor, scales: tuple[float, ...], weights: tuple, biases: tuple, a_s: tuple,
-                    b_s: tuple, one_pass: bool) -> list[torch.Tensor]:
-    """y_i = x @ (W_i + s_i B_i @ A_i).T + b_i for every member (see merged_weight.py)."""
-    built = merged_weight.merged_all(weights, a_s, b_s, scales, one_pass)
-    return [F.linear(x, w, bias) for w, bias in zip(built, biases)]
 
 
 class SharedInputLora(torch.autograd.Function):
