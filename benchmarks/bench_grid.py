@@ -4,8 +4,9 @@ model's dtype; peak memory of each; and the unmerged no-grad forward against the
 
     python benchmarks/bench_grid.py --device cuda                 # every row of GRID
     python benchmarks/bench_grid.py --device cuda --rows 0 3 7    # some rows
-    python benchmarks/bench_grid.py                               # CPU: tiny versions of the rows, a smoke run
+    python benchmarks/bench_grid.py                               # CPU: tiny versions of the rows (r <= 8)
     python benchmarks/bench_grid.py --device cuda --rows 0 7 8 --graphed   # also each step as one CUDA graph
+    python benchmarks/bench_grid.py --device cuda --rows 6 --profile       # also one step of each profiled
 
 Deep models are measured as a slice of a few layers (`layers`), which keeps every row on one GPU and within a
 call; the per-layer work is the full model's. The rows are spread over the grid's axes (hidden 1024-8192,
@@ -57,6 +58,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 BASE = {"vocab_size": 32000, "max_position_embeddings": 4096}
 
 
+CPU_RANK = 8  # the most the CPU versions take: their narrowest site (a GQA row's k/v) has 16 features
+
+
 def cpu_version(config: dict) -> dict:
     """The row's structure at a width the CPU runs in seconds (same heads ratio, bias, tying)."""
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
@@ -66,17 +70,22 @@ def cpu_version(config: dict) -> dict:
     return {**config, **small}
 
 
+PROFILE_TOP = 16  # kernels listed per profiled step
 GRAPH_WARM = 8  # steps before the timed ones of a graphed row: 2 eager, the capture, 3 replays timed, then kept
 
 
-def measure(work: harness.Workload, build, step_of, warm: int | None = None) -> tuple[float, float | None, dict]:
-    """(ms per step, peak GiB, and for a graphed step what ran eagerly and why) of `step_of(build())`."""
+def measure(work: harness.Workload, build, step_of, warm: int | None = None,
+            profile: dict | None = None) -> tuple[float, float | None, dict]:
+    """(ms per step, peak GiB, and for a graphed step what ran eagerly and why) of `step_of(build())`; with a
+    `profile` dict, its "kernels" set to one step's kernels (harness.profile, after the timed steps)."""
     work.fresh()
     model = build()
     model.train()
     step = step_of(model)
     ms = work.time_ms(step, warm=warm)
     peak = work.peak_gib()
+    if profile is not None:
+        profile["kernels"] = harness.profile(step, work.device, top=PROFILE_TOP, warm=0)
     eager = {str(k): v for k, v in step.graphs.eager.items()} if hasattr(step, "graphs") else {}
     del model, step
     work.fresh()
@@ -99,20 +108,24 @@ def graphed_rows(work: harness.Workload, r: int, p: float, warm: int) -> dict:
 
 
 def row(device: str, name: str, config: dict, batch: int, seq: int, r: int, p: float, dtype: str,
-        steps: int, warm: int, graph: bool = False) -> dict:
+        steps: int, warm: int, graph: bool = False, profile: bool = False) -> dict:
     cuda = device.startswith("cuda")
     config = {**BASE, **config} if cuda else cpu_version({**BASE, **config})
-    batch, seq = (batch, seq) if cuda else (2, 64)
+    batch, seq, r = (batch, seq, r) if cuda else (2, 64, min(r, CPU_RANK))
     work = harness.Workload(device, {"config": config, "batch": batch, "seq": seq, "mixed_batch": 1, "mixed_seq": 8,
                                      "dtype": DTYPES[dtype] if cuda else torch.float32, "steps": steps,
                                      "warm": warm})
     out: dict = {"config": config, "batch": batch, "seq": seq, "r": r, "dropout": p, "dtype": dtype}
-    out["floor_ms"], out["floor_gib"], _ = measure(work, work.base, work.floor_step)
+    found = {k: {} if profile else None for k in ("floor", "peft_dtype", "surgery")}
+    out["floor_ms"], out["floor_gib"], _ = measure(work, work.base, work.floor_step, profile=found["floor"])
     out["peft_default_ms"], out["peft_default_gib"], _ = measure(
         work, lambda: work.peft(p, autocast=True, r=r), work.train_step)
     out["peft_dtype_ms"], out["peft_dtype_gib"], _ = measure(
-        work, lambda: work.peft(p, autocast=False, r=r), work.train_step)
-    out["surgery_ms"], out["surgery_gib"], _ = measure(work, lambda: work.ours(p, r=r), work.train_step)
+        work, lambda: work.peft(p, autocast=False, r=r), work.train_step, profile=found["peft_dtype"])
+    out["surgery_ms"], out["surgery_gib"], _ = measure(work, lambda: work.ours(p, r=r), work.train_step,
+                                                       profile=found["surgery"])
+    if profile:
+        out["profile"] = {k: v["kernels"] for k, v in found.items()}
     if graph:
         out |= graphed_rows(work, r, p, warm)
     with torch.no_grad():  # unmerged inference forward against the base's
@@ -133,6 +146,8 @@ def row(device: str, name: str, config: dict, batch: int, seq: int, r: int, p: f
     out["fwd_x_base"] = round(out["fwd_unmerged_ms"] / out["fwd_base_ms"], 3)
     print(f"| {name} | {out['floor_ms']} | {out['peft_default_ms']} | {out['peft_dtype_ms']} | {out['surgery_ms']} "
           f"| {out['x_floor']} | {out['x_peft_dtype']} | {out['mem_x_floor']} | {out['fwd_x_base']} |", flush=True)
+    for key, kernels in out.get("profile", {}).items():
+        harness.print_profile(f"{name}, {key}", kernels)
     if graph:
         out["x_floor_graph"] = round(out["surgery_graph_ms"] / out["floor_graph_ms"], 3)
         out["x_peft_dtype_graph"] = round(out["surgery_graph_ms"] / out["peft_dtype_graph_ms"], 3)
@@ -151,6 +166,9 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=3)
     parser.add_argument("--graphed", action="store_true",
                         help="also the floor, PEFT dtype and surgery with each step one CUDA graph (CUDA only)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also one step of the floor, PEFT dtype and surgery under torch.profiler: kernels, "
+                             "their time, the top ones")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.device == "cpu":
@@ -161,7 +179,7 @@ def main() -> None:
     for i in args.rows:
         name, config, batch, seq, r, p, dtype = GRID[i]
         rows[name] = row(args.device, name, config, batch, seq, r, p, dtype, args.steps, args.warm,
-                         args.graphed and args.device.startswith("cuda"))
+                         args.graphed and args.device.startswith("cuda"), args.profile)
         harness.write_results("bench_grid", args.device, {"rows": {name: rows[name]}}, args.out)  # kept if cut off
     summary = {k: statistics.median(v[k] for v in rows.values()) for k in ("x_floor", "x_peft_dtype", "fwd_x_base")}
     summary |= {f"worst_{k}": max(v[k] for v in rows.values()) for k in ("x_floor", "x_peft_dtype", "fwd_x_base")}
