@@ -6,26 +6,34 @@ A LoRA step does the floor's work (the frozen base, gradients to its input only)
 - AdamW over the adapters: fused, it reads each parameter, its gradient and two states and writes three, 7 ×
   the element's bytes per parameter (`adamw_bytes`);
 - in every implementation we know (PEFT's, surgery's), one more read of each adapted layer input in backward, for
-  dA: the floor's backward never reads those inputs (`da_read_bytes`).
+  dA: the floor's backward never reads those inputs (`da_read_bytes`);
+- made of kernels apart from the base matmuls (PEFT's and surgery's are), at least: each distinct layer input read
+  twice (for h and for dA) and its dx term written once, and at each linear its output's term written and its dy
+  read once (dh and dB from one pass): `separate_bytes`.
 
 On a GPU it measures three rates: cuBLAS on the row's own base matmuls (the forward's and the input gradient's
 shapes, each linear weighted by its flops: `base_tflops`); cuBLAS on an 8192³ matmul, the best it runs
 (`best_tflops`); and the bandwidth of a 1 GiB copy (`copy_gbps`). With the floor's, PEFT's and surgery's times
 of each row from bench_grid results files (`--grid`, later files win), it gives:
 
-- `strict_ms`: floor + LoRA flops at the best rate + AdamW bytes at the copy bandwidth. No LoRA step is faster.
+- `strict_ms`: floor + LoRA flops at the best rate + AdamW bytes at the copy bandwidth: no LoRA step whose
+  matmuls run at most at cuBLAS's best rate is faster.
 - `cublas_ms`: floor + LoRA flops at the base matmuls' rate + (AdamW bytes + dA reads) at the copy bandwidth: a
   step whose skinny LoRA matmuls ran as fast as cuBLAS runs the base's big ones, and that added nothing else.
-- `target_ms`: min(1.15 × floor, 0.90 × PEFT dtype), the issue's two time targets in one.
+- `separate_ms`: floor + the larger of LoRA flops at the best rate and `separate_bytes` at the copy bandwidth, +
+  AdamW bytes: the least for LoRA in kernels of its own, beside cuBLAS's base matmuls.
+- `target_ms`: min(1.15 × floor, 0.90 × PEFT dtype), the issue's two time targets in one; `needed_tflops`, the
+  rate at which LoRA's flops would have to run to fit between the floor and the target (on the CPU too).
 - the same for the graphed steps where the grid file has them, and for the unmerged forward: base forward +
   forward LoRA flops (2·T·r·(in + out) per linear) at the best rate, against 1.03 × the base.
 
 A row whose `strict_ms` exceeds its target cannot meet it; one whose `cublas_ms` does would need LoRA's matmuls
-to beat cuBLAS's rate on the base's own. The bounds use the grid file's floor, measured on another call of the
-same GPU model; the rates are this call's.
+to beat cuBLAS's rate on the base's own; one whose `separate_ms` does needs LoRA inside the base matmuls (a GEMM
+of our own at cuBLAS's speed). The bounds use the grid file's floor, measured on another call of the same GPU
+model (on the CPU, any); the rates are this call's.
 
     python benchmarks/bench_bounds.py --device cuda --grid benchmarks/results/bench_grid-h100.json
-    python benchmarks/bench_bounds.py                   # CPU: every row's flops and bytes, no times
+    python benchmarks/bench_bounds.py --grid ...        # CPU: every row's flops, bytes and needed rate
 
 Results: benchmarks/results/bench_bounds-<device>.json.
 """
@@ -74,9 +82,11 @@ def counts(config: dict, tokens: int, r: int, element: int) -> dict:
     lora = lora_flops(shapes, tokens, r)
     params = sum(n * r * (i + o) for (i, o), n in shapes.items())
     floor_mm = sum(n * 4 * tokens * i * o for (i, o), n in shapes.items()) + 4 * tokens * head_in * head_out
+    inputs = tokens * layer_inputs(config) * config["num_hidden_layers"]  # elements of the distinct inputs
+    outputs = sum(n * tokens * o for (i, o), n in shapes.items())
     return {"lora_flops": lora, "lora_fwd_flops": lora // 3, "lora_params": params,
-            "adamw_bytes": 7 * element * params,
-            "da_read_bytes": element * tokens * layer_inputs(config) * config["num_hidden_layers"],
+            "adamw_bytes": 7 * element * params, "da_read_bytes": element * inputs,
+            "separate_bytes": element * (3 * inputs + 2 * outputs),
             "floor_linear_flops": floor_mm, "lora_x_floor_linear_flops": round(lora / floor_mm, 4)}
 
 
@@ -109,13 +119,13 @@ def copy_gbps(device: str, gib: int = 1) -> float:
     return 2 * src.numel() / harness.time_ms(lambda: dst.copy_(src), device, 20, 3) / 1e6
 
 
-def grid_rows(paths: list[str], device: str) -> dict:
-    """Each grid row's times from the bench_grid results files measured on this GPU model (later files win; a
-    section of rows measured again, such as `row3_new`, wins over its file's `rows`)."""
+def grid_rows(paths: list[str], device: str | None) -> dict:
+    """Each grid row's times from the bench_grid results files (measured on GPU model `device`, where one is
+    given; later files win; a section of rows measured again, such as `row3_new`, wins over its file's `rows`)."""
     rows: dict = {}
     for path in paths:
         data = json.loads(Path(path).read_text())
-        if data["meta"]["device"] != device:
+        if device is not None and data["meta"]["device"] != device:
             print(f"skipped {path}: measured on {data['meta']['device']}, not on {device}")
             continue
         sections = ["rows"] + [k for k in data if k.endswith("_new") and isinstance(data[k], dict)]
@@ -125,27 +135,35 @@ def grid_rows(paths: list[str], device: str) -> dict:
     return rows
 
 
-def bounds(work: dict, rates: dict, measured: dict) -> dict:
-    """Each time bound of one row (see the module docstring), with the target it is held against."""
-    best, base, gbps = rates["best_tflops"] * 1e9, rates["base_tflops"] * 1e9, rates["copy_gbps"] * 1e6  # per ms
-    strict_extra = work["lora_flops"] / best + work["adamw_bytes"] / gbps
-    cublas_extra = work["lora_flops"] / base + (work["adamw_bytes"] + work["da_read_bytes"]) / gbps
-    out = {"strict_extra_ms": round(strict_extra, 3), "cublas_extra_ms": round(cublas_extra, 3)}
+def bounds(work: dict, rates: dict | None, measured: dict) -> dict:
+    """Each time bound of one row (see the module docstring) with the target it is held against; without `rates`
+    (on the CPU), only the rate LoRA's flops would need to fit between the floor and the target."""
+    out: dict = {}
+    extras = {}
+    if rates:
+        best, base, gbps = rates["best_tflops"] * 1e9, rates["base_tflops"] * 1e9, rates["copy_gbps"] * 1e6  # /ms
+        extras = {"strict": work["lora_flops"] / best + work["adamw_bytes"] / gbps,
+                  "cublas": work["lora_flops"] / base + (work["adamw_bytes"] + work["da_read_bytes"]) / gbps,
+                  "separate": max(work["lora_flops"] / best, work["separate_bytes"] / gbps)
+                  + work["adamw_bytes"] / gbps}
+        out |= {f"{k}_extra_ms": round(v, 3) for k, v in extras.items()}
     for suffix in ("", "_graph"):
         floor, peft = measured.get(f"floor{suffix}_ms"), measured.get(f"peft_dtype{suffix}_ms")
         if floor is None or peft is None:
             continue
         target = min(TARGET_X_FLOOR * floor, TARGET_X_PEFT * peft)
         ours = measured.get(f"surgery{suffix}_ms")
-        out[f"target{suffix}_ms"] = round(target, 2)
-        out[f"strict{suffix}_ms"] = round(floor + strict_extra, 2)
-        out[f"cublas{suffix}_ms"] = round(floor + cublas_extra, 2)
-        out[f"surgery{suffix}_ms"] = ours
-        out[f"verdict{suffix}"] = ("met" if ours is not None and ours <= target else
-                                   "unreachable" if floor + strict_extra > target else
-                                   "unreachable at cuBLAS's base rate" if floor + cublas_extra > target else
-                                   "reachable")
-    if measured.get("fwd_base_ms"):
+        out |= {f"target{suffix}_ms": round(target, 2), f"surgery{suffix}_ms": ours,
+                f"needed{suffix}_tflops": round(work["lora_flops"] / (target - floor) / 1e9) if target > floor
+                else None}
+        out |= {f"{k}{suffix}_ms": round(floor + v, 2) for k, v in extras.items()}
+        if extras:
+            out[f"verdict{suffix}"] = (
+                "met" if ours is not None and ours <= target else
+                "unreachable" if floor + extras["strict"] > target else
+                "unreachable at cuBLAS's base rate" if floor + extras["cublas"] > target else
+                "unreachable by separate kernels" if floor + extras["separate"] > target else "reachable")
+    if rates and measured.get("fwd_base_ms"):
         fwd_base = measured["fwd_base_ms"]
         out["fwd_target_ms"] = round(TARGET_FWD_X_BASE * fwd_base, 3)
         out["fwd_strict_ms"] = round(fwd_base + work["lora_fwd_flops"] / best, 3)
@@ -161,11 +179,11 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
-    measured = grid_rows(args.grid, harness.device_name(args.device)) if cuda else {}
+    measured = grid_rows(args.grid, harness.device_name(args.device) if cuda else None)
     results, best = {}, {}
     copy = copy_gbps(args.device) if cuda else None
-    print("| row | LoRA / floor linear flops | target ms | strict ms | cuBLAS ms | surgery ms | verdict |\n"
-          "|---|---|---|---|---|---|---|", flush=True)
+    print("| row | LoRA / floor linear flops | needed TFLOP/s | target ms | strict ms | cuBLAS ms | separate ms "
+          "| surgery ms | verdict |\n|---|---|---|---|---|---|---|---|---|", flush=True)
     for i in args.rows:
         name, config, batch, seq, r, p, dtype = GRID[i]
         dt = DTYPES[dtype]
@@ -176,12 +194,13 @@ def main() -> None:
                 best[dtype] = best_tflops(dt, args.device)
             rates = {"best_tflops": round(best[dtype], 1), "copy_gbps": round(copy, 1),
                      "base_tflops": round(base_tflops({**BASE, **config}, batch * seq, dt, args.device), 1)}
-            row |= rates | bounds(work, rates, measured.get(name, {}))
-            row["grid_source"] = measured.get(name, {}).get("source")
+            row |= rates
+        row |= bounds(work, rates if cuda else None, measured.get(name, {}))
+        row["grid_source"] = measured.get(name, {}).get("source")
         results[name] = row
-        print(f"| {i}: {name} | {work['lora_x_floor_linear_flops']} | {row.get('target_ms', '')} | "
-              f"{row.get('strict_ms', '')} | {row.get('cublas_ms', '')} | {row.get('surgery_ms', '')} | "
-              f"{row.get('verdict', '')} |", flush=True)
+        print(f"| {i}: {name} | {work['lora_x_floor_linear_flops']} | {row.get('needed_tflops', '')} | "
+              f"{row.get('target_ms', '')} | {row.get('strict_ms', '')} | {row.get('cublas_ms', '')} | "
+              f"{row.get('separate_ms', '')} | {row.get('surgery_ms', '')} | {row.get('verdict', '')} |", flush=True)
     print("wrote", harness.write_results("bench_bounds", args.device, {"rows": results}, args.out))
 
 

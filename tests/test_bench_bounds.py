@@ -65,3 +65,7 @@ def test_layer_inputs_are_the_adapted_linears_distinct_inputs():
     assert {i for i, _ in shapes} == {64, 160} and head == (64, 128)
     assert sum(shapes.values()) == 7 * CONFIG["num_hidden_layers"]
     assert bench_bounds.layer_inputs(CONFIG) == 64 + 64 + 64 + 160
+    # separate kernels: each distinct input read twice (h, dA) and its dx term written; each output's term written
+    # and its dy read once (dh and dB in one pass)
+    outputs = 64 + 16 + 16 + 64 + 160 + 160 + 64
+    assert bench_bounds.counts(CONFIG, 10, 4, 2)["separate_bytes"] == 2 * 10 * 2 * (3 * 352 + 2 * outputs)
