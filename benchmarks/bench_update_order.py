@@ -1,8 +1,9 @@
 """The two orders of a LoRA output's base matmul and update (plugins/lora/update_first.py), per shape: the base
 matmul then the update added in place (`F.linear(x, W).addmm_(h, B.T)`), against the update first with the base
 matmul added onto it (`torch.mm(h, B.T).addmm_(x, W.T)`), and the update inside the base matmul (shared.py's
-`_update_inside`), each as × the base matmul alone; and which order `update_first` takes. h = x @ A.T is given, not
-timed.
+`_update_inside`), each as × the base matmul alone; and which order `update_first` takes, and whether a gate/up
+pair of the shape takes the update inside (`_update_inside`'s cost model). h = x @ A.T is given, not timed; the
+inside column copies [x | h] for one member (in shared.py gate and up share that copy) and no zero blocks.
 
     python benchmarks/bench_update_order.py --device cuda
 
@@ -40,7 +41,8 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     shapes = SHAPES if not args.shapes else list(zip(*[iter(args.shapes)] * 4))
-    update_first = harness.lora_internals().update_first
+    internals = harness.lora_internals()
+    update_first, shared = internals.update_first, internals.shared
 
     device, dtype, rows = args.device, torch.bfloat16, []
     for tokens, k, n, r in shapes:
@@ -52,10 +54,12 @@ def main() -> None:
         base, after, first, inside = orders_ms(x, w, h, b, device)
         row = {"shape": {"tokens": tokens, "in": k, "out": n, "rank": r}, "base_ms": base,
                "after_x_base": round(after / base, 3), "first_x_base": round(first / base, 3),
-               "inside_x_base": round(inside / base, 3), "takes_first": update_first.update_first(tokens, n)}
+               "inside_x_base": round(inside / base, 3), "takes_first": update_first.update_first(tokens, n),
+               "gate_up_inside": shared._update_inside(w, tokens, 2)}
         print(f"{tokens} x {k} -> {n}, r {r}: base {base:.4f} ms, update after {row['after_x_base']}, update first "
               f"{row['first_x_base']}, inside {row['inside_x_base']}; takes "
-              f"{'first' if row['takes_first'] else 'after'}", flush=True)
+              f"{'first' if row['takes_first'] else 'after'}; as a gate/up pair, "
+              f"{'inside' if row['gate_up_inside'] else 'the update'}", flush=True)
         rows.append(row)
     print("wrote", harness.write_results("bench_update_order", device, {"shapes": rows}, args.out))
 

@@ -7,7 +7,7 @@ import torch
 import surgery
 import surgery_plugins.lora.shared as lora_shared
 from surgery import tiny
-from surgery_plugins.lora import dispatch, formula, fused, merged_weight
+from surgery_plugins.lora import dispatch, formula, fused, merged_weight, update_first
 from surgery_plugins.lora.branches import LoraBranch
 from surgery_plugins.lora.fused import LoraLinear
 from surgery_plugins.lora.shared import SharedInputLora
@@ -39,10 +39,24 @@ def test_merged_weight_pays_only_from_as_many_tokens_as_inputs(monkeypatch):
     assert dispatch.merged_pays(16, w) and dispatch.merged_pays(17, w) and not dispatch.merged_pays(15, w)
 
 
+@pytest.fixture(params=["after", "first"])
+def order(request, monkeypatch):
+    """The two orders of a sum of base and LoRA terms (update_first.py), in y and in dx: the LoRA term after, or
+    first for every shape. Returns (the order, the [tokens, features] of each sum that took the LoRA term first)."""
+    taken = []
+    if request.param == "first":
+        monkeypatch.setattr(update_first, "FIRST_OUT", 0)
+        monkeypatch.setattr(update_first, "FIRST_ELEMENTS", 0)
+        real = update_first.update_first
+        monkeypatch.setattr(update_first, "update_first",
+                            lambda tokens, out: real(tokens, out) and (taken.append((tokens, out)) or True))
+    return request.param, taken
+
+
 @pytest.mark.parametrize("out_features", [12, 4])  # 4: wide in, narrow out: dx from one [dy | dh] matmul
 @pytest.mark.parametrize("frozen", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_fused_linear_matches_float64_formula(monkeypatch, form, frozen, p, out_features):
+def test_fused_linear_matches_float64_formula(monkeypatch, form, order, frozen, p, out_features):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 5, 16, generator=g, dtype=torch.float64, requires_grad=True)  # 20 tokens >= 16 inputs
     w = torch.randn(out_features, 16, generator=g, dtype=torch.float64, requires_grad=not frozen)
@@ -64,6 +78,8 @@ def test_fused_linear_matches_float64_formula(monkeypatch, form, frozen, p, out_
     grads = torch.autograd.grad(out, [t for t in (x, w, bias, a, b) if t.requires_grad], dy)
     # built once, for dx: the forward keeps the update in the output's rounding (accuracy)
     assert len(form[1]) == (1 if form[0] == "merged" and p == 0 else 0)
+    # dx [20, 16] takes the LoRA term first where it is a sum of two matmuls: no dropout, not merged, not wide in
+    assert ((20, 16) in order[1]) == (order[0] == "first" and p == 0 and form[0] == "separate" and out_features == 12)
     mask = masks[0].view(4, 5, 16).to(x.dtype) / (1 - p) if p else None
     if p:
         assert len(masks) == 2 and torch.equal(masks[0], masks[1]), "backward must replay the forward's mask"
@@ -77,10 +93,12 @@ def test_fused_linear_matches_float64_formula(monkeypatch, form, frozen, p, out_
 
 @pytest.mark.parametrize("frozen", [True, False])
 @pytest.mark.parametrize("used", [(0, 1, 2), (0, 2)])  # (0, 2): the second output never gets a gradient
-def test_shared_input_lora_matches_float64_formula(form, frozen, used):
+@pytest.mark.parametrize("inside", [True, False])  # the member wider out than in: LoRA inside its matmul, or after
+def test_shared_input_lora_matches_float64_formula(monkeypatch, form, frozen, used, inside):
+    monkeypatch.setattr(lora_shared, "_update_inside", lambda w, tokens, members: inside and w.shape[0] > w.shape[1])
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 5, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    shapes = [(12, 4, True), (20, 2, False), (6, 3, True)]  # out, r, bias; out > 16 in: LoRA inside the matmul
+    shapes = [(12, 4, True), (20, 2, False), (6, 3, True)]  # out, r, bias; out 20 > 16 in: may be inside
     scales = (0.7, 2.0, 1.5)
     tensors = []
     for out, r, has_bias in shapes:
@@ -102,6 +120,16 @@ def test_shared_input_lora_matches_float64_formula(form, frozen, used):
             assert got is None
         else:
             torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("tokens, d_in, out, inside", [
+    (8192, 2048, 5632, True), (8192, 1536, 8960, True),  # measured on the H100: inside 1.18 / 1.09-1.20 × base
+    (4096, 4096, 14336, False), (2048, 8192, 28672, False),  # inside 1.15-1.16 / 1.40, the update 1.09 / 1.18
+    (16384, 2048, 2048, False),  # not wider out than in (q/k/v): always the update
+])
+def test_gate_up_take_their_update_inside_where_the_copies_cost_less(tokens, d_in, out, inside):
+    """The cost model of `_update_inside` against the choices the H100 measured (docs/performance.md)."""
+    assert lora_shared._update_inside(torch.empty(out, d_in, device="meta"), tokens, 2) is inside
 
 
 def test_shared_outputs_follow_changes_between_member_calls(monkeypatch):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-from surgery_plugins.lora import dispatch, formula, kernels  # noqa: E402
+from surgery_plugins.lora import dispatch, formula, kernels, update_first  # noqa: E402
 from surgery_plugins.lora.dispatch import kept  # noqa: E402
 from surgery_plugins.lora.fused import LoraLinear  # noqa: E402
 from surgery_plugins.lora.shared import SharedInputLora  # noqa: E402
@@ -86,7 +86,7 @@ def test_dropped_down_matches_formula(members):
 @pytest.mark.parametrize("members", [1, 2, 3, 4])  # 4: two launches
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("product", [False, True])
-@pytest.mark.parametrize("update_dx", [False, True])
+@pytest.mark.parametrize("update_dx", [False, True, "store"])  # store: dx written with the LoRA term, not read
 def test_input_grads_match_formula(members, p, product, update_dx):
     g = torch.Generator().manual_seed(2)
     rows, cols, r, seed = 90, 70, 3, 5
@@ -96,13 +96,14 @@ def test_input_grads_match_formula(members, p, product, update_dx):
     buf = rand(rows, cols + members * r, g=g)  # [dx | dh], as the shared function holds them
     dx, dh = buf[:, :cols], buf[:, cols:]
     dx_before = dx.double().clone()
-    da = kernels.input_grads((u, v) if product else (x,), dh, a, members, p, seed, dx if update_dx else None)
+    da = kernels.input_grads((u, v) if product else (x,), dh, a, members, p, seed, dx if update_dx else None,
+                             update_dx == "store")
     ones = torch.ones(rows, cols, dtype=torch.float64, device=DEVICE)
     ms = masks(rows, cols, seed, p, members) if p else [ones] * members
     dhs = [dh[:, i * r:(i + 1) * r].double() for i in range(members)]
     close(da, torch.cat([dhs[i].T @ (x.double() * ms[i]) for i in range(members)]))
-    want_dx = dx_before + sum((dhs[i] @ a[i * r:(i + 1) * r].double()) * ms[i] for i in range(members))
-    close(dx, want_dx if update_dx else dx_before)
+    term = sum((dhs[i] @ a[i * r:(i + 1) * r].double()) * ms[i] for i in range(members))
+    close(dx, term if update_dx == "store" else dx_before + term if update_dx else dx_before)
 
 
 def lora_formula(x, w, bias, a, b, scale, mask):
@@ -113,9 +114,17 @@ def lora_formula(x, w, bias, a, b, scale, mask):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("out_features", [12, 4])  # 4: wider in than out
 @pytest.mark.parametrize("merged", [False, True])  # dx through the merged weight, where p = 0
+@pytest.mark.parametrize("first", [False, True])  # dx: the kernel writes the LoRA term, the base matmul adds onto it
 def test_fused_linear_on_kernels_matches_formula_and_keeps_no_copy_of_a_product_input(monkeypatch, kernels_here,
-                                                                                      frozen, p, out_features, merged):
+                                                                                      frozen, p, out_features, merged,
+                                                                                      first):
     monkeypatch.setattr(dispatch, "MERGED_DEVICES", {DEVICE} if merged else set())
+    stores = []
+    if first:
+        monkeypatch.setattr(update_first, "FIRST_OUT", 0)
+        monkeypatch.setattr(update_first, "FIRST_ELEMENTS", 0)
+        real = kernels.input_grads
+        monkeypatch.setattr(kernels, "input_grads", lambda *args: stores.append(args[-1]) or real(*args))
     g = torch.Generator().manual_seed(3)
     gate, up = rand(4, 5, 16, g=g, grad=True), rand(4, 5, 16, g=g, grad=True)  # 20 tokens >= 16 inputs
     w, bias = rand(out_features, 16, g=g, grad=not frozen), rand(out_features, g=g, grad=not frozen)
@@ -138,6 +147,8 @@ def test_fused_linear_on_kernels_matches_formula_and_keeps_no_copy_of_a_product_
     want_grads = torch.autograd.grad(want, [t for t in ref_leaves if t.requires_grad], dy.double())
     for got, ref in zip(grads, want_grads):
         close(got, ref)
+    # the kernel wrote dx where dx was left to it: not merged, not from one [dy | dh] matmul (p = 0, wide in)
+    assert stores == ([] if not first else [not (p == 0 and (merged or out_features == 4))])
 
 
 @pytest.mark.parametrize("frozen", [True, False])

@@ -120,10 +120,13 @@ class LoraLinear(torch.autograd.Function):
         if ctx.kernels:  # dA (and the masked part of dx) in one pass over x, or over its two factors
             factors = tuple(t.reshape(-1, d_in) for t in saved)
             update = None
-            if need_x and dx is None:
-                dx = update = dy2 @ weight  # the kernel adds the (masked) LoRA term in place
+            first = need_x and dx is None and update_first.update_first(dy2.shape[0], d_in)
+            if need_x and dx is None:  # the kernel writes the (masked) LoRA term, or adds it in place
+                dx = update = dy2.new_empty(dy2.shape[0], d_in) if first else dy2 @ weight
             if need_a or update is not None:
-                da = kernels.input_grads(factors, dh, a, 1, ctx.p, ctx.seed, update).to(a.dtype)
+                da = kernels.input_grads(factors, dh, a, 1, ctx.p, ctx.seed, update, first).to(a.dtype)
+            if first:  # the base term added onto the LoRA term, as update_first.linear orders y
+                dx.addmm_(dy2, weight)
             x2 = restored(factors) if need_w else None
         else:
             x2 = restored(saved).reshape(-1, d_in)
@@ -135,7 +138,9 @@ class LoraLinear(torch.autograd.Function):
                 da = dh.t() @ xd
             del xd
             if need_x and dx is None:
-                if mask is None:
+                if mask is None and update_first.update_first(dy2.shape[0], d_in):
+                    dx = (dh @ a).addmm_(dy2, weight)
+                elif mask is None:
                     dx = (dy2 @ weight).addmm_(dh, a)
                 else:
                     dx = torch.ops.aten.native_dropout_backward(dh @ a, mask, 1.0 / (1.0 - ctx.p)).addmm_(dy2, weight)

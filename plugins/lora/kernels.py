@@ -132,9 +132,9 @@ if triton is not None:
                       SDH: tl.constexpr, SDX: tl.constexpr, SP: tl.constexpr, K: tl.constexpr, T16: tl.constexpr,
                       SCALE: tl.constexpr, FIRST: tl.constexpr, N: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
                       BM: tl.constexpr, BK: tl.constexpr, PRODUCT: tl.constexpr, DROPOUT: tl.constexpr,
-                      UPDATE_DX: tl.constexpr, ACC: tl.constexpr):
+                      UPDATE_DX: tl.constexpr, STORE_DX: tl.constexpr, ACC: tl.constexpr):
         """For columns col0 .. col0 + BK and one range of rows: partial dA_i of members FIRST .. FIRST + N - 1,
-        and dx updated with their terms."""
+        and dx updated with their terms (STORE_DX: dx written with them, not read)."""
         if DROPOUT:
             seed = tl.load(seed_ptr)
         else:
@@ -168,8 +168,11 @@ if triton is not None:
                                           K, T16, R, BM, BK, DROPOUT, UPDATE_DX, ACC)
             if UPDATE_DX:
                 dx_ptrs = dx_ptr + rows[:, None] * SDX + cols[None, :]
-                dx = tl.load(dx_ptrs, mask=inside, other=0.0)
-                tl.store(dx_ptrs, (dx.to(ACC) + upd * SCALE).to(dx_ptr.dtype.element_ty), mask=inside)
+                if STORE_DX:
+                    tl.store(dx_ptrs, (upd * SCALE).to(dx_ptr.dtype.element_ty), mask=inside)
+                else:
+                    dx = tl.load(dx_ptrs, mask=inside, other=0.0)
+                    tl.store(dx_ptrs, (dx.to(ACC) + upd * SCALE).to(dx_ptr.dtype.element_ty), mask=inside)
         out = part_ptr + group * SP + rr[:, None] * K + cols[None, :]
         store_mask = (rr[:, None] < R) & (cols[None, :] < K)
         tl.store(out, acc0 * SCALE, mask=store_mask)
@@ -337,10 +340,10 @@ def _down_launch_with(c: dict, dtype: torch.dtype, m: int, k: int, sx: int, memb
 
 
 def input_grads(x: tuple[torch.Tensor, ...], dh: torch.Tensor, a: torch.Tensor, members: int, p: float,
-                seed: int | torch.Tensor, dx: torch.Tensor | None) -> torch.Tensor:
+                seed: int | torch.Tensor, dx: torch.Tensor | None, store: bool = False) -> torch.Tensor:
     """dA = [dh_i.T @ drop_i(x)]_i (float32, or float64 for float64 input), and, if dx is given, in place
-    dx += Σ_i drop_i'(dh_i @ A_i). `x` is (x,) or (u, v) for x = u * v; dh [M, members * r] may be a column
-    view, as may dx [M, K]. p = 0 means no dropout."""
+    dx += Σ_i drop_i'(dh_i @ A_i) (with `store`, dx = that sum: dx is written, not read). `x` is (x,) or (u, v)
+    for x = u * v; dh [M, members * r] may be a column view, as may dx [M, K]. p = 0 means no dropout."""
     first = x[0]
     m, k = first.shape
     r = a.shape[0] // members
@@ -350,7 +353,7 @@ def input_grads(x: tuple[torch.Tensor, ...], dh: torch.Tensor, a: torch.Tensor, 
     dh, a = _last_contiguous(dh), a.contiguous()
     launches, groups, rows_per_program = _grads_launches(first.dtype, m, k, first.device, x[0].stride(0), dh.stride(0),
                                                          dx.stride(0) if dx is not None else None, members, r, p,
-                                                         len(x) == 2)
+                                                         len(x) == 2, store and dx is not None)
     seed = _seed(seed, first.device) if p > 0 else first  # without dropout the kernel reads no seed: any pointer
     return _run_grads(launches, groups, rows_per_program, x, dh, a, dx, members, r, seed).sum(0)
 
@@ -370,10 +373,11 @@ def _run_grads(launches: list[Launch], groups: int, rows_per_program: int, x: tu
 
 @functools.lru_cache(maxsize=256)
 def _grads_launches(dtype: torch.dtype, m: int, k: int, device: torch.device, sx: int, sdh: int, sdx: int | None,
-                    members: int, r: int, p: float, product: bool) -> tuple[list[Launch], int, int]:
+                    members: int, r: int, p: float, product: bool, store: bool = False
+                    ) -> tuple[list[Launch], int, int]:
     """`_grads_kernel`'s launches (one per MAX_GROUP members), row ranges and rows per range, their tiles chosen
     for the shape, cached."""
-    args = (dtype, m, k, device, sx, sdh, sdx, members, r, p, product)
+    args = (dtype, m, k, device, sx, sdh, sdx, members, r, p, product, store)
 
     def trial(c: dict):
         x = tuple(_scratch(m, sx, k, dtype, device) for _ in range(2 if product else 1))
@@ -382,20 +386,22 @@ def _grads_launches(dtype: torch.dtype, m: int, k: int, device: torch.device, sx
         launches, groups, rows = _grads_launches_with(c, *args)
         seed = _seed(1, device)
         return lambda: _run_grads(launches, groups, rows, x, dh, a, dx, members, r, seed)
-    c = _config("grads", (dtype, m, k, sx, sdh, sdx, members, r, p, product), device, trial)
+    c = _config("grads", (dtype, m, k, sx, sdh, sdx, members, r, p, product) + ((True,) if store else ()), device,
+                trial)
     return _grads_launches_with(c, *args)
 
 
 def _grads_launches_with(c: dict, dtype: torch.dtype, m: int, k: int, device: torch.device, sx: int, sdh: int,
                          sdx: int | None, members: int, r: int, p: float,
-                         product: bool) -> tuple[list[Launch], int, int]:
+                         product: bool, store: bool = False) -> tuple[list[Launch], int, int]:
     col_blocks, groups, rows_per_program = _grads_grid(m, k, device, c["BM"], c["BK"], c["waves"])
     t16, scale = threshold(p)
     launches = [Launch(_grads_kernel, (col_blocks, groups), dict(
         SX=sx, SDH=sdh, SDX=sdx or 0, SP=members * r * k, K=k, T16=t16, SCALE=scale, FIRST=lo,
         N=min(MAX_GROUP, members - lo), R=r, RP=_padded(r), BM=c["BM"], BK=c["BK"], PRODUCT=product, DROPOUT=p > 0,
-        UPDATE_DX=sdx is not None, ACC=_acc_dtype(dtype), num_warps=c["num_warps"], num_stages=c["num_stages"]))
-        for lo in range(0, members, MAX_GROUP)]
+        UPDATE_DX=sdx is not None, STORE_DX=store and lo == 0, ACC=_acc_dtype(dtype), num_warps=c["num_warps"],
+        num_stages=c["num_stages"]))
+        for lo in range(0, members, MAX_GROUP)]  # with `store`, the first launch writes dx and the others add
     return launches, groups, rows_per_program
 
 

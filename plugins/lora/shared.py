@@ -5,8 +5,8 @@ function computes every y_i = formula.linear(x, W_i, b_i, A_i, B_i, s_i) at once
 
 - forward: one matmul h = x @ [A_1; A_2; ...].T for all branches, scaled in place (hs_i = s_i h_i); then a
   member wider out than in (an MLP's gate/up) takes its update inside the base matmul,
-  y_i = [x | hs] @ [W_i | 0 .. B_i .. 0].T, instead of a separate read and write of its wide y_i, and the
-  others (q/k/v) add it after, y_i = x @ W_i.T + hs_i @ B_i.T (see `_outputs`);
+  y_i = [x | hs] @ [W_i | 0 .. B_i .. 0].T, where copying x and its weight per call costs less than the update
+  of its wide y_i, and the others add it by update_first.py, y_i = x @ W_i.T + hs_i @ B_i.T (see `_outputs`);
 - backward: dx = Σ_i dy_i @ W_i accumulated in place (only where x needs a gradient), and each member's
   columns of dh, dh_i = s_i dy_i @ B_i; then dA = dh.T @ x and dx += dh @ [A_1; A_2; ...] once for all branches;
   dB_i = dy_i.T @ hs_i. On CUDA one kernel computes every member's dh_i and dB_i in one pass over its dy_i
@@ -26,7 +26,7 @@ compute one by one.
 
 dispatch.py decides when a group computes together, which members take part, and with which of kernels and
 merged weights; `SharedInput` keeps the outputs computed for the members that are called next. The choices left here
-are layouts of the same products (`_update_inside`).
+are layouts of the same products (`_update_inside`, by the bytes each copies).
 """
 from __future__ import annotations
 
@@ -59,23 +59,33 @@ def _scaled(h: torch.Tensor, scales: tuple[float, ...], ranks: list[int]) -> tor
     return h
 
 
-def _update_inside(w: torch.Tensor) -> bool:
-    """Whether a member with weight `w` takes its LoRA term inside the base matmul (wider out than in)."""
-    return w.shape[0] > w.shape[1]
+def _update_inside(w: torch.Tensor, tokens: int, members: int) -> bool:
+    """Whether a member with weight `w` [out, in], wider out than in, takes its LoRA term inside the base matmul on
+    `tokens` rows: where what that copies per call, its share of [x | hs] (tokens · in / members) and its widened
+    weight (read and written, 2 · in · out), is less than what the update costs the output (update_first.py: u
+    written, tokens · out, or y read and written again, twice that)."""
+    out, d_in = w.shape
+    update = tokens * out * (1 if update_first.update_first(tokens, out) else 2)
+    return out > d_in and tokens * d_in // members + 2 * d_in * out < update
 
 
 def _outputs(x: torch.Tensor, hs: torch.Tensor, weights: tuple, biases: tuple, b_s: tuple) -> list[torch.Tensor]:
     """y_i = x @ W_i.T + b_i + hs_i @ B_i.T for every member (hs: h with each member's scale).
 
-    A member wider out than in takes its LoRA term inside the base matmul, y_i = [x | hs] @ [W_i | 0 .. B_i .. 0].T,
-    instead of updating y_i after it: on the H100 that costs an MLP's gate/up pair 0.59 ms against 0.76 ms
-    (batch 8 x 1024, 2048 -> 5632), while for q/k/v the two cost the same and the update needs fewer ops."""
+    A member wider out than in may take its LoRA term inside the base matmul, y_i = [x | hs] @ [W_i | 0 .. B_i ..
+    0].T, instead of the update of update_first.py, where the copies that costs are the smaller (`_update_inside`).
+    On the H100 (bench_update_order.py, docs/performance.md) inside took an MLP's gate/up at 8192 tokens × 2048 →
+    5632 and × 1536 → 8960 in 1.09-1.20 × the base matmul against 1.15-1.33 for the update, and lost at 4096 × 4096
+    → 14336 (1.15-1.16 against 1.09) and 2048 × 8192 → 28672 (1.40 against 1.18), where copying the weight costs
+    more than the update's output. q/k/v always take the update: there the two cost the same, and the update needs
+    fewer ops."""
     x2 = x.reshape(-1, x.shape[-1])
-    x_ext = torch.cat([x2, hs], dim=1) if any(map(_update_inside, weights)) else None
+    inside = [_update_inside(w, x2.shape[0], len(weights)) for w in weights]
+    x_ext = torch.cat([x2, hs], dim=1) if any(inside) else None
     outs, col, width = [], 0, hs.shape[1]
-    for w, bias, b in zip(weights, biases, b_s):
+    for w, bias, b, ins in zip(weights, biases, b_s, inside):
         out, r = b.shape
-        if _update_inside(w):
+        if ins:
             w_ext = torch.cat([w, _zeros(out, col, w.dtype, w.device), b,
                                _zeros(out, width - col - r, w.dtype, w.device)], dim=1)  # the zero blocks are cached
             y = F.linear(x_ext, w_ext, bias)
