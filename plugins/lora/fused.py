@@ -1,7 +1,8 @@
 """The fused LoRA linear: `x @ W.T + b + s · B(A(dropout(x)))` (formula.linear) as one autograd function.
 
 Against a plain module composition it saves kernels and memory: the LoRA update is accumulated into the base
-output in place (addmm), the input gradient of base and branch is one matmul plus one in-place addmm (or, for a
+output in place (addmm), the input gradient of base and branch is one matmul plus one in-place addmm, in the
+order update_first.py takes for y (the LoRA term first on wide inputs, cuBLAS adding dy @ W onto it; or, for a
 layer wider in than out, one matmul over [dy | dh] and [W; A], which moves fewer bytes than updating dx), and
 no copy of the layer input is made for backward: with dropout the mask is drawn again in backward (by the
 kernels of kernels.py, or by replaying torch's dropout from the saved random state; inside a CUDA graph capture,
