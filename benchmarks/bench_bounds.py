@@ -67,6 +67,11 @@ def lora_flops(shapes: Counter, tokens: int, r: int) -> int:
     return sum(n * 6 * tokens * r * (i + o) for (i, o), n in shapes.items())
 
 
+def base_flops(shapes: Counter, head: tuple[int, int], tokens: int) -> int:
+    """The floor's linear flops: forward and input gradient of every linear of `shapes` and of the head."""
+    return sum(n * 4 * tokens * i * o for (i, o), n in (shapes + Counter([head])).items())
+
+
 def layer_inputs(config: dict) -> int:
     """Elements per token of the distinct inputs of one decoder layer's adapted linears: q/k/v's (shared), o's,
     gate/up's (shared) and down's."""
@@ -78,10 +83,10 @@ def layer_inputs(config: dict) -> int:
 def counts(config: dict, tokens: int, r: int, element: int) -> dict:
     """A row's work beyond the floor: LoRA flops (training, forward only), AdamW and dA bytes; and the floor's
     linear flops (forward and input gradient, head included) for scale."""
-    shapes, (head_in, head_out) = linears(config)
+    shapes, head = linears(config)
     lora = lora_flops(shapes, tokens, r)
     params = sum(n * r * (i + o) for (i, o), n in shapes.items())
-    floor_mm = sum(n * 4 * tokens * i * o for (i, o), n in shapes.items()) + 4 * tokens * head_in * head_out
+    floor_mm = base_flops(shapes, head, tokens)
     inputs = tokens * layer_inputs(config) * config["num_hidden_layers"]  # elements of the distinct inputs
     outputs = sum(n * tokens * o for (i, o), n in shapes.items())
     return {"lora_flops": lora, "lora_fwd_flops": lora // 3, "lora_params": params,
@@ -102,9 +107,8 @@ def base_tflops(config: dict, tokens: int, dtype: torch.dtype, device: str) -> f
     """cuBLAS's rate on the row's base matmuls (forward and input gradient of every linear, the head included),
     weighted by their flops."""
     shapes, head = linears(config)
-    shapes[head] += 1
-    flops = sum(n * 4 * tokens * i * o for (i, o), n in shapes.items())
-    return flops / sum(n * base_matmul_ms(tokens, i, o, dtype, device) for (i, o), n in shapes.items()) / 1e9
+    ms = sum(n * base_matmul_ms(tokens, i, o, dtype, device) for (i, o), n in (shapes + Counter([head])).items())
+    return base_flops(shapes, head, tokens) / ms / 1e9
 
 
 def best_tflops(dtype: torch.dtype, device: str, n: int = 8192) -> float:

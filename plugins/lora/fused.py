@@ -120,9 +120,9 @@ class LoraLinear(torch.autograd.Function):
             dx = torch.cat([dy2, dh], dim=1) @ torch.cat([weight, a])  # wide in: one matmul beats updating dx
         if ctx.kernels:  # dA (and the masked part of dx) in one pass over x, or over its two factors
             factors = tuple(t.reshape(-1, d_in) for t in saved)
-            update = None
-            first = need_x and dx is None and update_first.update_first(dy2.shape[0], d_in)
+            update, first = None, False
             if need_x and dx is None:  # the kernel writes the (masked) LoRA term, or adds it in place
+                first = update_first.update_first(dy2.shape[0], d_in)
                 dx = update = dy2.new_empty(dy2.shape[0], d_in) if first else dy2 @ weight
             if need_a or update is not None:
                 da = kernels.input_grads(factors, dh, a, 1, ctx.p, ctx.seed, update, first).to(a.dtype)
@@ -139,12 +139,12 @@ class LoraLinear(torch.autograd.Function):
                 da = dh.t() @ xd
             del xd
             if need_x and dx is None:
-                if mask is None and update_first.update_first(dy2.shape[0], d_in):
-                    dx = (dh @ a).addmm_(dy2, weight)
-                elif mask is None:
-                    dx = (dy2 @ weight).addmm_(dh, a)
-                else:
+                if mask is not None:
                     dx = torch.ops.aten.native_dropout_backward(dh @ a, mask, 1.0 / (1.0 - ctx.p)).addmm_(dy2, weight)
+                elif update_first.update_first(dy2.shape[0], d_in):
+                    dx = (dh @ a).addmm_(dy2, weight)
+                else:
+                    dx = (dy2 @ weight).addmm_(dh, a)
         if dx is not None:
             dx = dx.view(ctx.shape)
         if need_w:

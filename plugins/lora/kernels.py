@@ -386,6 +386,7 @@ def _grads_launches(dtype: torch.dtype, m: int, k: int, device: torch.device, sx
         launches, groups, rows = _grads_launches_with(c, *args)
         seed = _seed(1, device)
         return lambda: _run_grads(launches, groups, rows, x, dh, a, dx, members, r, seed)
+    # `store` joins the key only where set, so that the tiles cached for the adding kernel keep their keys
     c = _config("grads", (dtype, m, k, sx, sdh, sdx, members, r, p, product) + ((True,) if store else ()), device,
                 trial)
     return _grads_launches_with(c, *args)
