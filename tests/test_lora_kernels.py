@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton")
 from surgery_plugins.lora import dispatch, formula, kernels, update_first  # noqa: E402
 from surgery_plugins.lora.dispatch import kept  # noqa: E402
 from surgery_plugins.lora.fused import LoraLinear  # noqa: E402
-from surgery_plugins.lora.shared import SharedInputLora  # noqa: E402
+from surgery_plugins.lora.shared import ONE_PASS_RANK, SharedInputLora  # noqa: E402
 from tests.lora_layers import lora_linear, shared_outputs  # noqa: E402
 
 DRAW_SEED = kernels.new_seed
@@ -154,15 +154,16 @@ def test_fused_linear_on_kernels_matches_formula_and_keeps_no_copy_of_a_product_
 @pytest.mark.parametrize("frozen", [True, False])
 @pytest.mark.parametrize("unused", [None, 1])  # a member whose output takes no part in the loss
 @pytest.mark.parametrize("p, merged", [(0.3, False), (0.0, False), (0.0, True)])  # merged: a device that would merge
+@pytest.mark.parametrize("rank", [4, 20])  # 20: dh and dB by two matmuls, not the one-pass kernel
 def test_shared_function_on_kernels_matches_formula_with_one_mask_per_member(monkeypatch, kernels_here, up_launches,
-                                                                            frozen, unused, p, merged):
+                                                                            frozen, unused, p, merged, rank):
     monkeypatch.setattr(dispatch, "MERGED_DEVICES", {DEVICE} if merged else set())
     g = torch.Generator().manual_seed(4)
     x = rand(3, 6, 16, g=g, grad=True)  # 18 tokens >= 16 inputs
     tensors, outs_r = [], [24, 6, 6]  # 24 > 16 in: the LoRA term inside the base matmul
     for out in outs_r:
         tensors += [rand(out, 16, g=g, grad=not frozen), rand(out, g=g, grad=not frozen),
-                    rand(4, 16, g=g, grad=True), rand(out, 4, g=g, grad=True)]
+                    rand(rank, 16, g=g, grad=True), rand(out, rank, g=g, grad=True)]
     scales = (0.7, 2.0, 1.5)
     outs = shared_outputs(x, scales, p, *tensors)
     used = [i for i in range(3) if i != unused]
@@ -180,7 +181,10 @@ def test_shared_function_on_kernels_matches_formula_with_one_mask_per_member(mon
         assert (got is None) == (w is None), "a member without output gradient gets no gradient"
         if w is not None:
             close(got, w)
-    assert up_launches == [len(used)], "one pass over the output gradients that exist"
+    if rank <= ONE_PASS_RANK:
+        assert up_launches == [len(used)], "one pass over the output gradients that exist"
+    else:
+        assert up_launches == [], "two matmuls per output gradient above the one pass's rank"
 
 
 def test_a_product_input_is_kept_as_itself_where_its_factors_are_not_plain():

@@ -15,11 +15,15 @@ The backward kernel can also read x as the product of two saved tensors (see sav
 input such as an MLP's act(gate) * up need not be kept. The kernels run where dispatch.py sends them (CUDA,
 float16 and bfloat16: `KERNEL_DEVICES`, `KERNEL_DTYPES`); the functions here decide nothing. With
 TRITON_INTERPRET=1 they run on the CPU too (the tests check them so against float64). Each wrapper keeps its
-launch per shape (triton_launch.Launch), which launches the compiled kernel directly after the first call.
+launch per shape (triton_launch.Launch), which launches the compiled kernel directly after the first call, with
+the tiles tuned for that shape (tiles.py). Where few tiles of rows would leave most multiprocessors idle, the
+forward kernel and the dy kernel cut their sums into column ranges and add the parts after (`_splits`; a tile
+candidate with "waves" does): a down projection's 2048 x 28672 input is 32 tiles of 64 rows.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 
 import torch
@@ -39,8 +43,7 @@ MAX_GROUP = 3  # members per launch (backward, merged weights); larger groups ta
 # Default tile sizes and launch shapes (the H100's fastest at rank 16), taken where no tuning runs; on a GPU each
 # shape's tiles are timed once among tiles.CANDIDATES and kept. "waves": programs per multiprocessor that the
 # backward kernel's row ranges are cut to.
-CONFIGS = {**{kind: configs[0] for kind, configs in tiles.CANDIDATES.items()},
-           "merged": {"BM": 64, "BN": 64, "num_warps": 4}}
+CONFIGS = {kind: configs[0] for kind, configs in tiles.CANDIDATES.items()}
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -87,16 +90,18 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8), mask=inside)
 
     @triton.jit
-    def _down_kernel(x_ptr, a_ptr, h_ptr, M, seed_ptr, SX: tl.constexpr, SH: tl.constexpr, K: tl.constexpr,
+    def _down_kernel(x_ptr, a_ptr, h_ptr, part_ptr, M, seed_ptr, SX: tl.constexpr, SH: tl.constexpr, K: tl.constexpr,
                      T16: tl.constexpr, SCALE: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr,
-                     BK: tl.constexpr, ACC: tl.constexpr):
-        """h[:, i*R:(i+1)*R] = (x * keep_i) @ A_i.T * SCALE for member i = program_id(0)."""
+                     BK: tl.constexpr, KS: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr):
+        """h[:, i*R:(i+1)*R] = (x * keep_i) @ A_i.T * SCALE for member i = program_id(0); with SPLIT > 1, the sum over
+        columns program_id(2) * KS .. + KS only, in ACC, to part[program_id(2)] (the wrapper adds the parts)."""
         seed = tl.load(seed_ptr)
         member = tl.program_id(0)
         rows = tl.program_id(1) * BM + tl.arange(0, BM)
         rr = tl.arange(0, RP)
         acc = tl.zeros([BM, RP], ACC)
-        for col0 in range(0, K, BK):
+        first = tl.program_id(2) * KS
+        for col0 in range(first, tl.minimum(first + KS, K), BK):
             cols = col0 + tl.arange(0, BK)
             x = tl.load(x_ptr + rows[:, None] * SX + cols[None, :],
                         mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
@@ -104,8 +109,13 @@ if triton is not None:
             a = tl.load(a_ptr + (member * R + rr[:, None]) * K + cols[None, :],
                         mask=(rr[:, None] < R) & (cols[None, :] < K), other=0.0)
             acc += tl.dot(x, tl.trans(a), out_dtype=ACC)
-        tl.store(h_ptr + rows[:, None] * SH + member * R + rr[None, :], (acc * SCALE).to(h_ptr.dtype.element_ty),
-                 mask=(rows[:, None] < M) & (rr[None, :] < R))
+        inside = (rows[:, None] < M) & (rr[None, :] < R)
+        if SPLIT == 1:
+            tl.store(h_ptr + rows[:, None] * SH + member * R + rr[None, :],
+                     (acc * SCALE).to(h_ptr.dtype.element_ty), mask=inside)
+        else:
+            tl.store(part_ptr + (tl.program_id(2) * M + rows[:, None]) * SH + member * R + rr[None, :], acc * SCALE,
+                     mask=inside)
 
     @triton.jit
     def _member_grads(acc, upd, x, member, rows, col0, cols, rr, dh_ptr, a_ptr, M, seed, SDH: tl.constexpr,
@@ -218,17 +228,20 @@ if triton is not None:
 
 
     @triton.jit
-    def _up_member(dy_ptr, b_ptr, h_ptr, dh_ptr, part_ptr, M, rows, rr, SH: tl.constexpr, SDH: tl.constexpr,
-                   SP: tl.constexpr, RP: tl.constexpr, OUT: tl.constexpr, SDY: tl.constexpr, COL: tl.constexpr,
-                   R: tl.constexpr, S_DH: tl.constexpr, S_DB: tl.constexpr, ROW0: tl.constexpr, BN: tl.constexpr,
-                   BM: tl.constexpr, ACC: tl.constexpr):
+    def _up_member(dy_ptr, b_ptr, h_ptr, dh_ptr, part_ptr, dhp_ptr, M, rows, rr, SH: tl.constexpr,
+                   SDH: tl.constexpr, SP: tl.constexpr, RP: tl.constexpr, OUT: tl.constexpr, SDY: tl.constexpr,
+                   COL: tl.constexpr, R: tl.constexpr, S_DH: tl.constexpr, S_DB: tl.constexpr, ROW0: tl.constexpr,
+                   BN: tl.constexpr, BM: tl.constexpr, SPLIT: tl.constexpr, WP: tl.constexpr, ACC: tl.constexpr):
         """One member's dh rows (S_DH * dy @ B) and its partial dB over those rows (S_DB * dy.T @ h), reading the
-        program's rows of dy once."""
+        program's rows of dy once; with SPLIT > 1, over the program_id(2)-th of SPLIT column ranges only, its dh
+        part (in ACC) to dhp[program_id(2)] (rows of WP columns; the wrapper adds the parts)."""
         inside_r = (rows[:, None] < M) & (rr[None, :] < R)
         h = tl.load(h_ptr + rows[:, None] * SH + COL + rr[None, :], mask=inside_r, other=0.0)
         dh = tl.zeros([BM, RP], ACC)
         part = part_ptr + tl.program_id(0) * SP
-        for n0 in range(0, OUT, BN):
+        width = ((OUT + SPLIT - 1) // SPLIT + BN - 1) // BN * BN  # columns per range, whole tiles
+        first = tl.program_id(2) * width
+        for n0 in range(first, tl.minimum(first + width, OUT), BN):
             cols = n0 + tl.arange(0, BN)
             dy = tl.load(dy_ptr + rows[:, None] * SDY + cols[None, :],
                          mask=(rows[:, None] < M) & (cols[None, :] < OUT), other=0.0)
@@ -237,34 +250,40 @@ if triton is not None:
             dh += tl.dot(dy, b, out_dtype=ACC)
             db = tl.dot(tl.trans(dy), h, out_dtype=ACC)
             tl.store(part + (ROW0 + cols[:, None]) * RP + rr[None, :], db * S_DB, mask=cols[:, None] < OUT)
-        tl.store(dh_ptr + rows[:, None] * SDH + COL + rr[None, :], (dh * S_DH).to(dh_ptr.dtype.element_ty),
-                 mask=inside_r)
+        if SPLIT == 1:
+            tl.store(dh_ptr + rows[:, None] * SDH + COL + rr[None, :], (dh * S_DH).to(dh_ptr.dtype.element_ty),
+                     mask=inside_r)
+        else:
+            tl.store(dhp_ptr + (tl.program_id(2) * M + rows[:, None]) * WP + COL + rr[None, :], dh * S_DH,
+                     mask=inside_r)
 
     @triton.jit
-    def _up_kernel(dy0, b0, dy1, b1, dy2, b2, h_ptr, dh_ptr, part_ptr, M, SH: tl.constexpr, SDH: tl.constexpr,
-                   SP: tl.constexpr, RP: tl.constexpr,
+    def _up_kernel(dy0, b0, dy1, b1, dy2, b2, h_ptr, dh_ptr, part_ptr, dhp_ptr, M, SH: tl.constexpr,
+                   SDH: tl.constexpr, SP: tl.constexpr, RP: tl.constexpr,
                    OUT0: tl.constexpr, SDY0: tl.constexpr, COL0: tl.constexpr, R0: tl.constexpr,
                    S_DH0: tl.constexpr, S_DB0: tl.constexpr, ROW0: tl.constexpr,
                    OUT1: tl.constexpr, SDY1: tl.constexpr, COL1: tl.constexpr, R1: tl.constexpr,
                    S_DH1: tl.constexpr, S_DB1: tl.constexpr, ROW1: tl.constexpr,
                    OUT2: tl.constexpr, SDY2: tl.constexpr, COL2: tl.constexpr, R2: tl.constexpr,
                    S_DH2: tl.constexpr, S_DB2: tl.constexpr, ROW2: tl.constexpr,
-                   N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr):
-        """dh and partial dB of the N (1 to 3) members of a group, member program_id(1), rows of program_id(0)."""
+                   N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, WP: tl.constexpr,
+                   ACC: tl.constexpr):
+        """dh and partial dB of the N (1 to 3) members of a group, member program_id(1), rows of program_id(0),
+        column range program_id(2) of SPLIT."""
         member = tl.program_id(1)
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         rr = tl.arange(0, RP)
         if member == 0:
-            _up_member(dy0, b0, h_ptr, dh_ptr, part_ptr, M, rows, rr, SH, SDH, SP, RP, OUT0, SDY0, COL0, R0, S_DH0,
-                       S_DB0, ROW0, BN, BM, ACC)
+            _up_member(dy0, b0, h_ptr, dh_ptr, part_ptr, dhp_ptr, M, rows, rr, SH, SDH, SP, RP, OUT0, SDY0, COL0, R0,
+                       S_DH0, S_DB0, ROW0, BN, BM, SPLIT, WP, ACC)
         if N > 1:
             if member == 1:
-                _up_member(dy1, b1, h_ptr, dh_ptr, part_ptr, M, rows, rr, SH, SDH, SP, RP, OUT1, SDY1, COL1, R1,
-                           S_DH1, S_DB1, ROW1, BN, BM, ACC)
+                _up_member(dy1, b1, h_ptr, dh_ptr, part_ptr, dhp_ptr, M, rows, rr, SH, SDH, SP, RP, OUT1, SDY1,
+                           COL1, R1, S_DH1, S_DB1, ROW1, BN, BM, SPLIT, WP, ACC)
         if N > 2:
             if member == 2:
-                _up_member(dy2, b2, h_ptr, dh_ptr, part_ptr, M, rows, rr, SH, SDH, SP, RP, OUT2, SDY2, COL2, R2,
-                           S_DH2, S_DB2, ROW2, BN, BM, ACC)
+                _up_member(dy2, b2, h_ptr, dh_ptr, part_ptr, dhp_ptr, M, rows, rr, SH, SDH, SP, RP, OUT2, SDY2,
+                           COL2, R2, S_DH2, S_DB2, ROW2, BN, BM, SPLIT, WP, ACC)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -301,10 +320,32 @@ def dropped_down(x: torch.Tensor, a: torch.Tensor, members: int, p: float, seed:
     """h = [drop_1(x) @ A_1.T | drop_2(x) @ A_2.T | ...] for x [M, K] and A = [A_1; A_2; ...] (equal ranks)."""
     m, k = x.shape
     x, a = _last_contiguous(x), a.contiguous()
+    launch = _down_launch(x.dtype, m, k, x.stride(0), members, a.shape[0] // members, p, x.device)
+    return _run_down(launch, x, a, _seed(seed, x.device))
+
+
+def _run_down(launch: Launch, x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """Runs `_down_kernel`'s launch; where it splits the columns, adds its parts (in float32, float64 for float64)."""
+    m = x.shape[0]
     h = x.new_empty(m, a.shape[0])
-    _down_launch(x.dtype, m, k, x.stride(0), members, a.shape[0] // members, p, x.device)(x, a, h, m,
-                                                                                      _seed(seed, x.device))
-    return h
+    split = launch.constants["SPLIT"]
+    if split == 1:
+        launch(x, a, h, h, m, seed)
+        return h
+    part = torch.empty(split, m, a.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                       device=x.device)
+    launch(x, a, h, part, m, seed)
+    return torch.sum(part, 0).to(x.dtype)
+
+
+def _splits(programs: int, cols: int, bk: int, waves: int, device: torch.device) -> int:
+    """Into how many column ranges a kernel of `programs` programs over `cols` columns in blocks of `bk` cuts its
+    sums, for `waves` programs per multiprocessor (0: none): few rows leave most multiprocessors idle otherwise (a
+    down projection's 2048 x 28672 input is 32 programs of 64 rows on 132 of them). Each range keeps 4 blocks at
+    least, so that its part is worth the reading."""
+    if not waves:
+        return 1
+    return max(1, min(waves * _processors(device) // programs, cols // (4 * bk)))
 
 
 def _config(kind: str, key: tuple, device: torch.device, trial) -> dict:
@@ -325,18 +366,21 @@ def _down_launch(dtype: torch.dtype, m: int, k: int, sx: int, members: int, r: i
     """`_down_kernel`'s launch for an [m, k] input with row stride sx, its tiles chosen for the shape, cached."""
     def trial(c: dict):
         x, a = _scratch(m, sx, k, dtype, device), torch.randn(members * r, k, dtype=dtype, device=device)
-        h, launch = x.new_empty(m, members * r), _down_launch_with(c, dtype, m, k, sx, members, r, p)
-        seed = _seed(1, device)
-        return lambda: launch(x, a, h, m, seed)
+        launch, seed = _down_launch_with(c, dtype, m, k, sx, members, r, p, device), _seed(1, device)
+        return lambda: _run_down(launch, x, a, seed)
     c = _config("down", (dtype, m, k, sx, members, r, p), device, trial)
-    return _down_launch_with(c, dtype, m, k, sx, members, r, p)
+    return _down_launch_with(c, dtype, m, k, sx, members, r, p, device)
 
 
-def _down_launch_with(c: dict, dtype: torch.dtype, m: int, k: int, sx: int, members: int, r: int, p: float) -> Launch:
+def _down_launch_with(c: dict, dtype: torch.dtype, m: int, k: int, sx: int, members: int, r: int, p: float,
+                      device: torch.device) -> Launch:
     t16, scale = threshold(p)
-    return Launch(_down_kernel, (members, _cdiv(m, c["BM"])), dict(
-        SX=sx, SH=members * r, K=k, T16=t16, SCALE=scale, R=r, RP=_padded(r), BM=c["BM"], BK=c["BK"],
-        ACC=_acc_dtype(dtype), num_warps=c["num_warps"], num_stages=c["num_stages"]))
+    rows = _cdiv(m, c["BM"])
+    split = _splits(members * rows, k, c["BK"], c.get("waves", 0), device)
+    ks = _cdiv(_cdiv(k, split), c["BK"]) * c["BK"]  # columns per range, whole blocks
+    return Launch(_down_kernel, (members, rows, _cdiv(k, ks)), dict(
+        SX=sx, SH=members * r, K=k, T16=t16, SCALE=scale, R=r, RP=_padded(r), BM=c["BM"], BK=c["BK"], KS=ks,
+        SPLIT=_cdiv(k, ks), ACC=_acc_dtype(dtype), num_warps=c["num_warps"], num_stages=c["num_stages"]))
 
 
 def input_grads(x: tuple[torch.Tensor, ...], dh: torch.Tensor, a: torch.Tensor, members: int, p: float,
@@ -412,8 +456,9 @@ def up_grads(dys: list[torch.Tensor], b_s: list[torch.Tensor], h: torch.Tensor, 
     dh[:, cols_i:cols_i + r_i] = dh_scale_i * dy_i @ B_i in place and returns dB_i = db_scale_i * dy_i.T @ h_i,
     reading each dy_i [M, out_i] once, where torch takes two skinny matmuls that each read it. Each program
     takes BM rows of every dy_i and writes its part of dB, summed over the row bands in float32 (float64 for
-    float64) after the launch. On the H100 this pays for a group (q/k/v, gate/up: `benchmarks/lora_up_grads.py`),
-    not for a single linear, where the two cuBLAS calls cost the GPU as little and the host less."""
+    float64) after the launch. On the H100 this pays for a group (q/k/v, gate/up) at rank 16, not at rank 64, where
+    the float32 parts of dB cost more than the second read of dy they save (shared._one_pass), nor for a single
+    linear, where the two cuBLAS calls cost the GPU as little and the host less."""
     if len(dys) > MAX_GROUP:
         return [db for lo in range(0, len(dys), MAX_GROUP) for db in
                 up_grads(dys[lo:lo + MAX_GROUP], b_s[lo:lo + MAX_GROUP], h, cols[lo:lo + MAX_GROUP], dh,
@@ -430,10 +475,20 @@ def up_grads(dys: list[torch.Tensor], b_s: list[torch.Tensor], h: torch.Tensor, 
 
 def _run_up(launch: Launch, rows: int, dys: list[torch.Tensor], b_s: list[torch.Tensor], h: torch.Tensor,
             dh: torch.Tensor) -> torch.Tensor:
-    """Runs `_up_kernel`'s launch; returns the partial dB per row band [bands, rows, padded rank]."""
-    part = torch.empty(launch.grid[0], rows, launch.constants["RP"],
-                       dtype=torch.float64 if h.dtype == torch.float64 else torch.float32, device=h.device)
-    launch(*_slots(dys, b_s), h, dh, part, h.shape[0])
+    """Runs `_up_kernel`'s launch; returns the partial dB per row band [bands, rows, padded rank]. Where the launch
+    splits the columns, dh's parts are added here and written into each member's columns."""
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    part = torch.empty(launch.grid[0], rows, launch.constants["RP"], dtype=acc, device=h.device)
+    split, m = launch.constants["SPLIT"], h.shape[0]
+    dh_part = torch.empty(split, m, launch.constants["WP"], dtype=acc, device=h.device) if split > 1 else dh
+    launch(*_slots(dys, b_s), h, dh, part, dh_part, m)
+    if split > 1:
+        summed = torch.sum(dh_part, 0)
+        spans = [(launch.constants[f"COL{i}"], launch.constants[f"R{i}"]) for i in range(len(dys))]
+        if all(c + r == nxt for (c, r), (nxt, _) in itertools.pairwise(spans)):  # adjacent columns: one copy
+            spans = [(spans[0][0], sum(r for _, r in spans))]
+        for col, r in spans:
+            dh[:, col:col + r].copy_(summed[:, col:col + r])
     return part
 
 
@@ -447,14 +502,14 @@ def _up_launch(dtype: torch.dtype, device: torch.device, m: int, sh: int, sdh: i
         b_s = [torch.randn(out, r, dtype=dtype, device=device) for out, _, _, r in members]
         width = max(col + r for _, _, col, r in members)
         h, dh = _scratch(m, sh, width, dtype, device), _scratch(m, sdh, width, dtype, device)
-        launch, rows = _up_launch_with(c, dtype, m, sh, sdh, dh_scales, db_scales, *members)
+        launch, rows = _up_launch_with(c, dtype, device, m, sh, sdh, dh_scales, db_scales, *members)
         return lambda: _run_up(launch, rows, dys, b_s, h, dh)
     c = _config("up", (dtype, m, sh, sdh, *members), device, trial)
-    return _up_launch_with(c, dtype, m, sh, sdh, dh_scales, db_scales, *members)
+    return _up_launch_with(c, dtype, device, m, sh, sdh, dh_scales, db_scales, *members)
 
 
-def _up_launch_with(c: dict, dtype: torch.dtype, m: int, sh: int, sdh: int, dh_scales: tuple[float, ...],
-                    db_scales: tuple[float, ...], *members: tuple) -> tuple[Launch, int]:
+def _up_launch_with(c: dict, dtype: torch.dtype, device: torch.device, m: int, sh: int, sdh: int,
+                    dh_scales: tuple[float, ...], db_scales: tuple[float, ...], *members: tuple) -> tuple[Launch, int]:
     consts = {"SH": sh, "SDH": sdh, "RP": _padded(max(r for *_, r in members)), "N": len(members), "BM": c["BM"],
               "BN": c["BN"], "ACC": _acc_dtype(dtype), "num_warps": c["num_warps"], "num_stages": c["num_stages"]}
     row = 0
@@ -464,8 +519,10 @@ def _up_launch_with(c: dict, dtype: torch.dtype, m: int, sh: int, sdh: int, dh_s
         consts.update({f"OUT{i}": out, f"SDY{i}": sdy, f"COL{i}": col, f"R{i}": r, f"S_DH{i}": dh_scales[j],
                        f"S_DB{i}": db_scales[j], f"ROW{i}": row if i == j else consts[f"ROW{j}"]})
         row += out if i == j else 0
-    consts["SP"] = row * consts["RP"]
-    return Launch(_up_kernel, (_cdiv(m, c["BM"]), len(members)), consts), row
+    bands = _cdiv(m, c["BM"])
+    split = _splits(bands * len(members), max(out for out, *_ in members), c["BN"], c.get("waves", 0), device)
+    consts.update(SP=row * consts["RP"], SPLIT=split, WP=max(col + r for _, _, col, r in members))
+    return Launch(_up_kernel, (bands, len(members), split), consts), row
 
 
 def merged_weights(ws: list[torch.Tensor], a_s: list[torch.Tensor], b_s: list[torch.Tensor],
@@ -479,19 +536,31 @@ def merged_weights(ws: list[torch.Tensor], a_s: list[torch.Tensor], b_s: list[to
                                scales[lo:lo + MAX_GROUP])]
     a_s, b_s = [a.contiguous() for a in a_s], [b.contiguous() for b in b_s]
     ws = [_last_contiguous(w) for w in ws]
-    launch = _merged_launch(ws[0].dtype, tuple(scales), *[(w.shape, w.stride(0), a.shape[0]) for w, a in zip(ws, a_s)])
+    launch = _merged_launch(ws[0].dtype, ws[0].device, tuple(scales),
+                            *[(w.shape, w.stride(0), a.shape[0]) for w, a in zip(ws, a_s)])
     outs = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in ws]
     launch(*_slots(ws, a_s, b_s, outs))
     return outs
 
 
 @functools.lru_cache(maxsize=256)
-def _merged_launch(dtype: torch.dtype, scales: tuple[float, ...], *members: tuple) -> Launch:
-    """`_merged_kernel`'s launch for members (shape, row stride of W, rank), cached: this runs on every call, and
-    the host's time per call is what the eager step is short of."""
-    c = CONFIGS["merged"]
+def _merged_launch(dtype: torch.dtype, device: torch.device, scales: tuple[float, ...], *members: tuple) -> Launch:
+    """`_merged_kernel`'s launch for members (shape, row stride of W, rank), its tiles chosen for the shape, cached:
+    this runs on every call, and the host's time per call is what the eager step is short of."""
+    def trial(c: dict):
+        ws = [_scratch(shape[0], sw, shape[1], dtype, device) for shape, sw, _ in members]
+        a_s = [torch.randn(r, shape[1], dtype=dtype, device=device) for shape, _, r in members]
+        b_s = [torch.randn(shape[0], r, dtype=dtype, device=device) for shape, _, r in members]
+        outs = [torch.empty(shape, dtype=dtype, device=device) for shape, _, _ in members]
+        launch = _merged_launch_with(c, dtype, scales, *members)
+        return lambda: launch(*_slots(ws, a_s, b_s, outs))
+    c = _config("merged", (dtype, *members), device, trial)
+    return _merged_launch_with(c, dtype, scales, *members)
+
+
+def _merged_launch_with(c: dict, dtype: torch.dtype, scales: tuple[float, ...], *members: tuple) -> Launch:
     consts = {"IN": members[0][0][1], "N": len(members), "BM": c["BM"], "BN": c["BN"], "ACC": _acc_dtype(dtype),
-              "num_warps": c["num_warps"], "num_stages": 1}
+              "num_warps": c["num_warps"], "num_stages": c["num_stages"]}
     for i in range(MAX_GROUP):
         j = min(i, len(members) - 1)
         (out_f, _), sw, r = members[j]

@@ -9,8 +9,8 @@ function computes every y_i = formula.linear(x, W_i, b_i, A_i, B_i, s_i) at once
   of its wide y_i, and the others add it by update_first.py, y_i = x @ W_i.T + hs_i @ B_i.T (see `_outputs`);
 - backward: dx = Σ_i dy_i @ W_i accumulated in place (only where x needs a gradient), and each member's
   columns of dh, dh_i = s_i dy_i @ B_i; then dA = dh.T @ x and dx += dh @ [A_1; A_2; ...] once for all branches;
-  dB_i = dy_i.T @ hs_i. On CUDA one kernel computes every member's dh_i and dB_i in one pass over its dy_i
-  (kernels.up_grads), where torch takes two skinny matmuls per member that each read dy_i. (Widening the
+  dB_i = dy_i.T @ hs_i. On CUDA, up to rank 16, one kernel computes every member's dh_i and dB_i in one pass over
+  its dy_i (kernels.up_grads, `_one_pass`), where torch takes two skinny matmuls per member that each read dy_i. (Widening the
   dx matmuls to [dx | dh] instead cost the H100 more than the skinny dh matmuls: cuBLAS runs the widened shapes
   slower, and the widened weights had to be copied again.)
 
@@ -26,7 +26,7 @@ compute one by one.
 
 dispatch.py decides when a group computes together, which members take part, and with which of kernels and
 merged weights; `SharedInput` keeps the outputs computed for the members that are called next. The choices left here
-are layouts of the same products (`_update_inside`, by the bytes each copies).
+are layouts of the same products, by the bytes each moves (`_update_inside`, `_one_pass`).
 """
 from __future__ import annotations
 
@@ -67,6 +67,18 @@ def _update_inside(w: torch.Tensor, tokens: int, members: int) -> bool:
     out, d_in = w.shape
     update = tokens * out * (1 if update_first.update_first(tokens, out) else 2)
     return out > d_in and tokens * d_in // members + 2 * d_in * out < update
+
+
+ONE_PASS_RANK = 16  # the largest rank whose dh and dB take one pass over dy (`_one_pass`)
+
+
+def _one_pass(ranks: list[int]) -> bool:
+    """Whether the members' dh_i and dB_i take one pass over each dy_i (kernels.up_grads) rather than two cuBLAS
+    matmuls that each read it. The kernel writes dB in float32 parts, one per band of 128 rows, and adds them after:
+    8 · rank / 128 bytes per element of dy, against the 2 bytes of the second read it saves, so it pays below rank
+    32. On the H100 (bench_lora_kernels.py, docs/performance.md) it took grid row 5's q/k/v and gate/up at rank 16 in
+    0.76 and 0.91 × cuBLAS's time, and lost row 6's at rank 64 (1.08 and 1.63 ×)."""
+    return max(ranks) <= ONE_PASS_RANK
 
 
 def _outputs(x: torch.Tensor, hs: torch.Tensor, weights: tuple, biases: tuple, b_s: tuple) -> list[torch.Tensor]:
@@ -149,7 +161,7 @@ class SharedInputLora(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [None] * (PER_MEMBER * len(dys))
         dx = None
         dh = hs.new_empty(hs.shape) if all(dy is not None for dy in dys) else hs.new_zeros(hs.shape)
-        one_pass = ctx.kernels  # dh_i and dB_i in one pass over each dy_i
+        one_pass = ctx.kernels and _one_pass(ctx.ranks)  # dh_i and dB_i in one pass over each dy_i
         cols = [sum(ctx.ranks[:i]) for i in range(n)]
         present: list[tuple[int, torch.Tensor]] = []
         for i, (dy, w, b, r, col) in enumerate(zip(dys, weights, b_s, ctx.ranks, cols)):

@@ -19,13 +19,19 @@ from pathlib import Path
 import torch
 
 # Candidates per kernel; the first is the default. Each is valid for every rank up to MAX_RANK (BK a multiple of
-# 8 for the dropout mask's 8-column draws, every tile side >= 16 for tl.dot).
+# 8 for the dropout mask's 8-column draws, every tile side >= 16 for tl.dot). "waves" (down, up): programs per
+# multiprocessor that a launch of few row tiles reaches by cutting its sums into column ranges (kernels._splits);
+# without it, one range.
 CANDIDATES: dict[str, list[dict]] = {
     "down": [{"BM": 64, "BK": 128, "num_warps": 4, "num_stages": 3},
              {"BM": 32, "BK": 128, "num_warps": 4, "num_stages": 3},
              {"BM": 128, "BK": 64, "num_warps": 8, "num_stages": 3},
              {"BM": 64, "BK": 64, "num_warps": 4, "num_stages": 4},
-             {"BM": 32, "BK": 64, "num_warps": 4, "num_stages": 4}],
+             {"BM": 32, "BK": 64, "num_warps": 4, "num_stages": 4},
+             {"BM": 64, "BK": 128, "num_warps": 4, "num_stages": 3, "waves": 2},
+             {"BM": 64, "BK": 128, "num_warps": 4, "num_stages": 3, "waves": 4},
+             {"BM": 128, "BK": 64, "num_warps": 8, "num_stages": 3, "waves": 2},
+             {"BM": 32, "BK": 128, "num_warps": 4, "num_stages": 3, "waves": 4}],
     "grads": [{"BM": 32, "BK": 128, "num_warps": 4, "num_stages": 3, "waves": 8},
               {"BM": 32, "BK": 64, "num_warps": 4, "num_stages": 3, "waves": 8},
               {"BM": 32, "BK": 64, "num_warps": 8, "num_stages": 3, "waves": 8},
@@ -34,7 +40,15 @@ CANDIDATES: dict[str, list[dict]] = {
     "up": [{"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3},
            {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 3},
            {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3},
-           {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3}],
+           {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3},
+           {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3, "waves": 2},
+           {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 3, "waves": 2},
+           {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 3, "waves": 4}],
+    "merged": [{"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 1},
+               {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 1},
+               {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 1},
+               {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 1},
+               {"BM": 32, "BN": 256, "num_warps": 4, "num_stages": 1}],
 }
 
 _chosen: dict[str, dict] = {}  # "kind|key" -> config, this process's choices (and the file's, once read)
