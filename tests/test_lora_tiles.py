@@ -177,6 +177,16 @@ def test_choice_is_the_fastest_candidate_made_once_and_kept_in_the_file(tmp_path
     assert again == best
 
 
+def test_the_choices_file_is_new_for_other_candidates(monkeypatch):
+    """Choices made among other candidates (an older surgery's) are not read: they would keep tiles the new
+    candidates beat."""
+    key = tiles.candidates_key()
+    assert tiles.candidates_key() == key
+    monkeypatch.setitem(tiles.CANDIDATES, "down", [*tiles.CANDIDATES["down"], {"BM": 16, "BK": 16, "num_warps": 1,
+                                                                               "num_stages": 1}])
+    assert tiles.candidates_key() != key
+
+
 def test_no_candidate_runs_gives_the_default_and_an_unwritable_file_is_not_an_error(tmp_path, fresh_choices):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")

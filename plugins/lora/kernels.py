@@ -326,15 +326,14 @@ def dropped_down(x: torch.Tensor, a: torch.Tensor, members: int, p: float, seed:
 
 def _run_down(launch: Launch, x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     """Runs `_down_kernel`'s launch; where it splits the columns, adds its parts (in float32, float64 for float64)."""
-    m = x.shape[0]
-    h = x.new_empty(m, a.shape[0])
-    split = launch.constants["SPLIT"]
+    m, split = x.shape[0], launch.constants["SPLIT"]
     if split == 1:
+        h = x.new_empty(m, a.shape[0])
         launch(x, a, h, h, m, seed)
         return h
     part = torch.empty(split, m, a.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
                        device=x.device)
-    launch(x, a, h, part, m, seed)
+    launch(x, a, part, part, m, seed)  # h is not written where the columns are cut
     return torch.sum(part, 0).to(x.dtype)
 
 

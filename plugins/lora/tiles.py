@@ -1,15 +1,17 @@
 """Tile sizes for the LoRA kernels, chosen per shape on the GPU at hand: each candidate is timed once on scratch
-tensors of the call's shape, the fastest is kept in memory and in a JSON file per GPU and Triton version, so a
-shape is tuned once per machine.
+tensors of the call's shape, the fastest is kept in memory and in a JSON file per GPU, Triton version and list of
+candidates, so a shape is tuned once per machine and again when the candidates change.
 
 The defaults (`kernels.CONFIGS`) were the fastest on an H100 at rank 16; at rank 64 and above their backward tile
 holds three [rank, BK] accumulators in registers and spills. Rather than a table per GPU, the candidates below
 cover the ranks and widths the kernels take and the timing picks. Tuning is skipped (the default taken, not
 kept) while a CUDA graph is being captured, under Triton's interpreter, and with SURGERY_TUNE=0. The file lives
-in SURGERY_CACHE (default ~/.cache/surgery); a write that fails leaves the in-memory choice.
+in SURGERY_CACHE (default ~/.cache/surgery), named for the GPU, the Triton version and the candidates; a write
+that fails leaves the in-memory choice.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -62,12 +64,18 @@ def enabled(device: torch.device) -> bool:
 
 
 def cache_file(device: torch.device) -> Path:
-    """The choices' file for the GPU of `device` and the installed Triton."""
+    """The choices' file for the GPU of `device`, the installed Triton and these candidates (a version whose
+    candidates differ tunes again, rather than keep choices made among others)."""
     import triton
 
     name = torch.cuda.get_device_name(device).replace(" ", "_").replace("/", "_")
     root = Path(os.environ.get("SURGERY_CACHE") or Path.home() / ".cache" / "surgery")
-    return root / f"lora-tiles-{name}-triton{triton.__version__}.json"
+    return root / f"lora-tiles-{name}-triton{triton.__version__}-{candidates_key()}.json"
+
+
+def candidates_key() -> str:
+    """A short digest of CANDIDATES."""
+    return hashlib.sha256(json.dumps(CANDIDATES, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def cuda_ms(fn: Callable[[], None], reps: int = 5) -> float:
