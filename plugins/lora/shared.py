@@ -10,9 +10,9 @@ function computes every y_i = formula.linear(x, W_i, b_i, A_i, B_i, s_i) at once
 - backward: dx = Σ_i dy_i @ W_i accumulated in place (only where x needs a gradient), and each member's
   columns of dh, dh_i = s_i dy_i @ B_i; then dA = dh.T @ x and dx += dh @ [A_1; A_2; ...] once for all branches;
   dB_i = dy_i.T @ hs_i. On CUDA, up to rank 16, one kernel computes every member's dh_i and dB_i in one pass over
-  its dy_i (kernels.up_grads, `_one_pass`), where torch takes two skinny matmuls per member that each read dy_i. (Widening the
-  dx matmuls to [dx | dh] instead cost the H100 more than the skinny dh matmuls: cuBLAS runs the widened shapes
-  slower, and the widened weights had to be copied again.)
+  its dy_i (kernels.up_grads, `_one_pass`), where torch takes two skinny matmuls per member that each read dy_i.
+  (Widening the dx matmuls to [dx | dh] instead cost the H100 more than the skinny dh matmuls: cuBLAS runs the
+  widened shapes slower, and the widened weights had to be copied again.)
 
 Only `inference` goes through merged weights (without dropout, from as many tokens as inputs on CUDA:
 merged_weight.py). In training the outputs keep the update in the output's rounding, as fused.py does and for the
