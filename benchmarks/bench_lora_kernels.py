@@ -22,15 +22,18 @@ import harness
 import torch
 
 
-def sites(row: int) -> tuple[dict, list, list]:
-    """(the row's settings, its down sites (tokens, in, members, rank), its up sites (tokens, outs, rank))."""
+def sites(row: int) -> tuple[dict, list, list, list]:
+    """(the row's settings, its down sites (tokens, in, members, rank), its up sites (tokens, outs, rank), its
+    linear sites (tokens, in, outs, rank): q/k/v, o, gate/up, down)."""
     name, config, batch, seq, r, p, dtype = bench_grid.GRID[row]
     c = {**bench_grid.BASE, **config}
     t, hidden, mlp = batch * seq, c["hidden_size"], c["intermediate_size"]
     kv = hidden // c["num_attention_heads"] * c["num_key_value_heads"]
-    down = [(t, hidden, 3, r), (t, hidden, 1, r), (t, hidden, 2, r), (t, mlp, 1, r)]  # q/k/v, o, gate/up, down
-    up = [(t, (hidden, kv, kv), r), (t, (mlp, mlp), r)]  # q/k/v, gate/up
-    return {"name": name, "p": p, "dtype": bench_grid.DTYPES[dtype]}, down, up
+    linears = [(t, hidden, (hidden, kv, kv), r), (t, hidden, (hidden,), r), (t, hidden, (mlp, mlp), r),
+               (t, mlp, (hidden,), r)]
+    down = [(t, k, len(outs), r) for t, k, outs, r in linears]
+    up = [(t, outs, r) for t, _, outs, r in linears if len(outs) > 1]  # the groups: q/k/v, gate/up
+    return {"name": name, "p": p, "dtype": bench_grid.DTYPES[dtype]}, down, up, linears
 
 
 def candidates_ms(kind: str, run, device: str, kernels, tiles) -> list[dict]:
@@ -159,7 +162,7 @@ def main() -> None:
     block = None
     results: dict = {"copy_gbps": round(copy_gbps)}
     for row in args.rows:
-        info, downs, ups = sites(row)
+        info, downs, ups, _ = sites(row)
         dtype, p = info["dtype"], info["p"] or 0.05
         key = f"row {row}: {info['name']}"
         results[key] = {}
@@ -175,13 +178,10 @@ def main() -> None:
         os.environ["SURGERY_TUNE"] = "1"
         results["inference"] = {}
         for row in args.rows:
-            _, config, batch, seq, r, _, dtype = bench_grid.GRID[row]
-            c = {**bench_grid.BASE, **config}
-            t, hidden, mlp = batch * seq, c["hidden_size"], c["intermediate_size"]
-            kv = hidden // c["num_attention_heads"] * c["num_key_value_heads"]
-            for k, outs in ((hidden, (hidden, kv, kv)), (hidden, (hidden,)), (hidden, (mlp, mlp)), (mlp, (hidden,))):
+            info, _, _, linears = sites(row)
+            for t, k, outs, r in linears:
                 site = f"row {row}: {t} x {k} -> {'/'.join(map(str, outs))}, r{r}"
-                found = inference_site(t, k, outs, r, bench_grid.DTYPES[dtype], device, internals)
+                found = inference_site(t, k, outs, r, info["dtype"], device, internals)
                 results["inference"][site] = found
                 print(f"{site} | base {found['base_ms']} ms | merged {found['merged_x_base']} | separate "
                       f"{found['separate_x_base']} | dispatch takes "

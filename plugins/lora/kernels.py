@@ -42,7 +42,7 @@ MAX_RANK = 128  # the largest LoRA rank the kernels take (tl.dot tiles of the pa
 MAX_GROUP = 3  # members per launch (backward, merged weights); larger groups take several launches
 # Default tile sizes and launch shapes (the H100's fastest at rank 16), taken where no tuning runs; on a GPU each
 # shape's tiles are timed once among tiles.CANDIDATES and kept. "waves": programs per multiprocessor that the
-# backward kernel's row ranges are cut to.
+# backward kernel's row ranges, and the column ranges of the forward and dy kernels (`_splits`), are cut to.
 CONFIGS = {kind: configs[0] for kind, configs in tiles.CANDIDATES.items()}
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -290,6 +290,11 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _parts_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of partial sums written for inputs of `dtype` and added after a launch (as `_acc_dtype`)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -331,8 +336,7 @@ def _run_down(launch: Launch, x: torch.Tensor, a: torch.Tensor, seed: torch.Tens
         h = x.new_empty(m, a.shape[0])
         launch(x, a, h, h, m, seed)
         return h
-    part = torch.empty(split, m, a.shape[0], dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                       device=x.device)
+    part = torch.empty(split, m, a.shape[0], dtype=_parts_dtype(x.dtype), device=x.device)
     launch(x, a, part, part, m, seed)  # h is not written where the columns are cut
     return torch.sum(part, 0).to(x.dtype)
 
@@ -377,9 +381,10 @@ def _down_launch_with(c: dict, dtype: torch.dtype, m: int, k: int, sx: int, memb
     rows = _cdiv(m, c["BM"])
     split = _splits(members * rows, k, c["BK"], c.get("waves", 0), device)
     ks = _cdiv(_cdiv(k, split), c["BK"]) * c["BK"]  # columns per range, whole blocks
-    return Launch(_down_kernel, (members, rows, _cdiv(k, ks)), dict(
+    split = _cdiv(k, ks)  # ranges of whole blocks: may be fewer than asked
+    return Launch(_down_kernel, (members, rows, split), dict(
         SX=sx, SH=members * r, K=k, T16=t16, SCALE=scale, R=r, RP=_padded(r), BM=c["BM"], BK=c["BK"], KS=ks,
-        SPLIT=_cdiv(k, ks), ACC=_acc_dtype(dtype), num_warps=c["num_warps"], num_stages=c["num_stages"]))
+        SPLIT=split, ACC=_acc_dtype(dtype), num_warps=c["num_warps"], num_stages=c["num_stages"]))
 
 
 def input_grads(x: tuple[torch.Tensor, ...], dh: torch.Tensor, a: torch.Tensor, members: int, p: float,
@@ -406,8 +411,7 @@ def _run_grads(launches: list[Launch], groups: int, rows_per_program: int, x: tu
                seed: torch.Tensor) -> torch.Tensor:
     """Runs `_grads_kernel`'s launches; returns the partial dA per row range [groups, members * r, k]."""
     m, k = x[0].shape
-    part = torch.empty(groups, members * r, k, dtype=torch.float64 if x[0].dtype == torch.float64 else torch.float32,
-                       device=x[0].device)
+    part = torch.empty(groups, members * r, k, dtype=_parts_dtype(x[0].dtype), device=x[0].device)
     for lo, launch in zip(range(0, members, MAX_GROUP), launches):
         launch(x[0], x[-1], dh, a, dx if dx is not None else x[0], part[:, lo * r:] if lo else part, m,
                rows_per_program, seed)
@@ -476,7 +480,7 @@ def _run_up(launch: Launch, rows: int, dys: list[torch.Tensor], b_s: list[torch.
             dh: torch.Tensor) -> torch.Tensor:
     """Runs `_up_kernel`'s launch; returns the partial dB per row band [bands, rows, padded rank]. Where the launch
     splits the columns, dh's parts are added here and written into each member's columns."""
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    acc = _parts_dtype(h.dtype)
     part = torch.empty(launch.grid[0], rows, launch.constants["RP"], dtype=acc, device=h.device)
     split, m = launch.constants["SPLIT"], h.shape[0]
     dh_part = torch.empty(split, m, launch.constants["WP"], dtype=acc, device=h.device) if split > 1 else dh
