@@ -5,7 +5,8 @@ copy bandwidth measured in the call (x or the dys read once), and against cuBLAS
 dropout (x @ A.T; dy @ B and dy.T @ h). Candidates with "waves" cut the sums into column ranges where few row
 tiles would leave multiprocessors idle (kernels._splits); the tuner's own pick is shown beside. Then each site of
 the rows' unmerged inference forward, through the merged weight (its kernel's tiles tuned) and by the separate
-update, as × its base matmuls, and which of the two the dispatch takes (dispatch.merged_pays).
+update, as × its base matmuls, and which of the two the dispatch takes (dispatch.merged_pays). Every ms is one
+call's time on the device alone (harness.device_ms: 20 calls in a CUDA graph), without the host's work to issue it.
 
     python benchmarks/bench_lora_kernels.py --device cuda [--rows 5 6] [--no-inference]
 
@@ -37,13 +38,13 @@ def sites(row: int) -> tuple[dict, list, list, list]:
 
 
 def candidates_ms(kind: str, run, device: str, kernels, tiles) -> list[dict]:
-    """ms of `run()` with each candidate of `kind` forced (tuning off), medians of 20."""
+    """ms of `run()` with each candidate of `kind` forced (tuning off), by `harness.device_ms`."""
     out = []
     for config in tiles.CANDIDATES[kind]:
         kernels.CONFIGS[kind] = config
         kernels.clear_launches()
         try:
-            out.append({"config": config, "ms": round(harness.time_ms(run, device, 20, 3), 4)})
+            out.append({"config": config, "ms": round(harness.device_ms(run, device), 4)})
         except Exception as e:  # noqa: BLE001 - a candidate this GPU cannot run is reported, not fatal
             out.append({"config": config, "error": type(e).__name__})
     kernels.CONFIGS[kind] = tiles.CANDIDATES[kind][0]
@@ -93,8 +94,8 @@ def inference_site(t: int, k: int, outs: tuple, r: int, dtype: torch.dtype, devi
             return lambda: shared.inference(x, (2.0,) * len(outs), merged, True, *members)
         return lambda: fused.inference(x, *members, 2.0, merged, True)
     with torch.no_grad():
-        base = harness.time_ms(lambda: [torch.nn.functional.linear(x, w) for w in ws], device, 20, 3)
-        merged, separate = (harness.time_ms(form(m), device, 20, 3) for m in (True, False))
+        base = harness.device_ms(lambda: [torch.nn.functional.linear(x, w) for w in ws], device)
+        merged, separate = (harness.device_ms(form(m), device) for m in (True, False))
     return {"base_ms": round(base, 4), "merged_x_base": round(merged / base, 3),
             "separate_x_base": round(separate / base, 3), "takes_merged": all(dispatch.merged_pays(t, w) for w in ws)}
 
@@ -105,12 +106,13 @@ def down_site(t: int, k: int, members: int, r: int, p: float, dtype: torch.dtype
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(t, k, device=device, generator=g).to(dtype)
     a = (torch.randn(members * r, k, device=device, generator=g) / k ** 0.5).to(dtype)
+    seed = torch.tensor([7], device=device)  # on the device, as the layers pass it: nothing copied per call
 
     def run():
-        return kernels.dropped_down(x, a, members, p, 7)
+        return kernels.dropped_down(x, a, members, p, seed)
     least = t * k * x.element_size() / copy_gbps / 1e6
     found = summary(candidates_ms("down", run, device, kernels, tiles), least,
-                    harness.time_ms(lambda: x @ a.t(), device, 20, 3))
+                    harness.device_ms(lambda: x @ a.t(), device))
     found["tuned"] = tuned("down", run, kernels, tiles)
     return found
 
@@ -134,7 +136,7 @@ def up_site(t: int, outs: tuple, r: int, dtype: torch.dtype, device: str, copy_g
             torch.mm(dy.t(), h[:, col:col + r])
     least = sum(t * o for o in outs) * h.element_size() / copy_gbps / 1e6
     found = summary(candidates_ms("up", run, device, kernels, tiles), least,
-                    harness.time_ms(two_matmuls, device, 20, 3))
+                    harness.device_ms(two_matmuls, device))
     found["tuned"] = tuned("up", run, kernels, tiles)
     return found
 

@@ -79,6 +79,35 @@ def time_ms(fn: Callable[[], object], device: str, n: int, warm: int) -> float:
     return statistics.median(times)
 
 
+def device_ms(fn: Callable[[], object], device: str, n: int = 10, warm: int = 3, calls: int = 20) -> float:
+    """Median ms of one call of `fn` on the device alone, for calls shorter than the host's work to issue them: on a
+    GPU, `calls` calls captured in one CUDA graph (after `warm` calls on a side stream), replayed `n` times; on the
+    CPU, `time_ms`. `fn` must be capturable: no copies from the host, no synchronisation."""
+    if not str(device).startswith("cuda"):
+        return time_ms(fn, device, n, warm)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warm):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
 def host_and_wall_ms(fn: Callable[[], object], device: str, n: int = 8, warm: int = 2) -> tuple[float, float]:
     """Medians of the host's time to issue one call (no wait for the device) and of its wall time: where the first
     reaches the second, the call is bound by the host, not by the GPU's kernels."""
