@@ -95,17 +95,7 @@ def device_ms(fn: Callable[[], object], device: str, n: int = 10, warm: int = 3,
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
+    return time_ms(graph.replay, device, n, 1) / calls
 
 
 def host_and_wall_ms(fn: Callable[[], object], device: str, n: int = 8, warm: int = 2) -> tuple[float, float]:
