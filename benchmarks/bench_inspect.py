@@ -30,10 +30,11 @@ class _One(torch.nn.Module):
         return x + 1
 
 
-def seconds(fn) -> float:
+def seconds(fn, *args, **kwargs) -> tuple[float, object]:
+    """Wall seconds of fn(*args, **kwargs), and what it returned."""
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    result = fn(*args, **kwargs)
+    return time.perf_counter() - start, result
 
 
 def main() -> None:
@@ -41,21 +42,21 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="re-traces per shape (median)")
     parser.add_argument("--out", default=None, help="results file (default: benchmarks/results/bench_inspect-cpu.json)")
     args = parser.parse_args()
-    setup = seconds(lambda: torch.export.export(_One(), (torch.ones(2),), strict=False))
+    setup, _ = seconds(torch.export.export, _One(), (torch.ones(2),), strict=False)
     print(f"torch.export's one-time setup: {setup:.2f} s")
     rows = {}
     for name, config in SHAPES.items():
-        first_model, second_model, sites = harness.meta_llama(config), harness.meta_llama(config), []
-        first = seconds(lambda: sites.append(len(surgery.inspect(first_model).sites)))
-        cached = seconds(lambda: surgery.inspect(second_model))
+        first_model, second_model = harness.meta_llama(config), harness.meta_llama(config)
+        first, report = seconds(surgery.inspect, first_model)
+        cached, _ = seconds(surgery.inspect, second_model)
         traced = []
         for _ in range(args.repeat):
             harness.analysis_cache().clear()
-            model = harness.meta_llama(config)
-            traced.append(seconds(lambda: surgery.inspect(model)))
-        rows[name] = {"config": config, "sites": sites[0], "first": round(first, 3), "cached": round(cached, 4),
+            traced.append(seconds(surgery.inspect, harness.meta_llama(config))[0])
+        sites = len(report.sites)
+        rows[name] = {"config": config, "sites": sites, "first": round(first, 3), "cached": round(cached, 4),
                       "retraced": round(statistics.median(traced), 3)}
-        print(f"{name}-shaped Llama on meta, {sites[0]} sites: first {first:.2f} s, cached {cached * 1000:.0f} ms, "
+        print(f"{name}-shaped Llama on meta, {sites} sites: first {first:.2f} s, cached {cached * 1000:.0f} ms, "
               f"re-traced {statistics.median(traced):.2f} s (median of {args.repeat})")
     out = harness.write_results("bench_inspect", "cpu", {"meta": {"threads": torch.get_num_threads()},
                                                          "export_setup_s": {"one_op": round(setup, 3)},
