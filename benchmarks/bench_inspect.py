@@ -53,11 +53,11 @@ def main() -> None:
         for _ in range(args.repeat):
             harness.analysis_cache().clear()
             traced.append(seconds(surgery.inspect, harness.meta_llama(config))[0])
-        sites = len(report.sites)
+        sites, retraced = len(report.sites), statistics.median(traced)
         rows[name] = {"config": config, "sites": sites, "first": round(first, 3), "cached": round(cached, 4),
-                      "retraced": round(statistics.median(traced), 3)}
+                      "retraced": round(retraced, 3)}
         print(f"{name}-shaped Llama on meta, {sites} sites: first {first:.2f} s, cached {cached * 1000:.0f} ms, "
-              f"re-traced {statistics.median(traced):.2f} s (median of {args.repeat})")
+              f"re-traced {retraced:.2f} s (median of {args.repeat})")
     out = harness.write_results("bench_inspect", "cpu", {"meta": {"threads": torch.get_num_threads()},
                                                          "export_setup_s": {"one_op": round(setup, 3)},
                                                          "inspect_s": rows}, args.out)
